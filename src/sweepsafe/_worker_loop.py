@@ -1,0 +1,251 @@
+"""The backup worker's event loop: one daemon thread that runs every copy.
+
+A sync backup callable runs in one of anyio's worker threads, an async one on the loop;
+both behind one :class:`anyio.CapacityLimiter`. One task per busy target runs its jobs
+one after another, with retries; a dispatcher task starts those tasks when woken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import random
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.to_thread
+
+from sweepsafe._worker_retry import (
+    AttemptOutcome,
+    RetryPolicy,
+    outcome_of_exception,
+    outcome_of_result,
+)
+
+if TYPE_CHECKING:
+    from sweepsafe._worker_state import Job, TargetSlot, WorkerLedger
+
+__all__ = ["BackupLoop"]
+
+logger = logging.getLogger("sweepsafe.worker")
+
+
+class BackupLoop:
+    """Runs the jobs recorded in a :class:`WorkerLedger` on a background event loop."""
+
+    def __init__(
+        self,
+        ledger: WorkerLedger,
+        *,
+        max_concurrency: int,
+        retry: RetryPolicy,
+        backend: str,
+        name: str,
+    ) -> None:
+        self._ledger = ledger
+        self._max_concurrency = max_concurrency
+        self._retry = retry
+        self._backend = backend
+        self._name = name
+        self._rng = random.Random()
+        self.thread: threading.Thread | None = None
+        # Guarded by the ledger's lock:
+        self._wake: Callable[[], None] | None = None  # set while the loop accepts wake-ups
+        self._wake_requested = False
+        self._stopping = False
+        # Only touched on the loop's thread:
+        self._wake_event: anyio.Event | None = None
+
+    def is_loop_thread(self) -> bool:
+        """The calling thread is the loop's own."""
+        return self.thread is not None and threading.current_thread() is self.thread
+
+    def wake_locked(self) -> None:
+        """Have the loop look at ``ledger.new_work``, starting it on first use; never waits."""
+        if self.thread is None:
+            # A daemon thread of our own, not a portal's executor thread: the interpreter
+            # joins executor threads before atexit hooks run, so a hung copy would block
+            # the exit hook meant to bound it. anyio's worker threads inherit the flag.
+            self.thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self.thread.start()
+        elif self._wake is not None and not self._wake_requested:
+            self._wake_requested = True
+            try:
+                self._wake()
+            except RuntimeError:
+                # The loop is closing; the job shows as pending in the next report.
+                logger.debug("The backup loop closed while it was being woken")
+
+    def stop_locked(self) -> None:
+        """Ask the loop to cancel what is in flight and end; never waits."""
+        if self.thread is not None:
+            self._stopping = True
+            self.wake_locked()
+
+    def _run(self) -> None:
+        try:
+            anyio.run(self._dispatch, backend=self._backend)
+        except Exception:
+            logger.exception("The backup worker %r stopped on an internal error", self._name)
+        finally:
+            with self._ledger.lock:
+                self._wake = None
+                self._ledger.mark_loop_stopped_locked()
+
+    async def _dispatch(self) -> None:
+        """Start a task for each target with new work, until asked to stop."""
+        ledger = self._ledger
+        limiter = anyio.CapacityLimiter(self._max_concurrency)
+        thread_limiter = anyio.CapacityLimiter(self._max_concurrency)
+        loop = asyncio.get_running_loop()
+
+        def wake_from_any_thread() -> None:
+            # The one bridge that does not wait for the loop: submit() must return at once.
+            loop.call_soon_threadsafe(self._on_wake)
+
+        try:
+            async with anyio.create_task_group() as task_group:
+                with ledger.lock:
+                    self._wake = wake_from_any_thread
+                while True:
+                    self._wake_event = anyio.Event()
+                    to_start: list[TargetSlot] = []
+                    to_wake: list[anyio.Event] = []
+                    with ledger.lock:
+                        new_work, ledger.new_work = ledger.new_work, []
+                        self._wake_requested = False
+                        stopping = self._stopping
+                        for slot in new_work:
+                            if slot.waiting is None:
+                                continue
+                            if not slot.task_active:
+                                slot.task_active = True
+                                to_start.append(slot)
+                            elif slot.retry_wake is not None:
+                                to_wake.append(slot.retry_wake)
+                    if stopping:
+                        task_group.cancel_scope.cancel()
+                        return
+                    for slot in to_start:
+                        task_group.start_soon(self._serve_target, slot, limiter, thread_limiter)
+                    for event in to_wake:
+                        event.set()
+                    await self._wake_event.wait()
+        finally:
+            with ledger.lock:
+                self._wake = None
+
+    def _on_wake(self) -> None:
+        if self._wake_event is not None:
+            self._wake_event.set()
+
+    async def _serve_target(
+        self,
+        slot: TargetSlot,
+        limiter: anyio.CapacityLimiter,
+        thread_limiter: anyio.CapacityLimiter,
+    ) -> None:
+        """Run a target's jobs one after another, with retries, until none waits."""
+        ledger = self._ledger
+        job: Job | None = None
+        covered_seq = 0
+        while True:
+            with ledger.lock:
+                if job is None or slot.waiting is not None:
+                    # A new submit also replaces a job waiting to be retried.
+                    job = slot.waiting
+                    if job is None:
+                        slot.task_active = False
+                        return
+                    slot.waiting = None
+                    covered_seq = slot.latest_seq
+                    slot.attempts = 0
+                    ledger.started += 1
+                slot.attempts += 1
+                attempt = slot.attempts
+                if attempt > 1:
+                    ledger.retried += 1
+                slot.running = True
+            outcome = await self._attempt(slot, job, limiter, thread_limiter)
+            finished = outcome.ok or not outcome.retryable or attempt >= self._retry.max_attempts
+            retry_wake = None
+            with ledger.lock:
+                change = ledger.record_attempt_locked(slot, outcome)
+                if finished:
+                    ledger.finish_job_locked(slot, covered_seq, outcome.ok)
+                    delay = 0.0
+                else:
+                    delay = self._retry.delay(attempt, self._rng)
+                    if delay > 0 and slot.waiting is None:
+                        retry_wake = slot.retry_wake = anyio.Event()
+            _log_attempt(slot.path, outcome, change, attempt, finished)
+            if finished:
+                job = None
+            elif retry_wake is not None:
+                with anyio.move_on_after(delay):
+                    await retry_wake.wait()
+                with ledger.lock:
+                    slot.retry_wake = None
+
+    async def _attempt(
+        self,
+        slot: TargetSlot,
+        job: Job,
+        limiter: anyio.CapacityLimiter,
+        thread_limiter: anyio.CapacityLimiter,
+    ) -> AttemptOutcome:
+        async with limiter:
+            try:
+                if _is_async_callable(job.backup):
+                    returned = job.backup(slot.path, job.is_directory)
+                else:
+                    with self._ledger.lock:
+                        slot.in_thread = True
+                    returned = await anyio.to_thread.run_sync(
+                        self._call_in_thread,
+                        slot,
+                        job,
+                        abandon_on_cancel=True,  # only close() cancels; a stuck call is left
+                        limiter=thread_limiter,
+                    )
+                if inspect.isawaitable(returned):
+                    returned = await returned
+            except Exception as exc:  # noqa: BLE001 - recorded, logged, and named by flush
+                return outcome_of_exception(exc)
+        return outcome_of_result(returned)
+
+    def _call_in_thread(self, slot: TargetSlot, job: Job) -> object:
+        try:
+            return job.backup(slot.path, job.is_directory)
+        finally:
+            with self._ledger.lock:
+                slot.in_thread = False
+
+
+def _is_async_callable(backup: object) -> bool:
+    """A coroutine function, a bound async method, or an object with ``async __call__``."""
+    if inspect.iscoroutinefunction(backup):
+        return True
+    call = getattr(type(backup), "__call__", None)  # noqa: B004 - the method, not callability
+    return inspect.iscoroutinefunction(call)
+
+
+def _log_attempt(
+    path: Path, outcome: AttemptOutcome, change: str | None, attempt: int, finished: bool
+) -> None:
+    if change == "recovered":
+        logger.info("Backup of %s succeeded again after earlier failures.", path)
+    elif change == "failed":
+        if not finished:
+            logger.warning("Backup of %s failed (will retry): %s", path, outcome.error)
+        elif not outcome.retryable:
+            logger.warning("Backup of %s failed (not retried): %s", path, outcome.error)
+        else:
+            tries = "1 try" if attempt == 1 else f"{attempt} tries"
+            logger.warning("Backup of %s failed (gave up after %s): %s", path, tries, outcome.error)
+    elif not outcome.ok:
+        logger.debug("Backup of %s failed again (attempt %d): %s", path, attempt, outcome.error)

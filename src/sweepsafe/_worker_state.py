@@ -1,0 +1,179 @@
+"""The backup worker's shared book of targets and counters, guarded by one lock.
+
+Callers' threads (``submit``, ``flush``, ``stats``) and the worker's loop both read and
+write it, always while holding :attr:`WorkerLedger.lock`; methods ending in ``_locked``
+expect the caller to hold it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sweepsafe._worker_reports import FlushReport, TargetReport, TargetState, WorkerStats
+
+if TYPE_CHECKING:
+    import anyio
+
+    from sweepsafe._worker_retry import AttemptOutcome
+
+__all__ = ["Job", "TargetSlot", "WorkerLedger"]
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one submit captured; immutable, so later calls cannot change a queued job."""
+
+    backup: Callable[[Path, bool], object]
+    is_directory: bool
+
+
+class TargetSlot:
+    """The worker's mutable record of one target."""
+
+    __slots__ = (
+        "attempts",
+        "copies",
+        "finished_seq",
+        "in_thread",
+        "is_directory",
+        "last_error",
+        "last_ok",
+        "last_result",
+        "last_success",
+        "latest_seq",
+        "logged_error",
+        "path",
+        "retry_wake",
+        "running",
+        "task_active",
+        "waiting",
+    )
+
+    def __init__(self, path: Path, is_directory: bool) -> None:
+        self.path = path
+        self.is_directory = is_directory
+        self.waiting: Job | None = None  # submitted, not started yet
+        self.task_active = False  # a task on the loop serves this target
+        self.running = False  # an attempt is in progress
+        self.in_thread = False  # a sync callable runs in a worker thread
+        self.retry_wake: anyio.Event | None = None  # set while a retry waits out its delay
+        self.latest_seq = 0  # sequence number of the newest submit
+        self.finished_seq = 0  # newest submit covered by a job that finished for good
+        self.attempts = 0  # of the current or latest job
+        self.last_ok: bool | None = None  # how the latest finished job ended
+        self.last_success: float | None = None
+        self.last_error: str | None = None
+        self.last_result: object = None
+        self.logged_error: str | None = None  # the failure last logged, to log each once
+        self.copies = 0
+
+    @property
+    def pending(self) -> bool:
+        """Some submit is not yet covered by a job that finished."""
+        return self.finished_seq < self.latest_seq
+
+
+class WorkerLedger:
+    """Targets, the queue of targets the loop must look at, and the counters."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.job_finished = threading.Condition(self.lock)
+        """Notified whenever a job finishes for good, and when the loop stops."""
+        self.targets: dict[str, TargetSlot] = {}
+        self.new_work: list[TargetSlot] = []
+        self.loop_stopped = False
+        self.seq = 0
+        self.submitted = 0
+        self.coalesced = 0
+        self.started = 0
+        self.succeeded = 0
+        self.failed = 0
+        self.retried = 0
+        self.bytes_copied = 0
+
+    def record_attempt_locked(self, slot: TargetSlot, outcome: AttemptOutcome) -> str | None:
+        """Store an attempt's outcome; return ``"failed"`` or ``"recovered"`` if worth a log.
+
+        A failure is worth one log line each time its message changes; the first success
+        after a logged failure is worth one too.
+        """
+        self.bytes_copied += outcome.bytes_copied
+        slot.last_result = outcome.result
+        slot.running = False
+        if outcome.ok:
+            slot.copies += 1
+            slot.last_success = time.time()
+            slot.last_error = None
+            recovered = slot.logged_error is not None
+            slot.logged_error = None
+            return "recovered" if recovered else None
+        slot.last_error = outcome.error
+        if outcome.error == slot.logged_error:
+            return None
+        slot.logged_error = outcome.error
+        return "failed"
+
+    def finish_job_locked(self, slot: TargetSlot, covered_seq: int, ok: bool) -> None:
+        """Mark every submit up to ``covered_seq`` as done; wake flushes."""
+        slot.finished_seq = max(slot.finished_seq, covered_seq)
+        slot.last_ok = ok
+        if ok:
+            self.succeeded += 1
+        else:
+            self.failed += 1
+        self.job_finished.notify_all()
+
+    def mark_loop_stopped_locked(self) -> None:
+        """The loop is gone: nothing runs any more, and flushes stop waiting."""
+        self.loop_stopped = True
+        for slot in self.targets.values():
+            slot.running = False
+            slot.task_active = False
+            slot.retry_wake = None
+        self.job_finished.notify_all()
+
+    def report_locked(self, timed_out: bool, duration_s: float) -> FlushReport:
+        """A flush report on every target as it stands now."""
+        reports = tuple(
+            TargetReport(
+                target=slot.path,
+                is_directory=slot.is_directory,
+                ok=not slot.pending and slot.last_ok is True,
+                pending=slot.pending,
+                attempts=slot.attempts,
+                last_success=slot.last_success,
+                last_error=slot.last_error,
+                last_result=slot.last_result,
+            )
+            for slot in self.targets.values()
+        )
+        return FlushReport(reports, timed_out=timed_out, duration_s=duration_s)
+
+    def stats_locked(self) -> WorkerStats:
+        """A snapshot of the counters and of every target."""
+        return WorkerStats(
+            submitted=self.submitted,
+            coalesced=self.coalesced,
+            started=self.started,
+            succeeded=self.succeeded,
+            failed=self.failed,
+            retried=self.retried,
+            bytes_copied=self.bytes_copied,
+            targets=tuple(
+                TargetState(
+                    target=slot.path,
+                    last_success=slot.last_success,
+                    last_error=slot.last_error,
+                    running=slot.running,
+                    waiting=slot.waiting is not None or slot.retry_wake is not None,
+                    copies=slot.copies,
+                )
+                for slot in self.targets.values()
+            ),
+        )

@@ -1,0 +1,300 @@
+"""A background worker that runs backup callables on targets, off the caller's thread.
+
+Trial threads call :meth:`BackupWorker.submit`, which only records the job and returns.
+A daemon thread runs one anyio event loop (asyncio) on which every copy happens: a sync
+callable in one of anyio's worker threads, an async one on the loop itself. Jobs for the
+same target are coalesced, failed ones retried with backoff; :meth:`BackupWorker.flush`
+waits, with a deadline, for what was submitted before it.
+
+The worker knows nothing about Optuna or Drive.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol
+
+from sweepsafe._worker_loop import BackupLoop
+from sweepsafe._worker_reports import FlushReport, TargetReport, TargetState, WorkerStats
+from sweepsafe._worker_retry import RetryPolicy
+from sweepsafe._worker_state import Job, TargetSlot, WorkerLedger
+
+__all__ = [
+    "BackupCallable",
+    "BackupOutcome",
+    "BackupWorker",
+    "FlushReport",
+    "RetryPolicy",
+    "TargetReport",
+    "TargetState",
+    "WorkerStats",
+    "get_default_worker",
+    "set_exit_timeout",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class BackupOutcome(Protocol):
+    """What the worker reads from an object a backup callable returns.
+
+    ``sweepsafe.drive.BackupResult`` is one. Every attribute is optional: the worker
+    reads them with defaults, so any truthy (success) or falsy (failure) object works.
+    """
+
+    ok: bool
+    error: str | None
+    retryable: bool
+    bytes_copied: int
+
+
+BackupCallable = Callable[[Path, bool], object]
+"""``backup(target, is_directory)``: copies one target; sync or async.
+
+Returns (or, if async, resolves to) ``None`` or a truthy value on success, and a falsy
+value (``False``, a :class:`BackupOutcome` whose ``ok`` is false) on failure; or raises.
+The return type is ``object`` because the worker reads any result defensively. A sync
+callable runs in a worker thread, a coroutine function on the worker's loop; a sync
+callable that returns an awaitable has it awaited on the loop.
+"""
+
+# How long close() waits for the loop to stop once it has cancelled what is in flight.
+_STOP_GRACE_S = 5.0
+
+
+class BackupWorker:
+    """Runs backup callables on a background event loop; ``submit`` never waits for them.
+
+    At most one job per target runs and at most one waits: a submit while one waits is
+    coalesced into it, a submit while one runs schedules exactly one more run after it.
+    Different targets run concurrently, up to ``max_concurrency``; the same target never
+    runs twice at once. Failed jobs are retried per ``retry``; a new submit replaces a
+    retry still waiting out its delay.
+
+    The loop (a daemon thread) starts on the first submit. All methods are thread-safe;
+    ``submit``, ``flush`` and ``close`` must not be called from the loop's own thread
+    (that is, from inside an async backup callable).
+
+    Example:
+        >>> with BackupWorker() as worker:  # doctest: +SKIP
+        ...     worker.submit("study/study.db", store.abackup)
+        ...     print(worker.flush(timeout=60))
+        1 target backed up
+    """
+
+    def __init__(
+        self,
+        *,
+        max_concurrency: int = 2,
+        retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - frozen, so one shared default is safe
+        backend: str = "asyncio",
+        name: str = "sweepsafe-backup",
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, not {max_concurrency}")
+        if backend != "asyncio":
+            # The store's async copies (aiofiles, asyncio subprocesses) need asyncio.
+            raise ValueError(f"the backup worker runs on asyncio only, not {backend!r}")
+        self._name = name
+        self._ledger = WorkerLedger()
+        self._loop = BackupLoop(
+            self._ledger, max_concurrency=max_concurrency, retry=retry, backend=backend, name=name
+        )
+        self._closed = False
+        self._warned_closed = False
+
+    def __repr__(self) -> str:
+        return f"<BackupWorker {self._name!r}>"
+
+    def __enter__(self) -> BackupWorker:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        """:meth:`close` was called; submits are dropped."""
+        return self._closed
+
+    def submit(
+        self,
+        target: str | os.PathLike[str],
+        backup: BackupCallable,
+        *,
+        is_directory: bool = False,
+    ) -> None:
+        """Schedule ``backup(target, is_directory)`` and return at once.
+
+        Does no I/O and never waits for the loop or for a copy; an earlier failed backup
+        never makes it raise (failures show in :meth:`flush` reports and in the log).
+        After :meth:`close` the job is dropped, with one warning in the log.
+
+        Raises:
+            RuntimeError: called from the worker loop's own thread.
+        """
+        if self._loop.is_loop_thread():
+            raise RuntimeError(_LOOP_THREAD_MESSAGE.format(method="submit"))
+        key = os.path.abspath(os.fspath(target))
+        job = Job(backup, is_directory)
+        ledger = self._ledger
+        with ledger.lock:
+            if self._closed:
+                self._warn_dropped_locked(key)
+                return
+            ledger.seq += 1
+            ledger.submitted += 1
+            slot = ledger.targets.get(key)
+            if slot is None:
+                slot = ledger.targets[key] = TargetSlot(Path(key), is_directory)
+            slot.latest_seq = ledger.seq
+            slot.is_directory = is_directory
+            if slot.waiting is not None:
+                ledger.coalesced += 1
+                slot.waiting = job  # the same work; the newest callable does it
+                return
+            slot.waiting = job
+            if slot.task_active and slot.retry_wake is None:
+                return  # the task serving this target takes the job when its copy ends
+            ledger.new_work.append(slot)
+            self._loop.wake_locked()
+
+    def flush(self, timeout: float | None = None) -> FlushReport:
+        """Block until every job submitted before this call finished, or ``timeout`` passed.
+
+        A job has finished when it succeeded or failed for good (after its retries). The
+        flush never cancels anything: when it times out it returns, with the unfinished
+        targets marked pending, and they go on. Returns an empty report at once on a
+        worker that was never given a job.
+
+        Raises:
+            RuntimeError: called from the worker loop's own thread.
+        """
+        if self._loop.is_loop_thread():
+            raise RuntimeError(_LOOP_THREAD_MESSAGE.format(method="flush"))
+        started = time.monotonic()
+        deadline = None if timeout is None else started + max(0.0, timeout)
+        ledger = self._ledger
+        with ledger.lock:
+            awaited = [(slot, slot.latest_seq) for slot in ledger.targets.values() if slot.pending]
+            timed_out = False
+            while awaited and not ledger.loop_stopped:
+                if deadline is None:
+                    ledger.job_finished.wait()
+                else:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        timed_out = True
+                        break
+                    ledger.job_finished.wait(remaining)
+                awaited = [(slot, seq) for slot, seq in awaited if slot.finished_seq < seq]
+            return ledger.report_locked(timed_out, time.monotonic() - started)
+
+    def close(self, timeout: float | None = 30.0) -> FlushReport:
+        """Flush for up to ``timeout`` seconds, then stop the loop; idempotent.
+
+        What is still in flight after the flush is cancelled: an async copy is cancelled
+        (the store keeps the previous Drive copy whole); a sync callable stuck in a
+        thread cannot be, so it is abandoned with a WARNING naming its target. Waits at
+        most ``timeout`` plus a few seconds. Later submits are dropped (logged once).
+
+        Raises:
+            RuntimeError: called from the worker loop's own thread.
+        """
+        if self._loop.is_loop_thread():
+            raise RuntimeError(_LOOP_THREAD_MESSAGE.format(method="close"))
+        with self._ledger.lock:
+            already_closed = self._closed
+            self._closed = True
+            thread = self._loop.thread
+        if already_closed or thread is None:
+            with self._ledger.lock:
+                return self._ledger.report_locked(False, 0.0)
+        report = self.flush(timeout)
+        with self._ledger.lock:
+            self._loop.stop_locked()
+        thread.join(_STOP_GRACE_S)
+        with self._ledger.lock:
+            stuck = [slot.path for slot in self._ledger.targets.values() if slot.in_thread]
+        for path in stuck:
+            logger.warning(
+                "The backup of %s is stuck in a thread waiting for the Drive mount; it was "
+                "abandoned, and the process may not exit until the Drive mount answers.",
+                path,
+            )
+        if thread.is_alive():
+            logger.warning("The backup worker %r did not stop in time; leaving it.", self._name)
+        return report
+
+    def stats(self) -> WorkerStats:
+        """A consistent snapshot of the counters and of every target; cheap."""
+        with self._ledger.lock:
+            return self._ledger.stats_locked()
+
+    def _warn_dropped_locked(self, key: str) -> None:
+        if not self._warned_closed:
+            self._warned_closed = True
+            logger.warning(
+                "The backup worker %r is closed; dropping the backup of %s (and later ones).",
+                self._name,
+                key,
+            )
+
+
+_LOOP_THREAD_MESSAGE = (
+    "BackupWorker.{method}() was called from the worker's own event loop, where it would "
+    "deadlock or reenter the worker; call it from another thread."
+)
+
+
+_default_lock = threading.Lock()
+_default_worker: BackupWorker | None = None
+_exit_hook_registered = False
+_exit_timeout_s = 30.0
+
+
+def get_default_worker() -> BackupWorker:
+    """The process-wide worker, created on first call (and again if it was closed).
+
+    At interpreter exit it is closed with the timeout set by :func:`set_exit_timeout`
+    (30 s unless changed), and whatever could not be backed up is logged by name.
+    """
+    global _default_worker, _exit_hook_registered
+    with _default_lock:
+        if _default_worker is None or _default_worker.closed:
+            _default_worker = BackupWorker()
+        if not _exit_hook_registered:
+            atexit.register(_close_default_worker_at_exit)
+            _exit_hook_registered = True
+        return _default_worker
+
+
+def set_exit_timeout(seconds: float) -> None:
+    """How long the exit hook waits for the default worker's backups (default 30 s)."""
+    global _exit_timeout_s
+    if seconds < 0:
+        raise ValueError(f"the exit timeout cannot be negative, not {seconds}")
+    _exit_timeout_s = seconds
+
+
+def _close_default_worker_at_exit() -> None:
+    with _default_lock:
+        worker = _default_worker
+        timeout = _exit_timeout_s
+    if worker is None:
+        return
+    report = worker.close(timeout)
+    if not report.ok:
+        logger.warning("At exit, %s", report)
