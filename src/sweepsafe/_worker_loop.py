@@ -169,7 +169,6 @@ class BackupLoop:
                 attempt = slot.attempts
                 if attempt > 1:
                     ledger.retried += 1
-                slot.running = True
             outcome = await self._attempt(slot, job, limiter, thread_limiter)
             finished = outcome.ok or not outcome.retryable or attempt >= self._retry.max_attempts
             retry_wake = None
@@ -199,6 +198,8 @@ class BackupLoop:
         thread_limiter: anyio.CapacityLimiter,
     ) -> AttemptOutcome:
         async with limiter:
+            with self._ledger.lock:
+                slot.running = True
             try:
                 if _is_async_callable(job.backup):
                     returned = job.backup(slot.path, job.is_directory)

@@ -96,7 +96,7 @@ class TargetState:
     running: bool
     """A copy of this target is in progress."""
     waiting: bool
-    """A job (or a retry) for this target waits to run."""
+    """A job for this target waits to run: for its turn, a free slot, or a retry."""
     copies: int
     """Successful copies of this target so far."""
 

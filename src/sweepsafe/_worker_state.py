@@ -171,7 +171,7 @@ class WorkerLedger:
                     last_success=slot.last_success,
                     last_error=slot.last_error,
                     running=slot.running,
-                    waiting=slot.waiting is not None or slot.retry_wake is not None,
+                    waiting=slot.waiting is not None or (slot.task_active and not slot.running),
                     copies=slot.copies,
                 )
                 for slot in self.targets.values()

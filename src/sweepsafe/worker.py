@@ -189,8 +189,15 @@ class BackupWorker:
         ledger = self._ledger
         with ledger.lock:
             awaited = [(slot, slot.latest_seq) for slot in ledger.targets.values() if slot.pending]
+        if awaited:
+            # Logged outside the lock: a slow log handler must not hold up submit().
+            logger.debug("Flush: waiting for %d targets (timeout %s s)", len(awaited), timeout)
+        with ledger.lock:
             timed_out = False
-            while awaited and not ledger.loop_stopped:
+            while not ledger.loop_stopped:
+                awaited = [(slot, seq) for slot, seq in awaited if slot.finished_seq < seq]
+                if not awaited:
+                    break
                 if deadline is None:
                     ledger.job_finished.wait()
                 else:
@@ -199,7 +206,6 @@ class BackupWorker:
                         timed_out = True
                         break
                     ledger.job_finished.wait(remaining)
-                awaited = [(slot, seq) for slot, seq in awaited if slot.finished_seq < seq]
             return ledger.report_locked(timed_out, time.monotonic() - started)
 
     def close(self, timeout: float | None = 30.0) -> FlushReport:
