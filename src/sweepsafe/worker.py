@@ -100,7 +100,7 @@ class BackupWorker:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, not {max_concurrency}")
         if backend != "asyncio":
-            # The store's async copies (aiofiles, asyncio subprocesses) need asyncio.
+            # Async backup callables (the store's helper subprocesses) are written for asyncio.
             raise ValueError(f"the backup worker runs on asyncio only, not {backend!r}")
         self._name = name
         self._ledger = WorkerLedger()
@@ -138,9 +138,12 @@ class BackupWorker:
     ) -> None:
         """Schedule ``backup(target, is_directory)`` and return at once.
 
-        Does no I/O and never waits for the loop or for a copy; an earlier failed backup
-        never makes it raise (failures show in :meth:`flush` reports and in the log).
-        After :meth:`close` the job is dropped, with one warning in the log.
+        Does no I/O (``target`` is made absolute with :func:`os.path.abspath`) and never
+        waits for the loop or for a copy; the first call starts the loop's thread without
+        waiting for the loop. An earlier failed backup never makes it raise (failures show
+        in :meth:`flush` reports and in the log). When a job for ``target`` is already
+        waiting, this call is coalesced into it, and the waiting job will use this call's
+        ``backup``. After :meth:`close` the job is dropped, with one warning in the log.
 
         Raises:
             RuntimeError: called from the worker loop's own thread.
@@ -276,6 +279,10 @@ def get_default_worker() -> BackupWorker:
 
     At interpreter exit it is closed with the timeout set by :func:`set_exit_timeout`
     (30 s unless changed), and whatever could not be backed up is logged by name.
+
+    By then Python has shut down its ``concurrent.futures`` executors, so a copy that
+    runs at exit must not use asyncio's default executor (``asyncio.to_thread``,
+    ``loop.run_in_executor``, aiofiles); ``anyio.to_thread.run_sync`` still works.
     """
     global _default_worker, _exit_hook_registered
     with _default_lock:
