@@ -1,0 +1,227 @@
+"""The byte-moving primitives: atomic chunked copies to and from Drive through a helper.
+
+Every Drive-side file is written under a temporary name beside its target, fsynced and
+then renamed over it, so the target is always the previous complete version or the
+new complete one. Each step is one helper request with its own deadline; a cancelled
+or failed copy leaves its temporary for the next backup of the same target to remove.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+
+from sweepsafe._drive_helper import fsync_directory, temp_name_for
+from sweepsafe._snapshot import (
+    SnapshotError,
+    check_integrity,
+    is_sqlite_file,
+    remove_quietly,
+    snapshot_sqlite,
+)
+
+if TYPE_CHECKING:
+    from sweepsafe._helper_client import DriveHelper
+
+COPY_CHUNK = 8 << 20
+"""Bytes per copy request: the granularity of cancellation and of per-step deadlines."""
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """What one file copy to Drive moved."""
+
+    bytes_copied: int
+    source_unchanged: bool
+    """The source's (size, mtime_ns) was the same before and after the copy."""
+
+
+def new_token() -> str:
+    """A random suffix for a temporary name."""
+    return secrets.token_hex(6)
+
+
+def file_signature(path: Path) -> tuple[int, int]:
+    """(size, mtime_ns): what the incremental folder sync compares."""
+    info = os.stat(path)
+    return info.st_size, info.st_mtime_ns
+
+
+async def ship_file(
+    helper: DriveHelper,
+    source: Path,
+    destination: Path,
+    step_timeout: float,
+    *,
+    clean_strays: bool,
+    token: str | None = None,
+    stream: bool = False,
+) -> int:
+    """Copy the local file ``source`` to ``destination`` on Drive, atomically.
+
+    With ``stream``, bytes go through the pipe (read here in a worker thread) instead
+    of being read by the helper itself. Returns the bytes copied.
+    """
+    handle = helper.new_handle()
+    dest = str(destination)
+    size = (await anyio.to_thread.run_sync(os.stat, source)).st_size
+    await helper.call(
+        "open", dest, step_timeout, handle=handle, token=token or new_token(), clean=clean_strays
+    )
+    try:
+        copied = 0
+        if stream:
+            async with await anyio.open_file(source, "rb") as reader:
+                while chunk := await reader.read(COPY_CHUNK):
+                    await helper.call("write", dest, step_timeout, chunk, handle=handle)
+                    copied += len(chunk)
+        else:
+            while copied < size:
+                length = min(COPY_CHUNK, size - copied)
+                reply = await helper.call(
+                    "copy",
+                    dest,
+                    step_timeout,
+                    handle=handle,
+                    source=str(source),
+                    offset=copied,
+                    length=length,
+                )
+                if not reply["copied"]:
+                    break  # the source shrank; the caller sees it changed
+                copied += int(reply["copied"])
+        await helper.call("commit", dest, step_timeout, handle=handle)
+    except BaseException:
+        if not helper.broken:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(step_timeout):
+                await helper.call("abort", dest, step_timeout, handle=handle)
+        raise
+    return copied
+
+
+async def ship_path(
+    helper: DriveHelper,
+    source: Path,
+    destination: Path,
+    step_timeout: float,
+    scratch: Path,
+    *,
+    clean_strays: bool,
+    token: str | None = None,
+    stream: bool = False,
+) -> Shipped:
+    """Copy a file to Drive; an SQLite database goes as a checked snapshot.
+
+    Raises SnapshotError for a database that cannot be snapshotted soundly (nothing is
+    shipped then), OSError for local failures, and the helper's errors for Drive ones.
+    """
+    before = await anyio.to_thread.run_sync(file_signature, source)
+    if await anyio.to_thread.run_sync(is_sqlite_file, source):
+        snapshot = scratch / f"snapshot-{new_token()}.db"
+        try:
+            await anyio.to_thread.run_sync(_snapshot_into, source, snapshot)
+            copied = await ship_file(
+                helper,
+                snapshot,
+                destination,
+                step_timeout,
+                clean_strays=clean_strays,
+                token=token,
+                stream=stream,
+            )
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(remove_quietly, snapshot)
+    else:
+        copied = await ship_file(
+            helper,
+            source,
+            destination,
+            step_timeout,
+            clean_strays=clean_strays,
+            token=token,
+            stream=stream,
+        )
+    after = await anyio.to_thread.run_sync(_signature_or_none, source)
+    return Shipped(bytes_copied=copied, source_unchanged=after == before)
+
+
+def _snapshot_into(source: Path, snapshot: Path) -> None:
+    snapshot.parent.mkdir(parents=True, exist_ok=True)
+    remove_quietly(snapshot)
+    snapshot_sqlite(source, snapshot)
+
+
+def _signature_or_none(path: Path) -> tuple[int, int] | None:
+    try:
+        return file_signature(path)
+    except OSError:
+        return None
+
+
+def _local_temp_for(target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.parent / temp_name_for(target.name, new_token())
+    temp.touch(exist_ok=False)
+    return temp
+
+
+class RestoreRefused(Exception):
+    """A Drive copy failed its integrity check; nothing local was replaced."""
+
+
+def _install_local(temp: Path, target: Path) -> tuple[int, int]:
+    """Check a pulled file and move it over ``target``; return its signature."""
+    try:
+        if is_sqlite_file(temp):
+            problem = check_integrity(temp)
+            if problem is not None:
+                raise RestoreRefused(problem)
+            # A stale WAL or journal beside the old database would be replayed into
+            # the restored one; it belongs to the file being replaced.
+            for suffix in ("-wal", "-shm", "-journal"):
+                remove_quietly(target.with_name(target.name + suffix))
+        os.replace(temp, target)
+        fsync_directory(str(target.parent))
+    except BaseException:
+        remove_quietly(temp)
+        raise
+    return file_signature(target)
+
+
+async def fetch_file(
+    helper: DriveHelper, source: Path, target: Path, step_timeout: float
+) -> tuple[int, tuple[int, int]]:
+    """Copy the Drive file ``source`` over the local ``target``, atomically and checked.
+
+    A database must pass ``PRAGMA integrity_check`` before it replaces anything
+    (else RestoreRefused). Returns the bytes copied and the new local signature.
+    """
+    temp = await anyio.to_thread.run_sync(_local_temp_for, target)
+    try:
+        reply = await helper.call("pull", str(source), step_timeout, target=str(temp))
+    except BaseException:
+        # A killed helper may still hold the file open; removing the name is still safe.
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(remove_quietly, temp)
+        raise
+    signature = await anyio.to_thread.run_sync(_install_local, temp, target)
+    return int(reply["copied"]), signature
+
+
+__all__ = [
+    "COPY_CHUNK",
+    "RestoreRefused",
+    "Shipped",
+    "SnapshotError",
+    "fetch_file",
+    "file_signature",
+    "new_token",
+    "ship_file",
+    "ship_path",
+]

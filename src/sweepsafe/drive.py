@@ -1,0 +1,557 @@
+"""Back up, restore and verify local paths on a Google Drive folder.
+
+:class:`DriveStore` maps every path under a local root to the same relative path under
+a Drive root. Its copies are atomic (temporary name, fsync, rename), databases go as
+consistent integrity-checked snapshots, folders are copied incrementally, and every
+Drive-side system call runs in a helper process with a deadline, so a stalled mount
+can neither hang the caller nor keep its process from exiting.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType, TracebackType
+from typing import Literal
+
+import anyio
+
+from sweepsafe._copy import RestoreRefused, fetch_file, ship_path
+from sweepsafe._drive_helper import TEMP_MARKER, is_temp_name
+from sweepsafe._folder_sync import (
+    STATE_DIR_NAME,
+    Manifest,
+    manifest_path,
+    restore_folder,
+    sync_folder,
+)
+from sweepsafe._helper_client import DriveOSError, DriveTimeout, HelperGone, HelperPool
+from sweepsafe._snapshot import SnapshotError, is_sqlite_file
+from sweepsafe.errors import DriveNotMountedError, DrivePathError
+from sweepsafe.paths import COLAB_DRIVE_MOUNT, is_drive_path
+
+__all__ = ["BackupResult", "DriveStore", "VerifyResult"]
+
+logger = logging.getLogger(__name__)
+
+StrPath = str | os.PathLike[str]
+Kind = Literal["sqlite", "file", "directory", "skipped"]
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    """The outcome of one backup or restore; truthy when it succeeded.
+
+    For a backup ``source`` is the local path and ``destination`` its Drive copy; for a
+    restore ``source`` is the Drive copy and ``destination`` the local path.
+    """
+
+    ok: bool
+    source: Path
+    destination: Path | None
+    kind: Kind
+    bytes_copied: int = 0
+    files_copied: int = 0
+    files_unchanged: int = 0
+    duration_s: float = 0.0
+    error: str | None = None
+    """One sentence: what failed, where, and what to do."""
+    retryable: bool = False
+    """True when trying again may succeed (Drive I/O error, timeout, full, disconnected)."""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+_NO_COUNTS: Mapping[str, int] = MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """What the Drive copy of a path looks like; truthy when it exists and is sound."""
+
+    path: Path
+    """The file that was checked: the Drive copy, or the Drive path itself."""
+    exists: bool
+    size: int | None = None
+    mtime: float | None = None
+    """Seconds since the epoch."""
+    is_sqlite: bool = False
+    integrity_ok: bool | None = None
+    """``PRAGMA integrity_check`` said ok; None when not SQLite or not checked."""
+    trial_counts: Mapping[str, int] = field(default_factory=lambda: _NO_COUNTS)
+    """Optuna databases only: trial state name (``"COMPLETE"``, ...) -> count."""
+    study_names: tuple[str, ...] = ()
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """The copy exists, could be checked, and (for SQLite) passed integrity_check."""
+        return (
+            self.exists and self.error is None and (not self.is_sqlite or bool(self.integrity_ok))
+        )
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+class DriveStore:
+    """Copies paths under ``local_root`` to the same place under ``drive_root``, and back.
+
+    Thread-safe and usable from any event loop: the async methods (``abackup``,
+    ``arestore``, ``averify``) may run concurrently from several loops and threads; the
+    sync ones (``backup``, ``restore``, ``verify``, and calling the store) block the
+    calling thread, which must not be running an event loop. Expected failures never
+    raise: they come back as a result with ``ok`` false and an ``error`` sentence.
+
+    Args:
+        local_root: local folder whose contents are backed up (not on Drive).
+        drive_root: Drive folder that receives the copies; created on first backup.
+        drive_timeout: seconds each Drive-side step may take before the store gives up
+            on it and abandons the helper process doing it.
+        mirror: delete from Drive the files of a backed-up folder deleted locally.
+
+    Example:
+        >>> store = DriveStore.for_colab("/content/out", "my-sweep")  # doctest: +SKIP
+        >>> store.backup("/content/out/study-1/study.db")  # doctest: +SKIP
+        BackupResult(ok=True, ...)
+    """
+
+    def __init__(
+        self,
+        local_root: StrPath,
+        drive_root: StrPath,
+        *,
+        drive_timeout: float = 120.0,
+        mirror: bool = False,
+        _helper_argv: Sequence[str] | None = None,
+    ) -> None:
+        self.local_root = Path(os.path.abspath(local_root))
+        self.drive_root = Path(os.path.abspath(drive_root))
+        if is_drive_path(self.local_root):
+            raise DrivePathError(
+                f"local_root {self.local_root} is on Google Drive; SQLite on a Drive mount is "
+                "slow and unsafe (no reliable locking), so keep the sweep on local disk "
+                "(e.g. /content/out) and give the Drive folder as drive_root."
+            )
+        self.drive_timeout = drive_timeout
+        self.mirror = mirror
+        self._pool = HelperPool(_helper_argv)
+        self._state_dir = self.local_root / STATE_DIR_NAME
+        self._finalizer = weakref.finalize(self, self._pool.close)
+
+    @classmethod
+    def for_colab(
+        cls,
+        local_root: StrPath,
+        drive_subdir: str = "sweepsafe",
+        *,
+        mount_point: StrPath = COLAB_DRIVE_MOUNT,
+        drive_timeout: float = 120.0,
+        mirror: bool = False,
+    ) -> DriveStore:
+        """A store whose Drive root is ``{mount_point}/MyDrive/{drive_subdir}``.
+
+        Raises:
+            DriveNotMountedError: ``{mount_point}/MyDrive`` is not a folder.
+        """
+        my_drive = Path(os.path.abspath(mount_point)) / "MyDrive"
+        if not my_drive.is_dir():
+            raise DriveNotMountedError(
+                f"Google Drive is not mounted: {my_drive} is not a folder. In Colab run "
+                f"`from google.colab import drive; drive.mount('{mount_point}')` first."
+            )
+        return cls(local_root, my_drive / drive_subdir, drive_timeout=drive_timeout, mirror=mirror)
+
+    def __repr__(self) -> str:
+        return f"DriveStore({str(self.local_root)!r}, {str(self.drive_root)!r})"
+
+    # -- paths --------------------------------------------------------------------------
+    def drive_path_for(self, path: StrPath) -> Path:
+        """Where the Drive copy of the local ``path`` lives.
+
+        Raises:
+            DrivePathError: ``path`` is already on Google Drive.
+            ValueError: ``path`` is not under ``local_root``.
+        """
+        local = Path(os.path.abspath(path))
+        if is_drive_path(local) or _is_within(local, self.drive_root):
+            raise DrivePathError(
+                f"{local} is already on Google Drive, so nothing needs backing up."
+            )
+        if not _is_within(local, self.local_root):
+            raise ValueError(
+                f"{local} is not inside the store's local root {self.local_root}; back up "
+                "paths under it, or use a DriveStore whose local_root contains it."
+            )
+        return self.drive_root / local.relative_to(self.local_root)
+
+    # -- backup -------------------------------------------------------------------------
+    async def abackup(
+        self, path: StrPath, is_directory: bool = False, *, exclude: Sequence[str] = ()
+    ) -> BackupResult:
+        """Copy ``path`` (a file, or with ``is_directory`` a folder) to Drive.
+
+        A database is copied as a consistent, quick-checked snapshot; a folder only
+        for the files changed since its last backup (``exclude``: fnmatch patterns of
+        paths relative to the folder). The Drive copy is replaced atomically.
+        Cancelling leaves the previous Drive copy in place.
+        """
+        started = time.monotonic()
+        source = Path(os.path.abspath(path))
+        kind: Kind = "directory" if is_directory else "file"
+
+        def failed(error: str, *, retryable: bool = False, to: Path | None = None) -> BackupResult:
+            return BackupResult(
+                ok=False,
+                source=source,
+                destination=to,
+                kind=kind,
+                error=error,
+                retryable=retryable,
+                duration_s=time.monotonic() - started,
+            )
+
+        try:
+            destination = self.drive_path_for(source)
+        except DrivePathError as exc:
+            return BackupResult(
+                ok=False,
+                source=source,
+                destination=None,
+                kind="skipped",
+                error=str(exc),
+                duration_s=time.monotonic() - started,
+            )
+        except ValueError as exc:
+            return failed(str(exc))
+        problem = await anyio.to_thread.run_sync(_source_problem, source, is_directory)
+        if problem is not None:
+            return failed(problem, to=destination)
+        try:
+            async with self._pool.session() as helper:
+                if is_directory:
+                    manifest = await anyio.to_thread.run_sync(
+                        Manifest.load, self._manifest_path(source)
+                    )
+                    outcome = await sync_folder(
+                        helper,
+                        source,
+                        destination,
+                        manifest,
+                        step_timeout=self.drive_timeout,
+                        scratch=self._state_dir / "snapshots",
+                        exclude=exclude,
+                        mirror=self.mirror,
+                    )
+                    if outcome.problems:
+                        return failed(
+                            f"{len(outcome.problems)} file(s) of {source} could not be copied, "
+                            f"first {outcome.problems[0]}; fix them and back up again.",
+                            to=destination,
+                        )
+                    result = BackupResult(
+                        ok=True,
+                        source=source,
+                        destination=destination,
+                        kind="directory",
+                        bytes_copied=outcome.bytes_copied,
+                        files_copied=outcome.files_copied,
+                        files_unchanged=outcome.files_unchanged,
+                        duration_s=time.monotonic() - started,
+                    )
+                else:
+                    if await anyio.to_thread.run_sync(is_sqlite_file, source):
+                        kind = "sqlite"
+                    shipped = await ship_path(
+                        helper,
+                        source,
+                        destination,
+                        self.drive_timeout,
+                        self._state_dir / "snapshots",
+                        clean_strays=True,
+                    )
+                    result = BackupResult(
+                        ok=True,
+                        source=source,
+                        destination=destination,
+                        kind=kind,
+                        bytes_copied=shipped.bytes_copied,
+                        files_copied=1,
+                        duration_s=time.monotonic() - started,
+                    )
+        except (OSError, DriveTimeout, SnapshotError) as exc:
+            error, retryable = _explain(exc, source, "writing", destination)
+            return failed(error, retryable=retryable, to=destination)
+        logger.debug("Backed up %s to %s: %s", source, destination, result)
+        return result
+
+    # -- restore ------------------------------------------------------------------------
+    async def arestore(self, path: StrPath, is_directory: bool = False) -> BackupResult:
+        """Copy the Drive copy of ``path`` back over the local ``path``.
+
+        A database must pass ``PRAGMA integrity_check`` before it replaces anything
+        local; each file is replaced atomically. A restored folder is recorded as
+        backed up, so the next backup copies nothing.
+        """
+        started = time.monotonic()
+        target = Path(os.path.abspath(path))
+        kind: Kind = "directory" if is_directory else "file"
+
+        def failed(
+            error: str, *, retryable: bool = False, source: Path | None = None
+        ) -> BackupResult:
+            return BackupResult(
+                ok=False,
+                source=source or target,
+                destination=target,
+                kind=kind,
+                error=error,
+                retryable=retryable,
+                duration_s=time.monotonic() - started,
+            )
+
+        try:
+            remote = self.drive_path_for(target)
+        except DrivePathError as exc:
+            return BackupResult(
+                ok=False,
+                source=target,
+                destination=None,
+                kind="skipped",
+                error=f"{target} is on Google Drive; restore to a local path instead ({exc})",
+                duration_s=time.monotonic() - started,
+            )
+        except ValueError as exc:
+            return failed(str(exc))
+        missing = (
+            f"Google Drive holds no copy of {target} (looked for {remote}); nothing was restored."
+        )
+        try:
+            async with self._pool.session() as helper:
+                if is_directory:
+                    manifest = Manifest(self._manifest_path(target))
+                    outcome = await restore_folder(
+                        helper, remote, target, manifest, step_timeout=self.drive_timeout
+                    )
+                    if outcome is None:
+                        return failed(missing, source=remote)
+                    if outcome.problems:
+                        return failed(
+                            f"{len(outcome.problems)} file(s) were not restored, first "
+                            f"{outcome.problems[0]}; the local copies were left untouched.",
+                            source=remote,
+                        )
+                    return BackupResult(
+                        ok=True,
+                        source=remote,
+                        destination=target,
+                        kind="directory",
+                        bytes_copied=outcome.bytes_copied,
+                        files_copied=outcome.files_copied,
+                        duration_s=time.monotonic() - started,
+                    )
+                info = await helper.call("stat", str(remote), self.drive_timeout)
+                if not info["exists"] or info["is_dir"]:
+                    return failed(missing, source=remote)
+                nbytes, _ = await fetch_file(helper, remote, target, self.drive_timeout)
+                is_db = await anyio.to_thread.run_sync(is_sqlite_file, target)
+        except RestoreRefused as exc:
+            return failed(
+                f"the Drive copy {remote} failed PRAGMA integrity_check ({exc}), so it was not "
+                f"restored and {target} was left untouched; restore from another copy.",
+                source=remote,
+            )
+        except (OSError, DriveTimeout) as exc:
+            error, retryable = _explain(exc, remote, "reading", remote)
+            return failed(error, retryable=retryable, source=remote)
+        return BackupResult(
+            ok=True,
+            source=remote,
+            destination=target,
+            kind="sqlite" if is_db else "file",
+            bytes_copied=nbytes,
+            files_copied=1,
+            duration_s=time.monotonic() - started,
+        )
+
+    # -- verify -------------------------------------------------------------------------
+    async def averify(self, path: StrPath) -> VerifyResult:
+        """Check the Drive copy of ``path`` (or ``path`` itself if it is on Drive).
+
+        Reports existence, size, mtime and, for a database, ``integrity_check`` and the
+        Optuna trial counts and study names. A missing copy is ``exists=False`` with no
+        error; a Drive that fails or does not answer gives ``error``.
+        """
+        local = Path(os.path.abspath(path))
+        if _is_within(local, self.drive_root) or is_drive_path(local):
+            remote = local
+        else:
+            try:
+                remote = self.drive_path_for(local)
+            except ValueError as exc:
+                return VerifyResult(path=local, exists=False, error=str(exc))
+        try:
+            async with self._pool.session() as helper:
+                info = await helper.call("inspect", str(remote), self.drive_timeout)
+        except (OSError, DriveTimeout) as exc:
+            message, _ = _explain(exc, remote, "checking", remote)
+            return VerifyResult(path=remote, exists=False, error=message)
+        if not info["exists"]:
+            return VerifyResult(path=remote, exists=False)
+        error: str | None = None
+        if info.get("sqlite_error"):
+            error = f"{remote} looks like SQLite but cannot be read: {info['sqlite_error']}"
+        elif info.get("is_sqlite") and not info.get("integrity_ok"):
+            error = f"{remote} failed PRAGMA integrity_check; do not restore from it"
+        return VerifyResult(
+            path=remote,
+            exists=True,
+            size=info.get("size"),
+            mtime=info.get("mtime"),
+            is_sqlite=bool(info.get("is_sqlite")),
+            integrity_ok=info.get("integrity_ok") if info.get("is_sqlite") else None,
+            trial_counts=MappingProxyType(dict(info.get("trial_counts", {}))),
+            study_names=tuple(info.get("study_names", ())),
+            error=error,
+        )
+
+    # -- sync faces ---------------------------------------------------------------------
+    def backup(
+        self, path: StrPath, is_directory: bool = False, *, exclude: Sequence[str] = ()
+    ) -> BackupResult:
+        """Blocking :meth:`abackup`; call it from a thread not running an event loop."""
+        return anyio.run(functools.partial(self.abackup, path, is_directory, exclude=exclude))
+
+    def restore(self, path: StrPath, is_directory: bool = False) -> BackupResult:
+        """Blocking :meth:`arestore`; call it from a thread not running an event loop."""
+        return anyio.run(functools.partial(self.arestore, path, is_directory))
+
+    def verify(self, path: StrPath) -> VerifyResult:
+        """Blocking :meth:`averify`; call it from a thread not running an event loop."""
+        return anyio.run(self.averify, path)
+
+    def __call__(self, path: StrPath, is_directory: bool = False) -> BackupResult:
+        """Same as :meth:`backup`: a store is a ``backup_to_drive(path, is_directory)``."""
+        return self.backup(path, is_directory)
+
+    # -- lifetime -----------------------------------------------------------------------
+    def close(self) -> None:
+        """End idle helper processes (without waiting on them). The store stays usable."""
+        self._pool.close()
+
+    async def aclose(self) -> None:
+        """Same as :meth:`close`; never blocks."""
+        self.close()
+
+    def __enter__(self) -> DriveStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _manifest_path(self, folder: Path) -> Path:
+        relative = os.path.relpath(folder, self.local_root)
+        return manifest_path(self._state_dir, self.drive_root, relative)
+
+
+def _is_within(path: Path, root: Path) -> bool:
+    try:
+        return os.path.commonpath([path, root]) == str(root)
+    except ValueError:
+        return False
+
+
+def _source_problem(source: Path, is_directory: bool) -> str | None:
+    if is_directory:
+        if source.is_dir():
+            return None
+        if source.exists():
+            return f"{source} is a file, not a folder; back it up with is_directory=False."
+    else:
+        if source.is_file():
+            return None
+        if source.is_dir():
+            return f"{source} is a folder; back it up with is_directory=True."
+    return f"{source} does not exist, so it was not backed up; check the path."
+
+
+def _target_of(drive_path: str) -> str:
+    """The file a Drive-side temporary was going to replace (else the path itself)."""
+    folder, name = os.path.split(drive_path)
+    if is_temp_name(name):
+        return os.path.join(folder, name[1:].split(TEMP_MARKER, 1)[0])
+    return drive_path
+
+
+_RETRY_HINT = "the previous Drive copy is unchanged and trying again may succeed"
+
+
+def _explain(exc: BaseException, local: Path, action: str, remote: Path) -> tuple[str, bool]:
+    """One sentence for a failed copy, and whether retrying may help."""
+    if isinstance(exc, DriveTimeout):
+        return (
+            f"Google Drive did not answer within {exc.timeout:g} s while {action} "
+            f"{exc.path}; the mount may be stalled, so sweepsafe abandoned that attempt "
+            f"({_RETRY_HINT} once Drive responds; remount Drive if it persists).",
+            True,
+        )
+    if isinstance(exc, SnapshotError):
+        return (
+            f"{local} could not be copied as a consistent SQLite snapshot ({exc}); it may be "
+            "corrupt, so nothing was copied to Drive. Check it with PRAGMA integrity_check.",
+            False,
+        )
+    if isinstance(exc, HelperGone):
+        return (
+            f"the Drive helper process ended unexpectedly while {action} {remote}; {_RETRY_HINT}.",
+            True,
+        )
+    if isinstance(exc, DriveOSError) and exc.filename != str(local):
+        where = _target_of(exc.filename) if exc.filename else remote
+        reason = exc.strerror or os.strerror(exc.errno or errno.EIO)
+        if exc.errno == errno.ENOTCONN:
+            return (
+                f"Google Drive is not connected ({reason}) while {action} {where}; remount it "
+                f"(drive.mount('/content/drive', force_remount=True)); {_RETRY_HINT}.",
+                True,
+            )
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return (
+                f"Google Drive is full ({reason}) while {action} {where}; free space on "
+                f"Drive; {_RETRY_HINT}.",
+                True,
+            )
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return (
+                f"Google Drive refused {action} {where} ({reason}); check that the Drive "
+                "folder is writable and mounted read-write.",
+                False,
+            )
+        return (f"Google Drive failed while {action} {where} ({reason}); {_RETRY_HINT}.", True)
+    if isinstance(exc, PermissionError):
+        return (
+            f"could not read {exc.filename or local} ({exc.strerror}); make it readable by "
+            "this process, then back up again.",
+            False,
+        )
+    if isinstance(exc, FileNotFoundError):
+        return (f"{exc.filename or local} disappeared during the copy; back up again.", True)
+    assert isinstance(exc, OSError)
+    return (
+        f"local error on {exc.filename or local} ({exc.strerror or exc}) while {action} "
+        f"{remote}; fix it and try again.",
+        True,
+    )
