@@ -6,6 +6,7 @@ import asyncio
 import logging
 import random
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -204,6 +205,22 @@ def test_a_failed_backup_is_retried_until_it_succeeds(rig: WorkerRig, tmp_path: 
     assert len(drive.calls_for(target)) == 3
     stats = worker.stats()
     assert (stats.started, stats.retried, stats.succeeded, stats.failed) == (1, 2, 1, 0)
+
+
+def test_retries_wait_out_their_backoff_then_run(rig: WorkerRig, tmp_path: Path) -> None:
+    worker = rig.worker(retry=RetryPolicy(initial_delay=0.01, max_attempts=4))
+    drive = rig.drive()
+    drive.fail_next(OSError("Input/output error"), OSError("Input/output error"))
+    before = time.time()
+    worker.submit(tmp_path / "study.db", drive)
+
+    report = worker.flush(timeout=30)
+    assert report.ok
+    (target,) = report.targets
+    assert target.attempts == 3
+    assert target.last_error is None
+    assert target.last_success is not None
+    assert before <= target.last_success <= time.time()
 
 
 def test_the_worker_gives_up_after_max_attempts(rig: WorkerRig, tmp_path: Path) -> None:
