@@ -80,7 +80,9 @@ class BackupWorker:
 
     The loop (a daemon thread) starts on the first submit. All methods are thread-safe;
     ``submit``, ``flush`` and ``close`` must not be called from the loop's own thread
-    (that is, from inside an async backup callable).
+    (that is, from inside an async backup callable). Close the worker, or use it as a
+    context manager, to wait for its copies: a daemon thread does not hold up the
+    interpreter's exit. (:func:`get_default_worker`'s worker is closed at exit.)
 
     Example:
         >>> with BackupWorker() as worker:  # doctest: +SKIP
