@@ -1,0 +1,103 @@
+"""Helpers for the Optuna integration tests: a slow Drive, a copy counter, study checks."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from sweepsafe._simulated_drive import FaultPlan, simulated_store
+from sweepsafe.drive import BackupResult, DriveStore
+from sweepsafe.worker import BackupWorker, RetryPolicy
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class CountingStore:
+    """A ``backup_to_drive`` callable over a real store that records every copy it makes."""
+
+    def __init__(self, store: DriveStore) -> None:
+        self.store = store
+        self._lock = threading.Lock()
+        self.results: list[BackupResult] = []
+
+    async def __call__(self, path: Path, is_directory: bool) -> BackupResult:
+        result = await self.store.abackup(path, is_directory)
+        with self._lock:
+            self.results.append(result)
+        return result
+
+    def copies_of(self, path: Path) -> list[BackupResult]:
+        with self._lock:
+            return [result for result in self.results if result.source == path]
+
+
+@contextmanager
+def slow_drive(
+    tmp_path: Path, plan: FaultPlan | None = None, **store_kwargs: object
+) -> Iterator[tuple[DriveStore, Path, Path]]:
+    """A DriveStore over ``tmp_path/local`` -> ``tmp_path/drive`` with injected faults.
+
+    Yields the store, the plan file (rewrite it to change the faults) and the local root.
+    """
+    local = tmp_path / "local"
+    drive = tmp_path / "drive"
+    local.mkdir(exist_ok=True)
+    drive.mkdir(exist_ok=True)
+    plan_path = tmp_path / "fault-plan.json"
+    (plan or FaultPlan()).write(plan_path)
+    store = simulated_store(local, drive, plan_path, **store_kwargs)
+    try:
+        yield store, plan_path, local
+    finally:
+        store.close()
+
+
+@contextmanager
+def private_worker(max_attempts: int = 1, close_timeout: float = 10.0) -> Iterator[BackupWorker]:
+    """A worker of the test's own (not the process-wide one), with instant retries."""
+    worker = BackupWorker(retry=RetryPolicy(initial_delay=0.0, max_attempts=max_attempts))
+    try:
+        yield worker
+    finally:
+        worker.close(timeout=close_timeout)
+
+
+def finished_trials(database: Path) -> list[tuple[int, tuple[float, ...] | None]]:
+    """(number, values) of the finished trials in an Optuna SQLite file, read with Optuna."""
+    summaries = optuna.get_all_study_summaries(f"sqlite:///{database}")
+    assert len(summaries) == 1, summaries
+    study = optuna.load_study(study_name=summaries[0].study_name, storage=f"sqlite:///{database}")
+    trials = study.get_trials(deepcopy=False, states=FINISHED)
+    return [(t.number, tuple(t.values) if t.values is not None else None) for t in trials]
+
+
+def trial_states(database: Path) -> dict[str, int]:
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as connection:
+        rows = connection.execute("SELECT state, COUNT(*) FROM trials GROUP BY state").fetchall()
+    connection.close()
+    return {str(state): int(count) for state, count in rows}
+
+
+def integrity(database: Path) -> str:
+    connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    try:
+        return str(connection.execute("PRAGMA integrity_check").fetchone()[0])
+    finally:
+        connection.close()
+
+
+def wait_for(condition: object, timeout: float = 20.0, what: str = "condition") -> None:
+    """Wait until ``condition()`` is true, checking on a short period, up to ``timeout``."""
+    deadline = time.monotonic() + timeout
+    event = threading.Event()
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        event.wait(0.01)

@@ -1,0 +1,251 @@
+"""The backup callbacks and the end-of-sweep backup, with real studies and a simulated Drive."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from sweep_support import finished_trials, integrity, private_worker, slow_drive
+from sweepsafe._simulated_drive import FaultPlan
+from sweepsafe.backup import (
+    BackupProgress,
+    backup_hpo_study_to_drive,
+    create_incremental_backup_callback,
+    create_study_db_backup_callback,
+    find_study_dir,
+)
+from sweepsafe.errors import BackupFailed, StudyNotFoundError
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def make_study(study_dir: Path, n_trials: int) -> optuna.Study:
+    study_dir.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(
+        storage=f"sqlite:///{study_dir / 'study.db'}", study_name=study_dir.name
+    )
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=n_trials)
+    return study
+
+
+class GatedDrive:
+    """A backup callable that blocks until released, recording each call."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.calls: list[tuple[Path, bool]] = []
+        self.started = threading.Event()
+
+    def __call__(self, path: Path, is_directory: bool) -> bool:
+        self.calls.append((path, is_directory))
+        self.started.set()
+        self.release.wait(30)
+        return True
+
+
+def test_disabled_or_missing_backup_gives_a_callback_that_does_nothing(tmp_path: Path) -> None:
+    with private_worker() as worker:
+        study = make_study(tmp_path / "study-a", 1)
+        trial = study.trials[0]
+        drive = GatedDrive()
+        for callback in (
+            create_incremental_backup_callback(
+                tmp_path, drive, backup_enabled=False, worker=worker
+            ),
+            create_study_db_backup_callback(tmp_path / "study.db", None, worker=worker),
+        ):
+            callback(study, trial)
+        assert worker.flush(timeout=5).ok
+        assert drive.calls == []
+        assert worker.stats().submitted == 0
+
+
+def test_callback_for_a_drive_path_logs_once_and_does_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("SWEEPSAFE_DRIVE_ROOTS", str(tmp_path / "drive"))
+    study = make_study(tmp_path / "study-a", 1)
+    drive = GatedDrive()
+    with private_worker() as worker, caplog.at_level(logging.INFO, logger="sweepsafe"):
+        callback = create_study_db_backup_callback(
+            tmp_path / "drive" / "study.db", drive, worker=worker
+        )
+        for _ in range(3):
+            callback(study, study.trials[0])
+        assert worker.stats().submitted == 0
+    assert caplog.text.count("already on Google Drive") == 1
+    assert drive.calls == []
+
+
+def test_callback_only_hands_over_while_drive_hangs(tmp_path: Path) -> None:
+    """A trial's callback returns at once even though every copy blocks."""
+    study = make_study(tmp_path / "study-a", 1)
+    drive = GatedDrive()
+    with private_worker() as worker:
+        callback = create_incremental_backup_callback(
+            tmp_path / "study-a" / "trials", drive, is_directory=True, worker=worker
+        )
+        callback(study, study.trials[0])
+        assert drive.started.wait(10)
+        durations = []
+        for _ in range(200):
+            started = time.perf_counter()
+            callback(study, study.trials[0])
+            durations.append(time.perf_counter() - started)
+        stats = worker.stats()
+        assert stats.submitted == 201
+        assert stats.started == 1  # one copy running, one waiting, the rest coalesced
+        assert stats.coalesced == 199
+        drive.release.set()
+        assert worker.flush(timeout=10).ok
+        assert drive.calls[0] == (tmp_path / "study-a" / "trials", True)
+        assert len(drive.calls) == 2  # exactly one rerun after the running copy
+        # No copy ran on the trial's thread: the callback never waited on the gate.
+        assert max(durations) < 5
+
+
+def test_callback_never_raises_into_optuna(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    study = make_study(tmp_path / "study-a", 1)
+
+    class BrokenWorker:
+        def submit(self, *args: object, **kwargs: object) -> None:
+            raise RuntimeError("worker is gone")
+
+    callback = create_study_db_backup_callback(
+        tmp_path / "study-a" / "study.db",
+        GatedDrive(),
+        worker=BrokenWorker(),  # type: ignore[arg-type]
+    )
+    with caplog.at_level(logging.WARNING, logger="sweepsafe"):
+        callback(study, study.trials[0])
+        callback(study, study.trials[0])
+    assert caplog.text.count("worker is gone") == 1
+
+
+def test_failing_user_callable_never_reaches_optuna(tmp_path: Path) -> None:
+    def broken(path: Path, is_directory: bool) -> bool:
+        raise OSError(5, "Input/output error", str(path))
+
+    database = tmp_path / "study-a" / "study.db"
+    with private_worker(max_attempts=2) as worker:
+        study = optuna.create_study(
+            storage=f"sqlite:///{_mkparent(database)}", study_name="study-a"
+        )
+        callback = create_study_db_backup_callback(database, broken, worker=worker)
+        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=5, callbacks=[callback])
+        report = worker.flush(timeout=10)
+    assert len(study.trials) == 5
+    assert not report.ok
+    assert "Input/output error" in str(report)
+
+
+def test_progress_tracks_how_far_drive_is_behind(tmp_path: Path) -> None:
+    progress = BackupProgress()
+    with slow_drive(tmp_path) as (store, _, local), private_worker() as worker:
+        database = local / "study-a" / "study.db"
+        study = optuna.create_study(
+            storage=f"sqlite:///{_mkparent(database)}", study_name="study-a"
+        )
+        callback = create_study_db_backup_callback(
+            database, store, worker=worker, progress=progress
+        )
+        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=6, callbacks=[callback])
+        assert worker.flush(timeout=20).ok
+    assert progress.trials_finished == 6
+    assert progress.trials_backed_up == 6
+    assert progress.lag == 0
+
+
+def test_find_study_dir_picks_the_only_or_the_newest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(StudyNotFoundError, match="No study folder"):
+        find_study_dir(tmp_path)
+    make_study(tmp_path / "study-old", 1)
+    assert find_study_dir(tmp_path) == tmp_path / "study-old"
+    make_study(tmp_path / "study-new", 1)
+    old = tmp_path / "study-old" / "study.db"
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    with caplog.at_level(logging.INFO, logger="sweepsafe"):
+        assert find_study_dir(tmp_path) == tmp_path / "study-new"
+    assert "changed last" in caplog.text
+    assert find_study_dir(tmp_path, tmp_path / "study-old") == tmp_path / "study-old"
+    with pytest.raises(StudyNotFoundError, match=r"holds no study\.db"):
+        find_study_dir(tmp_path, tmp_path / "nothing-here")
+
+
+def test_end_of_sweep_backup_copies_database_and_folders(tmp_path: Path) -> None:
+    with slow_drive(tmp_path) as (store, _, local), private_worker() as worker:
+        study_dir = local / "out" / "study-x"
+        make_study(study_dir, 7)
+        (study_dir / "trials" / "trial-00000").mkdir(parents=True)
+        (study_dir / "trials" / "trial-00000" / "model.bin").write_bytes(os.urandom(5000))
+        (study_dir / "notes.txt").write_text("baseline run\n")
+        report = backup_hpo_study_to_drive(local / "out", store, worker=worker, timeout=30)
+        assert report.ok, str(report)
+        assert report.trial_counts == {"COMPLETE": 7}
+        drive_db = store.drive_path_for(study_dir / "study.db")
+        assert integrity(drive_db) == "ok"
+        assert finished_trials(drive_db) == finished_trials(study_dir / "study.db")
+        for name in ("trials/trial-00000/model.bin", "notes.txt"):
+            assert (
+                store.drive_path_for(study_dir / name).read_bytes()
+                == (study_dir / name).read_bytes()
+            )
+        assert {t.target for t in report.targets} == {
+            study_dir / "study.db",
+            study_dir / "trials",
+            study_dir / "notes.txt",
+        }
+        assert "Drive copy complete" in str(report)
+        assert "7 trials" in str(report)
+        # A second call copies no folder file again.
+        again = backup_hpo_study_to_drive(local / "out", store, worker=worker, timeout=30)
+        trials_report = next(t for t in again.targets if t.target == study_dir / "trials")
+        assert trials_report.last_result is not None
+        assert trials_report.last_result.files_copied == 0  # type: ignore[attr-defined]
+
+
+def test_end_of_sweep_backup_on_a_drive_study_only_verifies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    drive = tmp_path / "drive"
+    monkeypatch.setenv("SWEEPSAFE_DRIVE_ROOTS", str(drive))
+    make_study(drive / "out" / "study-y", 2)
+    before = sorted(p.relative_to(drive) for p in drive.rglob("*"))
+    drive_calls = GatedDrive()
+    drive_calls.release.set()
+    with private_worker() as worker:
+        report = backup_hpo_study_to_drive(drive / "out", drive_calls, worker=worker, timeout=30)
+        assert worker.stats().submitted == 0
+    assert report.on_drive
+    assert report.ok, str(report)
+    assert report.trial_counts == {"COMPLETE": 2}
+    assert drive_calls.calls == []
+    assert sorted(p.relative_to(drive) for p in drive.rglob("*")) == before
+
+
+def test_end_of_sweep_backup_reports_a_failing_drive_by_name(tmp_path: Path) -> None:
+    plan = FaultPlan(enospc=True)
+    with slow_drive(tmp_path, plan) as (store, _, local), private_worker() as worker:
+        study_dir = local / "out" / "study-z"
+        make_study(study_dir, 2)
+        report = backup_hpo_study_to_drive(local / "out", store, worker=worker, timeout=30)
+        assert not report.ok
+        assert "study.db" in str(report)
+        assert "space" in str(report).lower()
+        with pytest.raises(BackupFailed, match=r"study\.db"):
+            report.raise_for_failures()
+
+
+def _mkparent(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,466 @@
+"""run_sweep end to end: real Optuna studies in real SQLite files, a simulated slow Drive."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import Trial, TrialState
+
+from sweep_support import (
+    CountingStore,
+    finished_trials,
+    integrity,
+    private_worker,
+    slow_drive,
+    trial_states,
+    wait_for,
+)
+from sweepsafe._simulated_drive import FaultPlan
+from sweepsafe.drive import DriveStore
+from sweepsafe.errors import DrivePathError, SweepsafeError
+from sweepsafe.sweep import run_sweep, study_dir_for, trial_dir
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+# Where the sweeps of the running test keep their study folders; run_sweep names each
+# study after its folder, so the objective finds its trial folders as a user's would.
+OUTPUT_DIR: list[Path] = []
+
+
+@pytest.fixture(autouse=True)
+def _output_dir(tmp_path: Path) -> None:
+    OUTPUT_DIR[:] = [tmp_path / "local" / "out"]
+
+
+def quadratic(trial: Trial) -> float:
+    x = trial.suggest_float("x", -10, 10)
+    folder = trial_dir(OUTPUT_DIR[0] / trial.study.study_name, trial)
+    (folder / "result.txt").write_text(f"{x}\n")
+    return (x - 2) ** 2
+
+
+def test_study_dir_is_stable_and_depends_on_the_key(tmp_path: Path) -> None:
+    a = study_dir_for(tmp_path, {"model": "resnet", "lr": [1e-4, 1e-2]})
+    b = study_dir_for(tmp_path, {"lr": [1e-4, 1e-2], "model": "resnet"})
+    c = study_dir_for(tmp_path, {"model": "vit", "lr": [1e-4, 1e-2]})
+    assert a == b != c
+    assert a.parent == tmp_path
+    assert a.name.startswith("study-")
+    assert len(a.name) - len("study-") >= 12
+    assert study_dir_for(tmp_path, "sweep-1") == study_dir_for(str(tmp_path), "sweep-1")
+    with pytest.raises(TypeError, match="JSON"):
+        study_dir_for(tmp_path, {"fn": object()})
+
+
+def test_trial_dir_layout(tmp_path: Path) -> None:
+    assert trial_dir(tmp_path, 42) == tmp_path / "trials" / "trial-00042"
+    assert (tmp_path / "trials" / "trial-00042").is_dir()
+
+
+def test_study_db_reaches_drive_before_the_first_trial_ends(tmp_path: Path) -> None:
+    """The first backup does not wait for the first callback: trial 0 sees it on Drive."""
+    with (
+        slow_drive(tmp_path, FaultPlan(latency_s=0.05)) as (store, _, local),
+        private_worker() as worker,
+    ):
+        study_dir = study_dir_for(local / "out", "first")
+        drive_db = store.drive_path_for(study_dir / "study.db")
+        seen: list[int] = []
+
+        def objective(trial: Trial) -> float:
+            if trial.number == 0:
+                wait_for(drive_db.exists, what="the immediate backup of study.db")
+                seen.append(len(finished_trials(drive_db)))
+            return quadratic(trial)
+
+        result = run_sweep(
+            objective,
+            output_dir=local / "out",
+            study_key="first",
+            n_trials=3,
+            backup_to_drive=store,
+            worker=worker,
+        )
+        assert seen == [0]
+        assert result.backup_ok, str(result.backup_report)
+
+
+def test_resumed_study_is_backed_up_before_its_first_new_trial_ends(tmp_path: Path) -> None:
+    with slow_drive(tmp_path) as (store, _, local), private_worker() as worker:
+        run_sweep(
+            quadratic,
+            output_dir=local / "out",
+            study_key="resume-first",
+            n_trials=4,
+            backup_to_drive=store,
+            worker=worker,
+        )
+        drive_db = store.drive_path_for(study_dir_for(local / "out", "resume-first") / "study.db")
+        drive_db.unlink()
+        counts: list[int] = []
+
+        def objective(trial: Trial) -> float:
+            if not counts:
+                wait_for(drive_db.exists, what="the immediate backup of the resumed study")
+                counts.append(len(finished_trials(drive_db)))
+            return quadratic(trial)
+
+        run_sweep(
+            objective,
+            output_dir=local / "out",
+            study_key="resume-first",
+            n_trials=6,
+            backup_to_drive=store,
+            worker=worker,
+        )
+        assert counts == [4]
+
+
+def test_slow_drive_coalesces_copies_and_final_copy_has_every_trial(tmp_path: Path) -> None:
+    with (
+        slow_drive(tmp_path, FaultPlan(latency_s=0.2)) as (store, _, local),
+        private_worker() as worker,
+    ):
+        counting = CountingStore(store)
+        result = run_sweep(
+            quadratic,
+            output_dir=local / "out",
+            study_key="coalesce",
+            n_trials=40,
+            backup_to_drive=counting,
+            worker=worker,
+        )
+        database = result.study_dir / "study.db"
+        copies = counting.copies_of(database)
+        assert 1 <= len(copies) < 40 / 2, len(copies)
+        assert worker.stats().coalesced > 0
+        drive_db = store.drive_path_for(database)
+        assert integrity(drive_db) == "ok"
+        assert finished_trials(drive_db) == finished_trials(database)
+        assert len(finished_trials(drive_db)) == 40
+        report = result.backup_report
+        assert report is not None
+        assert report.ok, str(report)
+        assert not report.on_drive
+
+
+def test_trial_folder_backup_is_incremental_across_trials(tmp_path: Path) -> None:
+    with slow_drive(tmp_path) as (store, _, local), private_worker() as worker:
+        counting = CountingStore(store)
+        result = run_sweep(
+            quadratic,
+            output_dir=local / "out",
+            study_key="incremental",
+            n_trials=15,
+            backup_to_drive=counting,
+            worker=worker,
+        )
+        trials = result.study_dir / "trials"
+        copied = sum(r.files_copied for r in counting.copies_of(trials) if r.ok)
+        assert copied == 15  # each trial's file once, never again
+        for number in range(15):
+            local_file = trials / f"trial-{number:05d}" / "result.txt"
+            assert store.drive_path_for(local_file).read_bytes() == local_file.read_bytes()
+
+
+def test_deleting_local_folder_resumes_from_drive(tmp_path: Path) -> None:
+    with slow_drive(tmp_path) as (store, _, local), private_worker() as worker:
+        first = run_sweep(
+            quadratic,
+            output_dir=local / "out",
+            study_key={"sweep": "resume"},
+            n_trials=5,
+            backup_to_drive=store,
+            worker=worker,
+        )
+        before = finished_trials(first.study_dir / "study.db")
+        shutil.rmtree(local / "out")  # the runtime died and its disk is gone
+        second = run_sweep(
+            quadratic,
+            output_dir=local / "out",
+            study_key={"sweep": "resume"},
+            n_trials=9,
+            backup_to_drive=store,
+            worker=worker,
+        )
+        assert second.restored_from_drive
+        assert second.resumed_trials == 5
+        after = finished_trials(second.study_dir / "study.db")
+        assert after[:5] == before
+        assert len(after) == 9
+        assert trial_states(second.study_dir / "study.db").get("RUNNING", 0) == 0
+        assert (second.study_dir / "trials" / "trial-00004" / "result.txt").is_file()
+
+
+def test_trials_left_running_by_a_dead_runtime_are_failed_on_resume(tmp_path: Path) -> None:
+    with slow_drive(tmp_path) as (store, _, local), private_worker() as worker:
+        study_dir = study_dir_for(local / "out", "stale")
+        study_dir.mkdir(parents=True)
+        study = optuna.create_study(
+            storage=f"sqlite:///{study_dir / 'study.db'}", study_name=study_dir.name
+        )
+        study.tell(study.ask(), 1.0)
+        study.ask()  # left RUNNING: the runtime died during this trial
+        assert store.backup(study_dir / "study.db").ok
+        shutil.rmtree(local / "out")
+        result = run_sweep(
+            quadratic,
+            output_dir=local / "out",
+            study_key="stale",
+            n_trials=3,
+            backup_to_drive=store,
+            worker=worker,
+        )
+        states = trial_states(result.study_dir / "study.db")
+        assert states.get("RUNNING", 0) == 0
+        assert states["FAIL"] == 1
+        assert len(finished_trials(result.study_dir / "study.db")) == 3
+
+
+def test_rerun_after_finishing_runs_no_more_trials(tmp_path: Path) -> None:
+    with slow_drive(tmp_path) as (store, _, local), private_worker() as worker:
+        kwargs = {
+            "output_dir": local / "out",
+            "study_key": "done",
+            "n_trials": 4,
+            "backup_to_drive": store,
+            "worker": worker,
+        }
+        run_sweep(quadratic, **kwargs)  # type: ignore[arg-type]
+        again = run_sweep(quadratic, **kwargs)  # type: ignore[arg-type]
+        assert len(again.study.trials) == 4
+        assert again.backup_ok
+
+
+@pytest.mark.parametrize("exception", [RuntimeError("objective broke"), KeyboardInterrupt()])
+def test_exception_in_objective_still_ends_with_complete_drive_copy(
+    tmp_path: Path, exception: BaseException
+) -> None:
+    with (
+        slow_drive(tmp_path, FaultPlan(latency_s=0.1)) as (store, _, local),
+        private_worker() as worker,
+    ):
+
+        def objective(trial: Trial) -> float:
+            if trial.number == 6:
+                raise exception
+            return quadratic(trial)
+
+        with pytest.raises(type(exception)):
+            run_sweep(
+                objective,
+                output_dir=local / "out",
+                study_key="boom",
+                n_trials=20,
+                backup_to_drive=store,
+                worker=worker,
+            )
+        database = study_dir_for(local / "out", "boom") / "study.db"
+        drive_db = store.drive_path_for(database)
+        assert integrity(drive_db) == "ok"
+        assert len(finished_trials(drive_db)) == 6
+        assert finished_trials(drive_db) == finished_trials(database)
+
+
+def test_failing_drive_never_stops_the_sweep_and_report_names_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        slow_drive(tmp_path) as (store, plan_path, local),
+        private_worker(max_attempts=2) as worker,
+    ):
+
+        def objective(trial: Trial) -> float:
+            if trial.number == 0:
+                FaultPlan(disconnected=True).write(plan_path)  # the mount drops mid-sweep
+            return quadratic(trial)
+
+        with caplog.at_level(logging.WARNING, logger="sweepsafe"):
+            result = run_sweep(
+                objective,
+                output_dir=local / "out",
+                study_key="dead-drive",
+                n_trials=10,
+                backup_to_drive=store,
+                worker=worker,
+                flush_timeout=30,
+            )
+        assert len(finished_trials(result.study_dir / "study.db")) == 10
+        report = result.backup_report
+        assert report is not None
+        assert not report.ok
+        text = str(report)
+        assert "study.db" in text
+        assert "INCOMPLETE" in text
+        assert "not connected" in text.lower()
+        assert "not connected" in caplog.text.lower()
+
+
+def test_unreachable_drive_at_start_refuses_instead_of_forking_the_study(tmp_path: Path) -> None:
+    """With no local study and a dead mount, sweepsafe cannot know if Drive has one."""
+    with (
+        slow_drive(tmp_path, FaultPlan(disconnected=True)) as (store, _, local),
+        private_worker() as worker,
+    ):
+        with pytest.raises(SweepsafeError, match=r"not connected.*restore=False"):
+            run_sweep(
+                quadratic,
+                output_dir=local / "out",
+                study_key="dead-at-start",
+                n_trials=2,
+                backup_to_drive=store,
+                worker=worker,
+            )
+        result = run_sweep(
+            quadratic,
+            output_dir=local / "out",
+            study_key="dead-at-start",
+            n_trials=2,
+            backup_to_drive=store,
+            worker=worker,
+            restore=False,
+            flush_timeout=10,
+        )
+        assert len(result.study.trials) == 2
+        assert not result.backup_ok
+
+
+def test_hung_drive_returns_within_flush_timeout(tmp_path: Path) -> None:
+    with (
+        slow_drive(tmp_path, drive_timeout=60) as (store, plan_path, local),
+        private_worker(close_timeout=1.0) as worker,
+    ):
+
+        def objective(trial: Trial) -> float:
+            if trial.number == 1:
+                FaultPlan(hang=True).write(plan_path)  # the mount stalls mid-sweep
+            return quadratic(trial)
+
+        result = run_sweep(
+            objective,
+            output_dir=local / "out",
+            study_key="hung",
+            n_trials=3,
+            backup_to_drive=store,
+            worker=worker,
+            flush_timeout=1.0,
+        )
+        report = result.backup_report
+        assert report is not None
+        assert report.timed_out
+        assert not report.ok
+        assert "study.db" in str(report)
+        assert len(finished_trials(result.study_dir / "study.db")) == 3
+
+
+def test_output_dir_on_drive_runs_without_backups_and_verifies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    drive = tmp_path / "drive"
+    drive.mkdir()
+    monkeypatch.setenv("SWEEPSAFE_DRIVE_ROOTS", str(drive))
+    local = tmp_path / "local"
+    local.mkdir()
+    OUTPUT_DIR[:] = [drive / "out"]
+    store = DriveStore(local, drive / "backup")
+    with caplog.at_level(logging.WARNING, logger="sweepsafe"), private_worker() as worker:
+        result = run_sweep(
+            quadratic,
+            output_dir=drive / "out",
+            study_key="on-drive",
+            n_trials=3,
+            backup_to_drive=store,
+            worker=worker,
+        )
+    store.close()
+    assert "slow" in caplog.text
+    assert "Drive" in caplog.text
+    report = result.backup_report
+    assert report is not None
+    assert report.on_drive
+    assert report.ok, str(report)
+    assert report.trial_counts.get("COMPLETE") == 3
+    assert not (drive / "backup").exists()
+    assert worker.stats().submitted == 0
+
+
+def test_local_root_on_drive_is_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SWEEPSAFE_DRIVE_ROOTS", str(tmp_path / "drive"))
+    with pytest.raises(DrivePathError, match="Drive"):
+        DriveStore(tmp_path / "drive" / "out", tmp_path / "backup")
+
+
+def test_parallel_trials_with_n_jobs_4(tmp_path: Path) -> None:
+    with (
+        slow_drive(tmp_path, FaultPlan(latency_s=0.05)) as (store, _, local),
+        private_worker() as worker,
+    ):
+        result = run_sweep(
+            quadratic,
+            output_dir=local / "out",
+            study_key="parallel",
+            n_trials=24,
+            n_jobs=4,
+            backup_to_drive=store,
+            worker=worker,
+        )
+        assert result.backup_ok, str(result.backup_report)
+        drive_db = store.drive_path_for(result.study_dir / "study.db")
+        assert len(finished_trials(result.study_dir / "study.db")) == 24
+        assert finished_trials(drive_db) == finished_trials(result.study_dir / "study.db")
+
+
+def test_unrestorable_drive_copy_refuses_to_start_a_new_study(tmp_path: Path) -> None:
+    with slow_drive(tmp_path) as (store, _, local), private_worker() as worker:
+        run_sweep(
+            quadratic,
+            output_dir=local / "out",
+            study_key="corrupt",
+            n_trials=2,
+            backup_to_drive=store,
+            worker=worker,
+        )
+        study_dir = study_dir_for(local / "out", "corrupt")
+        drive_db = store.drive_path_for(study_dir / "study.db")
+        damaged = bytearray(drive_db.read_bytes())
+        damaged[4096:8192] = b"\xff" * 4096
+        drive_db.write_bytes(bytes(damaged))
+        shutil.rmtree(local / "out")
+        with pytest.raises(SweepsafeError, match="could not be restored"):
+            run_sweep(
+                quadratic,
+                output_dir=local / "out",
+                study_key="corrupt",
+                n_trials=4,
+                backup_to_drive=store,
+                worker=worker,
+            )
+        assert drive_db.read_bytes() == bytes(damaged)  # the Drive copy is left alone
+
+
+def test_callbacks_run_before_backup_callbacks_and_stale_state_is_clean(tmp_path: Path) -> None:
+    order: list[int] = []
+    lock = threading.Lock()
+
+    def mine(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        with lock:
+            order.append(trial.number)
+
+    with slow_drive(tmp_path) as (store, _, local), private_worker() as worker:
+        result = run_sweep(
+            quadratic,
+            output_dir=local / "out",
+            study_key="callbacks",
+            n_trials=3,
+            callbacks=[mine],
+            backup_to_drive=store,
+            worker=worker,
+        )
+    assert order == [0, 1, 2]
+    assert all(t.state == TrialState.COMPLETE for t in result.study.trials)
