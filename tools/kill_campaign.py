@@ -1,0 +1,549 @@
+"""Kill campaign: SIGKILL a real sweep at random moments, then check the Drive copy and resume.
+
+Each run starts ``campaign_sweep.py`` in a child process, against a simulated Drive that
+takes 0.05-0.3 s per file plus 0.1-1 s per MiB, so copies are often in flight. The
+seed picks, per run, the phase to aim at (spread evenly over: starting up, the first
+trial, between trials, the final flush) and a random instant inside it; the child's
+events tell the campaign when that phase began. At that instant the whole "runtime"
+(the child and every process it started) gets SIGKILL. Then, with sqlite3 and Optuna
+only (never sweepsafe's code):
+
+* the Drive ``study.db`` exists if the immediate backup had reached Drive before the kill
+  (otherwise its absence is allowed and said), passes ``PRAGMA integrity_check`` and
+  loads with ``optuna.load_study``;
+* its COMPLETE trials are a prefix of the local database's (numbers, params, values);
+* every file in the Drive trial folders is byte-identical to a version the local file
+  had (the child logs the hash of every version before writing it);
+* the sweep, restarted on a FRESH local folder (the dead runtime's disk is gone),
+  restores from Drive and finishes: exactly ``n_trials`` finished trials, a complete
+  Drive copy identical to the local study, and no temporary file left on Drive.
+
+    python tools/kill_campaign.py --runs 100 --seed 1
+    python tools/kill_campaign.py --runs 4 --seed 1 --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from campaign_checks import (
+    DatabaseCheck,
+    check_database,
+    file_hashes,
+    is_prefix,
+    read_versions,
+    temp_files,
+)
+from campaign_child import ChildEvent, ChildSweep, pause
+from sweepsafe._simulated_drive import FaultPlan
+
+AIMED_PHASES = ("startup", "first trial", "between trials", "final flush")
+CHILD_TIMEOUT_S = 120.0
+
+
+@dataclass
+class KillRun:
+    """What one kill did and what the checks found."""
+
+    index: int
+    n_trials: int
+    latency_s: float
+    latency_per_mib_s: float
+    aimed: str
+    landed: str = "?"
+    in_flight: list[str] = field(default_factory=list)
+    drive_db_at_kill: bool = False
+    local_finished: int | None = None
+    drive_finished: int | None = None
+    corrupt: int = 0
+    temp_files_after_kill: int = 0
+    resumed: bool = False
+    restore_s: float | None = None
+    restore_reference_s: float | None = None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def lost(self) -> int | None:
+        """Finished trials the kill cost: local finished minus Drive finished at the kill."""
+        if self.local_finished is None:
+            return None
+        return self.local_finished - (self.drive_finished or 0)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+@dataclass
+class KillSummary:
+    """The whole campaign."""
+
+    seed: int
+    quick: bool
+    runs: list[KillRun]
+    duration_s: float
+
+    @property
+    def failures(self) -> list[str]:
+        return [f"run {run.index}: {failure}" for run in self.runs for failure in run.failures]
+
+    @property
+    def corrupt(self) -> int:
+        return sum(run.corrupt for run in self.runs)
+
+    @property
+    def resumes_ok(self) -> int:
+        return sum(run.resumed for run in self.runs)
+
+    @property
+    def lost(self) -> list[int]:
+        return [run.lost for run in self.runs if run.lost is not None]
+
+    @property
+    def restore_times(self) -> list[float]:
+        return [run.restore_s for run in self.runs if run.restore_s is not None]
+
+    @property
+    def restore_references(self) -> list[float]:
+        return [run.restore_reference_s for run in self.runs if run.restore_reference_s is not None]
+
+
+def _sweep_args(
+    local: Path, drive: Path, plan: Path, n_trials: int, seed: int, max_kib: int, log: Path | None
+) -> list[str]:
+    args = [
+        "--local-root",
+        str(local),
+        "--drive-root",
+        str(drive),
+        "--plan",
+        str(plan),
+        "--n-trials",
+        str(n_trials),
+        "--seed",
+        str(seed),
+        "--max-kib",
+        str(max_kib),
+        "--flush-timeout",
+        "60",
+    ]
+    if log is not None:
+        args += ["--versions-log", str(log)]
+    return args
+
+
+def _wait_for_aimed_phase(
+    child: ChildSweep, run: KillRun, rng: random.Random, max_kib: int
+) -> tuple[ChildEvent | None, float]:
+    """Wait for the event that opens the aimed phase; return it and the delay to kill after."""
+    latency, per_mib = run.latency_s, run.latency_per_mib_s
+    one_big_copy = latency + per_mib * max_kib / 1024
+    if run.aimed == "startup":
+        return child.wait_for_event("run_sweep_called", CHILD_TIMEOUT_S), rng.uniform(0, 0.25)
+    if run.aimed == "first trial":
+        event = child.wait_for_event("trial_start", CHILD_TIMEOUT_S, number=0)
+        return event, rng.uniform(0, latency + 0.03)
+    if run.aimed == "between trials":
+        number = rng.randint(1, max(1, run.n_trials - 2))
+        event = child.wait_for_event("trial_done", CHILD_TIMEOUT_S, number=number)
+        return event, rng.uniform(0, 0.05 + one_big_copy)
+    event = child.wait_for_event("final_flush", CHILD_TIMEOUT_S)
+    return event, rng.uniform(0, 3 * one_big_copy)
+
+
+def _landed_phase(events: list[ChildEvent]) -> str:
+    names = [event.name for event in events]
+    if "run_sweep_called" not in names:
+        return "before run_sweep"
+    if "sweep_returned" in names:
+        return "after the sweep returned"
+    if "final_flush" in names:
+        return "final flush"
+    if "trial_start" not in names:
+        return "restore / study creation"
+    if "initial_backup_done" not in names:
+        return "first trial, immediate backup in flight"
+    done = [event.get("number") for event in events if event.name == "trial_done"]
+    return f"between trials (after {len(done)})"
+
+
+def run_one(index: int, seed: int, root: Path, quick: bool) -> KillRun:
+    """One kill and its checks; the run's folder is removed when it passed."""
+    rng = random.Random(f"{seed}:{index}")
+    n_trials = rng.randint(5, 8) if quick else rng.randint(10, 24)
+    max_kib = 256 if quick else 1024
+    run = KillRun(
+        index=index,
+        n_trials=n_trials,
+        latency_s=round(rng.uniform(0.05, 0.3), 3),
+        latency_per_mib_s=round(rng.uniform(0.1, 1.0), 3),
+        aimed=AIMED_PHASES[index % len(AIMED_PHASES)],
+    )
+    run_dir = root / f"run-{index:03d}"
+    first_local, fresh_local, drive = (
+        run_dir / "runtime-1",
+        run_dir / "runtime-2",
+        run_dir / "drive",
+    )
+    child_tmp = run_dir / "tmp-1"
+    for folder in (first_local, fresh_local, drive, child_tmp):
+        folder.mkdir(parents=True)
+    plan = run_dir / "fault-plan.json"
+    FaultPlan(latency_s=run.latency_s, latency_per_mib_s=run.latency_per_mib_s).write(plan)
+    versions_log = run_dir / "versions.jsonl"
+
+    child = ChildSweep(
+        _sweep_args(first_local, drive, plan, n_trials, seed + index, max_kib, versions_log),
+        stderr_path=run_dir / "child-1.stderr",
+        env={"TMPDIR": str(child_tmp)},
+    )
+    trigger, delay = _wait_for_aimed_phase(child, run, rng, max_kib)
+    if trigger is None:
+        child.kill_like_a_dead_runtime()
+        run.failures.append(
+            f"the child ended before the aimed phase ({run.aimed}): {child.stderr_text()[-800:]}"
+        )
+        return run
+    pause(delay)
+    child.kill_like_a_dead_runtime()
+    events = child.snapshot()
+    run.landed = _landed_phase(events)
+    started = next((e for e in events if e.name == "run_sweep_called"), None)
+    study_dir = Path(started.get("study_dir")) if started is not None else None
+    _check_at_kill(run, events, study_dir, first_local, drive, child_tmp, versions_log)
+
+    # The runtime is gone with its disk: a new one starts from an empty local folder.
+    shutil.rmtree(first_local)
+    relative = study_dir.relative_to(first_local) if study_dir is not None else None
+    if relative is not None:
+        run.restore_reference_s = _plain_restore_time(drive / relative, run_dir / "reference")
+    FaultPlan().write(plan)
+    _resume_and_check(run, run_dir, fresh_local, drive, plan, relative, seed, max_kib)
+    if run.ok:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return run
+
+
+def _check_at_kill(
+    run: KillRun,
+    events: list[ChildEvent],
+    study_dir: Path | None,
+    local_root: Path,
+    drive: Path,
+    child_tmp: Path,
+    versions_log: Path,
+) -> None:
+    leftovers = temp_files(drive)
+    run.temp_files_after_kill = len(leftovers)
+    for path in leftovers:
+        run.in_flight.append(f"Drive copy of {path.name.split('.sweepsafe-tmp')[0].lstrip('.')}")
+    # The store snapshots a database into a scratch folder of the local root first.
+    snapshots = [
+        path
+        for folder in (child_tmp, *local_root.glob(".*/snapshots"))
+        for path in folder.rglob("*")
+        if path.is_file()
+    ]
+    if snapshots:
+        run.in_flight.append(f"local snapshot of study.db ({len(snapshots)} file(s))")
+    if study_dir is None:
+        return
+    drive_study = drive / study_dir.relative_to(local_root)
+    drive_check = check_database(drive_study / "study.db")
+    local_check = check_database(study_dir / "study.db", include_sidecars=True)
+    first_backup_done = any(event.name == "initial_backup_done" for event in events)
+    run.drive_db_at_kill = drive_check.exists
+    if local_check.exists and local_check.sound:
+        run.local_finished = local_check.count
+    elif local_check.exists:
+        run.failures.append(f"the local database is unreadable after the kill: {local_check}")
+    if not drive_check.exists:
+        if first_backup_done:
+            run.failures.append("the immediate backup had reached Drive but study.db is gone")
+            run.corrupt += 1
+        else:
+            run.landed += "; Drive copy absent (allowed: killed before the first copy landed)"
+        run.drive_finished = 0 if run.local_finished is not None else None
+    else:
+        _check_drive_database(run, drive_check, local_check)
+    versions = read_versions(versions_log)
+    for relative, digest in file_hashes(drive_study / "trials").items():
+        known = versions.get(f"trials/{relative}", set())
+        if digest not in known:
+            run.corrupt += 1
+            run.failures.append(
+                f"Drive file trials/{relative} matches none of the {len(known)} versions "
+                "the local file had"
+            )
+
+
+def _check_drive_database(run: KillRun, drive: DatabaseCheck, local: DatabaseCheck) -> None:
+    if not drive.sound:
+        run.corrupt += 1
+        run.failures.append(
+            f"Drive study.db is not sound: integrity={drive.integrity!r}, load={drive.load_error}"
+        )
+        return
+    run.drive_finished = drive.count
+    if local.sound and not is_prefix(drive.finished, local.finished):
+        run.corrupt += 1
+        run.failures.append(
+            "the Drive copy's COMPLETE trials are not a prefix of the local ones: Drive "
+            f"{[t.number for t in drive.finished]} vs local {[t.number for t in local.finished]}"
+        )
+
+
+def _plain_restore_time(drive_study: Path, scratch: Path) -> float | None:
+    """Reference: copy the Drive study folder by hand and open it with Optuna."""
+    if not (drive_study / "study.db").is_file():
+        return None
+    started = time.perf_counter()
+    shutil.copytree(drive_study, scratch)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{scratch / 'study.db'}")
+    try:
+        name = optuna.get_all_study_summaries(storage)[0].study_name
+        optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    finally:
+        storage.engine.dispose()
+    elapsed = time.perf_counter() - started
+    shutil.rmtree(scratch)
+    return elapsed
+
+
+def _resume_and_check(
+    run: KillRun,
+    run_dir: Path,
+    local: Path,
+    drive: Path,
+    plan: Path,
+    relative: Path | None,
+    seed: int,
+    max_kib: int,
+) -> None:
+    drive_before = check_database(drive / relative / "study.db") if relative is not None else None
+    child = ChildSweep(
+        _sweep_args(local, drive, plan, run.n_trials, seed + 100_000 + run.index, max_kib, None),
+        stderr_path=run_dir / "child-2.stderr",
+    )
+    code = child.wait(CHILD_TIMEOUT_S)
+    events = child.snapshot()
+    called = child.first("run_sweep_called")
+    returned = child.first("sweep_returned")
+    if code != 0 or returned is None or called is None:
+        run.failures.append(
+            f"the resumed sweep failed (exit {code}): {child.stderr_text()[-1500:]}"
+        )
+        return
+    reopened = next((e for e in events if e.name in ("trial_start", "sweep_returned")), returned)
+    run.restore_s = reopened.received - called.received
+    study_dir = Path(called.get("study_dir"))
+    if relative is not None and study_dir.relative_to(local) != relative:
+        run.failures.append(f"the resumed sweep used another study folder: {study_dir}")
+        return
+    had_copy = drive_before is not None and drive_before.exists
+    if returned.get("restored_from_drive") != had_copy:
+        run.failures.append(
+            f"restored_from_drive={returned.get('restored_from_drive')} "
+            f"but Drive {'held' if had_copy else 'did not hold'} a copy"
+        )
+    local_check = check_database(study_dir / "study.db")
+    drive_study = drive / study_dir.relative_to(local)
+    drive_check = check_database(drive_study / "study.db")
+    problems = []
+    if local_check.count != run.n_trials:
+        problems.append(f"the resumed study has {local_check.count} finished trials")
+    report = returned.get("report") or {}
+    if not report.get("ok"):
+        problems.append(f"the final backup report is not ok: {report.get('text')}")
+    if not drive_check.sound:
+        problems.append(f"the final Drive copy is not sound: {drive_check.integrity}")
+    elif drive_check.finished != local_check.finished:
+        problems.append("the final Drive copy's finished trials differ from the local study")
+    kept = drive_before is None or not drive_before.sound
+    if not kept and not is_prefix(drive_before.finished, local_check.finished):
+        problems.append("trials the Drive copy held at the kill were not kept")
+    leftovers = temp_files(drive)
+    if leftovers:
+        problems.append(
+            f"{len(leftovers)} temporary file(s) left on Drive after a later backup: "
+            + ", ".join(str(path.relative_to(drive)) for path in leftovers[:3])
+        )
+    local_files = file_hashes(study_dir / "trials")
+    drive_files = file_hashes(drive_study / "trials")
+    differing = [name for name, digest in local_files.items() if drive_files.get(name) != digest]
+    if differing:
+        problems.append(
+            f"{len(differing)} trial file(s) missing or different on Drive at the end: "
+            + ", ".join(differing[:3])
+        )
+    run.failures.extend(problems)
+    run.resumed = not problems
+
+
+def run_campaign(runs: int, seed: int, quick: bool = False, verbose: bool = True) -> KillSummary:
+    """Run ``runs`` kills; print one line per run and the totals."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    started = time.perf_counter()
+    results: list[KillRun] = []
+    with tempfile.TemporaryDirectory(prefix="sweepsafe-kill-") as tmp:
+        root = Path(tmp)
+        for index in range(runs):
+            run = run_one(index, seed, root, quick)
+            results.append(run)
+            if verbose:
+                print(_describe_run(run), flush=True)
+            if not run.ok:
+                kept = Path(tempfile.gettempdir()) / f"sweepsafe-kill-failed-{seed}-{index}"
+                shutil.rmtree(kept, ignore_errors=True)
+                shutil.copytree(root / f"run-{index:03d}", kept, symlinks=True)
+                if verbose:
+                    print(f"    kept the failed run's files in {kept}", flush=True)
+    summary = KillSummary(
+        seed=seed, quick=quick, runs=results, duration_s=time.perf_counter() - started
+    )
+    if verbose:
+        print(describe_summary(summary), flush=True)
+    return summary
+
+
+def _describe_run(run: KillRun) -> str:
+    lost = "-" if run.lost is None else str(run.lost)
+    restore = "-" if run.restore_s is None else f"{run.restore_s:.2f}s"
+    flight = f" [{'; '.join(run.in_flight)}]" if run.in_flight else ""
+    verdict = "ok" if run.ok else "FAILED: " + " | ".join(run.failures)
+    return (
+        f"run {run.index:3d}  aimed {run.aimed:<14} landed {run.landed}{flight}\n"
+        f"          trials {run.n_trials}, local finished {run.local_finished}, "
+        f"Drive finished {run.drive_finished}, lost {lost}, corrupt {run.corrupt}, "
+        f"resume {'ok' if run.resumed else 'NO'} (restore {restore})  {verdict}"
+    )
+
+
+def describe_summary(summary: KillSummary) -> str:
+    lost = summary.lost
+    restores = summary.restore_times
+    landed = Counter(run.landed.split(" (")[0].split(";")[0] for run in summary.runs)
+    in_flight = sum(1 for run in summary.runs if run.in_flight)
+    lines = [
+        f"kill campaign, seed {summary.seed}{' (quick)' if summary.quick else ''}: "
+        f"{len(summary.runs)} kills in {summary.duration_s:.0f} s",
+        "  landed: " + ", ".join(f"{name} {count}" for name, count in sorted(landed.items())),
+        f"  kills with a copy or snapshot in flight: {in_flight}",
+        f"  corrupt copies: {summary.corrupt} (goal 0)",
+        f"  trials lost by the kill: max {max(lost, default=0)}, "
+        f"mean {statistics.fmean(lost) if lost else 0:.2f}",
+        f"  resumes that worked: {summary.resumes_ok} of {len(summary.runs)} (goal all)",
+    ]
+    if restores:
+        lines.append(
+            f"  restore + reopen time: median {statistics.median(restores):.2f} s, "
+            f"max {max(restores):.2f} s"
+        )
+    failures = summary.failures
+    lines.append(f"  failed checks: {len(failures)}")
+    lines.extend(f"    {failure}" for failure in failures[:20])
+    return "\n".join(lines)
+
+
+def measure(quick: bool = False, runs: int | None = None) -> list[dict[str, Any]]:
+    """The campaign's figures as benchmark rows (100 kills, or 8 with ``quick``)."""
+    if runs is None:
+        runs = 8 if quick else 100
+    summary = run_campaign(runs, seed=1, quick=quick, verbose=False)
+    return summary_rows(summary)
+
+
+def summary_rows(summary: KillSummary) -> list[dict[str, Any]]:
+    count = len(summary.runs)
+    lost = summary.lost
+    restores, references = summary.restore_times, summary.restore_references
+    rows: list[dict[str, Any]] = [
+        {
+            "name": f"kill campaign: SIGKILLs at random moments (seed {summary.seed})",
+            "value": count,
+            "unit": "kills",
+            "reference": None,
+            "ratio": None,
+            "goal": "100 kills" if not summary.quick else "quick run",
+            "met": count >= 100 or (None if summary.quick else False),
+        },
+        {
+            "name": "kill campaign: corrupt Drive copies",
+            "value": summary.corrupt,
+            "unit": "copies",
+            "reference": count,
+            "ratio": round(summary.corrupt / count, 3) if count else None,
+            "goal": "0",
+            "met": summary.corrupt == 0,
+        },
+        {
+            "name": "kill campaign: resumes on a fresh disk that finished the sweep",
+            "value": summary.resumes_ok,
+            "unit": "resumes",
+            "reference": count,
+            "ratio": round(summary.resumes_ok / count, 3) if count else None,
+            "goal": "all",
+            "met": summary.resumes_ok == count,
+        },
+        {
+            "name": "kill campaign: trials lost by a kill, max (mean)",
+            "value": f"{max(lost, default=0)} ({statistics.fmean(lost) if lost else 0:.2f})",
+            "unit": "trials",
+            "reference": None,
+            "ratio": None,
+            "goal": "bounded by the copies in flight",
+            "met": None,
+        },
+        {
+            "name": "kill campaign: failed checks",
+            "value": len(summary.failures),
+            "unit": "checks",
+            "reference": None,
+            "ratio": None,
+            "goal": "0",
+            "met": not summary.failures,
+        },
+    ]
+    if restores and references:
+        median, reference = statistics.median(restores), statistics.median(references)
+        rows.append(
+            {
+                "name": "kill campaign: restore + reopen in a new process vs copytree + "
+                "load_study (medians)",
+                "value": round(median, 3),
+                "unit": "s",
+                "reference": round(reference, 3),
+                "ratio": round(median / reference, 2) if reference else None,
+                "goal": "the same order as a plain copy",
+                "met": None,
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="fewer trials, smaller files")
+    args = parser.parse_args(argv)
+    summary = run_campaign(args.runs, args.seed, args.quick)
+    return 1 if summary.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
