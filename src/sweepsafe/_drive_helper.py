@@ -197,7 +197,7 @@ class DriveServer:
         destination = str(header["path"])
         self._hooks.before("open", destination)
         folder, name = os.path.split(destination)
-        os.makedirs(folder, exist_ok=True)
+        _make_folder(folder, header.get("anchor"))
         removed = 0
         if header.get("clean"):
             prefix = f".{name}{TEMP_MARKER}"
@@ -264,10 +264,26 @@ class DriveServer:
             _remove_quietly(path)
         return {"removed": len(paths)}, b""
 
+    def op_clean(self, header: Header, payload: bytes) -> tuple[Header, bytes]:
+        """Remove the stray temporaries of the files ``names`` in the folder ``path``."""
+        folder = str(header["path"])
+        self._hooks.before("clean", folder)
+        names = {str(name) for name in header["names"]}
+        try:
+            entries = os.listdir(folder)
+        except FileNotFoundError:
+            return {"removed": 0}, b""
+        removed = 0
+        for entry in entries:
+            if is_temp_name(entry) and entry[1:].split(TEMP_MARKER, 1)[0] in names:
+                _remove_quietly(os.path.join(folder, entry))
+                removed += 1
+        return {"removed": removed}, b""
+
     def op_mkdir(self, header: Header, payload: bytes) -> tuple[Header, bytes]:
         path = str(header["path"])
         self._hooks.before("mkdir", path)
-        os.makedirs(path, exist_ok=True)
+        _make_folder(path, header.get("anchor"))
         return {}, b""
 
     def op_stat(self, header: Header, payload: bytes) -> tuple[Header, bytes]:
@@ -342,6 +358,21 @@ class DriveServer:
             except sqlite3.DatabaseError as exc:
                 reply.update(integrity_ok=False, sqlite_error=str(exc))
         return reply, b""
+
+
+def _make_folder(folder: str, anchor: object) -> None:
+    """Create ``folder`` and its parents, but never above the existing folder ``anchor``.
+
+    When Drive is not mounted its mount point is an ordinary local folder; creating
+    the missing ``MyDrive/...`` there would silently put the "backup" on local disk.
+    """
+    if os.path.isdir(folder):
+        return
+    if isinstance(anchor, str) and not os.path.isdir(anchor):
+        raise FileNotFoundError(
+            errno.ENOENT, "the Drive folder is missing; is Google Drive mounted?", anchor
+        )
+    os.makedirs(folder, exist_ok=True)
 
 
 def _remove_quietly(path: str) -> None:

@@ -161,8 +161,16 @@ async def sync_folder(
             )
             manifest.strays.difference_update(strays)
         await helper.call("mkdir", str(drive_folder), step_timeout)
+        cleaned: set[str] = set()
         for rel in sorted(changed):
             source, signature = local[rel]
+            parent = rel.rpartition("/")[0]
+            if parent not in cleaned:
+                # A copy killed with its runtime leaves a temporary that no manifest
+                # knows of; the next copy into the same Drive folder removes it.
+                names = [r.rpartition("/")[2] for r in changed if r.rpartition("/")[0] == parent]
+                await helper.call("clean", str(drive_folder / parent), step_timeout, names=names)
+                cleaned.add(parent)
             token = new_token()
             destination = drive_folder / rel
             try:

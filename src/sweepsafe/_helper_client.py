@@ -104,7 +104,8 @@ class DriveHelper:
 
     _handles = itertools.count()
 
-    def __init__(self, argv: Sequence[str]) -> None:
+    def __init__(self, argv: Sequence[str], anchor: str | None = None) -> None:
+        self.anchor = anchor
         self.process = subprocess.Popen(
             list(argv),
             stdin=subprocess.PIPE,
@@ -132,7 +133,7 @@ class DriveHelper:
         """Send one request and return its reply; raise DriveOSError, DriveTimeout."""
         if self.broken:
             raise HelperGone(errno.EPIPE, "the Drive helper process is no longer usable")
-        frame = encode_frame({"op": op, "path": path, **fields}, payload)
+        frame = encode_frame({"op": op, "path": path, "anchor": self.anchor, **fields}, payload)
         try:
             with anyio.fail_after(step_timeout):
                 await self._send(frame)
@@ -199,7 +200,9 @@ class DriveHelper:
 class HelperPool:
     """Idle helper processes for one store, shared by every thread and event loop."""
 
-    def __init__(self, argv: Sequence[str] | None = None) -> None:
+    def __init__(self, argv: Sequence[str] | None = None, anchor: str | None = None) -> None:
+        """``anchor``: an existing Drive folder above which no folder is ever created."""
+        self.anchor = anchor
         self.argv = list(argv) if argv is not None else [sys.executable, "-I", str(HELPER_SCRIPT)]
         self._idle: list[DriveHelper] = []
         self._lock = threading.Lock()
@@ -210,7 +213,7 @@ class HelperPool:
         with self._lock:
             if self._idle:
                 return self._idle.pop()
-        return DriveHelper(self.argv)
+        return DriveHelper(self.argv, self.anchor)
 
     def _give_back(self, helper: DriveHelper) -> None:
         if helper.broken:

@@ -143,7 +143,9 @@ class DriveStore:
             )
         self.drive_timeout = drive_timeout
         self.mirror = mirror
-        self._pool = HelperPool(_helper_argv)
+        # Folders are created on Drive only below this one, which must exist: with
+        # Drive unmounted, its mount point is a plain local folder.
+        self._pool = HelperPool(_helper_argv, anchor=str(self.drive_root.parent))
         self._state_dir = self.local_root / STATE_DIR_NAME
         self._finalizer = weakref.finalize(self, self._pool.close)
 
@@ -168,7 +170,9 @@ class DriveStore:
                 f"Google Drive is not mounted: {my_drive} is not a folder. In Colab run "
                 f"`from google.colab import drive; drive.mount('{mount_point}')` first."
             )
-        return cls(local_root, my_drive / drive_subdir, drive_timeout=drive_timeout, mirror=mirror)
+        store = cls(local_root, my_drive / drive_subdir, drive_timeout=drive_timeout, mirror=mirror)
+        store._pool.anchor = str(my_drive)
+        return store
 
     def __repr__(self) -> str:
         return f"DriveStore({str(self.local_root)!r}, {str(self.drive_root)!r})"
@@ -526,6 +530,12 @@ def _explain(exc: BaseException, local: Path, action: str, remote: Path) -> tupl
             return (
                 f"Google Drive is not connected ({reason}) while {action} {where}; remount it "
                 f"(drive.mount('/content/drive', force_remount=True)); {_RETRY_HINT}.",
+                True,
+            )
+        if exc.errno == errno.ENOENT:
+            return (
+                f"{where} is missing on Google Drive while {action} {remote}; check that "
+                f"Drive is mounted; {_RETRY_HINT}.",
                 True,
             )
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
