@@ -49,6 +49,12 @@ class FaultPlan:
     """Every operation fails with ENOTCONN ("Transport endpoint is not connected")."""
     hang: bool = False
     """Every operation blocks forever, like a stalled FUSE mount."""
+    pause_fifo: str = ""
+    """A named pipe; before committing each file the helper reads one byte from it.
+
+    Opening the pipe for writing returns once a copy is in flight (the helper has
+    opened it), so a test can act at that moment and then let the copy finish.
+    """
 
     def write(self, path: str | os.PathLike[str]) -> None:
         """Store the plan atomically where simulated helpers read it."""
@@ -137,6 +143,9 @@ def _serve(plan_path: str) -> int:
             plan = self._plan()
             if plan.latency_s:
                 time.sleep(plan.latency_s)
+            if plan.pause_fifo:
+                with open(plan.pause_fifo, "rb") as gate:
+                    gate.read(1)
 
     result: int = drive_helper.serve(PlannedFaults())
     return result

@@ -1,0 +1,109 @@
+"""A copy that fails or is cancelled half-way leaves the previous Drive copy intact."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import anyio
+import pytest
+
+from drive_support import simulated_drive, temp_files, write_bytes
+from sweepsafe._copy import COPY_CHUNK
+from sweepsafe._drive_helper import temp_name_for
+from sweepsafe._simulated_drive import FaultPlan, simulated_store
+
+pytestmark = pytest.mark.anyio
+
+SIZE = 3 * COPY_CHUNK + 12345  # four chunks, so a fault can land between two of them
+
+
+async def test_io_error_between_two_chunks_keeps_previous_copy_then_next_backup_completes(
+    tmp_path: Path,
+) -> None:
+    with simulated_drive(tmp_path) as setup:
+        source = setup.local / "checkpoint.bin"
+        old, new = os.urandom(SIZE), os.urandom(SIZE)
+        write_bytes(source, old)
+        assert (await setup.store.abackup(source)).ok
+        write_bytes(source, new)
+
+        # A fresh helper counts writes from zero: the first chunk lands, the second fails.
+        setup.set_faults(FaultPlan(fail_every_kth_write=2))
+        with simulated_store(setup.local, setup.drive, setup.plan_path) as failing:
+            result = await failing.abackup(source)
+
+        assert not result.ok
+        assert result.retryable
+        assert "Input/output error" in (result.error or "")
+        assert str(setup.drive / "checkpoint.bin") in (result.error or "")
+        assert (setup.drive / "checkpoint.bin").read_bytes() == old
+
+        setup.set_faults(FaultPlan())
+        again = await setup.store.abackup(source)
+        assert again.ok, again.error
+        assert (setup.drive / "checkpoint.bin").read_bytes() == new
+        assert temp_files(setup.drive) == []
+
+
+async def test_cancelled_copy_keeps_previous_copy_and_next_backup_removes_its_temporary(
+    tmp_path: Path,
+) -> None:
+    with simulated_drive(tmp_path) as setup:
+        source = setup.local / "checkpoint.bin"
+        old, new = os.urandom(SIZE), os.urandom(SIZE)
+        write_bytes(source, old)
+        assert (await setup.store.abackup(source)).ok
+        write_bytes(source, new)
+        # Several seconds per chunk: the cancellation surely lands mid-copy.
+        setup.set_faults(FaultPlan(latency_per_mib_s=0.5))
+
+        with anyio.move_on_after(1.0) as scope:
+            await setup.store.abackup(source)
+        assert scope.cancelled_caught
+        assert (setup.drive / "checkpoint.bin").read_bytes() == old
+
+        setup.set_faults(FaultPlan())
+        again = await setup.store.abackup(source)
+        assert again.ok, again.error
+        assert (setup.drive / "checkpoint.bin").read_bytes() == new
+        assert temp_files(setup.drive) == []
+
+
+async def test_temporary_left_by_a_killed_copy_is_removed_by_the_next_backup_of_that_file(
+    tmp_path: Path,
+) -> None:
+    with simulated_drive(tmp_path) as setup:
+        source = setup.local / "study-1" / "notes.txt"
+        write_bytes(source, b"v1")
+        leftover = setup.drive / "study-1" / temp_name_for("notes.txt", "deadbeef")
+        write_bytes(leftover, b"half a copy from a runtime that died")
+        unrelated = setup.drive / "study-1" / "other.txt"
+        write_bytes(unrelated, b"not ours to delete")
+
+        assert (await setup.store.abackup(source)).ok
+
+        assert not leftover.exists()
+        assert unrelated.read_bytes() == b"not ours to delete"
+        assert (setup.drive / "study-1" / "notes.txt").read_bytes() == b"v1"
+
+
+async def test_concurrent_copies_from_two_event_loops_and_threads_all_land(
+    tmp_path: Path,
+) -> None:
+    with simulated_drive(tmp_path, FaultPlan(latency_s=0.05)) as setup:
+        sources = []
+        for index in range(6):
+            path = setup.local / f"file-{index}.bin"
+            write_bytes(path, os.urandom(1000 + index))
+            sources.append(path)
+
+        async with anyio.create_task_group() as group:
+            for path in sources[:3]:
+                group.start_soon(setup.store.abackup, path)
+            for path in sources[3:]:
+                # The blocking face runs its own event loop in another thread.
+                group.start_soon(anyio.to_thread.run_sync, setup.store.backup, path)
+
+        for path in sources:
+            assert (setup.drive / path.name).read_bytes() == path.read_bytes()
