@@ -46,9 +46,17 @@ class DatabaseCheck:
     finished: tuple[TrialRecord, ...] = ()
     """COMPLETE trials in trial-number order."""
     states: tuple[tuple[str, int], ...] = ()
+    studies: int = 0
+    """Studies in the file: 0 when a process died inside ``create_study``."""
 
     @property
     def sound(self) -> bool:
+        """Sound and holding one study (what a Drive copy must be)."""
+        return self.readable and self.studies == 1
+
+    @property
+    def readable(self) -> bool:
+        """Passes the integrity check and Optuna reads it (it may hold no study yet)."""
         return self.exists and self.integrity == "ok" and self.load_error is None
 
     @property
@@ -92,24 +100,29 @@ def check_database(database: Path, *, include_sidecars: bool = False) -> Databas
         except sqlite3.Error as exc:
             return DatabaseCheck(path=database, exists=True, integrity=f"unreadable: {exc}")
         try:
-            finished, states = _load_with_optuna(copy)
+            studies, finished, states = _load_with_optuna(copy)
         except Exception as exc:
             return DatabaseCheck(
                 path=database, exists=True, integrity=integrity, load_error=repr(exc)
             )
     return DatabaseCheck(
-        path=database, exists=True, integrity=integrity, finished=finished, states=states
+        path=database,
+        exists=True,
+        integrity=integrity,
+        finished=finished,
+        states=states,
+        studies=studies,
     )
 
 
 def _load_with_optuna(
     database: Path,
-) -> tuple[tuple[TrialRecord, ...], tuple[tuple[str, int], ...]]:
+) -> tuple[int, tuple[TrialRecord, ...], tuple[tuple[str, int], ...]]:
     storage = optuna.storages.RDBStorage(f"sqlite:///{database}")
     try:
         summaries = optuna.get_all_study_summaries(storage)
         if len(summaries) != 1:
-            raise ValueError(f"expected one study, found {len(summaries)}")
+            return len(summaries), (), ()
         study = optuna.load_study(study_name=summaries[0].study_name, storage=storage)
         trials = study.get_trials(deepcopy=False)
         counts: dict[str, int] = {}
@@ -125,7 +138,7 @@ def _load_with_optuna(
             for trial in sorted(trials, key=lambda trial: trial.number)
             if trial.state == TrialState.COMPLETE
         )
-        return finished, tuple(sorted(counts.items()))
+        return 1, finished, tuple(sorted(counts.items()))
     finally:
         storage.engine.dispose()
 

@@ -62,8 +62,12 @@ class VersionLog:
         self._study_dir = study_dir
         self._lock = threading.Lock()
 
-    def write_file(self, target: Path, content: bytes) -> None:
-        """Record ``content`` as a version of ``target``, then write it in chunks."""
+    def write_file(self, target: Path, content: bytes, over_s: float = 0.0) -> None:
+        """Record ``content`` as a version of ``target``, then write it in chunks.
+
+        The chunks are spread over ``over_s`` seconds, as a training loop that streams a
+        large checkpoint would: a copy running meanwhile can see the file half written.
+        """
         if self._path is not None:
             entry = {
                 "path": target.relative_to(self._study_dir).as_posix(),
@@ -72,12 +76,14 @@ class VersionLog:
             }
             with self._lock, self._path.open("a", encoding="utf-8") as log:
                 log.write(json.dumps(entry) + "\n")
-        # Written in chunks, as torch.save or numpy would: a copy running meanwhile can
-        # see the file half written.
+        starts = range(0, len(content), CHUNK_BYTES)
+        pace = threading.Event()
         with target.open("wb") as out:
-            for start in range(0, len(content), CHUNK_BYTES):
+            for start in starts:
                 out.write(content[start : start + CHUNK_BYTES])
                 out.flush()
+                if over_s:
+                    pace.wait(over_s / len(starts))
 
 
 class SweepsafeLogEvents(logging.Handler):
@@ -106,7 +112,7 @@ def make_objective(
         budget = rng.uniform(*trial_ms) / 1000.0
         for epoch in range(2):
             size = rng.randint(4, max_kib) * 1024
-            versions.write_file(folder / "checkpoint.bin", rng.randbytes(size))
+            versions.write_file(folder / "checkpoint.bin", rng.randbytes(size), budget / 4)
             # The trial's "training": half its time after each checkpoint.
             threading.Event().wait(max(0.0, started + budget * (epoch + 1) / 2 - time.monotonic()))
         value = (x - 2.0) ** 2 + depth

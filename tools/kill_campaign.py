@@ -160,7 +160,8 @@ def _wait_for_aimed_phase(
     if run.aimed == "between trials":
         number = rng.randint(1, max(1, run.n_trials - 2))
         event = child.wait_for_event("trial_done", CHILD_TIMEOUT_S, number=number)
-        return event, rng.uniform(0, 0.05 + one_big_copy)
+        # Trials take 20-50 ms: a short delay keeps the kill among the trials.
+        return event, rng.uniform(0, 0.12)
     event = child.wait_for_event("final_flush", CHILD_TIMEOUT_S)
     return event, rng.uniform(0, 3 * one_big_copy)
 
@@ -267,7 +268,8 @@ def _check_at_kill(
     local_check = check_database(study_dir / "study.db", include_sidecars=True)
     first_backup_done = any(event.name == "initial_backup_done" for event in events)
     run.drive_db_at_kill = drive_check.exists
-    if local_check.exists and local_check.sound:
+    if local_check.readable:
+        # No study in it yet when the kill came inside create_study: nothing finished.
         run.local_finished = local_check.count
     elif local_check.exists:
         run.failures.append(f"the local database is unreadable after the kill: {local_check}")
@@ -295,11 +297,12 @@ def _check_drive_database(run: KillRun, drive: DatabaseCheck, local: DatabaseChe
     if not drive.sound:
         run.corrupt += 1
         run.failures.append(
-            f"Drive study.db is not sound: integrity={drive.integrity!r}, load={drive.load_error}"
+            f"Drive study.db is not sound: integrity={drive.integrity!r}, "
+            f"load={drive.load_error}, studies={drive.studies}"
         )
         return
     run.drive_finished = drive.count
-    if local.sound and not is_prefix(drive.finished, local.finished):
+    if local.readable and not is_prefix(drive.finished, local.finished):
         run.corrupt += 1
         run.failures.append(
             "the Drive copy's COMPLETE trials are not a prefix of the local ones: Drive "
@@ -438,11 +441,22 @@ def describe_summary(summary: KillSummary) -> str:
     restores = summary.restore_times
     landed = Counter(run.landed.split(" (")[0].split(";")[0] for run in summary.runs)
     in_flight = sum(1 for run in summary.runs if run.in_flight)
+    kinds = Counter(
+        "a local snapshot of study.db"
+        if item.startswith("local snapshot")
+        else "a Drive copy of study.db"
+        if item.endswith("study.db")
+        else "a Drive copy of a trial file"
+        for run in summary.runs
+        for item in set(run.in_flight)
+    )
     lines = [
         f"kill campaign, seed {summary.seed}{' (quick)' if summary.quick else ''}: "
         f"{len(summary.runs)} kills in {summary.duration_s:.0f} s",
         "  landed: " + ", ".join(f"{name} {count}" for name, count in sorted(landed.items())),
-        f"  kills with a copy or snapshot in flight: {in_flight}",
+        f"  kills with a copy or snapshot in flight: {in_flight} ("
+        + ", ".join(f"{kind}: {count}" for kind, count in sorted(kinds.items()))
+        + ")",
         f"  corrupt copies: {summary.corrupt} (goal 0)",
         f"  trials lost by the kill: max {max(lost, default=0)}, "
         f"mean {statistics.fmean(lost) if lost else 0:.2f}",
