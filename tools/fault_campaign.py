@@ -252,6 +252,7 @@ def run_scenario(
         kept = Path(tempfile.gettempdir()) / f"sweepsafe-fault-failed-{work.name}"
         shutil.rmtree(kept, ignore_errors=True)
         shutil.copytree(work, kept, symlinks=True)
+        (kept / "failure.txt").write_text("\n".join(result.failures) + "\n")
         result.failures.append(f"(its files were kept in {kept})")
     return result
 

@@ -413,6 +413,7 @@ def run_campaign(runs: int, seed: int, quick: bool = False, verbose: bool = True
                 kept = Path(tempfile.gettempdir()) / f"sweepsafe-kill-failed-{seed}-{index}"
                 shutil.rmtree(kept, ignore_errors=True)
                 shutil.copytree(root / f"run-{index:03d}", kept, symlinks=True)
+                (kept / "failure.txt").write_text(_describe_run(run) + "\n")
                 if verbose:
                     print(f"    kept the failed run's files in {kept}", flush=True)
     summary = KillSummary(
@@ -530,6 +531,7 @@ def summary_rows(summary: KillSummary) -> list[dict[str, Any]]:
             "ratio": None,
             "goal": "0",
             "met": not summary.failures,
+            "note": " | ".join(summary.failures[:5]),
         },
     ]
     if restores and references:
