@@ -155,6 +155,8 @@ def _cell(value: Any) -> str:
         return ""
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 

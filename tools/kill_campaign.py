@@ -67,6 +67,8 @@ class KillRun:
     landed: str = "?"
     in_flight: list[str] = field(default_factory=list)
     drive_db_at_kill: bool = False
+    first_copy_seen: bool = False
+    """The child had said that the immediate backup of study.db reached Drive."""
     local_finished: int | None = None
     drive_finished: int | None = None
     corrupt: int = 0
@@ -99,7 +101,15 @@ class KillSummary:
 
     @property
     def failures(self) -> list[str]:
-        return [f"run {run.index}: {failure}" for run in self.runs for failure in run.failures]
+        found = [f"run {run.index}: {failure}" for run in self.runs for failure in run.failures]
+        past_first_trial = [run for run in self.runs if run.local_finished]
+        if len(past_first_trial) >= 3 and not any(run.first_copy_seen for run in self.runs):
+            # Without this event the "Drive copy must exist" check would never apply.
+            found.append(
+                "no run ever reported the immediate backup reaching Drive: the check that "
+                "the Drive copy exists after it is blind (did its log message change?)"
+            )
+        return found
 
     @property
     def corrupt(self) -> int:
@@ -268,6 +278,7 @@ def _check_at_kill(
     local_check = check_database(study_dir / "study.db", include_sidecars=True)
     first_backup_done = any(event.name == "initial_backup_done" for event in events)
     run.drive_db_at_kill = drive_check.exists
+    run.first_copy_seen = first_backup_done
     if local_check.readable:
         # No study in it yet when the kill came inside create_study: nothing finished.
         run.local_finished = local_check.count
