@@ -122,7 +122,7 @@ async def ship_path(
     """
     before = await anyio.to_thread.run_sync(file_signature, source)
     if await anyio.to_thread.run_sync(is_sqlite_file, source):
-        snapshot = scratch / f"snapshot-{new_token()}.db"
+        snapshot = scratch / f"snapshot-{os.getpid()}-{new_token()}.db"
         try:
             await anyio.to_thread.run_sync(_snapshot_into, source, snapshot)
             copied = await ship_file(
@@ -153,8 +153,23 @@ async def ship_path(
 
 def _snapshot_into(source: Path, snapshot: Path) -> None:
     snapshot.parent.mkdir(parents=True, exist_ok=True)
-    remove_quietly(snapshot)
+    _remove_orphaned_snapshots(snapshot.parent)
     snapshot_sqlite(source, snapshot)
+
+
+def _remove_orphaned_snapshots(folder: Path) -> None:
+    """Remove snapshots left by processes that died mid-copy (named by their pid)."""
+    for path in folder.glob("snapshot-*.db*"):
+        try:
+            pid = int(path.name.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            remove_quietly(path)
+        except PermissionError:
+            pass  # alive, another user's
 
 
 def _signature_or_none(path: Path) -> tuple[int, int] | None:

@@ -344,6 +344,8 @@ class DriveServer:
             info = os.stat(path)
         except FileNotFoundError:
             return {"exists": False}, b""
+        if stat_module.S_ISDIR(info.st_mode):
+            return {"exists": True, "mtime": info.st_mtime, "is_sqlite": False}, b""
         with open(path, "rb") as file:
             is_sqlite = file.read(len(SQLITE_HEADER)) == SQLITE_HEADER
         reply: Header = {

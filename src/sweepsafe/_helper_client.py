@@ -210,9 +210,14 @@ class HelperPool:
 
     def _take(self) -> DriveHelper:
         reap_ended_helpers()
-        with self._lock:
-            if self._idle:
-                return self._idle.pop()
+        while True:
+            with self._lock:
+                if not self._idle:
+                    break
+                helper = self._idle.pop()
+            if helper.process.poll() is None:
+                return helper
+            helper.end(kill=False)  # it died while idle (OOM killer, kill by hand)
         return DriveHelper(self.argv, self.anchor)
 
     def _give_back(self, helper: DriveHelper) -> None:

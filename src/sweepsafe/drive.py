@@ -9,7 +9,6 @@ can neither hang the caller nor keep its process from exiting.
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import os
@@ -24,7 +23,7 @@ from typing import Literal
 import anyio
 
 from sweepsafe._copy import RestoreRefused, fetch_file, ship_path
-from sweepsafe._drive_helper import TEMP_MARKER, is_temp_name
+from sweepsafe._failure_messages import explain_failure, source_problem
 from sweepsafe._folder_sync import (
     STATE_DIR_NAME,
     Manifest,
@@ -32,7 +31,7 @@ from sweepsafe._folder_sync import (
     restore_folder,
     sync_folder,
 )
-from sweepsafe._helper_client import DriveOSError, DriveTimeout, HelperGone, HelperPool
+from sweepsafe._helper_client import DriveTimeout, HelperPool
 from sweepsafe._snapshot import SnapshotError, is_sqlite_file
 from sweepsafe.errors import DriveNotMountedError, DrivePathError
 from sweepsafe.paths import COLAB_DRIVE_MOUNT, is_drive_path
@@ -236,7 +235,7 @@ class DriveStore:
             )
         except ValueError as exc:
             return failed(str(exc))
-        problem = await anyio.to_thread.run_sync(_source_problem, source, is_directory)
+        problem = await anyio.to_thread.run_sync(source_problem, source, is_directory)
         if problem is not None:
             return failed(problem, to=destination)
         try:
@@ -292,7 +291,7 @@ class DriveStore:
                         duration_s=time.monotonic() - started,
                     )
         except (OSError, DriveTimeout, SnapshotError) as exc:
-            error, retryable = _explain(exc, source, "writing", destination)
+            error, retryable = explain_failure(exc, source, "writing", destination)
             return failed(error, retryable=retryable, to=destination)
         logger.debug("Backed up %s to %s: %s", source, destination, result)
         return result
@@ -374,7 +373,7 @@ class DriveStore:
                 source=remote,
             )
         except (OSError, DriveTimeout) as exc:
-            error, retryable = _explain(exc, remote, "reading", remote)
+            error, retryable = explain_failure(exc, remote, "reading", remote)
             return failed(error, retryable=retryable, source=remote)
         return BackupResult(
             ok=True,
@@ -406,7 +405,7 @@ class DriveStore:
             async with self._pool.session() as helper:
                 info = await helper.call("inspect", str(remote), self.drive_timeout)
         except (OSError, DriveTimeout) as exc:
-            message, _ = _explain(exc, remote, "checking", remote)
+            message, _ = explain_failure(exc, remote, "checking", remote)
             return VerifyResult(path=remote, exists=False, error=message)
         if not info["exists"]:
             return VerifyResult(path=remote, exists=False)
@@ -476,92 +475,3 @@ def _is_within(path: Path, root: Path) -> bool:
         return os.path.commonpath([path, root]) == str(root)
     except ValueError:
         return False
-
-
-def _source_problem(source: Path, is_directory: bool) -> str | None:
-    if is_directory:
-        if source.is_dir():
-            return None
-        if source.exists():
-            return f"{source} is a file, not a folder; back it up with is_directory=False."
-    else:
-        if source.is_file():
-            return None
-        if source.is_dir():
-            return f"{source} is a folder; back it up with is_directory=True."
-    return f"{source} does not exist, so it was not backed up; check the path."
-
-
-def _target_of(drive_path: str) -> str:
-    """The file a Drive-side temporary was going to replace (else the path itself)."""
-    folder, name = os.path.split(drive_path)
-    if is_temp_name(name):
-        return os.path.join(folder, name[1:].split(TEMP_MARKER, 1)[0])
-    return drive_path
-
-
-_RETRY_HINT = "the previous Drive copy is unchanged and trying again may succeed"
-
-
-def _explain(exc: BaseException, local: Path, action: str, remote: Path) -> tuple[str, bool]:
-    """One sentence for a failed copy, and whether retrying may help."""
-    if isinstance(exc, DriveTimeout):
-        return (
-            f"Google Drive did not answer within {exc.timeout:g} s while {action} "
-            f"{exc.path}; the mount may be stalled, so sweepsafe abandoned that attempt "
-            f"({_RETRY_HINT} once Drive responds; remount Drive if it persists).",
-            True,
-        )
-    if isinstance(exc, SnapshotError):
-        return (
-            f"{local} could not be copied as a consistent SQLite snapshot ({exc}); it may be "
-            "corrupt, so nothing was copied to Drive. Check it with PRAGMA integrity_check.",
-            False,
-        )
-    if isinstance(exc, HelperGone):
-        return (
-            f"the Drive helper process ended unexpectedly while {action} {remote}; {_RETRY_HINT}.",
-            True,
-        )
-    if isinstance(exc, DriveOSError) and exc.filename != str(local):
-        where = _target_of(exc.filename) if exc.filename else remote
-        reason = exc.strerror or os.strerror(exc.errno or errno.EIO)
-        if exc.errno == errno.ENOTCONN:
-            return (
-                f"Google Drive is not connected ({reason}) while {action} {where}; remount it "
-                f"(drive.mount('/content/drive', force_remount=True)); {_RETRY_HINT}.",
-                True,
-            )
-        if exc.errno == errno.ENOENT:
-            return (
-                f"{where} is missing on Google Drive while {action} {remote}; check that "
-                f"Drive is mounted; {_RETRY_HINT}.",
-                True,
-            )
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return (
-                f"Google Drive is full ({reason}) while {action} {where}; free space on "
-                f"Drive; {_RETRY_HINT}.",
-                True,
-            )
-        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            return (
-                f"Google Drive refused {action} {where} ({reason}); check that the Drive "
-                "folder is writable and mounted read-write.",
-                False,
-            )
-        return (f"Google Drive failed while {action} {where} ({reason}); {_RETRY_HINT}.", True)
-    if isinstance(exc, PermissionError):
-        return (
-            f"could not read {exc.filename or local} ({exc.strerror}); make it readable by "
-            "this process, then back up again.",
-            False,
-        )
-    if isinstance(exc, FileNotFoundError):
-        return (f"{exc.filename or local} disappeared during the copy; back up again.", True)
-    assert isinstance(exc, OSError)
-    return (
-        f"local error on {exc.filename or local} ({exc.strerror or exc}) while {action} "
-        f"{remote}; fix it and try again.",
-        True,
-    )
