@@ -17,7 +17,7 @@ from sweepsafe.backup import BackupProgress
 from sweepsafe.drive import BackupResult, DriveStore
 from sweepsafe.errors import DriveNotMountedError, SweepsafeError
 from sweepsafe.paths import COLAB_DRIVE_MOUNT, DRIVE_ROOTS_ENV
-from sweepsafe.sweep import SweepResult, run_sweep
+from sweepsafe.sweep import SweepResult, run_sweep, study_dir_for
 from sweepsafe.worker import BackupWorker
 
 if TYPE_CHECKING:
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from optuna.trial import Trial
 
 __all__ = [
+    "STUDY_DIR_ENV",
     "backup_command",
     "check_drive_dir",
     "load_objective",
@@ -34,6 +35,9 @@ __all__ = [
 ]
 
 COLAB_DEFAULT_SUBDIR = "sweepsafe"
+
+STUDY_DIR_ENV = "SWEEPSAFE_STUDY_DIR"
+"""Set by ``sweepsafe run`` to the study folder, for the objective's ``trial_dir``."""
 
 
 def load_objective(spec: str) -> Callable[[Trial], Any]:
@@ -165,6 +169,8 @@ def run_command(args: argparse.Namespace, out: TextIO, *, show_progress: bool) -
     store = _store_for_run(output_dir, args.drive_dir)
     try:
         objective = load_objective(args.objective)
+        # The objective cannot be handed an argument, so it finds its study folder here.
+        os.environ[STUDY_DIR_ENV] = str(study_dir_for(output_dir, args.study_key))
         progress = BackupProgress()
         worker = BackupWorker()
         bar = SweepProgressBar(
