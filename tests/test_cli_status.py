@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from tests.cli_support import assert_one_error_line, make_study, run_cli
 
 
