@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from tests.cli_support import assert_one_error_line, make_study, run_cli
+
+from cli_support import assert_one_error_line, make_study, run_cli
 
 
 @pytest.fixture
