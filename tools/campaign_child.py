@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -36,23 +36,24 @@ class ChildEvent:
         return self.fields.get(key, default)
 
 
-@dataclass
 class ChildSweep:
-    """A running ``campaign_sweep.py``: its events, its stderr file, and how to end it."""
+    """A running ``campaign_sweep.py``: its events, its stderr file, and how to end it.
 
-    args: list[str]
-    stderr_path: Path
-    env: dict[str, str] = field(default_factory=dict)
-    events: list[ChildEvent] = field(default_factory=list)
+    Starting one starts the process; ``wait`` or ``kill_like_a_dead_runtime`` ends it.
+    """
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self, args: list[str], stderr_path: Path, env: dict[str, str] | None = None
+    ) -> None:
+        self.stderr_path = stderr_path
+        self.events: list[ChildEvent] = []
         self._condition = threading.Condition()
         self._ended = False
-        self._stderr: IO[bytes] = self.stderr_path.open("wb")
-        environment = {**os.environ, **self.env}
+        self._stderr: IO[bytes] = stderr_path.open("wb")
+        environment = {**os.environ, **(env or {})}
         self.started = time.monotonic()
         self.process = subprocess.Popen(
-            [sys.executable, str(SWEEP_SCRIPT), *self.args],
+            [sys.executable, str(SWEEP_SCRIPT), *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,

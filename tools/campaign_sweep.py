@@ -124,11 +124,16 @@ def make_objective(
 
 
 class TrialMarkers:
-    """The first callback: announces each finished trial and the start of the final flush."""
+    """The first callback: announces each finished trial and the start of the final flush.
 
-    def __init__(self, n_trials: int) -> None:
+    After the trials in ``pause_after`` it waits for a line on stdin, so that a campaign
+    can change the Drive's faults at an exact point of the sweep (the backup worker
+    goes on meanwhile; only the next trial waits).
+    """
+
+    def __init__(self, n_trials: int, pause_after: frozenset[int] = frozenset()) -> None:
         self._n_trials = n_trials
-        self._started: dict[int, float] = {}
+        self._pause_after = pause_after
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
@@ -142,6 +147,9 @@ class TrialMarkers:
             finished=finished,
             duration_s=duration,
         )
+        if trial.number in self._pause_after:
+            emit("paused", number=trial.number)
+            sys.stdin.readline()
         if finished >= self._n_trials:
             emit("final_flush")
 
@@ -196,6 +204,13 @@ def main(argv: list[str] | None = None) -> int:
         help="backup-on-go: wait for a line on stdin, then back up the study again",
     )
     parser.add_argument("--backup-timeout", type=float, default=60.0)
+    parser.add_argument(
+        "--pause-after",
+        type=int,
+        nargs="*",
+        default=(),
+        help="after these trial numbers, wait for a line on stdin",
+    )
     args = parser.parse_args(argv)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -222,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             n_trials=args.n_trials,
             direction="minimize",
             sampler=optuna.samplers.RandomSampler(seed=args.seed),
-            callbacks=[TrialMarkers(args.n_trials)],
+            callbacks=[TrialMarkers(args.n_trials, frozenset(args.pause_after))],
             backup_to_drive=store,
             flush_timeout=args.flush_timeout,
         )

@@ -293,6 +293,8 @@ def _run_and_check(
         str(drive_timeout),
         "--backup-timeout",
         str(backup_timeout),
+        "--pause-after",
+        *(str(phase.after_trial) for phase in scenario.phases if phase.after_trial >= 0),
         "--after-sweep",
         "exit" if scenario.exit_while_faulty else "backup-on-go",
     ]
@@ -305,7 +307,8 @@ def _run_and_check(
     watch.locate(Path(called.get("study_dir")), local)
 
     for previous, phase in zip(scenario.phases, scenario.phases[1:], strict=False):
-        event = child.wait_for_event("trial_done", CHILD_START_TIMEOUT_S, number=phase.after_trial)
+        # The child waits after this trial until told to go on: no race with the sweep.
+        event = child.wait_for_event("paused", CHILD_START_TIMEOUT_S, number=phase.after_trial)
         if event is None:
             result.failures.append(f"trial {phase.after_trial} never finished")
             break
@@ -316,6 +319,7 @@ def _run_and_check(
             drive_root.rename(work / "sweeps-deleted")
             drive_root.mkdir()
             watch.forget()
+        child.send_line("go")
 
     sweep_timeout = n_trials * 2.0 + flush_timeout + 60
     returned = child.wait_for_event("sweep_returned", sweep_timeout)
