@@ -170,3 +170,21 @@ def test_verbose_shows_the_import_traceback(project: Path) -> None:
     assert result.returncode == 2
     assert "Traceback" in result.stderr
     assert result.stderr.splitlines()[-1].startswith("sweepsafe: error: cannot import")
+
+
+def test_verbose_is_accepted_before_the_command(project: Path) -> None:
+    result = run_cli(
+        "--verbose",
+        "run",
+        "broken_import:objective",
+        "--output-dir",
+        "sweeps",
+        "--study-key",
+        "k",
+        "--drive-dir",
+        project / "drive" / "sweeps",
+        cwd=project,
+    )
+
+    assert "Traceback" in result.stderr
+    assert result.returncode == 2

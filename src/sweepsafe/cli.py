@@ -131,12 +131,19 @@ def _positive_float(text: str) -> float:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true", help="log INFO and show tracebacks")
     parser = _Parser(
         prog=PROG,
         description="Keep an Optuna sweep backed up to Google Drive and resume it anywhere.",
-        parents=[common],
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log INFO, show tracebacks")
+    # Accepted after the command too; SUPPRESS keeps it from resetting a -v given before.
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="log INFO, show tracebacks",
     )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
