@@ -52,6 +52,10 @@ from campaign_child import ChildEvent, ChildSweep, pause
 from sweepsafe._simulated_drive import FaultPlan
 
 AIMED_PHASES = ("startup", "first trial", "between trials", "final flush")
+RESTARTS = ("fresh disk", "fresh disk", "same disk", "fresh disk", "killed during restore")
+"""How the sweep comes back, by run: on a new runtime with an empty disk; after a kernel
+restart that kept the disk; or on a new runtime that is itself killed while restoring,
+and then on another one."""
 CHILD_TIMEOUT_S = 120.0
 
 
@@ -64,6 +68,7 @@ class KillRun:
     latency_s: float
     latency_per_mib_s: float
     aimed: str
+    restart: str = "fresh disk"
     landed: str = "?"
     in_flight: list[str] = field(default_factory=list)
     drive_db_at_kill: bool = False
@@ -203,6 +208,7 @@ def run_one(index: int, seed: int, root: Path, quick: bool) -> KillRun:
         latency_s=round(rng.uniform(0.05, 0.3), 3),
         latency_per_mib_s=round(rng.uniform(0.1, 1.0), 3),
         aimed=AIMED_PHASES[index % len(AIMED_PHASES)],
+        restart=RESTARTS[index % len(RESTARTS)],
     )
     run_dir = root / f"run-{index:03d}"
     first_local, fresh_local, drive = (
@@ -237,13 +243,23 @@ def run_one(index: int, seed: int, root: Path, quick: bool) -> KillRun:
     study_dir = Path(started.get("study_dir")) if started is not None else None
     _check_at_kill(run, events, study_dir, first_local, drive, child_tmp, versions_log)
 
-    # The runtime is gone with its disk: a new one starts from an empty local folder.
-    shutil.rmtree(first_local)
     relative = study_dir.relative_to(first_local) if study_dir is not None else None
     if relative is not None:
         run.restore_reference_s = _plain_restore_time(drive / relative, run_dir / "reference")
     FaultPlan().write(plan)
-    _resume_and_check(run, run_dir, fresh_local, drive, plan, relative, seed, max_kib)
+    resume_local = fresh_local
+    if run.restart == "same disk":
+        # A kernel restart: the process died, its local folder is still there.
+        resume_local = first_local
+    else:
+        # The runtime is gone with its disk: a new one starts from an empty local folder.
+        shutil.rmtree(first_local)
+    if run.restart == "killed during restore" and relative is not None:
+        _kill_during_restore(run, rng, run_dir, fresh_local, drive, plan, relative, seed, max_kib)
+        shutil.rmtree(fresh_local)
+        resume_local = run_dir / "runtime-3"
+        resume_local.mkdir()
+    _resume_and_check(run, run_dir, resume_local, drive, plan, relative, seed, max_kib)
     if run.ok:
         shutil.rmtree(run_dir, ignore_errors=True)
     return run
@@ -338,6 +354,38 @@ def _plain_restore_time(drive_study: Path, scratch: Path) -> float | None:
     return elapsed
 
 
+def _kill_during_restore(
+    run: KillRun,
+    rng: random.Random,
+    run_dir: Path,
+    local: Path,
+    drive: Path,
+    plan: Path,
+    relative: Path,
+    seed: int,
+    max_kib: int,
+) -> None:
+    """Start a new runtime and kill it while it restores: Drive must be no worse after."""
+    before = check_database(drive / relative / "study.db")
+    child = ChildSweep(
+        _sweep_args(local, drive, plan, run.n_trials, seed + 50_000 + run.index, max_kib, None),
+        stderr_path=run_dir / "child-restore.stderr",
+    )
+    if child.wait_for_event("run_sweep_called", CHILD_TIMEOUT_S) is None:
+        child.kill_like_a_dead_runtime()
+        run.failures.append(f"the restoring runtime did not start: {child.stderr_text()[-800:]}")
+        return
+    pause(rng.uniform(0, 0.4))
+    child.kill_like_a_dead_runtime()
+    after = check_database(drive / relative / "study.db")
+    if before.sound and not (after.sound and is_prefix(before.finished, after.finished)):
+        run.corrupt += 1
+        run.failures.append(
+            "killing a runtime during its restore made the Drive copy worse: "
+            f"{before.count} -> {after.count} trials, integrity {after.integrity}"
+        )
+
+
 def _resume_and_check(
     run: KillRun,
     run_dir: Path,
@@ -349,6 +397,8 @@ def _resume_and_check(
     max_kib: int,
 ) -> None:
     drive_before = check_database(drive / relative / "study.db") if relative is not None else None
+    local_before = local / relative / "study.db" if relative is not None else None
+    local_had_db = local_before is not None and local_before.exists()
     child = ChildSweep(
         _sweep_args(local, drive, plan, run.n_trials, seed + 100_000 + run.index, max_kib, None),
         stderr_path=run_dir / "child-2.stderr",
@@ -363,16 +413,19 @@ def _resume_and_check(
         )
         return
     reopened = next((e for e in events if e.name in ("trial_start", "sweep_returned")), returned)
-    run.restore_s = reopened.received - called.received
+    if not local_had_db:
+        run.restore_s = reopened.received - called.received
     study_dir = Path(called.get("study_dir"))
     if relative is not None and study_dir.relative_to(local) != relative:
         run.failures.append(f"the resumed sweep used another study folder: {study_dir}")
         return
     had_copy = drive_before is not None and drive_before.exists
-    if returned.get("restored_from_drive") != had_copy:
+    should_restore = had_copy and not local_had_db
+    if returned.get("restored_from_drive") != should_restore:
         run.failures.append(
-            f"restored_from_drive={returned.get('restored_from_drive')} "
-            f"but Drive {'held' if had_copy else 'did not hold'} a copy"
+            f"restored_from_drive={returned.get('restored_from_drive')} but Drive "
+            f"{'held' if had_copy else 'did not hold'} a copy and the local study.db "
+            f"{'was' if local_had_db else 'was not'} there"
         )
     local_check = check_database(study_dir / "study.db")
     drive_study = drive / study_dir.relative_to(local)
@@ -442,7 +495,8 @@ def _describe_run(run: KillRun) -> str:
     verdict = "ok" if run.ok else "FAILED: " + " | ".join(run.failures)
     return (
         f"run {run.index:3d}  aimed {run.aimed:<14} landed {run.landed}{flight}\n"
-        f"          trials {run.n_trials}, local finished {run.local_finished}, "
+        f"          restart: {run.restart}; "
+        f"trials {run.n_trials}, local finished {run.local_finished}, "
         f"Drive finished {run.drive_finished}, lost {lost}, corrupt {run.corrupt}, "
         f"resume {'ok' if run.resumed else 'NO'} (restore {restore})  {verdict}"
     )
@@ -472,7 +526,12 @@ def describe_summary(summary: KillSummary) -> str:
         f"  corrupt copies: {summary.corrupt} (goal 0)",
         f"  trials lost by the kill: max {max(lost, default=0)}, "
         f"mean {statistics.fmean(lost) if lost else 0:.2f}",
-        f"  resumes that worked: {summary.resumes_ok} of {len(summary.runs)} (goal all)",
+        f"  resumes that worked: {summary.resumes_ok} of {len(summary.runs)} (goal all; "
+        + ", ".join(
+            f"{restart} {count}"
+            for restart, count in sorted(Counter(run.restart for run in summary.runs).items())
+        )
+        + ")",
     ]
     if restores:
         lines.append(
