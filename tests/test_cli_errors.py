@@ -188,3 +188,16 @@ def test_verbose_is_accepted_before_the_command(project: Path) -> None:
 
     assert "Traceback" in result.stderr
     assert result.returncode == 2
+
+
+def test_run_on_a_corrupt_local_study_is_one_error_line(project: Path) -> None:
+    from sweepsafe import study_dir_for
+
+    database = study_dir_for(project / "sweeps", "k") / "study.db"
+    database.parent.mkdir(parents=True)
+    database.write_bytes(b"SQLite format 3\x00" + b"\xff" * 2000)
+
+    result = run_objective(project, "tinyobj:objective")
+
+    assert_one_error_line(result, str(database), "move it away")
+    assert result.returncode == 1

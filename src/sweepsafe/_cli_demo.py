@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from optuna.trial import Trial
 
     from sweepsafe.backup import StudyBackupReport
+    from sweepsafe.drive import DriveStore
     from sweepsafe.sweep import SweepResult
     from sweepsafe.worker import WorkerStats
 
@@ -147,7 +148,7 @@ def _timed_sweep(
     output_dir: Path,
     trials: int,
     trial_seconds: float,
-    store: object | None,
+    store: DriveStore | None,
     worker: BackupWorker | None,
     show_progress: bool,
 ) -> _TimedSweep:
@@ -171,7 +172,7 @@ def _timed_sweep(
             direction="minimize",
             sampler=optuna.samplers.TPESampler(seed=_SEED),
             callbacks=[bar],
-            backup_to_drive=store,  # type: ignore[arg-type]
+            backup_to_drive=store,
             backup_enabled=store is not None,
             flush_timeout=120.0,
             worker=worker,

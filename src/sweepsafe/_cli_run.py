@@ -9,11 +9,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from sweepsafe._cli_errors import EXIT_OK, EXIT_UNSOUND, CommandError
 from sweepsafe._cli_progress import SweepProgressBar
-from sweepsafe.backup import BackupProgress
+from sweepsafe._cli_status import inspect_database
+from sweepsafe.backup import STUDY_DB_NAME, BackupProgress
 from sweepsafe.drive import BackupResult, DriveStore
 from sweepsafe.errors import DriveNotMountedError, SweepsafeError
 from sweepsafe.paths import COLAB_DRIVE_MOUNT, DRIVE_ROOTS_ENV
@@ -70,7 +71,7 @@ def load_objective(spec: str) -> Callable[[Trial], Any]:
         raise CommandError(
             f"{spec} is a {type(objective).__name__}, not a function taking an Optuna trial"
         )
-    return objective  # type: ignore[no-any-return]
+    return cast("Callable[[Trial], Any]", objective)
 
 
 def _import_module(name: str) -> ModuleType:
@@ -168,9 +169,11 @@ def run_command(args: argparse.Namespace, out: TextIO, *, show_progress: bool) -
     output_dir = Path(os.path.abspath(args.output_dir))
     store = _store_for_run(output_dir, args.drive_dir)
     try:
-        objective = load_objective(args.objective)
+        objective = _WatchedObjective(load_objective(args.objective))
+        study_dir = study_dir_for(output_dir, args.study_key)
+        _refuse_unsound_local_study(study_dir / STUDY_DB_NAME)
         # The objective cannot be handed an argument, so it finds its study folder here.
-        os.environ[STUDY_DIR_ENV] = str(study_dir_for(output_dir, args.study_key))
+        os.environ[STUDY_DIR_ENV] = str(study_dir)
         progress = BackupProgress()
         worker = BackupWorker()
         bar = SweepProgressBar(
@@ -195,13 +198,8 @@ def run_command(args: argparse.Namespace, out: TextIO, *, show_progress: bool) -
             )
         except (SweepsafeError, KeyboardInterrupt):
             raise
-        except Exception as exc:  # the objective's own error, reported in a line
-            raise CommandError(
-                f"the sweep stopped: the objective raised {type(exc).__name__}: {exc} "
-                "(the study was backed up as far as it got; fix the objective and run the "
-                "same command again to resume)",
-                EXIT_UNSOUND,
-            ) from exc
+        except Exception as exc:
+            raise _explain_sweep_failure(exc, objective) from exc
         finally:
             bar.finish(drive_complete=_final_backup_ok(result))
             worker.close(timeout=args.flush_timeout)
@@ -209,6 +207,47 @@ def run_command(args: argparse.Namespace, out: TextIO, *, show_progress: bool) -
         store.close()
     _print_run_summary(result, out)
     return EXIT_OK if result.backup_ok else EXIT_UNSOUND
+
+
+class _WatchedObjective:
+    """The user's objective, remembering what it raised, to tell its errors from others."""
+
+    def __init__(self, objective: Callable[[Trial], Any]) -> None:
+        self._objective = objective
+        self.raised: BaseException | None = None
+
+    def __call__(self, trial: Trial) -> Any:
+        try:
+            return self._objective(trial)
+        except BaseException as exc:
+            self.raised = exc
+            raise
+
+
+def _explain_sweep_failure(exc: Exception, objective: _WatchedObjective) -> CommandError:
+    if exc is objective.raised:
+        return CommandError(
+            f"the sweep stopped: the objective raised {type(exc).__name__}: {exc} "
+            "(the study was backed up as far as it got; fix the objective and run the "
+            "same command again to resume)",
+            EXIT_UNSOUND,
+        )
+    return CommandError(
+        f"the sweep stopped: {type(exc).__name__}: {exc} (run with --verbose for the details)",
+        EXIT_UNSOUND,
+    )
+
+
+def _refuse_unsound_local_study(database: Path) -> None:
+    """Stop before Optuna opens a local database that is corrupt or not SQLite."""
+    if not os.path.lexists(database):
+        return
+    report = inspect_database(database)
+    if not report.sound:
+        raise CommandError(
+            f"{report.error}; move it away and run again to restore the study from Drive",
+            EXIT_UNSOUND,
+        )
 
 
 def _final_backup_ok(result: SweepResult | None) -> bool | None:

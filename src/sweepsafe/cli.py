@@ -68,8 +68,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             verbose=verbose,
             always_trace=True,
         )
-    finally:
-        sys.stdout.flush()
     return status
 
 
