@@ -17,6 +17,9 @@ only (never sweepsafe's code):
 * the sweep, restarted on a FRESH local folder (the dead runtime's disk is gone),
   restores from Drive and finishes: exactly ``n_trials`` finished trials, a complete
   Drive copy identical to the local study, and no temporary file left on Drive.
+  One run in five restarts on the same disk instead (a kernel restart: the local study
+  is ahead of Drive and wins), and one in five first starts a runtime that is killed
+  again while it restores (Drive must be no worse after it) before the one that finishes.
 
     python tools/kill_campaign.py --runs 100 --seed 1
     python tools/kill_campaign.py --runs 4 --seed 1 --quick
