@@ -61,8 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         return _fail("interrupted", EXIT_INTERRUPTED, exc, verbose)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        hint = "" if verbose else " (run with --verbose for the traceback)"
         return _fail(
-            f"unexpected {type(exc).__name__}: {exc} (run with --verbose for the traceback)",
+            f"unexpected {type(exc).__name__}: {exc}{hint}",
             EXIT_UNSOUND,
             exc,
             verbose=verbose,
