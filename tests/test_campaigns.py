@@ -27,6 +27,8 @@ def test_killed_sweeps_leave_a_sound_drive_copy_and_resume_on_a_fresh_disk() -> 
     assert summary.resumes_ok == 4
     # One kill aimed at each phase: starting up, first trial, between trials, final flush.
     assert [run.aimed for run in summary.runs] == list(kill_campaign.AIMED_PHASES)
+    # Three restarts on a fresh disk (restored from Drive), one on the same disk.
+    assert [run.restart for run in summary.runs] == list(kill_campaign.RESTARTS[:4])
     for run in summary.runs:
         assert run.lost is None or run.lost >= 0
 
