@@ -14,6 +14,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 TINY_OBJECTIVE = """\
 import os
+import time
 from pathlib import Path
 
 from sweepsafe import trial_dir
@@ -23,6 +24,14 @@ def objective(trial):
     x = trial.suggest_float("x", -3.0, 3.0)
     folder = trial_dir(os.environ["SWEEPSAFE_STUDY_DIR"], trial)
     (folder / "result.txt").write_text(f"{x}\\n")
+    return x * x
+
+
+def waits_at_trial_2(trial):
+    x = trial.suggest_float("x", -3.0, 3.0)
+    if trial.number == 2:
+        print("trial 2 started", flush=True)
+        time.sleep(60)  # stopped by the test's Ctrl-C
     return x * x
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,3 +133,23 @@ def test_backup_and_restore_a_folder_and_a_file(tmp_path: Path) -> None:
     assert folder_back.stdout.startswith("Restored ")
     assert (local / "runs" / "a" / "weights.bin").read_bytes() == b"w" * 1000
     assert (local / "notes.txt").read_text() == "keep me\n"
+
+
+def test_ctrl_c_during_a_trial_backs_up_the_finished_trials_and_exits_130(project: Path) -> None:
+    env = {**os.environ}
+    env.pop("SWEEPSAFE_STUDY_DIR", None)
+    command = [sys.executable, "-m", "sweepsafe", "run", "tinyobj:waits_at_trial_2"]
+    command += ["--output-dir", "sweeps", "--study-key", "tiny", "--trials", "5"]
+    command += ["--drive-dir", str(project / "drive" / "sweeps")]
+    with subprocess.Popen(
+        command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as sweep:
+        assert sweep.stdout is not None
+        assert sweep.stdout.readline() == "trial 2 started\n"
+        sweep.send_signal(signal.SIGINT)
+        _, stderr = sweep.communicate(timeout=60)
+
+    assert sweep.returncode == 130
+    assert "Traceback" not in stderr
+    assert stderr.splitlines()[-1].startswith("sweepsafe: error: interrupted, after the final")
+    assert finished_numbers(*study_databases(project / "drive" / "sweeps")) == [0, 1]

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TextIO, cast
 
-from sweepsafe._cli_errors import EXIT_OK, EXIT_UNSOUND, CommandError
+from sweepsafe._cli_errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_UNSOUND, CommandError
 from sweepsafe._cli_progress import SweepProgressBar
 from sweepsafe._cli_status import inspect_database
 from sweepsafe.backup import STUDY_DB_NAME, BackupProgress
@@ -196,8 +196,14 @@ def run_command(args: argparse.Namespace, out: TextIO, *, show_progress: bool) -
                 worker=worker,
                 progress=progress,
             )
-        except (SweepsafeError, KeyboardInterrupt):
+        except SweepsafeError:
             raise
+        except KeyboardInterrupt:
+            raise CommandError(
+                "interrupted, after the final backup to Drive (a warning above names "
+                "anything not backed up); run the same command again to resume",
+                EXIT_INTERRUPTED,
+            ) from None
         except Exception as exc:
             raise _explain_sweep_failure(exc, objective) from exc
         finally:
