@@ -107,3 +107,50 @@ async def test_concurrent_copies_from_two_event_loops_and_threads_all_land(
 
         for path in sources:
             assert (setup.drive / path.name).read_bytes() == path.read_bytes()
+
+
+async def test_two_concurrent_copies_of_one_file_both_land_without_removing_each_other(
+    tmp_path: Path,
+) -> None:
+    with simulated_drive(tmp_path, FaultPlan(latency_s=0.3)) as setup:
+        source = setup.local / "study-1" / "study.bin"
+        write_bytes(source, os.urandom(5000))
+        results = []
+
+        async def copy() -> None:
+            results.append(await setup.store.abackup(source))
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(copy)
+            group.start_soon(copy)
+
+        assert [result.ok for result in results] == [True, True], results
+        assert (setup.drive / "study-1" / "study.bin").read_bytes() == source.read_bytes()
+        assert temp_files(setup.drive) == []
+
+
+async def test_cancelled_folder_backup_keeps_finished_files_and_leaves_no_temporary(
+    tmp_path: Path,
+) -> None:
+    with simulated_drive(tmp_path) as setup:
+        folder = setup.local / "trials"
+        write_bytes(folder / "a-small.txt", b"small")
+        write_bytes(folder / "b-big.bin", os.urandom(4 * (1 << 20)))
+        # The small file lands at once; the big one takes seconds, so the cancellation
+        # lands while it is in flight.
+        setup.set_faults(FaultPlan(latency_per_mib_s=2.0))
+        with anyio.move_on_after(1.0) as scope:
+            await setup.store.abackup(folder, is_directory=True)
+        assert scope.cancelled_caught
+        assert (setup.drive / "trials" / "a-small.txt").read_bytes() == b"small"
+        assert not (setup.drive / "trials" / "b-big.bin").exists()
+
+        setup.set_faults(FaultPlan())
+        again = await setup.store.abackup(folder, is_directory=True)
+
+        assert again.ok, again.error
+        assert (again.files_copied, again.files_unchanged) == (1, 1)
+        assert (setup.drive / "trials" / "b-big.bin").read_bytes() == (
+            folder / "b-big.bin"
+        ).read_bytes()
+        assert temp_files(setup.drive) == []

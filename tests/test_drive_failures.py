@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -189,3 +190,16 @@ def test_failed_results_are_falsy_and_name_the_source(tmp_path: Path) -> None:
     assert not result
     assert result.source == tmp_path / "local" / "missing.txt"
     assert os.path.isabs(result.source)
+
+
+def test_blocking_faces_work_inside_a_running_event_loop_as_in_a_notebook(tmp_path: Path) -> None:
+    write_bytes(tmp_path / "local" / "a.txt", b"from a notebook cell")
+
+    async def notebook_cell() -> tuple[bool, bool, bool]:
+        with DriveStore(tmp_path / "local", tmp_path / "drive") as store:
+            backed_up = store.backup(tmp_path / "local" / "a.txt").ok
+            verified = store.verify(tmp_path / "local" / "a.txt").ok
+            restored = store.restore(tmp_path / "local" / "a.txt").ok
+        return backed_up, verified, restored
+
+    assert asyncio.run(notebook_cell()) == (True, True, True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,9 +42,45 @@ class Shipped:
     """The source's (size, mtime_ns) was the same before and after the copy."""
 
 
+# Every temporary name this process writes starts with this tag. A stray clean-up
+# removes the temporaries of other tags (left by a runtime that died) and, of its own,
+# only those abandoned by a killed helper: never one of a concurrent copy of the same
+# file in this process.
+_process_tag = secrets.token_hex(4)
+_abandoned: set[str] = set()
+_abandoned_lock = threading.Lock()
+
+
+def _start_new_process_tag() -> None:
+    global _process_tag
+    _process_tag = secrets.token_hex(4)
+    with _abandoned_lock:
+        _abandoned.clear()
+
+
+os.register_at_fork(after_in_child=_start_new_process_tag)
+
+
+def process_tag() -> str:
+    """The tag that starts every temporary name this process writes."""
+    return _process_tag
+
+
 def new_token() -> str:
-    """A random suffix for a temporary name."""
-    return secrets.token_hex(6)
+    """A random suffix for a temporary name, starting with this process's tag."""
+    return _process_tag + secrets.token_hex(6)
+
+
+def abandoned_temps(folder: Path) -> list[str]:
+    """Temporaries in the Drive folder ``folder`` left by this process's killed helpers."""
+    with _abandoned_lock:
+        return [temp for temp in _abandoned if os.path.dirname(temp) == str(folder)]
+
+
+def forget_abandoned(temps: list[str]) -> None:
+    """Forget abandoned temporaries once a clean-up has removed them."""
+    with _abandoned_lock:
+        _abandoned.difference_update(temps)
 
 
 def file_signature(path: Path) -> tuple[int, int]:
@@ -67,12 +104,43 @@ async def ship_file(
     With ``stream``, bytes go through the pipe (read here in a worker thread) instead
     of being read by the helper itself. Returns the bytes copied.
     """
+    token = token or new_token()
+    try:
+        return await _ship_to_temp(
+            helper, source, destination, step_timeout, token, clean_strays, stream
+        )
+    except BaseException:
+        if helper.broken:
+            # The helper was killed mid-copy: its temporary may stay behind on Drive.
+            with _abandoned_lock:
+                _abandoned.add(str(destination.parent / temp_name_for(destination.name, token)))
+        raise
+
+
+async def _ship_to_temp(
+    helper: DriveHelper,
+    source: Path,
+    destination: Path,
+    step_timeout: float,
+    token: str,
+    clean_strays: bool,
+    stream: bool,
+) -> int:
     handle = helper.new_handle()
     dest = str(destination)
     size = (await anyio.to_thread.run_sync(os.stat, source)).st_size
+    abandoned = abandoned_temps(destination.parent) if clean_strays else []
     await helper.call(
-        "open", dest, step_timeout, handle=handle, token=token or new_token(), clean=clean_strays
+        "open",
+        dest,
+        step_timeout,
+        handle=handle,
+        token=token,
+        clean=clean_strays,
+        own_tag=_process_tag,
+        abandoned=abandoned,
     )
+    forget_abandoned(abandoned)
     try:
         copied = 0
         if stream:
@@ -234,9 +302,12 @@ __all__ = [
     "RestoreRefused",
     "Shipped",
     "SnapshotError",
+    "abandoned_temps",
     "fetch_file",
     "file_signature",
+    "forget_abandoned",
     "new_token",
+    "process_tag",
     "ship_file",
     "ship_path",
 ]

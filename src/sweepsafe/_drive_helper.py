@@ -200,11 +200,7 @@ class DriveServer:
         _make_folder(folder, header.get("anchor"))
         removed = 0
         if header.get("clean"):
-            prefix = f".{name}{TEMP_MARKER}"
-            for entry in os.listdir(folder):
-                if entry.startswith(prefix):
-                    _remove_quietly(os.path.join(folder, entry))
-                    removed += 1
+            removed = _remove_strays(folder, {name}, header)
         temp = os.path.join(folder, temp_name_for(name, str(header["token"])))
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self._open[str(header["handle"])] = (fd, temp, destination)
@@ -270,14 +266,9 @@ class DriveServer:
         self._hooks.before("clean", folder)
         names = {str(name) for name in header["names"]}
         try:
-            entries = os.listdir(folder)
+            removed = _remove_strays(folder, names, header)
         except FileNotFoundError:
-            return {"removed": 0}, b""
-        removed = 0
-        for entry in entries:
-            if is_temp_name(entry) and entry[1:].split(TEMP_MARKER, 1)[0] in names:
-                _remove_quietly(os.path.join(folder, entry))
-                removed += 1
+            removed = 0
         return {"removed": removed}, b""
 
     def op_mkdir(self, header: Header, payload: bytes) -> tuple[Header, bytes]:
@@ -360,6 +351,27 @@ class DriveServer:
             except sqlite3.DatabaseError as exc:
                 reply.update(integrity_ok=False, sqlite_error=str(exc))
         return reply, b""
+
+
+def _remove_strays(folder: str, names: set[str], header: Header) -> int:
+    """Remove temporaries of ``names`` left by dead runtimes or abandoned copies.
+
+    A temporary whose token starts with ``own_tag`` belongs to this runtime and may be
+    a concurrent copy in flight: it goes only if listed in ``abandoned``.
+    """
+    own_tag = str(header.get("own_tag") or "")
+    abandoned = {str(path) for path in header.get("abandoned", ())}
+    removed = 0
+    for entry in os.listdir(folder):
+        if not is_temp_name(entry):
+            continue
+        target, _, token = entry[1:].partition(TEMP_MARKER)
+        path = os.path.join(folder, entry)
+        ours = bool(own_tag) and token.startswith(own_tag)
+        if target in names and (not ours or path in abandoned):
+            _remove_quietly(path)
+            removed += 1
+    return removed
 
 
 def _make_folder(folder: str, anchor: object) -> None:

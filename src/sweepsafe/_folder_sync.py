@@ -22,7 +22,16 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from sweepsafe._copy import RestoreRefused, SnapshotError, fetch_file, new_token, ship_path
+from sweepsafe._copy import (
+    RestoreRefused,
+    SnapshotError,
+    abandoned_temps,
+    fetch_file,
+    forget_abandoned,
+    new_token,
+    process_tag,
+    ship_path,
+)
 from sweepsafe._drive_helper import TEMP_MARKER, fsync_directory, is_temp_name, temp_name_for
 from sweepsafe._snapshot import SIDECAR_SUFFIXES, is_sidecar, remove_quietly
 
@@ -185,7 +194,17 @@ async def sync_folder(
                 # A copy killed with its runtime leaves a temporary that no manifest
                 # knows of; the next copy into the same Drive folder removes it.
                 names = [r.rpartition("/")[2] for r in changed if r.rpartition("/")[0] == parent]
-                await helper.call("clean", str(drive_folder / parent), step_timeout, names=names)
+                target_folder = drive_folder / parent
+                abandoned = abandoned_temps(target_folder)
+                await helper.call(
+                    "clean",
+                    str(target_folder),
+                    step_timeout,
+                    names=names,
+                    own_tag=process_tag(),
+                    abandoned=abandoned,
+                )
+                forget_abandoned(abandoned)
                 cleaned.add(parent)
             token = new_token()
             destination = drive_folder / rel

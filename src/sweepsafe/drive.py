@@ -9,19 +9,21 @@ can neither hang the caller nor keep its process from exiting.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType, TracebackType
-from typing import Literal
+from typing import Literal, TypeVar
 
 import anyio
 
+from sweepsafe._blocking import run_blocking
 from sweepsafe._copy import RestoreRefused, fetch_file, ship_path
 from sweepsafe._failure_messages import explain_failure, source_problem
 from sweepsafe._folder_sync import (
@@ -42,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 StrPath = str | os.PathLike[str]
 Kind = Literal["sqlite", "file", "directory", "skipped"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,7 @@ class DriveStore:
     Thread-safe and usable from any event loop: the async methods (``abackup``,
     ``arestore``, ``averify``) may run concurrently from several loops and threads; the
     sync ones (``backup``, ``restore``, ``verify``, and calling the store) block the
-    calling thread, which must not be running an event loop. Expected failures never
+    calling thread (in a notebook cell too, via a helper thread). Expected failures never
     raise: they come back as a result with ``ok`` false and an ``error`` sentence.
 
     Args:
@@ -430,16 +433,16 @@ class DriveStore:
     def backup(
         self, path: StrPath, is_directory: bool = False, *, exclude: Sequence[str] = ()
     ) -> BackupResult:
-        """Blocking :meth:`abackup`; call it from a thread not running an event loop."""
-        return anyio.run(functools.partial(self.abackup, path, is_directory, exclude=exclude))
+        """Blocking :meth:`abackup`; also works in a notebook cell (a running event loop)."""
+        return _run_blocking(functools.partial(self.abackup, path, is_directory, exclude=exclude))
 
     def restore(self, path: StrPath, is_directory: bool = False) -> BackupResult:
-        """Blocking :meth:`arestore`; call it from a thread not running an event loop."""
-        return anyio.run(functools.partial(self.arestore, path, is_directory))
+        """Blocking :meth:`arestore`; also works in a notebook cell (a running event loop)."""
+        return _run_blocking(functools.partial(self.arestore, path, is_directory))
 
     def verify(self, path: StrPath) -> VerifyResult:
-        """Blocking :meth:`averify`; call it from a thread not running an event loop."""
-        return anyio.run(self.averify, path)
+        """Blocking :meth:`averify`; also works in a notebook cell (a running event loop)."""
+        return _run_blocking(functools.partial(self.averify, path))
 
     def __call__(self, path: StrPath, is_directory: bool = False) -> BackupResult:
         """Same as :meth:`backup`: a store is a ``backup_to_drive(path, is_directory)``."""
@@ -468,6 +471,19 @@ class DriveStore:
     def _manifest_path(self, folder: Path) -> Path:
         relative = os.path.relpath(folder, self.local_root)
         return manifest_path(self._state_dir, self.drive_root, relative)
+
+
+def _run_blocking(func: Callable[[], Awaitable[T]]) -> T:
+    """Run ``func()`` to completion: here, or in a helper thread if this thread runs a loop.
+
+    A Jupyter or Colab cell runs inside the kernel's event loop, where ``anyio.run``
+    would refuse; a plain script or thread gets the cheaper direct run.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return anyio.run(func)
+    return run_blocking(func)
 
 
 def _is_within(path: Path, root: Path) -> bool:
