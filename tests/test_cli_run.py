@@ -153,3 +153,11 @@ def test_ctrl_c_during_a_trial_backs_up_the_finished_trials_and_exits_130(projec
     assert "Traceback" not in stderr
     assert stderr.splitlines()[-1].startswith("sweepsafe: error: interrupted, after the final")
     assert finished_numbers(*study_databases(project / "drive" / "sweeps")) == [0, 1]
+
+
+def test_run_exits_1_and_says_so_when_the_final_backup_is_not_waited_for(project: Path) -> None:
+    # A zero flush timeout gives up on the end-of-sweep copies before they can finish.
+    result = run_tiny(project, 2, "--flush-timeout", "0")
+
+    assert result.returncode == 1
+    assert "Drive copy INCOMPLETE" in result.stdout
