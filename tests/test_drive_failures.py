@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -203,3 +205,42 @@ def test_blocking_faces_work_inside_a_running_event_loop_as_in_a_notebook(tmp_pa
         return backed_up, verified, restored
 
     assert asyncio.run(notebook_cell()) == (True, True, True)
+
+
+_EXIT_SCRIPT = """
+import sys
+from pathlib import Path
+from sweepsafe._simulated_drive import FaultPlan, simulated_store
+local, drive, plan = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+store = simulated_store(local, drive, plan, drive_timeout=1.0)
+idle = simulated_store(local, drive / "other", plan)
+assert store.backup(local / "a.txt").ok and idle.backup(local / "a.txt").ok
+FaultPlan(hang=True).write(plan)  # the mount stalls
+print(store.backup(local / "a.txt").error, flush=True)
+# Exit without closing either store, a helper still hung in the Drive.
+"""
+
+
+def test_process_exits_promptly_and_cleanly_while_the_drive_hangs(tmp_path: Path) -> None:
+    write_bytes(tmp_path / "local" / "a.txt", b"x")
+    plan = tmp_path / "plan.json"
+    FaultPlan().write(plan)
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-W",
+            "error::ResourceWarning",
+            "-c",
+            _EXIT_SCRIPT,
+            str(tmp_path / "local"),
+            str(tmp_path / "drive"),
+            str(plan),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr
+    assert "did not answer within 1 s" in child.stdout
+    assert "ResourceWarning" not in child.stderr, child.stderr
