@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import threading
@@ -464,3 +465,32 @@ def test_callbacks_run_before_backup_callbacks_and_stale_state_is_clean(tmp_path
         )
     assert order == [0, 1, 2]
     assert all(t.state == TrialState.COMPLETE for t in result.study.trials)
+
+
+def test_run_sweep_works_in_a_notebook_cell(tmp_path: Path) -> None:
+    """A Jupyter or Colab cell runs on a thread whose asyncio loop is already running."""
+
+    async def cell() -> None:
+        with slow_drive(tmp_path) as (store, _, local), private_worker() as worker:
+            first = run_sweep(
+                quadratic,
+                output_dir=local / "out",
+                study_key="notebook",
+                n_trials=3,
+                backup_to_drive=store,
+                worker=worker,
+            )
+            assert first.backup_ok, str(first.backup_report)
+            shutil.rmtree(local / "out")
+            second = run_sweep(
+                quadratic,
+                output_dir=local / "out",
+                study_key="notebook",
+                n_trials=4,
+                backup_to_drive=store,
+                worker=worker,
+            )
+            assert second.restored_from_drive
+            assert second.backup_ok, str(second.backup_report)
+
+    asyncio.run(cell())
