@@ -112,7 +112,7 @@ def make_objective(
         budget = rng.uniform(*trial_ms) / 1000.0
         for epoch in range(2):
             size = rng.randint(4, max_kib) * 1024
-            versions.write_file(folder / "checkpoint.bin", rng.randbytes(size), budget / 4)
+            versions.write_file(folder / "checkpoint.bin", rng.randbytes(size), budget * 0.4)
             # The trial's "training": half its time after each checkpoint.
             threading.Event().wait(max(0.0, started + budget * (epoch + 1) / 2 - time.monotonic()))
         value = (x - 2.0) ** 2 + depth
