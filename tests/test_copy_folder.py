@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import threading
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from drive_support import simulated_drive, temp_files, write_bytes
 from sweepsafe._drive_helper import temp_name_for
+from sweepsafe._folder_sync import MARKER_NAME
 from sweepsafe._simulated_drive import FaultPlan, simulated_store
 from sweepsafe.drive import DriveStore
 
@@ -25,10 +27,11 @@ def make_files(folder: Path, count: int) -> list[Path]:
 
 
 def drive_files(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` but sweepsafe's folder markers."""
     return {
         path.relative_to(root).as_posix(): path.read_bytes()
         for path in root.rglob("*")
-        if path.is_file()
+        if path.is_file() and path.name != MARKER_NAME
     }
 
 
@@ -198,3 +201,23 @@ def test_restored_folder_matches_drive_byte_for_byte(tmp_path: Path, mirror: boo
         restored = store.restore(folder, is_directory=True)
         assert restored.ok, restored.error
         assert drive_files(folder) == drive_files(tmp_path / "drive" / "trials")
+
+
+def test_drive_folder_deleted_or_replaced_behind_our_back_gets_every_file_again(
+    tmp_path: Path,
+) -> None:
+    with simulated_drive(tmp_path) as setup:
+        folder = setup.local / "trials"
+        make_files(folder, 30)
+        assert setup.store.backup(folder, is_directory=True).ok
+        shutil.rmtree(setup.drive)
+        setup.drive.mkdir()  # someone deleted the backup and made an empty folder
+
+        again = setup.store.backup(folder, is_directory=True)
+        settled = setup.store.backup(folder, is_directory=True)
+
+        assert again.ok, again.error
+        assert again.files_copied == 30
+        assert settled.files_copied == 0
+        local = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*.txt")}
+        assert drive_files(setup.drive / "trials") == local

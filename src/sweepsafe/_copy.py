@@ -40,6 +40,7 @@ __all__ = [
     "forget_abandoned",
     "new_token",
     "process_tag",
+    "remember_abandoned",
     "ship_file",
     "ship_path",
 ]
@@ -92,6 +93,12 @@ def abandoned_temps(folder: Path) -> list[str]:
         return [temp for temp in _abandoned if os.path.dirname(temp) == str(folder)]
 
 
+def remember_abandoned(temp: str) -> None:
+    """Note a temporary that a killed helper may have left, for the next clean-up."""
+    with _abandoned_lock:
+        _abandoned.add(temp)
+
+
 def forget_abandoned(temps: list[str]) -> None:
     """Forget abandoned temporaries once a clean-up has removed them."""
     with _abandoned_lock:
@@ -130,8 +137,7 @@ async def ship_file(
     except BaseException:
         if helper.broken:
             # The helper was killed mid-copy: its temporary may stay behind on Drive.
-            with _abandoned_lock:
-                _abandoned.add(str(destination.parent / temp_name_for(destination.name, token)))
+            remember_abandoned(str(destination.parent / temp_name_for(destination.name, token)))
         raise
 
 

@@ -271,6 +271,17 @@ class DriveServer:
             removed = 0
         return {"removed": removed}, b""
 
+    def op_read(self, header: Header, payload: bytes) -> tuple[Header, bytes]:
+        """The content of a small Drive file (at most 64 KiB), or that it does not exist."""
+        path = str(header["path"])
+        self._hooks.before("read", path)
+        try:
+            with open(path, "rb") as file:
+                data = file.read(64 * 1024)
+        except (FileNotFoundError, NotADirectoryError):
+            return {"exists": False}, b""
+        return {"exists": True}, data
+
     def op_mkdir(self, header: Header, payload: bytes) -> tuple[Header, bytes]:
         path = str(header["path"])
         self._hooks.before("mkdir", path)

@@ -57,7 +57,9 @@ def explain_failure(exc: BaseException, local: Path, action: str, remote: Path) 
             True,
         )
     if isinstance(exc, DriveOSError) and exc.filename != str(local):
-        where = _target_of(exc.filename) if exc.filename else remote
+        where: str | Path = _target_of(exc.filename) if exc.filename else remote
+        if not str(where).startswith(str(remote)):
+            where = f"{where} (for {remote})"
         reason = exc.strerror or os.strerror(exc.errno or errno.EIO)
         if exc.errno == errno.ENOTCONN:
             return (

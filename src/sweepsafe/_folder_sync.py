@@ -30,6 +30,7 @@ from sweepsafe._copy import (
     forget_abandoned,
     new_token,
     process_tag,
+    remember_abandoned,
     ship_path,
 )
 from sweepsafe._drive_helper import TEMP_MARKER, fsync_directory, is_temp_name, temp_name_for
@@ -43,6 +44,10 @@ logger = logging.getLogger(__name__)
 STATE_DIR_NAME = ".sweepsafe"
 """sweepsafe's own local folder (manifests, snapshots) under the local root; never copied."""
 
+MARKER_NAME = ".sweepsafe-id"
+"""A file in the store's Drive root holding an id that folder manifests record: a
+different or missing id means the backup was deleted or replaced behind our back."""
+
 
 @dataclass
 class Manifest:
@@ -51,7 +56,12 @@ class Manifest:
     path: Path
     files: dict[str, tuple[int, int]] = field(default_factory=dict)
     strays: set[str] = field(default_factory=set)
-    _saved: tuple[dict[str, tuple[int, int]], set[str]] | None = field(default=None, repr=False)
+    folder_id: str | None = None
+    """The id in the Drive folder's marker file when these files were copied there."""
+    _saved: object = field(default=None, repr=False)
+
+    def _state(self) -> tuple[dict[str, tuple[int, int]], set[str], str | None]:
+        return dict(self.files), set(self.strays), self.folder_id
 
     @classmethod
     def load(cls, path: Path) -> Manifest:
@@ -59,6 +69,7 @@ class Manifest:
             data = json.loads(path.read_text(encoding="utf-8"))
             files = {str(rel): (int(sig[0]), int(sig[1])) for rel, sig in data["files"].items()}
             strays = {str(rel) for rel in data.get("strays", [])}
+            folder_id = data.get("folder_id")
         except FileNotFoundError:
             return cls(path)
         except (OSError, ValueError, KeyError, TypeError, IndexError):
@@ -66,17 +77,20 @@ class Manifest:
                 "Ignoring unreadable backup manifest %s; the folder is copied again", path
             )
             return cls(path)
-        return cls(path, files, strays, (dict(files), set(strays)))
+        manifest = cls(path, files, strays, str(folder_id) if folder_id else None)
+        manifest._saved = manifest._state()
+        return manifest
 
     def save(self) -> None:
         """Write atomically (temporary, fsync, rename), unless nothing changed."""
-        if self._saved == (self.files, self.strays):
+        if self._saved == self._state():
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         temp = self.path.with_name(temp_name_for(self.path.name, new_token()))
         data = {
             "files": {rel: list(sig) for rel, sig in sorted(self.files.items())},
             "strays": sorted(self.strays),
+            "folder_id": self.folder_id,
         }
         try:
             with open(temp, "w", encoding="utf-8") as file:
@@ -87,7 +101,7 @@ class Manifest:
         except BaseException:
             remove_quietly(temp)
             raise
-        self._saved = (dict(self.files), set(self.strays))
+        self._saved = self._state()
 
 
 def manifest_path(state_dir: Path, drive_folder: Path, relative: str) -> Path:
@@ -107,7 +121,7 @@ class FolderOutcome:
 
 
 def _never_copied(name: str) -> bool:
-    return is_sidecar(name) or is_temp_name(name)
+    return is_sidecar(name) or is_temp_name(name) or name == MARKER_NAME
 
 
 def scan_local(folder: Path, exclude: Sequence[str]) -> dict[str, tuple[str, tuple[int, int]]]:
@@ -129,7 +143,9 @@ def scan_local(folder: Path, exclude: Sequence[str]) -> dict[str, tuple[str, tup
         with os.scandir(directory) as entries:
             for entry in entries:
                 name = entry.name
-                if name.endswith(SIDECAR_SUFFIXES) or (name[0] == "." and TEMP_MARKER in name):
+                if name[0] == "." and (TEMP_MARKER in name or name == MARKER_NAME):
+                    continue
+                if name.endswith(SIDECAR_SUFFIXES):
                     continue
                 rel = prefix + name
                 if excluded is not None and excluded(rel):
@@ -161,6 +177,7 @@ async def sync_folder(
     drive_folder: Path,
     manifest: Manifest,
     *,
+    marker: Path,
     step_timeout: float,
     scratch: Path,
     exclude: Sequence[str],
@@ -171,10 +188,12 @@ async def sync_folder(
     Saves the manifest even when cancelled or failed, so finished copies stay recorded.
     """
     local = await anyio.to_thread.run_sync(scan_local, folder, exclude)
-    changed = [rel for rel, (_, sig) in local.items() if manifest.files.get(rel) != sig]
     copied = bytes_copied = 0
     problems: list[str] = []
+    changed: list[str] = []
     try:
+        await _check_drive_identity(helper, marker, drive_folder, manifest, step_timeout)
+        changed = [rel for rel, (_, sig) in local.items() if manifest.files.get(rel) != sig]
         if manifest.strays:
             strays = sorted(manifest.strays)
             await helper.call(
@@ -184,7 +203,6 @@ async def sync_folder(
                 paths=[str(drive_folder / r) for r in strays],
             )
             manifest.strays.difference_update(strays)
-        await helper.call("mkdir", str(drive_folder), step_timeout)
         cleaned: set[str] = set()
         for rel in sorted(changed):
             source_name, signature = local[rel]
@@ -260,12 +278,74 @@ async def sync_folder(
     )
 
 
+async def _read_marker(helper: DriveHelper, marker: Path, step_timeout: float) -> str | None:
+    reply = await helper.call("read", str(marker), step_timeout)
+    if not reply["exists"]:
+        return None
+    return bytes(reply.get("payload", b"")).decode("ascii", "replace").strip() or None
+
+
+async def _check_drive_identity(
+    helper: DriveHelper, marker: Path, drive_folder: Path, manifest: Manifest, step_timeout: float
+) -> None:
+    """Start the manifest afresh if the Drive root is not the one it describes.
+
+    The manifest saves listing Drive, but a backup folder deleted or replaced behind
+    sweepsafe's back would then never get its files again; the Drive root's marker
+    file tells.
+    """
+    drive_id = await _read_marker(helper, marker, step_timeout)
+    if drive_id is not None and drive_id == manifest.folder_id:
+        return
+    if manifest.files:
+        logger.info(
+            "%s is not the Drive folder last backed up to (deleted or replaced?); "
+            "copying every file again",
+            drive_folder,
+        )
+    manifest.files.clear()
+    if drive_id is None:
+        await _write_marker(helper, marker, new_token(), step_timeout)
+        # Two first backups may race to write it; both adopt whichever landed.
+        drive_id = await _read_marker(helper, marker, step_timeout)
+    manifest.folder_id = drive_id
+
+
+async def _write_marker(
+    helper: DriveHelper, marker: Path, folder_id: str, step_timeout: float
+) -> None:
+    handle = helper.new_handle()
+    target = str(marker)
+    token = new_token()
+    await helper.call(
+        "open",
+        target,
+        step_timeout,
+        handle=handle,
+        token=token,
+        clean=True,
+        own_tag=process_tag(),
+        abandoned=abandoned_temps(marker.parent),
+    )
+    try:
+        await helper.call("write", target, step_timeout, folder_id.encode(), handle=handle)
+        await helper.call("commit", target, step_timeout, handle=handle)
+    except BaseException:
+        if helper.broken:
+            remember_abandoned(str(marker.parent / temp_name_for(marker.name, token)))
+        else:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(step_timeout):
+                await helper.call("abort", target, step_timeout, handle=handle)
+        raise
+
+
 async def restore_folder(
     helper: DriveHelper,
     drive_folder: Path,
     folder: Path,
     manifest: Manifest,
     *,
+    marker: Path,
     step_timeout: float,
 ) -> FolderOutcome | None:
     """Copy every file of ``drive_folder`` into ``folder``; None if Drive has no such folder.
@@ -278,6 +358,7 @@ async def restore_folder(
     if not listing["exists"]:
         return None
     manifest.strays.update(str(rel) for rel in listing["temps"])
+    manifest.folder_id = await _read_marker(helper, marker, step_timeout)
     copied = bytes_copied = 0
     problems: list[str] = []
     try:

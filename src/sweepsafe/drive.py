@@ -27,6 +27,7 @@ from sweepsafe._blocking import run_blocking
 from sweepsafe._copy import RestoreRefused, fetch_file, ship_path
 from sweepsafe._failure_messages import explain_failure, source_problem
 from sweepsafe._folder_sync import (
+    MARKER_NAME,
     STATE_DIR_NAME,
     Manifest,
     manifest_path,
@@ -252,6 +253,7 @@ class DriveStore:
                         source,
                         destination,
                         manifest,
+                        marker=self.drive_root / MARKER_NAME,
                         step_timeout=self.drive_timeout,
                         scratch=self._state_dir / "snapshots",
                         exclude=exclude,
@@ -345,7 +347,12 @@ class DriveStore:
                 if is_directory:
                     manifest = Manifest(self._manifest_path(target))
                     outcome = await restore_folder(
-                        helper, remote, target, manifest, step_timeout=self.drive_timeout
+                        helper,
+                        remote,
+                        target,
+                        manifest,
+                        marker=self.drive_root / MARKER_NAME,
+                        step_timeout=self.drive_timeout,
                     )
                     if outcome is None:
                         return failed(missing, source=remote)
