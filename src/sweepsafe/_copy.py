@@ -154,6 +154,23 @@ async def _ship_to_temp(
     dest = str(destination)
     size = (await anyio.to_thread.run_sync(os.stat, source)).st_size
     abandoned = abandoned_temps(destination.parent) if clean_strays else []
+    if not stream and size <= COPY_CHUNK:
+        # One round trip for the common small file: create, copy, fsync, rename.
+        reply = await helper.call(
+            "put",
+            dest,
+            step_timeout,
+            handle=handle,
+            token=token,
+            clean=clean_strays,
+            own_tag=_process_tag,
+            abandoned=abandoned,
+            source=str(source),
+            offset=0,
+            length=size,
+        )
+        forget_abandoned(abandoned)
+        return int(reply["copied"])
     await helper.call(
         "open",
         dest,

@@ -231,11 +231,27 @@ class DriveServer:
         self._hooks.on_commit(destination)
         try:
             os.fsync(fd)
-        finally:
             self._forget(handle)
-        os.replace(temp, destination)
+            os.replace(temp, destination)
+        except OSError:
+            if handle in self._open:
+                self._forget(handle)
+            with contextlib.suppress(OSError):  # the mount may be failing as a whole
+                os.remove(temp)
+            raise
         fsync_directory(os.path.dirname(destination))
         return {"size": os.stat(destination).st_size}, b""
+
+    def op_put(self, header: Header, payload: bytes) -> tuple[Header, bytes]:
+        """``open``, ``copy`` and ``commit`` in one request (a small file)."""
+        self.op_open(header, b"")
+        try:
+            reply, _ = self.op_copy(header, b"")
+            self.op_commit(header, b"")
+        except BaseException:
+            self.op_abort(header, b"")
+            raise
+        return {"copied": reply["copied"]}, b""
 
     def op_abort(self, header: Header, payload: bytes) -> tuple[Header, bytes]:
         handle = str(header["handle"])

@@ -203,15 +203,18 @@ async def sync_folder(
                 paths=[str(drive_folder / r) for r in strays],
             )
             manifest.strays.difference_update(strays)
-        cleaned: set[str] = set()
+        names_by_parent: dict[str, list[str]] = {}
+        for rel in changed:
+            parent, _, name = rel.rpartition("/")
+            names_by_parent.setdefault(parent, []).append(name)
         for rel in sorted(changed):
             source_name, signature = local[rel]
             source = Path(source_name)
             parent = rel.rpartition("/")[0]
-            if parent not in cleaned:
+            names = names_by_parent.pop(parent, None)
+            if names is not None:
                 # A copy killed with its runtime leaves a temporary that no manifest
                 # knows of; the next copy into the same Drive folder removes it.
-                names = [r.rpartition("/")[2] for r in changed if r.rpartition("/")[0] == parent]
                 target_folder = drive_folder / parent
                 abandoned = abandoned_temps(target_folder)
                 await helper.call(
@@ -223,7 +226,6 @@ async def sync_folder(
                     abandoned=abandoned,
                 )
                 forget_abandoned(abandoned)
-                cleaned.add(parent)
             token = new_token()
             destination = drive_folder / rel
             try:
