@@ -34,24 +34,12 @@ def test_killed_sweeps_leave_a_sound_drive_copy_and_resume_on_a_fresh_disk() -> 
 
 
 QUICK_TRIALS = fault_campaign.campaign_settings(quick=True)[0]
-KNOWN_BUGS = {
-    # The incremental folder sync trusts its local manifest: files copied before the
-    # Drive folder was deleted and recreated are never copied again, yet the report
-    # says "Drive copy complete". Fixed when this test starts passing.
-    "replaced": "files copied before the Drive folder was replaced are never re-copied",
-}
-
-
-def _scenario_param(name: str) -> object:
-    if name in KNOWN_BUGS:
-        return pytest.param(name, marks=pytest.mark.xfail(reason=KNOWN_BUGS[name], strict=True))
-    return name
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     "fault",
-    [_scenario_param(s.name) for s in fault_campaign.scenarios(QUICK_TRIALS, quick=True)],
+    [scenario.name for scenario in fault_campaign.scenarios(QUICK_TRIALS, quick=True)],
 )
 def test_drive_fault_is_survived_and_repaired_by_a_later_backup(fault: str) -> None:
     (result,) = fault_campaign.run_campaign(quick=True, verbose=False, only=[fault])
@@ -61,5 +49,5 @@ def test_drive_fault_is_survived_and_repaired_by_a_later_backup(fault: str) -> N
     assert result.fail_trials == 0
     assert result.later_backup_ok
     counts = [count for _, count in result.drive_counts if count is not None]
-    if fault != "replaced":
+    if fault != "replaced":  # counting starts again in the new, empty folder
         assert counts == sorted(counts), result.drive_counts
