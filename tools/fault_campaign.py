@@ -43,7 +43,7 @@ import optuna
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from campaign_checks import check_database, file_hashes, temp_files
+from campaign_checks import check_database, file_hashes, read_versions, temp_files
 from campaign_child import ChildEvent, ChildSweep
 from sweepsafe._simulated_drive import FaultPlan
 
@@ -171,12 +171,19 @@ def scenarios(n_trials: int, quick: bool) -> list[Scenario]:
 
 
 class DriveWatch:
-    """Checks the Drive copy after every phase: sound, and never fewer trials than before."""
+    """Checks the Drive copy after every phase: sound, and never fewer trials than before.
 
-    def __init__(self, result: ScenarioResult, mount: Path, drive_root: Path) -> None:
+    Every trial file on Drive must also be a version the local file had (the child logs
+    each version's hash before writing it).
+    """
+
+    def __init__(
+        self, result: ScenarioResult, mount: Path, drive_root: Path, versions_log: Path
+    ) -> None:
         self._result = result
         self._mount = mount
         self._drive_root = drive_root
+        self._versions_log = versions_log
         self._best = 0
         self._drive_study: Path | None = None
 
@@ -198,6 +205,12 @@ class DriveWatch:
         if not self._drive_root.exists():
             self._result.drive_counts.append((label, None))
             return None
+        versions = read_versions(self._versions_log)
+        for relative, digest in file_hashes(self._drive_study / "trials").items():
+            if digest not in versions.get(f"trials/{relative}", set()):
+                self._result.failures.append(
+                    f"{label}: Drive file trials/{relative} matches no version the local file had"
+                )
         found = check_database(database)
         if not found.exists:
             if self._best > 0:
@@ -274,7 +287,8 @@ def _run_and_check(
         folder.mkdir(parents=True)
     plan_path = work / "fault-plan.json"
     scenario.phases[0].plan.write(plan_path)
-    watch = DriveWatch(result, mount, drive_root)
+    versions_log = work / "versions.jsonl"
+    watch = DriveWatch(result, mount, drive_root, versions_log)
     backup_timeout = max(30.0, 4 * flush_timeout)
     args = [
         "--local-root",
@@ -287,6 +301,8 @@ def _run_and_check(
         str(n_trials),
         "--max-kib",
         "64",
+        "--versions-log",
+        str(versions_log),
         "--flush-timeout",
         str(flush_timeout),
         "--drive-timeout",
@@ -516,6 +532,19 @@ def measure(quick: bool = False) -> list[dict[str, Any]]:
                 "note": "; ".join(r.failures),
             }
         )
+        if r.exit_s is not None and r.name == "hang at exit":
+            rows.append(
+                {
+                    "name": "fault campaign: process exit with Drive hung, from the final "
+                    "flush, vs flush timeout",
+                    "value": round(r.exit_s, 2),
+                    "unit": "s",
+                    "reference": r.flush_timeout,
+                    "ratio": round(r.exit_s / r.flush_timeout, 2),
+                    "goal": f"<= timeout + {EXIT_MARGIN_S:g} s",
+                    "met": r.exit_s <= r.flush_timeout + EXIT_MARGIN_S,
+                }
+            )
     return rows
 
 

@@ -508,7 +508,7 @@ def _describe_run(run: KillRun) -> str:
 def describe_summary(summary: KillSummary) -> str:
     lost = summary.lost
     restores = summary.restore_times
-    landed = Counter(run.landed.split(" (")[0].split(";")[0] for run in summary.runs)
+    landed = _landed_counts(summary)
     in_flight = sum(1 for run in summary.runs if run.in_flight)
     kinds = Counter(
         "a local snapshot of study.db"
@@ -555,8 +555,14 @@ def measure(quick: bool = False, runs: int | None = None) -> list[dict[str, Any]
     return summary_rows(summary)
 
 
+def _landed_counts(summary: KillSummary) -> Counter[str]:
+    return Counter(run.landed.split(" (")[0].split(";")[0] for run in summary.runs)
+
+
 def summary_rows(summary: KillSummary) -> list[dict[str, Any]]:
     count = len(summary.runs)
+    landed = _landed_counts(summary)
+    in_flight = sum(1 for run in summary.runs if run.in_flight)
     lost = summary.lost
     restores, references = summary.restore_times, summary.restore_references
     rows: list[dict[str, Any]] = [
@@ -579,13 +585,36 @@ def summary_rows(summary: KillSummary) -> list[dict[str, Any]]:
             "met": summary.corrupt == 0,
         },
         {
-            "name": "kill campaign: resumes on a fresh disk that finished the sweep",
+            "name": "kill campaign: restarts that resumed and finished the sweep ("
+            + ", ".join(
+                f"{restart} {number}"
+                for restart, number in sorted(Counter(run.restart for run in summary.runs).items())
+            )
+            + ")",
             "value": summary.resumes_ok,
             "unit": "resumes",
             "reference": count,
             "ratio": round(summary.resumes_ok / count, 3) if count else None,
             "goal": "all",
             "met": summary.resumes_ok == count,
+        },
+        {
+            "name": "kill campaign: where the kills landed",
+            "value": ", ".join(f"{phase} {number}" for phase, number in sorted(landed.items())),
+            "unit": "",
+            "reference": None,
+            "ratio": None,
+            "goal": "every phase hit",
+            "met": len(landed) >= 4 if count >= 8 else None,
+        },
+        {
+            "name": "kill campaign: kills with a copy or snapshot in flight",
+            "value": in_flight,
+            "unit": "kills",
+            "reference": count,
+            "ratio": round(in_flight / count, 2) if count else None,
+            "goal": "many",
+            "met": None,
         },
         {
             "name": "kill campaign: trials lost by a kill, max (mean)",
