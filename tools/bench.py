@@ -19,8 +19,10 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,6 +152,12 @@ def machine() -> dict[str, str]:
     }
 
 
+def _without_local_paths(text: str) -> str:
+    """Paths of this machine say nothing to a reader: the repository and temp folders go."""
+    text = text.replace(str(REPO), ".")
+    return re.sub(re.escape(tempfile.gettempdir()) + r"/[^\s'\"):]*", "<tmp>", text)
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
@@ -157,7 +165,7 @@ def _cell(value: Any) -> str:
         return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    return _without_local_paths(str(value)).replace("|", "\\|").replace("\n", " ")
 
 
 def _met(value: Any) -> str:
@@ -199,7 +207,7 @@ def render(runs: list[ModuleRun], command: str, started: dt.datetime, quick: boo
         lines += ["", f"## {run.module} ({run.status}, {run.duration_s:.0f} s)", ""]
         if run.status != "ok":
             lines += [f"**{run.status.upper()}**: `tools/{run.module}.py`", "", "```"]
-            lines += (run.detail or "(no detail)").splitlines()
+            lines += _without_local_paths(run.detail or "(no detail)").splitlines()
             lines += ["```"]
             if not run.rows:
                 continue
