@@ -149,6 +149,17 @@ def is_prefix(shorter: Iterable[TrialRecord], longer: Iterable[TrialRecord]) -> 
     return len(head) <= len(full) and full[: len(head)] == head
 
 
+def is_kept_in(earlier: Iterable[TrialRecord], later: Iterable[TrialRecord], n_jobs: int) -> bool:
+    """True when ``later`` holds every trial of ``earlier``, unchanged.
+
+    With one job the trials finish in number order, so ``earlier`` must be a prefix;
+    with several they finish in any order, so it must be a subset.
+    """
+    if n_jobs == 1:
+        return is_prefix(earlier, later)
+    return set(earlier) <= set(later)
+
+
 def temp_files(root: Path) -> list[Path]:
     """Temporary files of copies in flight left under ``root``."""
     if not root.exists():

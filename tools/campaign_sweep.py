@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drive-timeout", type=float, default=None)
     parser.add_argument("--trial-ms", type=float, nargs=2, default=(20.0, 50.0))
     parser.add_argument("--max-kib", type=int, default=1024, help="largest checkpoint, KiB")
+    parser.add_argument("--n-jobs", type=int, default=1, help="Optuna's n_jobs")
     parser.add_argument(
         "--after-sweep",
         choices=("exit", "backup-on-go"),
@@ -240,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             callbacks=[TrialMarkers(args.n_trials, frozenset(args.pause_after))],
             backup_to_drive=store,
             flush_timeout=args.flush_timeout,
+            n_jobs=args.n_jobs,
         )
     except BaseException as exc:
         emit("sweep_raised", error=repr(exc), traceback=traceback.format_exc())

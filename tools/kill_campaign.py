@@ -47,7 +47,7 @@ from campaign_checks import (
     DatabaseCheck,
     check_database,
     file_hashes,
-    is_prefix,
+    is_kept_in,
     read_versions,
     temp_files,
 )
@@ -71,6 +71,7 @@ class KillRun:
     latency_s: float
     latency_per_mib_s: float
     aimed: str
+    n_jobs: int = 1
     restart: str = "fresh disk"
     landed: str = "?"
     in_flight: list[str] = field(default_factory=list)
@@ -141,9 +142,17 @@ class KillSummary:
 
 
 def _sweep_args(
-    local: Path, drive: Path, plan: Path, n_trials: int, seed: int, max_kib: int, log: Path | None
+    local: Path,
+    drive: Path,
+    plan: Path,
+    run: KillRun,
+    seed: int,
+    max_kib: int,
+    log: Path | None,
 ) -> list[str]:
     args = [
+        "--n-jobs",
+        str(run.n_jobs),
         "--local-root",
         str(local),
         "--drive-root",
@@ -151,7 +160,7 @@ def _sweep_args(
         "--plan",
         str(plan),
         "--n-trials",
-        str(n_trials),
+        str(run.n_trials),
         "--seed",
         str(seed),
         "--max-kib",
@@ -212,6 +221,8 @@ def run_one(index: int, seed: int, root: Path, quick: bool) -> KillRun:
         latency_per_mib_s=round(rng.uniform(0.1, 1.0), 3),
         aimed=AIMED_PHASES[index % len(AIMED_PHASES)],
         restart=RESTARTS[index % len(RESTARTS)],
+        # One run in six runs two trials at once: the callbacks then race each other.
+        n_jobs=2 if index % 6 == 5 else 1,
     )
     run_dir = root / f"run-{index:03d}"
     first_local, fresh_local, drive = (
@@ -227,7 +238,7 @@ def run_one(index: int, seed: int, root: Path, quick: bool) -> KillRun:
     versions_log = run_dir / "versions.jsonl"
 
     child = ChildSweep(
-        _sweep_args(first_local, drive, plan, n_trials, seed + index, max_kib, versions_log),
+        _sweep_args(first_local, drive, plan, run, seed + index, max_kib, versions_log),
         stderr_path=run_dir / "child-1.stderr",
         env={"TMPDIR": str(child_tmp)},
     )
@@ -332,10 +343,10 @@ def _check_drive_database(run: KillRun, drive: DatabaseCheck, local: DatabaseChe
         )
         return
     run.drive_finished = drive.count
-    if local.readable and not is_prefix(drive.finished, local.finished):
+    if local.readable and not is_kept_in(drive.finished, local.finished, run.n_jobs):
         run.corrupt += 1
         run.failures.append(
-            "the Drive copy's COMPLETE trials are not a prefix of the local ones: Drive "
+            "the Drive copy's COMPLETE trials are not kept locally (one job: a prefix): Drive "
             f"{[t.number for t in drive.finished]} vs local {[t.number for t in local.finished]}"
         )
 
@@ -371,7 +382,7 @@ def _kill_during_restore(
     """Start a new runtime and kill it while it restores: Drive must be no worse after."""
     before = check_database(drive / relative / "study.db")
     child = ChildSweep(
-        _sweep_args(local, drive, plan, run.n_trials, seed + 50_000 + run.index, max_kib, None),
+        _sweep_args(local, drive, plan, run, seed + 50_000 + run.index, max_kib, None),
         stderr_path=run_dir / "child-restore.stderr",
     )
     if child.wait_for_event("run_sweep_called", CHILD_TIMEOUT_S) is None:
@@ -381,7 +392,7 @@ def _kill_during_restore(
     pause(rng.uniform(0, 0.4))
     child.kill_like_a_dead_runtime()
     after = check_database(drive / relative / "study.db")
-    if before.sound and not (after.sound and is_prefix(before.finished, after.finished)):
+    if before.sound and not (after.sound and is_kept_in(before.finished, after.finished, 1)):
         run.corrupt += 1
         run.failures.append(
             "killing a runtime during its restore made the Drive copy worse: "
@@ -403,7 +414,7 @@ def _resume_and_check(
     local_before = local / relative / "study.db" if relative is not None else None
     local_had_db = local_before is not None and local_before.exists()
     child = ChildSweep(
-        _sweep_args(local, drive, plan, run.n_trials, seed + 100_000 + run.index, max_kib, None),
+        _sweep_args(local, drive, plan, run, seed + 100_000 + run.index, max_kib, None),
         stderr_path=run_dir / "child-2.stderr",
     )
     code = child.wait(CHILD_TIMEOUT_S)
@@ -444,7 +455,7 @@ def _resume_and_check(
     elif drive_check.finished != local_check.finished:
         problems.append("the final Drive copy's finished trials differ from the local study")
     kept = drive_before is None or not drive_before.sound
-    if not kept and not is_prefix(drive_before.finished, local_check.finished):
+    if not kept and not is_kept_in(drive_before.finished, local_check.finished, run.n_jobs):
         problems.append("trials the Drive copy held at the kill were not kept")
     leftovers = temp_files(drive)
     if leftovers:
