@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING
 
 # tqdm ships no type information (types-tqdm would add it).
-from tqdm import tqdm  # type: ignore[import-untyped]
+from tqdm import tqdm
 
 if TYPE_CHECKING:
     from optuna.study import Study
