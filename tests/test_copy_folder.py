@@ -221,3 +221,37 @@ def test_drive_folder_deleted_or_replaced_behind_our_back_gets_every_file_again(
         assert settled.files_copied == 0
         local = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*.txt")}
         assert drive_files(setup.drive / "trials") == local
+
+
+def test_a_file_rewritten_during_its_copy_never_replaces_the_good_drive_copy(
+    tmp_path: Path,
+) -> None:
+    with simulated_drive(tmp_path) as setup:
+        fifo = tmp_path / "gate"
+        os.mkfifo(fifo)
+        checkpoint = setup.local / "checkpoint.bin"
+        write_bytes(checkpoint, b"version 1\n" * 1000)
+        assert setup.store.backup(checkpoint)
+        write_bytes(checkpoint, b"version 2, first half\n")
+        setup.set_faults(FaultPlan(pause_fifo=str(fifo)))
+        outcome: list[object] = []
+        backup = threading.Thread(target=lambda: outcome.append(setup.store.backup(checkpoint)))
+        backup.start()
+        # The helper now waits in the commit; the writer goes on writing version 2.
+        with open(fifo, "wb") as gate:
+            with open(checkpoint, "ab") as file:
+                file.write(b"version 2, second half\n")
+            setup.set_faults(FaultPlan())
+            gate.write(b"go")
+        backup.join(timeout=60)
+        assert not backup.is_alive()
+
+        result = outcome[0]
+        assert not result.ok  # type: ignore[attr-defined]
+        assert result.retryable  # type: ignore[attr-defined]
+        assert "changed while it was being copied" in result.error  # type: ignore[attr-defined]
+        drive_copy = setup.drive / "checkpoint.bin"
+        assert drive_copy.read_bytes() == b"version 1\n" * 1000
+        assert [p.name for p in setup.drive.iterdir() if "sweepsafe-tmp" in p.name] == []
+        assert setup.store.backup(checkpoint)
+        assert drive_copy.read_bytes() == checkpoint.read_bytes()

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from sweepsafe._drive_helper import fsync_directory, temp_name_for
+from sweepsafe._drive_helper import SOURCE_CHANGED_ERRNO, fsync_directory, temp_name_for
+from sweepsafe._helper_client import DriveOSError
 from sweepsafe._snapshot import (
     SnapshotError,
     check_integrity,
@@ -152,7 +153,11 @@ async def _ship_to_temp(
 ) -> int:
     handle = helper.new_handle()
     dest = str(destination)
-    size = (await anyio.to_thread.run_sync(os.stat, source)).st_size
+    info = await anyio.to_thread.run_sync(os.stat, source)
+    size = info.st_size
+    # The helper checks the source again before it commits: a file rewritten during
+    # its copy must not replace the last good copy on Drive.
+    expect = [info.st_size, info.st_mtime_ns]
     abandoned = abandoned_temps(destination.parent) if clean_strays else []
     if not stream and size <= COPY_CHUNK:
         # One round trip for the common small file: create, copy, fsync, rename.
@@ -168,6 +173,7 @@ async def _ship_to_temp(
             source=str(source),
             offset=0,
             length=size,
+            expect=expect,
         )
         forget_abandoned(abandoned)
         return int(reply["copied"])
@@ -204,7 +210,9 @@ async def _ship_to_temp(
                 if not reply["copied"]:
                     break  # the source shrank; the caller sees it changed
                 copied += int(reply["copied"])
-        await helper.call("commit", dest, step_timeout, handle=handle)
+        await helper.call(
+            "commit", dest, step_timeout, handle=handle, source=str(source), expect=expect
+        )
     except BaseException:
         if not helper.broken:
             with anyio.CancelScope(shield=True), anyio.move_on_after(step_timeout):
@@ -223,8 +231,13 @@ async def ship_path(
     clean_strays: bool,
     token: str | None = None,
     stream: bool = False,
+    keep_if_changed: bool = False,
 ) -> Shipped:
     """Copy a file to Drive; an SQLite database goes as a checked snapshot.
+
+    A file that changes during its copy is never committed: the Drive copy keeps its
+    previous version. With ``keep_if_changed`` that is reported as a copy whose source
+    changed (the folder sync then copies it again next time); otherwise it raises.
 
     Raises SnapshotError for a database that cannot be snapshotted soundly (nothing is
     shipped then), OSError for local failures, and the helper's errors for Drive ones.
@@ -247,15 +260,20 @@ async def ship_path(
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(remove_quietly, snapshot)
     else:
-        copied = await ship_file(
-            helper,
-            source,
-            destination,
-            step_timeout,
-            clean_strays=clean_strays,
-            token=token,
-            stream=stream,
-        )
+        try:
+            copied = await ship_file(
+                helper,
+                source,
+                destination,
+                step_timeout,
+                clean_strays=clean_strays,
+                token=token,
+                stream=stream,
+            )
+        except DriveOSError as exc:
+            if keep_if_changed and exc.errno == SOURCE_CHANGED_ERRNO:
+                return Shipped(bytes_copied=0, source_unchanged=False)
+            raise
     after = await anyio.to_thread.run_sync(_signature_or_none, source)
     return Shipped(bytes_copied=copied, source_unchanged=after == before)
 

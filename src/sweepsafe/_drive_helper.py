@@ -230,6 +230,7 @@ class DriveServer:
         fd, temp, destination = self._open[handle]
         self._hooks.on_commit(destination)
         try:
+            _check_source_unchanged(header)
             os.fsync(fd)
             self._forget(handle)
             os.replace(temp, destination)
@@ -451,6 +452,25 @@ def serve(hooks: FaultHooks | None = None) -> int:
             return 0
         reply, data = server.handle(json.loads(raw), payload)
         _write_all(outbound, encode_frame(reply, data))
+
+
+SOURCE_CHANGED_ERRNO = errno.EAGAIN
+"""The errno of a commit refused because its local source changed during the copy."""
+
+
+def _check_source_unchanged(header: Header) -> None:
+    """Refuse to commit a copy whose local source changed while it was being copied.
+
+    A file being rewritten during its copy would otherwise reach Drive half old, half
+    new, and replace the last good copy there.
+    """
+    expect = header.get("expect")
+    if expect is None:
+        return
+    source = str(header["source"])
+    info = os.stat(source)
+    if [info.st_size, info.st_mtime_ns] != list(expect):
+        raise OSError(SOURCE_CHANGED_ERRNO, "the file changed while it was being copied", source)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import errno
 import os
 from pathlib import Path
 
-from sweepsafe._drive_helper import TEMP_MARKER, is_temp_name
+from sweepsafe._drive_helper import SOURCE_CHANGED_ERRNO, TEMP_MARKER, is_temp_name
 from sweepsafe._helper_client import DriveOSError, DriveTimeout, HelperGone
 from sweepsafe._snapshot import SnapshotError
 
@@ -54,6 +54,12 @@ def explain_failure(exc: BaseException, local: Path, action: str, remote: Path) 
     if isinstance(exc, HelperGone):
         return (
             f"the Drive helper process ended unexpectedly while {action} {remote}; {_RETRY_HINT}.",
+            True,
+        )
+    if isinstance(exc, DriveOSError) and exc.errno == SOURCE_CHANGED_ERRNO:
+        return (
+            f"{exc.filename or local} changed while it was being copied, so the previous "
+            f"Drive copy {remote} was kept; it is copied again on the next backup.",
             True,
         )
     if isinstance(exc, DriveOSError) and exc.filename != str(local):

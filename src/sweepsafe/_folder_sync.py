@@ -237,6 +237,7 @@ async def sync_folder(
                     scratch,
                     clean_strays=False,
                     token=token,
+                    keep_if_changed=True,
                 )
             except FileNotFoundError:
                 manifest.files.pop(rel, None)  # deleted since the scan: nothing to copy
