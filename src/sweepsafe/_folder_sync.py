@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,7 +37,7 @@ from sweepsafe._drive_helper import TEMP_MARKER, fsync_directory, is_temp_name, 
 from sweepsafe._snapshot import SIDECAR_SUFFIXES, is_sidecar, remove_quietly
 
 if TYPE_CHECKING:
-    from sweepsafe._helper_client import DriveHelper
+    from sweepsafe._helper_client import DriveHelper, HelperPool
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +118,10 @@ class FolderOutcome:
     files_copied: int = 0
     files_unchanged: int = 0
     problems: tuple[str, ...] = ()
+    failed_file: str | None = None
+    """The file (relative to the folder) whose copy failed and ended the operation."""
+    failure: Exception | None = None
+    """Why ``failed_file`` failed; the files listed as copied were still recorded."""
 
 
 def _never_copied(name: str) -> bool:
@@ -172,7 +176,7 @@ def _is_file_inside(link: str, root: str) -> bool:
 
 
 async def sync_folder(
-    helper: DriveHelper,
+    pool: HelperPool,
     folder: Path,
     drive_folder: Path,
     manifest: Manifest,
@@ -182,92 +186,104 @@ async def sync_folder(
     scratch: Path,
     exclude: Sequence[str],
     mirror: bool,
+    file_concurrency: int,
 ) -> FolderOutcome:
     """Copy the files of ``folder`` that changed since the manifest to ``drive_folder``.
 
-    Saves the manifest even when cancelled or failed, so finished copies stay recorded.
+    Up to ``file_concurrency`` files are copied at once, each by its own helper. A
+    failed file is returned in the outcome (``failed_file``, ``failure``) after the
+    copies in flight finish; the files copied so far stay recorded. Saves the manifest
+    even when cancelled or failed, so finished copies stay recorded.
     """
     local = await anyio.to_thread.run_sync(scan_local, folder, exclude)
     copied = bytes_copied = 0
     problems: list[str] = []
     changed: list[str] = []
-    try:
-        await _check_drive_identity(helper, marker, drive_folder, manifest, step_timeout)
-        changed = [rel for rel, (_, sig) in local.items() if manifest.files.get(rel) != sig]
-        if manifest.strays:
-            strays = sorted(manifest.strays)
+    names_by_parent: dict[str, list[str]] = {}
+
+    async def copy_one(helper: DriveHelper, rel: str) -> None:
+        nonlocal copied, bytes_copied
+        source_name, signature = local[rel]
+        source = Path(source_name)
+        parent = rel.rpartition("/")[0]
+        names = names_by_parent.pop(parent, None)
+        if names is not None:
+            # A copy killed with its runtime leaves a temporary that no manifest knows
+            # of; the first copy into each Drive folder removes those of the files it
+            # is about to copy. Copies of this process running meanwhile in the same
+            # folder are safe: their temporaries carry this process's tag.
+            target_folder = drive_folder / parent
+            abandoned = abandoned_temps(target_folder)
             await helper.call(
-                "remove",
-                str(drive_folder),
+                "clean",
+                str(target_folder),
                 step_timeout,
-                paths=[str(drive_folder / r) for r in strays],
+                names=names,
+                own_tag=process_tag(),
+                abandoned=abandoned,
             )
-            manifest.strays.difference_update(strays)
-        names_by_parent: dict[str, list[str]] = {}
-        for rel in changed:
-            parent, _, name = rel.rpartition("/")
-            names_by_parent.setdefault(parent, []).append(name)
-        for rel in sorted(changed):
-            source_name, signature = local[rel]
-            source = Path(source_name)
-            parent = rel.rpartition("/")[0]
-            names = names_by_parent.pop(parent, None)
-            if names is not None:
-                # A copy killed with its runtime leaves a temporary that no manifest
-                # knows of; the next copy into the same Drive folder removes it.
-                target_folder = drive_folder / parent
-                abandoned = abandoned_temps(target_folder)
-                await helper.call(
-                    "clean",
-                    str(target_folder),
-                    step_timeout,
-                    names=names,
-                    own_tag=process_tag(),
-                    abandoned=abandoned,
-                )
-                forget_abandoned(abandoned)
-            token = new_token()
-            destination = drive_folder / rel
-            try:
-                shipped = await ship_path(
-                    helper,
-                    source,
-                    destination,
-                    step_timeout,
-                    scratch,
-                    clean_strays=False,
-                    token=token,
-                    keep_if_changed=True,
-                )
-            except FileNotFoundError:
-                manifest.files.pop(rel, None)  # deleted since the scan: nothing to copy
-                continue
-            except (PermissionError, SnapshotError) as exc:
-                problems.append(f"{source}: {exc}")
-                manifest.files.pop(rel, None)
-                continue
-            except BaseException:
-                if helper.broken:
-                    # The helper was killed mid-copy: its temporary may stay on Drive.
-                    manifest.strays.add(
-                        str(Path(rel).parent / temp_name_for(Path(rel).name, token))
-                    )
-                raise
-            copied += 1
-            bytes_copied += shipped.bytes_copied
-            if shipped.source_unchanged:
-                manifest.files[rel] = signature
-            else:
-                manifest.files.pop(rel, None)
-        if mirror:
-            gone = sorted(set(manifest.files) - set(local))
-            if gone:
+            forget_abandoned(abandoned)
+        token = new_token()
+        try:
+            shipped = await ship_path(
+                helper,
+                source,
+                drive_folder / rel,
+                step_timeout,
+                scratch,
+                clean_strays=False,
+                token=token,
+                keep_if_changed=True,
+            )
+        except FileNotFoundError:
+            manifest.files.pop(rel, None)  # deleted since the scan: nothing to copy
+            return
+        except (PermissionError, SnapshotError) as exc:
+            problems.append(f"{source}: {exc}")
+            manifest.files.pop(rel, None)
+            return
+        except BaseException:
+            if helper.broken:
+                # The helper was killed mid-copy: its temporary may stay on Drive.
+                manifest.strays.add(str(Path(rel).parent / temp_name_for(Path(rel).name, token)))
+            raise
+        copied += 1
+        bytes_copied += shipped.bytes_copied
+        if shipped.source_unchanged:
+            manifest.files[rel] = signature
+        else:
+            manifest.files.pop(rel, None)
+
+    failed: tuple[str | None, Exception] | None = None
+    try:
+        async with pool.session() as helper:
+            await _check_drive_identity(helper, marker, drive_folder, manifest, step_timeout)
+            changed = sorted(
+                rel for rel, (_, sig) in local.items() if manifest.files.get(rel) != sig
+            )
+            if manifest.strays:
+                strays = sorted(manifest.strays)
                 await helper.call(
                     "remove",
                     str(drive_folder),
                     step_timeout,
-                    paths=[str(drive_folder / r) for r in gone],
+                    paths=[str(drive_folder / r) for r in strays],
                 )
+                manifest.strays.difference_update(strays)
+        for rel in changed:
+            parent, _, name = rel.rpartition("/")
+            names_by_parent.setdefault(parent, []).append(name)
+        failed = await for_each_file(pool, changed, file_concurrency, copy_one)
+        if mirror and failed is None:
+            gone = sorted(set(manifest.files) - set(local))
+            if gone:
+                async with pool.session() as helper:
+                    await helper.call(
+                        "remove",
+                        str(drive_folder),
+                        step_timeout,
+                        paths=[str(drive_folder / r) for r in gone],
+                    )
                 for rel in gone:
                     del manifest.files[rel]
     finally:
@@ -278,7 +294,46 @@ async def sync_folder(
         files_copied=copied,
         files_unchanged=len(local) - len(changed),
         problems=tuple(problems),
+        failed_file=failed[0] if failed else None,
+        failure=failed[1] if failed else None,
     )
+
+
+async def for_each_file(
+    pool: HelperPool,
+    files: Sequence[str],
+    concurrency: int,
+    copy: Callable[[DriveHelper, str], Awaitable[None]],
+) -> tuple[str | None, Exception] | None:
+    """Run ``copy`` on every file, at most ``concurrency`` at once, each on its own helper.
+
+    Each copy pays Drive's per-file latency (create, write, fsync, rename on FUSE),
+    which overlaps across files. A fixed set of workers pulling from one iterator bounds
+    the concurrency as a capacity limiter would, without a pending task per file, and
+    lets each worker keep its helper from file to file. The first failure stops new
+    copies; those in flight finish (and are recorded) before it is returned as (file,
+    error), the file None when no helper could be started. Cancellation stops every
+    copy in flight (their helpers are abandoned; destinations keep their previous
+    complete version).
+    """
+    pending = iter(files)
+    failures: list[tuple[str | None, Exception]] = []
+
+    async def worker() -> None:
+        current: str | None = None
+        try:
+            async with pool.session() as helper:
+                for current in pending:
+                    if failures:
+                        return
+                    await copy(helper, current)
+        except Exception as exc:  # noqa: BLE001 - returned with its file; the caller reports it
+            failures.append((current, exc))
+
+    async with anyio.create_task_group() as group:
+        for _ in range(min(max(1, concurrency), len(files))):
+            group.start_soon(worker)
+    return failures[0] if failures else None
 
 
 async def _read_marker(helper: DriveHelper, marker: Path, step_timeout: float) -> str | None:
@@ -343,44 +398,59 @@ async def _write_marker(
 
 
 async def restore_folder(
-    helper: DriveHelper,
+    pool: HelperPool,
     drive_folder: Path,
     folder: Path,
     manifest: Manifest,
     *,
     marker: Path,
     step_timeout: float,
+    file_concurrency: int,
 ) -> FolderOutcome | None:
     """Copy every file of ``drive_folder`` into ``folder``; None if Drive has no such folder.
 
-    Restored files are recorded in the manifest (so the next backup copies nothing) and
-    Drive-side temporaries are recorded as strays (so the next backup removes them).
-    A database failing its integrity check is not restored and is named in problems.
+    Up to ``file_concurrency`` files are copied at once; a failed file ends the restore
+    as in :func:`sync_folder`. Restored files are recorded in the manifest (so the next
+    backup copies nothing) and Drive-side temporaries are recorded as strays (so the
+    next backup removes them). A database failing its integrity check is not restored
+    and is named in problems.
     """
-    listing = await helper.call("scan", str(drive_folder), step_timeout)
-    if not listing["exists"]:
-        return None
-    manifest.strays.update(str(rel) for rel in listing["temps"])
-    manifest.folder_id = await _read_marker(helper, marker, step_timeout)
+    async with pool.session() as helper:
+        listing = await helper.call("scan", str(drive_folder), step_timeout)
+        if not listing["exists"]:
+            return None
+        manifest.strays.update(str(rel) for rel in listing["temps"])
+        manifest.folder_id = await _read_marker(helper, marker, step_timeout)
     copied = bytes_copied = 0
     problems: list[str] = []
+
+    async def fetch_one(helper: DriveHelper, rel: str) -> None:
+        nonlocal copied, bytes_copied
+        target = folder.joinpath(*rel.split("/"))
+        try:
+            nbytes, signature = await fetch_file(helper, drive_folder / rel, target, step_timeout)
+        except RestoreRefused as exc:
+            problems.append(f"{drive_folder / rel} failed its integrity check ({exc})")
+            return
+        copied += 1
+        bytes_copied += nbytes
+        manifest.files[rel] = signature
+
+    wanted = [
+        str(rel)
+        for rel, _size in listing["files"]
+        if not any(_never_copied(part) for part in str(rel).split("/"))
+    ]
     try:
-        for rel, _size in listing["files"]:
-            if any(_never_copied(part) for part in str(rel).split("/")):
-                continue
-            target = folder.joinpath(*str(rel).split("/"))
-            try:
-                nbytes, signature = await fetch_file(
-                    helper, drive_folder / rel, target, step_timeout
-                )
-            except RestoreRefused as exc:
-                problems.append(f"{drive_folder / rel} failed its integrity check ({exc})")
-                continue
-            copied += 1
-            bytes_copied += nbytes
-            manifest.files[str(rel)] = signature
+        failed = await for_each_file(pool, wanted, file_concurrency, fetch_one)
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(manifest.save)
             await anyio.to_thread.run_sync(fsync_directory, str(folder))
-    return FolderOutcome(bytes_copied=bytes_copied, files_copied=copied, problems=tuple(problems))
+    return FolderOutcome(
+        bytes_copied=bytes_copied,
+        files_copied=copied,
+        problems=tuple(problems),
+        failed_file=failed[0] if failed else None,
+        failure=failed[1] if failed else None,
+    )

@@ -29,6 +29,7 @@ from sweepsafe._failure_messages import explain_failure, source_problem
 from sweepsafe._folder_sync import (
     MARKER_NAME,
     STATE_DIR_NAME,
+    FolderOutcome,
     Manifest,
     manifest_path,
     restore_folder,
@@ -120,6 +121,9 @@ class DriveStore:
         drive_timeout: seconds each Drive-side step may take before the store gives up
             on it and abandons the helper process doing it.
         mirror: delete from Drive the files of a backed-up folder deleted locally.
+        file_concurrency: how many files of a folder are copied at once (each by its
+            own helper process), for backups and restores; Drive's latency per file
+            (hundreds of ms on a FUSE mount) then overlaps across files.
 
     Example:
         >>> store = DriveStore.for_colab("/content/out", "my-sweep")  # doctest: +SKIP
@@ -134,6 +138,7 @@ class DriveStore:
         *,
         drive_timeout: float = 120.0,
         mirror: bool = False,
+        file_concurrency: int = 4,
         _helper_argv: Sequence[str] | None = None,
     ) -> None:
         self.local_root = Path(os.path.abspath(local_root))
@@ -144,8 +149,11 @@ class DriveStore:
                 "slow and unsafe (no reliable locking), so keep the sweep on local disk "
                 "(e.g. /content/out) and give the Drive folder as drive_root."
             )
+        if file_concurrency < 1:
+            raise ValueError(f"file_concurrency must be at least 1, not {file_concurrency}")
         self.drive_timeout = drive_timeout
         self.mirror = mirror
+        self.file_concurrency = file_concurrency
         # Folders are created on Drive only below this one, which must exist: with
         # Drive unmounted, its mount point is a plain local folder.
         self._pool = HelperPool(_helper_argv, anchor=str(self.drive_root.parent))
@@ -161,6 +169,7 @@ class DriveStore:
         mount_point: StrPath = COLAB_DRIVE_MOUNT,
         drive_timeout: float = 120.0,
         mirror: bool = False,
+        file_concurrency: int = 4,
     ) -> DriveStore:
         """A store whose Drive root is ``{mount_point}/MyDrive/{drive_subdir}``.
 
@@ -173,7 +182,13 @@ class DriveStore:
                 f"Google Drive is not mounted: {my_drive} is not a folder. In Colab run "
                 f"`from google.colab import drive; drive.mount('{mount_point}')` first."
             )
-        store = cls(local_root, my_drive / drive_subdir, drive_timeout=drive_timeout, mirror=mirror)
+        store = cls(
+            local_root,
+            my_drive / drive_subdir,
+            drive_timeout=drive_timeout,
+            mirror=mirror,
+            file_concurrency=file_concurrency,
+        )
         store._pool.anchor = str(my_drive)
         return store
 
@@ -243,41 +258,45 @@ class DriveStore:
         if problem is not None:
             return failed(problem, to=destination)
         try:
-            async with self._pool.session() as helper:
-                if is_directory:
-                    manifest = await anyio.to_thread.run_sync(
-                        Manifest.load, self._manifest_path(source)
+            if is_directory:
+                manifest = await anyio.to_thread.run_sync(
+                    Manifest.load, self._manifest_path(source)
+                )
+                outcome = await sync_folder(
+                    self._pool,
+                    source,
+                    destination,
+                    manifest,
+                    marker=self.drive_root / MARKER_NAME,
+                    step_timeout=self.drive_timeout,
+                    scratch=self._state_dir / "snapshots",
+                    exclude=exclude,
+                    mirror=self.mirror,
+                    file_concurrency=self.file_concurrency,
+                )
+                if outcome.failure is not None:
+                    error, retryable = self._folder_failure(outcome, source, destination, "writing")
+                    return failed(error, retryable=retryable, to=destination)
+                if outcome.problems:
+                    return failed(
+                        f"{len(outcome.problems)} file(s) of {source} could not be copied, "
+                        f"first {outcome.problems[0]}; fix them and back up again.",
+                        to=destination,
                     )
-                    outcome = await sync_folder(
-                        helper,
-                        source,
-                        destination,
-                        manifest,
-                        marker=self.drive_root / MARKER_NAME,
-                        step_timeout=self.drive_timeout,
-                        scratch=self._state_dir / "snapshots",
-                        exclude=exclude,
-                        mirror=self.mirror,
-                    )
-                    if outcome.problems:
-                        return failed(
-                            f"{len(outcome.problems)} file(s) of {source} could not be copied, "
-                            f"first {outcome.problems[0]}; fix them and back up again.",
-                            to=destination,
-                        )
-                    result = BackupResult(
-                        ok=True,
-                        source=source,
-                        destination=destination,
-                        kind="directory",
-                        bytes_copied=outcome.bytes_copied,
-                        files_copied=outcome.files_copied,
-                        files_unchanged=outcome.files_unchanged,
-                        duration_s=time.monotonic() - started,
-                    )
-                else:
-                    if await anyio.to_thread.run_sync(is_sqlite_file, source):
-                        kind = "sqlite"
+                result = BackupResult(
+                    ok=True,
+                    source=source,
+                    destination=destination,
+                    kind="directory",
+                    bytes_copied=outcome.bytes_copied,
+                    files_copied=outcome.files_copied,
+                    files_unchanged=outcome.files_unchanged,
+                    duration_s=time.monotonic() - started,
+                )
+            else:
+                if await anyio.to_thread.run_sync(is_sqlite_file, source):
+                    kind = "sqlite"
+                async with self._pool.session() as helper:
                     shipped = await ship_path(
                         helper,
                         source,
@@ -286,15 +305,15 @@ class DriveStore:
                         self._state_dir / "snapshots",
                         clean_strays=True,
                     )
-                    result = BackupResult(
-                        ok=True,
-                        source=source,
-                        destination=destination,
-                        kind=kind,
-                        bytes_copied=shipped.bytes_copied,
-                        files_copied=1,
-                        duration_s=time.monotonic() - started,
-                    )
+                result = BackupResult(
+                    ok=True,
+                    source=source,
+                    destination=destination,
+                    kind=kind,
+                    bytes_copied=shipped.bytes_copied,
+                    files_copied=1,
+                    duration_s=time.monotonic() - started,
+                )
         except (OSError, DriveTimeout, SnapshotError) as exc:
             error, retryable = explain_failure(exc, source, "writing", destination)
             return failed(error, retryable=retryable, to=destination)
@@ -343,39 +362,43 @@ class DriveStore:
             f"Google Drive holds no copy of {target} (looked for {remote}); nothing was restored."
         )
         try:
-            async with self._pool.session() as helper:
-                if is_directory:
-                    manifest = Manifest(self._manifest_path(target))
-                    outcome = await restore_folder(
-                        helper,
-                        remote,
-                        target,
-                        manifest,
-                        marker=self.drive_root / MARKER_NAME,
-                        step_timeout=self.drive_timeout,
-                    )
-                    if outcome is None:
-                        return failed(missing, source=remote)
-                    if outcome.problems:
-                        return failed(
-                            f"{len(outcome.problems)} file(s) were not restored, first "
-                            f"{outcome.problems[0]}; the local copies were left untouched.",
-                            source=remote,
-                        )
-                    return BackupResult(
-                        ok=True,
+            if is_directory:
+                manifest = Manifest(self._manifest_path(target))
+                outcome = await restore_folder(
+                    self._pool,
+                    remote,
+                    target,
+                    manifest,
+                    marker=self.drive_root / MARKER_NAME,
+                    step_timeout=self.drive_timeout,
+                    file_concurrency=self.file_concurrency,
+                )
+                if outcome is None:
+                    return failed(missing, source=remote)
+                if outcome.failure is not None:
+                    error, retryable = self._folder_failure(outcome, remote, target, "reading")
+                    return failed(error, retryable=retryable, source=remote)
+                if outcome.problems:
+                    return failed(
+                        f"{len(outcome.problems)} file(s) were not restored, first "
+                        f"{outcome.problems[0]}; the local copies were left untouched.",
                         source=remote,
-                        destination=target,
-                        kind="directory",
-                        bytes_copied=outcome.bytes_copied,
-                        files_copied=outcome.files_copied,
-                        duration_s=time.monotonic() - started,
                     )
+                return BackupResult(
+                    ok=True,
+                    source=remote,
+                    destination=target,
+                    kind="directory",
+                    bytes_copied=outcome.bytes_copied,
+                    files_copied=outcome.files_copied,
+                    duration_s=time.monotonic() - started,
+                )
+            async with self._pool.session() as helper:
                 info = await helper.call("stat", str(remote), self.drive_timeout)
                 if not info["exists"] or info["is_dir"]:
                     return failed(missing, source=remote)
                 nbytes, _ = await fetch_file(helper, remote, target, self.drive_timeout)
-                is_db = await anyio.to_thread.run_sync(is_sqlite_file, target)
+            is_db = await anyio.to_thread.run_sync(is_sqlite_file, target)
         except RestoreRefused as exc:
             return failed(
                 f"the Drive copy {remote} failed PRAGMA integrity_check ({exc}), so it was not "
@@ -474,6 +497,32 @@ class DriveStore:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    @staticmethod
+    def _folder_failure(
+        outcome: FolderOutcome, source: Path, destination: Path, action: str
+    ) -> tuple[str, bool]:
+        """One sentence for a folder copy that a failed file ended, naming that file."""
+        failure = outcome.failure
+        assert failure is not None
+        if not isinstance(failure, (OSError, DriveTimeout, SnapshotError)):
+            raise failure  # a bug, not a Drive or file problem: let it show
+        rel = outcome.failed_file
+        if rel is None:
+            error, retryable = explain_failure(failure, source, action, destination)
+        else:
+            remote = (destination if action == "writing" else source) / rel
+            local = (source if action == "writing" else destination) / rel
+            error, retryable = explain_failure(failure, local, action, remote)
+        kept = ""
+        if outcome.files_copied and action == "writing":
+            kept = (
+                f" The {outcome.files_copied} other file(s) copied were recorded; the next "
+                "backup does not copy them again."
+            )
+        elif outcome.files_copied:
+            kept = f" {outcome.files_copied} other file(s) were restored."
+        return f"{error}{kept}", retryable
 
     def _manifest_path(self, folder: Path) -> Path:
         relative = os.path.relpath(folder, self.local_root)
