@@ -163,8 +163,8 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--drive-latency",
         type=_non_negative_float,
-        default=0.2,
-        help="seconds the stand-in Drive takes per file written (default 0.2)",
+        default=0.5,
+        help="seconds the stand-in Drive takes per file written (default 0.5)",
     )
     demo.add_argument(
         "--workdir", help="an empty or new folder to run in, kept (default: a temporary one)"
