@@ -12,9 +12,9 @@ from pathlib import Path
 
 import optuna
 
-from sweepsafe._drive_helper import is_temp_name
-from sweepsafe._simulated_drive import FaultPlan, simulated_store
 from sweepsafe.drive import DriveStore
+from sweepsafe.drive._helper_process import is_temp_name
+from sweepsafe.testing._simulated import FaultPlan, simulated_store
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

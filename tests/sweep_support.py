@@ -12,8 +12,8 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from sweepsafe._simulated_drive import FaultPlan, simulated_store
 from sweepsafe.drive import BackupResult, DriveStore
+from sweepsafe.testing._simulated import FaultPlan, simulated_store
 from sweepsafe.worker import BackupWorker, RetryPolicy
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)

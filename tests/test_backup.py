@@ -12,7 +12,6 @@ import optuna
 import pytest
 
 from sweep_support import finished_trials, integrity, private_worker, slow_drive
-from sweepsafe._simulated_drive import FaultPlan
 from sweepsafe.backup import (
     BackupProgress,
     backup_hpo_study_to_drive,
@@ -21,6 +20,7 @@ from sweepsafe.backup import (
     find_study_dir,
 )
 from sweepsafe.errors import BackupFailed, StudyNotFoundError
+from sweepsafe.testing._simulated import FaultPlan
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

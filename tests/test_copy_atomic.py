@@ -9,9 +9,9 @@ import anyio
 import pytest
 
 from drive_support import simulated_drive, temp_files, write_bytes
-from sweepsafe._copy import COPY_CHUNK
-from sweepsafe._drive_helper import temp_name_for
-from sweepsafe._simulated_drive import FaultPlan, simulated_store
+from sweepsafe.drive._files import COPY_CHUNK
+from sweepsafe.drive._helper_process import temp_name_for
+from sweepsafe.testing._simulated import FaultPlan, simulated_store
 
 pytestmark = pytest.mark.anyio
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from drive_support import simulated_drive, temp_files, write_bytes
-from sweepsafe._drive_helper import temp_name_for
-from sweepsafe._folder_sync import MARKER_NAME
-from sweepsafe._simulated_drive import FaultPlan, simulated_store
 from sweepsafe.drive import DriveStore
+from sweepsafe.drive._folders import MARKER_NAME
+from sweepsafe.drive._helper_process import temp_name_for
+from sweepsafe.testing._simulated import FaultPlan, simulated_store
 
 
 def make_files(folder: Path, count: int) -> list[Path]:

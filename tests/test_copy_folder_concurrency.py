@@ -11,8 +11,8 @@ import pytest
 
 from drive_support import simulated_drive, temp_files, write_bytes
 from sweep_support import wait_for
-from sweepsafe._simulated_drive import FaultPlan
 from sweepsafe.drive import DriveStore
+from sweepsafe.testing._simulated import FaultPlan
 
 
 def make_files(folder: Path, count: int, content: bytes = b"v1") -> dict[str, bytes]:

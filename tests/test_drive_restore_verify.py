@@ -9,8 +9,8 @@ import optuna
 import pytest
 
 from drive_support import corrupt_database, make_study, simulated_drive, write_bytes
-from sweepsafe._simulated_drive import FaultPlan
 from sweepsafe.drive import DriveStore
+from sweepsafe.testing._simulated import FaultPlan
 
 
 def test_restore_of_a_corrupt_drive_database_refuses_and_leaves_local_untouched(

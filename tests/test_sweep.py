@@ -21,10 +21,10 @@ from sweep_support import (
     trial_states,
     wait_for,
 )
-from sweepsafe._simulated_drive import FaultPlan
 from sweepsafe.drive import DriveStore
 from sweepsafe.errors import DrivePathError, SweepsafeError
 from sweepsafe.sweep import run_sweep, study_dir_for, trial_dir
+from sweepsafe.testing._simulated import FaultPlan
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -42,11 +42,11 @@ from pathlib import Path
 import aiofiles
 import anyio
 
-from sweepsafe._copy import COPY_CHUNK, ship_file
-from sweepsafe._drive_helper import fsync_directory
-from sweepsafe._helper_client import HelperPool
-from sweepsafe._simulated_drive import FaultPlan, simulated_store
 from sweepsafe.drive import DriveStore
+from sweepsafe.drive._files import COPY_CHUNK, ship_file
+from sweepsafe.drive._helper_client import HelperPool
+from sweepsafe.drive._helper_process import fsync_directory
+from sweepsafe.testing._simulated import FaultPlan, simulated_store
 
 Row = dict[str, object]
 MIB = 1 << 20

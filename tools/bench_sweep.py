@@ -32,9 +32,9 @@ from typing import Any
 
 import optuna
 
-from sweepsafe._simulated_drive import FaultPlan, simulated_store
 from sweepsafe.backup import BackupProgress
 from sweepsafe.sweep import run_sweep, study_dir_for
+from sweepsafe.testing._simulated import FaultPlan, simulated_store
 from sweepsafe.worker import BackupWorker
 
 TRIAL_SECONDS = 0.02

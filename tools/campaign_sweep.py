@@ -36,9 +36,9 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from sweepsafe._simulated_drive import simulated_store
 from sweepsafe.backup import StudyBackupReport, backup_hpo_study_to_drive
 from sweepsafe.sweep import run_sweep, study_dir_for, trial_dir
+from sweepsafe.testing._simulated import simulated_store
 
 STUDY_KEY = {"campaign": "sweepsafe", "model": "quadratic"}
 CHUNK_BYTES = 64 * 1024

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from campaign_checks import check_database, file_hashes, read_versions, temp_files
 from campaign_child import ChildEvent, ChildSweep
-from sweepsafe._simulated_drive import FaultPlan
+from sweepsafe.testing._simulated import FaultPlan
 
 BASE_LATENCY_S = 0.02
 EXIT_MARGIN_S = 5.0

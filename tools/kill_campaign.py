@@ -52,7 +52,7 @@ from campaign_checks import (
     temp_files,
 )
 from campaign_child import ChildEvent, ChildSweep, pause
-from sweepsafe._simulated_drive import FaultPlan
+from sweepsafe.testing._simulated import FaultPlan
 
 AIMED_PHASES = ("startup", "first trial", "between trials", "final flush")
 RESTARTS = ("fresh disk", "fresh disk", "same disk", "fresh disk", "killed during restore")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from sweepsafe._copy import (
+from sweepsafe.drive._files import (
     RestoreRefused,
     SnapshotError,
     abandoned_temps,
@@ -33,11 +33,16 @@ from sweepsafe._copy import (
     remember_abandoned,
     ship_path,
 )
-from sweepsafe._drive_helper import TEMP_MARKER, fsync_directory, is_temp_name, temp_name_for
-from sweepsafe._snapshot import SIDECAR_SUFFIXES, is_sidecar, remove_quietly
+from sweepsafe.drive._helper_process import (
+    TEMP_MARKER,
+    fsync_directory,
+    is_temp_name,
+    temp_name_for,
+)
+from sweepsafe.drive._sqlite import SIDECAR_SUFFIXES, is_sidecar, remove_quietly
 
 if TYPE_CHECKING:
-    from sweepsafe._helper_client import DriveHelper, HelperPool
+    from sweepsafe.drive._helper_client import DriveHelper, HelperPool
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TextIO
 
-from sweepsafe._cli_errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNSOUND, CommandError
+from sweepsafe.cli._errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNSOUND, CommandError
 
 __all__ = [
     "DatabaseReport",

@@ -105,8 +105,9 @@ def simulated_store(
 
 def _serve(plan_path: str) -> int:
     # Loaded by file path: this process must not import the sweepsafe package.
-    helper_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_drive_helper.py")
-    spec = importlib.util.spec_from_file_location("_drive_helper", helper_file)
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    helper_file = os.path.join(package, "drive", "_helper_process.py")
+    spec = importlib.util.spec_from_file_location("_helper_process", helper_file)
     assert spec is not None
     assert spec.loader is not None
     drive_helper: Any = importlib.util.module_from_spec(spec)

@@ -24,9 +24,8 @@ from typing import Literal, TypeVar
 import anyio
 
 from sweepsafe._blocking import run_blocking
-from sweepsafe._copy import RestoreRefused, fetch_file, ship_path
-from sweepsafe._failure_messages import explain_failure, source_problem
-from sweepsafe._folder_sync import (
+from sweepsafe.drive._files import RestoreRefused, fetch_file, ship_path
+from sweepsafe.drive._folders import (
     MARKER_NAME,
     STATE_DIR_NAME,
     FolderOutcome,
@@ -35,8 +34,9 @@ from sweepsafe._folder_sync import (
     restore_folder,
     sync_folder,
 )
-from sweepsafe._helper_client import DriveTimeout, HelperPool
-from sweepsafe._snapshot import SnapshotError, is_sqlite_file
+from sweepsafe.drive._helper_client import DriveTimeout, HelperPool
+from sweepsafe.drive._messages import explain_failure, source_problem
+from sweepsafe.drive._sqlite import SnapshotError, is_sqlite_file
 from sweepsafe.errors import DriveNotMountedError, DrivePathError
 from sweepsafe.paths import COLAB_DRIVE_MOUNT, is_drive_path
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.to_thread
 
-from sweepsafe._worker_retry import (
+from sweepsafe.worker._retry import (
     AttemptOutcome,
     RetryPolicy,
     outcome_of_exception,
@@ -27,7 +27,7 @@ from sweepsafe._worker_retry import (
 )
 
 if TYPE_CHECKING:
-    from sweepsafe._worker_state import Job, TargetSlot, WorkerLedger
+    from sweepsafe.worker._ledger import Job, TargetSlot, WorkerLedger
 
 __all__ = ["BackupLoop"]
 

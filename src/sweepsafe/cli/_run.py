@@ -11,10 +11,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TextIO, cast
 
-from sweepsafe._cli_errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_UNSOUND, CommandError
-from sweepsafe._cli_progress import SweepProgressBar
-from sweepsafe._cli_status import inspect_database
 from sweepsafe.backup import STUDY_DB_NAME, BackupProgress
+from sweepsafe.cli._errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_UNSOUND, CommandError
+from sweepsafe.cli._progress import SweepProgressBar
+from sweepsafe.cli._status import inspect_database
 from sweepsafe.drive import BackupResult, DriveStore
 from sweepsafe.errors import DriveNotMountedError, SweepsafeError
 from sweepsafe.paths import COLAB_DRIVE_MOUNT, DRIVE_ROOTS_ENV

@@ -28,12 +28,12 @@ from typing import Any
 
 import anyio
 
-from sweepsafe import _drive_helper
-from sweepsafe._drive_helper import FRAME_PREFIX, encode_frame
+from sweepsafe.drive import _helper_process
+from sweepsafe.drive._helper_process import FRAME_PREFIX, encode_frame
 
 logger = logging.getLogger(__name__)
 
-HELPER_SCRIPT = Path(_drive_helper.__file__).resolve()
+HELPER_SCRIPT = Path(_helper_process.__file__).resolve()
 _PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = 1031
 

@@ -21,10 +21,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
-from sweepsafe._worker_loop import BackupLoop
-from sweepsafe._worker_reports import FlushReport, TargetReport, TargetState, WorkerStats
-from sweepsafe._worker_retry import RetryPolicy
-from sweepsafe._worker_state import Job, TargetSlot, WorkerLedger
+from sweepsafe.worker._ledger import Job, TargetSlot, WorkerLedger
+from sweepsafe.worker._loop import BackupLoop
+from sweepsafe.worker._reports import FlushReport, TargetReport, TargetState, WorkerStats
+from sweepsafe.worker._retry import RetryPolicy
 
 __all__ = [
     "BackupCallable",

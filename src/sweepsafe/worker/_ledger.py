@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sweepsafe._worker_reports import FlushReport, TargetReport, TargetState, WorkerStats
+from sweepsafe.worker._reports import FlushReport, TargetReport, TargetState, WorkerStats
 
 if TYPE_CHECKING:
     import anyio
 
-    from sweepsafe._worker_retry import AttemptOutcome
+    from sweepsafe.worker._retry import AttemptOutcome
 
 __all__ = ["Job", "TargetSlot", "WorkerLedger"]
 

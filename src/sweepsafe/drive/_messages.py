@@ -6,9 +6,9 @@ import errno
 import os
 from pathlib import Path
 
-from sweepsafe._drive_helper import SOURCE_CHANGED_ERRNO, TEMP_MARKER, is_temp_name
-from sweepsafe._helper_client import DriveOSError, DriveTimeout, HelperGone
-from sweepsafe._snapshot import SnapshotError
+from sweepsafe.drive._helper_client import DriveOSError, DriveTimeout, HelperGone
+from sweepsafe.drive._helper_process import SOURCE_CHANGED_ERRNO, TEMP_MARKER, is_temp_name
+from sweepsafe.drive._sqlite import SnapshotError
 
 
 def source_problem(source: Path, is_directory: bool) -> str | None:

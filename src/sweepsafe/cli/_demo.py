@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, TextIO
 
 import optuna
 
-from sweepsafe._cli_errors import EXIT_OK, EXIT_UNSOUND, CommandError
-from sweepsafe._cli_progress import SweepProgressBar
-from sweepsafe._cli_status import inspect_database
-from sweepsafe._simulated_drive import FaultPlan, simulated_store
 from sweepsafe.backup import STUDY_DB_NAME, TRIALS_DIR_NAME, BackupProgress
+from sweepsafe.cli._errors import EXIT_OK, EXIT_UNSOUND, CommandError
+from sweepsafe.cli._progress import SweepProgressBar
+from sweepsafe.cli._status import inspect_database
 from sweepsafe.sweep import run_sweep, study_dir_for, trial_dir
+from sweepsafe.testing._simulated import FaultPlan, simulated_store
 from sweepsafe.worker import BackupWorker
 
 if TYPE_CHECKING:

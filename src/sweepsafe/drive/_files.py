@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from sweepsafe._drive_helper import SOURCE_CHANGED_ERRNO, fsync_directory, temp_name_for
-from sweepsafe._helper_client import DriveOSError
-from sweepsafe._snapshot import (
+from sweepsafe.drive._helper_client import DriveOSError
+from sweepsafe.drive._helper_process import SOURCE_CHANGED_ERRNO, fsync_directory, temp_name_for
+from sweepsafe.drive._sqlite import (
     SnapshotError,
     check_integrity,
     is_sqlite_file,
@@ -28,7 +28,7 @@ from sweepsafe._snapshot import (
 )
 
 if TYPE_CHECKING:
-    from sweepsafe._helper_client import DriveHelper
+    from sweepsafe.drive._helper_client import DriveHelper
 
 __all__ = [
     "COPY_CHUNK",

@@ -13,7 +13,7 @@ import os
 import sqlite3
 from pathlib import Path
 
-from sweepsafe._drive_helper import SQLITE_HEADER
+from sweepsafe.drive._helper_process import SQLITE_HEADER
 
 SIDECAR_SUFFIXES = ("-wal", "-shm", "-journal")
 """Files SQLite keeps beside a database; never copied on their own."""

@@ -16,16 +16,16 @@ from typing import NoReturn
 
 import optuna
 
-from sweepsafe._cli_demo import demo_command
-from sweepsafe._cli_errors import (
+from sweepsafe.cli._demo import demo_command
+from sweepsafe.cli._errors import (
     EXIT_BAD_INPUT,
     EXIT_INTERRUPTED,
     EXIT_UNSOUND,
     CommandError,
 )
-from sweepsafe._cli_progress import TqdmAwareHandler
-from sweepsafe._cli_run import backup_command, restore_command, run_command
-from sweepsafe._cli_status import print_status, print_verification
+from sweepsafe.cli._progress import TqdmAwareHandler
+from sweepsafe.cli._run import backup_command, restore_command, run_command
+from sweepsafe.cli._status import print_status, print_verification
 from sweepsafe.errors import DriveNotMountedError, DrivePathError, SweepsafeError
 
 __all__ = ["main"]
