@@ -8,11 +8,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
-from sweepsafe.drive import BackupResult, DriveStore
+from sweepsafe.drive import BackupResult, DriveStore, GenerationInfo, VerifyResult
 from sweepsafe.testing._simulated import FaultPlan, simulated_store
 from sweepsafe.worker import BackupWorker, RetryPolicy
 
@@ -20,22 +21,49 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 class CountingStore:
-    """A ``backup_to_drive`` callable over a real store that records every copy it makes."""
+    """A backend over a real store that records every backup it makes (a proxy: it is a
+    ``BackupBackend`` itself, so sweepsafe treats it as the store it wraps)."""
 
     def __init__(self, store: DriveStore) -> None:
         self.store = store
+        self.local_root = store.local_root
+        self.lease_timeout = store.lease_timeout
         self._lock = threading.Lock()
         self.results: list[BackupResult] = []
 
-    async def __call__(self, path: Path, is_directory: bool) -> BackupResult:
-        result = await self.store.abackup(path, is_directory)
+    async def abackup(
+        self, path: Any, is_directory: bool = False, *, exclude: Any = (), final: bool = False
+    ) -> BackupResult:
+        result = await self.store.abackup(path, is_directory, exclude=exclude, final=final)
         with self._lock:
             self.results.append(result)
         return result
 
+    async def arestore(self, path: Any, is_directory: bool = False, **options: Any) -> BackupResult:
+        return await self.store.arestore(path, is_directory, **options)
+
+    async def averify(self, path: Any) -> VerifyResult:
+        return await self.store.averify(path)
+
+    async def ahistory(self, path: Any) -> list[GenerationInfo]:
+        return await self.store.ahistory(path)
+
+    async def aacquire(self, study_dir: Any, *, takeover: bool = False) -> None:
+        await self.store.aacquire(study_dir, takeover=takeover)
+
+    async def arenew(self) -> None:
+        await self.store.arenew()
+
+    async def arelease(self, study_dir: Any = None) -> None:
+        await self.store.arelease(study_dir)
+
     def copies_of(self, path: Path) -> list[BackupResult]:
         with self._lock:
             return [result for result in self.results if result.source == path]
+
+    def copies_under(self, folder: Path) -> list[BackupResult]:
+        with self._lock:
+            return [r for r in self.results if r.source == folder or folder in r.source.parents]
 
 
 @contextmanager

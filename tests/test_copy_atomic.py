@@ -10,7 +10,7 @@ import pytest
 
 from drive_support import simulated_drive, temp_files, write_bytes
 from sweepsafe.drive._files import COPY_CHUNK
-from sweepsafe.drive._helper_process import temp_name_for
+from sweepsafe.drive._helper_process import temp_name
 from sweepsafe.testing._simulated import FaultPlan, simulated_store
 
 pytestmark = pytest.mark.anyio
@@ -76,7 +76,7 @@ async def test_temporary_left_by_a_killed_copy_is_removed_by_the_next_backup_of_
     with simulated_drive(tmp_path) as setup:
         source = setup.local / "study-1" / "notes.txt"
         write_bytes(source, b"v1")
-        leftover = setup.drive / "study-1" / temp_name_for("notes.txt", "deadbeef")
+        leftover = setup.drive / "study-1" / temp_name("deadbeef0123")
         write_bytes(leftover, b"half a copy from a runtime that died")
         unrelated = setup.drive / "study-1" / "other.txt"
         write_bytes(unrelated, b"not ours to delete")

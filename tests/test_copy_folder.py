@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from drive_support import simulated_drive, temp_files, write_bytes
-from sweepsafe.drive import DriveStore
-from sweepsafe.drive._folders import MARKER_NAME
-from sweepsafe.drive._helper_process import temp_name_for
+from sweepsafe.drive import BackupResult, DriveStore
+from sweepsafe.drive._helper_process import temp_name
 from sweepsafe.testing._simulated import FaultPlan, simulated_store
 
 
@@ -27,11 +26,11 @@ def make_files(folder: Path, count: int) -> list[Path]:
 
 
 def drive_files(root: Path) -> dict[str, bytes]:
-    """Every file under ``root`` but sweepsafe's folder markers."""
+    """Every file under ``root`` but those in sweepsafe's own ``.sweepsafe`` folders."""
     return {
         path.relative_to(root).as_posix(): path.read_bytes()
         for path in root.rglob("*")
-        if path.is_file() and path.name != MARKER_NAME
+        if path.is_file() and ".sweepsafe" not in path.relative_to(root).parts
     }
 
 
@@ -61,6 +60,8 @@ def test_file_changed_during_its_copy_is_copied_again_next_time(tmp_path: Path) 
     with simulated_drive(tmp_path) as setup:
         folder = setup.local / "trials"
         log = folder / "trial-0" / "log.txt"
+        write_bytes(log, b"line 0\n")
+        assert setup.store.backup(folder, is_directory=True).ok
         write_bytes(log, b"line 1\n")
         setup.set_faults(FaultPlan(pause_fifo=str(fifo)))
         outcome: list[object] = []
@@ -98,7 +99,7 @@ def test_restore_then_backup_on_a_fresh_runtime_copies_nothing(tmp_path: Path) -
         connection.close()
         assert setup.store.backup(folder, is_directory=True).ok
         # The dead runtime also left a temporary of a killed copy on Drive.
-        leftover = setup.drive / "study-1" / "trials" / "part-3" / temp_name_for("x.txt", "dead")
+        leftover = setup.drive / "study-1" / "trials" / "part-3" / temp_name("dead01234567")
         write_bytes(leftover, b"half")
 
     fresh_local = tmp_path / "fresh-runtime"
@@ -169,7 +170,7 @@ def test_sidecars_temporaries_state_and_excluded_files_are_never_copied(tmp_path
         nested_connection.execute("CREATE TABLE m (y)")
         nested_connection.execute("INSERT INTO m VALUES (7)")
         nested_connection.commit()
-        write_bytes(study / "trials" / temp_name_for("a.txt", "abc"), b"temp")
+        write_bytes(study / "trials" / temp_name("abc012345678"), b"temp")
         write_bytes(study / "trials" / "a.txt", b"a")
         try:
             result = setup.store.backup(study, is_directory=True, exclude=["study.db"])
@@ -196,10 +197,10 @@ def test_restored_folder_matches_drive_byte_for_byte(tmp_path: Path, mirror: boo
         folder = tmp_path / "local" / "trials"
         make_files(folder, 20)
         assert store.backup(folder, is_directory=True).ok
-        for path in folder.rglob("*.txt"):
-            path.write_bytes(b"local edit")
+        shutil.rmtree(folder)  # the runtime's disk is gone
         restored = store.restore(folder, is_directory=True)
         assert restored.ok, restored.error
+        assert restored.files_copied == 20
         assert drive_files(folder) == drive_files(tmp_path / "drive" / "trials")
 
 
@@ -223,7 +224,7 @@ def test_drive_folder_deleted_or_replaced_behind_our_back_gets_every_file_again(
         assert drive_files(setup.drive / "trials") == local
 
 
-def test_a_file_rewritten_during_its_copy_never_replaces_the_good_drive_copy(
+def test_a_file_rewritten_during_its_copy_reaches_drive_as_one_consistent_version(
     tmp_path: Path,
 ) -> None:
     with simulated_drive(tmp_path) as setup:
@@ -232,26 +233,26 @@ def test_a_file_rewritten_during_its_copy_never_replaces_the_good_drive_copy(
         checkpoint = setup.local / "checkpoint.bin"
         write_bytes(checkpoint, b"version 1\n" * 1000)
         assert setup.store.backup(checkpoint)
-        write_bytes(checkpoint, b"version 2, first half\n")
+        write_bytes(checkpoint, b"version 2\n" * 500)
         setup.set_faults(FaultPlan(pause_fifo=str(fifo)))
-        outcome: list[object] = []
+        outcome: list[BackupResult] = []
         backup = threading.Thread(target=lambda: outcome.append(setup.store.backup(checkpoint)))
         backup.start()
-        # The helper now waits in the commit; the writer goes on writing version 2.
+        # The helper now waits in the commit; the training code rewrites the file.
         with open(fifo, "wb") as gate:
-            with open(checkpoint, "ab") as file:
-                file.write(b"version 2, second half\n")
+            write_bytes(checkpoint, b"version 3\n" * 2000)
             setup.set_faults(FaultPlan())
             gate.write(b"go")
         backup.join(timeout=60)
         assert not backup.is_alive()
 
-        result = outcome[0]
-        assert not result.ok  # type: ignore[attr-defined]
-        assert result.retryable  # type: ignore[attr-defined]
-        assert "changed while it was being copied" in result.error  # type: ignore[attr-defined]
+        # What reached Drive is version 2 whole, as captured before the rewrite, never
+        # a mixture of versions 2 and 3.
+        assert outcome[0].ok, outcome[0].error
         drive_copy = setup.drive / "checkpoint.bin"
-        assert drive_copy.read_bytes() == b"version 1\n" * 1000
+        assert drive_copy.read_bytes() == b"version 2\n" * 500
         assert [p.name for p in setup.drive.iterdir() if "sweepsafe-tmp" in p.name] == []
-        assert setup.store.backup(checkpoint)
+        # The rewrite is seen as a change, and the next backup ships version 3.
+        again = setup.store.backup(checkpoint)
+        assert (again.ok, again.files_copied) == (True, 1)
         assert drive_copy.read_bytes() == checkpoint.read_bytes()

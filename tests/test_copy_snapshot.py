@@ -45,8 +45,9 @@ def test_snapshot_taken_while_trials_run_opens_in_optuna_with_every_finished_tri
         }
         assert finished_before <= finished_in_copy
         assert len(finished_before) > 5
-        # The Drive copy stands alone: no WAL or shared-memory file beside it.
-        assert sorted(p.name for p in copy.parent.iterdir()) == ["study.db"]
+        # The Drive copy stands alone: no WAL or shared-memory file beside it (only
+        # sweepsafe's own hidden folder of the study's identity, lease and history).
+        assert sorted(p.name for p in copy.parent.iterdir()) == [".sweepsafe", "study.db"]
 
 
 def test_database_named_anything_is_recognised_by_its_header(tmp_path: Path) -> None:
@@ -80,4 +81,4 @@ def test_corrupt_database_is_never_shipped_and_drive_keeps_the_previous_copy(
         assert "corrupt" in (result.error or "")
         assert (setup.drive / "study.db").read_bytes() == good_copy
         assert temp_files(setup.drive) == []
-        assert list((setup.local / ".sweepsafe" / "snapshots").iterdir()) == []
+        assert list((setup.local / ".sweepsafe" / "scratch").iterdir()) == []

@@ -20,17 +20,28 @@ def test_restore_of_a_corrupt_drive_database_refuses_and_leaves_local_untouched(
         database = setup.local / "study-1" / "study.db"
         make_study(database, n_trials=20)
         assert setup.store.backup(database).ok
-        corrupt_database(setup.drive / "study-1" / "study.db")
+        # Every whole copy of it on Drive is damaged: the plain one and the kept base.
+        copies = [setup.drive / "study-1" / "study.db"]
+        history = setup.drive / "study-1" / ".sweepsafe" / "history"
+        copies += [p for p in history.rglob("*.db") if p.is_file()]
+        assert len(copies) == 2
+        for copy in copies:
+            corrupt_database(copy)
         local_before = database.read_bytes()
 
+        kept = setup.store.restore(database)
+        assert database.read_bytes() == local_before  # the local study is never replaced
+        assert sorted(p.name for p in database.parent.iterdir()) == ["study.db"]
+
+        database.unlink()  # now a new runtime, with nothing local, asks for it
         result = setup.store.restore(database)
 
         assert not result.ok
         assert not result.retryable
-        assert "integrity_check" in (result.error or "")
-        assert str(setup.drive / "study-1" / "study.db") in (result.error or "")
-        assert database.read_bytes() == local_before
-        assert sorted(p.name for p in database.parent.iterdir()) == ["study.db"]
+        assert "damaged" in (result.error or "") or "integrity" in (result.error or "")
+        assert str(setup.drive / "study-1") in (result.error or "")
+        assert not database.exists()
+    assert kept.ok or "nothing local was replaced" in (kept.error or "")
 
 
 def test_restore_brings_a_lost_study_back_and_optuna_resumes_it(tmp_path: Path) -> None:
@@ -118,7 +129,7 @@ def test_restored_database_replaces_stale_wal_files_of_the_old_one(tmp_path: Pat
         database = tmp_path / "local" / "study.db"
         make_study(database, n_trials=3)
         assert store.backup(database).ok
-        make_study(tmp_path / "other" / "study.db", n_trials=9, wal=True)
+        database.unlink()  # the database was lost, but a stale WAL of it stayed behind
         stale_wal = tmp_path / "local" / "study.db-wal"
         write_bytes(stale_wal, b"a WAL that belongs to another database")
 

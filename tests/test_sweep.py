@@ -23,6 +23,7 @@ from sweep_support import (
 )
 from sweepsafe.drive import DriveStore
 from sweepsafe.errors import DrivePathError, SweepsafeError
+from sweepsafe.backup import backup_hpo_study_to_drive
 from sweepsafe.sweep import run_sweep, study_dir_for, trial_dir
 from sweepsafe.testing._simulated import FaultPlan
 
@@ -102,8 +103,10 @@ def test_resumed_study_is_backed_up_before_its_first_new_trial_ends(tmp_path: Pa
             backup_to_drive=store,
             worker=worker,
         )
-        drive_db = store.drive_path_for(study_dir_for(local / "out", "resume-first") / "study.db")
-        drive_db.unlink()
+        study_dir = study_dir_for(local / "out", "resume-first")
+        drive_db = store.drive_path_for(study_dir / "study.db")
+        # Someone deleted the study's folder on Drive; the local study is intact.
+        shutil.rmtree(drive_db.parent)
         counts: list[int] = []
 
         def objective(trial: Trial) -> float:
@@ -112,7 +115,7 @@ def test_resumed_study_is_backed_up_before_its_first_new_trial_ends(tmp_path: Pa
                 counts.append(len(finished_trials(drive_db)))
             return quadratic(trial)
 
-        run_sweep(
+        result = run_sweep(
             objective,
             output_dir=local / "out",
             study_key="resume-first",
@@ -121,6 +124,17 @@ def test_resumed_study_is_backed_up_before_its_first_new_trial_ends(tmp_path: Pa
             worker=worker,
         )
         assert counts == [4]
+        assert result.backup_ok, result.backup_report
+        # Every trial's files are back on Drive too, not only the database.
+        local_files = sorted(
+            p.relative_to(study_dir).as_posix() for p in (study_dir / "trials").rglob("*.txt")
+        )
+        drive_files = sorted(
+            p.relative_to(drive_db.parent).as_posix()
+            for p in (drive_db.parent / "trials").rglob("*.txt")
+        )
+        assert local_files == drive_files
+        assert len(drive_files) == 6
 
 
 def test_slow_drive_coalesces_copies_and_final_copy_has_every_trial(tmp_path: Path) -> None:
@@ -163,8 +177,17 @@ def test_trial_folder_backup_is_incremental_across_trials(tmp_path: Path) -> Non
             worker=worker,
         )
         trials = result.study_dir / "trials"
-        copied = sum(r.files_copied for r in counting.copies_of(trials) if r.ok)
-        assert copied == 15  # each trial's file once, never again
+        seen = counting.copies_under(trials)
+        assert all(r.ok for r in seen)
+        assert sum(r.files_copied for r in seen) <= 15  # each trial's file once at most
+        inodes = {p: p.stat().st_ino for p in store.drive_path_for(trials).rglob("*.txt")}
+        assert len(inodes) == 15
+        # Another end-of-sweep backup walks the whole folder and copies nothing again.
+        again = backup_hpo_study_to_drive(local / "out", counting, worker=worker, timeout=60)
+        assert again.ok, str(again)
+        (walk,) = counting.copies_of(trials)[-1:]
+        assert (walk.files_copied, walk.files_unchanged) == (0, 15)
+        assert {p: p.stat().st_ino for p in inodes} == inodes
         for number in range(15):
             local_file = trials / f"trial-{number:05d}" / "result.txt"
             assert store.drive_path_for(local_file).read_bytes() == local_file.read_bytes()
@@ -429,9 +452,14 @@ def test_unrestorable_drive_copy_refuses_to_start_a_new_study(tmp_path: Path) ->
         )
         study_dir = study_dir_for(local / "out", "corrupt")
         drive_db = store.drive_path_for(study_dir / "study.db")
-        damaged = bytearray(drive_db.read_bytes())
-        damaged[4096:8192] = b"\xff" * 4096
-        drive_db.write_bytes(bytes(damaged))
+        # Every whole copy on Drive is damaged: the plain one and the kept bases.
+        history = drive_db.parent / ".sweepsafe" / "history"
+        damaged: dict[Path, bytes] = {}
+        for copy in [drive_db, *(p for p in history.rglob("*.db") if p.is_file())]:
+            content = bytearray(copy.read_bytes())
+            content[4096:8192] = b"\xff" * 4096
+            damaged[copy] = bytes(content)
+            copy.write_bytes(damaged[copy])
         shutil.rmtree(local / "out")
         with pytest.raises(SweepsafeError, match="could not be restored"):
             run_sweep(
@@ -442,7 +470,8 @@ def test_unrestorable_drive_copy_refuses_to_start_a_new_study(tmp_path: Path) ->
                 backup_to_drive=store,
                 worker=worker,
             )
-        assert drive_db.read_bytes() == bytes(damaged)  # the Drive copy is left alone
+        for copy, content in damaged.items():
+            assert copy.read_bytes() == content  # the Drive copy is left alone
 
 
 def test_callbacks_run_before_backup_callbacks_and_stale_state_is_clean(tmp_path: Path) -> None:

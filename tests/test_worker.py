@@ -479,5 +479,5 @@ def test_stats_is_a_snapshot_of_every_target(rig: WorkerRig, tmp_path: Path) -> 
 def test_worker_options_are_checked() -> None:
     with pytest.raises(ValueError, match="max_concurrency"):
         BackupWorker(max_concurrency=0)
-    with pytest.raises(ValueError, match="asyncio"):
-        BackupWorker(backend="trio")
+    with pytest.raises(ValueError, match="interval"):
+        BackupWorker().every("heartbeat", 0, None)

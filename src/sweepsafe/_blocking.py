@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import anyio
 import anyio.from_thread
+
+__all__ = ["run_blocking"]
 
 T = TypeVar("T")
 
 
 def run_blocking(func: Callable[[], Awaitable[T]]) -> T:
-    """Run ``func()`` on a short-lived event loop in its own thread and return its result.
+    """Run ``func()`` to completion and return its result; blocks the caller.
 
-    ``anyio.run`` would fail inside a Jupyter or Colab cell, whose thread already runs
-    the kernel's asyncio loop; a separate thread has no such loop. Blocks the caller.
+    A plain script or thread gets a short-lived event loop of its own. A Jupyter or
+    Colab cell already runs inside the kernel's event loop, where ``anyio.run`` would
+    refuse, so there the loop runs in a helper thread instead.
     """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return anyio.run(func, backend="asyncio")
     with anyio.from_thread.start_blocking_portal(backend="asyncio") as portal:
         return portal.call(func)

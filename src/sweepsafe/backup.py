@@ -1,30 +1,30 @@
 """Backup policy for Optuna: the per-trial callbacks and the end-of-sweep backup.
 
 The callbacks only hand a job to a :class:`~sweepsafe.worker.BackupWorker`; every byte
-is moved on the worker's background loop, so a trial never waits for Drive.
+is moved on the worker's background loop, so a trial never waits for Drive. The
+worker alone decides where a job runs: an async backup on its loop, a sync one in a
+thread it abandons if it hangs.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
-import tempfile
+import stat as stat_module
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Union
 
 import anyio
-import anyio.to_thread
 
 from sweepsafe._blocking import run_blocking
-from sweepsafe.drive import DriveStore, VerifyResult
-from sweepsafe.errors import BackupFailed, StudyNotFoundError
-from sweepsafe.paths import is_drive_path
-from sweepsafe.worker import BackupWorker, TargetReport, get_default_worker
+from sweepsafe._study_report import StudyBackupReport
+from sweepsafe.drive import BackupBackend, BackupResult, VerifyResult, check_database
+from sweepsafe.errors import StudyNotFoundError
+from sweepsafe.paths import is_drive_path, is_within
+from sweepsafe.worker import BackupWorker, get_default_worker
 
 if TYPE_CHECKING:
     from optuna.study import Study
@@ -38,23 +38,30 @@ __all__ = [
     "backup_hpo_study_to_drive",
     "create_incremental_backup_callback",
     "create_study_db_backup_callback",
+    "create_trial_backup_callback",
     "find_study_dir",
+    "keep_leases_alive",
     "submit_initial_backup",
+    "trial_folder_name",
 ]
 
 logger = logging.getLogger(__name__)
 
 STUDY_DB_NAME = "study.db"
 TRIALS_DIR_NAME = "trials"
+_SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
 
-BackupToDrive = Callable[[Path, bool], Any]
-"""``backup_to_drive(path, is_directory)``: returns a truthy value, ``None`` or a
-``BackupResult`` on success; sync or async. A :class:`DriveStore` is one."""
+BackupToDrive = Union[BackupBackend, Callable[[Path, bool], Any]]
+"""Where backups go: a :class:`DriveStore` (any :class:`~sweepsafe.drive.BackupBackend`),
+or any ``backup_to_drive(path, is_directory)`` callable, sync or async, returning a
+truthy value, ``None`` or a ``BackupResult`` on success."""
 
 OptunaCallback = Callable[["Study", "FrozenTrial"], None]
 
-# SQLite's companions of a database; a snapshot of the database already holds their content.
-_SQLITE_SIDECAR_SUFFIXES = ("-wal", "-shm", "-journal")
+
+def trial_folder_name(number: int) -> str:
+    """The name of trial ``number``'s folder under ``trials/``: ``trial-00042``."""
+    return f"trial-{number:05d}"
 
 
 class BackupProgress:
@@ -77,7 +84,7 @@ class BackupProgress:
 
     @property
     def trials_backed_up(self) -> int:
-        """Trials that the newest Drive copy of ``study.db`` is known to hold, at least."""
+        """Finished trials that the newest Drive copy of ``study.db`` is known to hold."""
         with self._lock:
             return self._backed_up
 
@@ -116,8 +123,8 @@ class _SubmitBackup:
 
     def __init__(
         self,
-        target: Path,
-        job: Callable[[Path, bool], Awaitable[object]],
+        target: Path | Callable[[FrozenTrial], Path],
+        job: Callable[[Path, bool], object],
         is_directory: bool,
         worker: BackupWorker,
         progress: BackupProgress | None,
@@ -133,11 +140,12 @@ class _SubmitBackup:
         if self._progress is not None:
             self._progress._trial_finished()
         try:
-            self._worker.submit(self._target, self._job, is_directory=self._is_directory)
+            target = self._target if isinstance(self._target, Path) else self._target(trial)
+            self._worker.submit(target, self._job, is_directory=self._is_directory)
         except Exception as exc:  # noqa: BLE001 - an exception here would abort study.optimize
             if not self._warned:
                 self._warned = True
-                logger.warning("Could not schedule a backup of %s: %s", self._target, exc)
+                logger.warning("Could not schedule a backup after trial %d: %s", trial.number, exc)
 
     def __repr__(self) -> str:
         return f"<sweepsafe callback: back up {self._target}>"
@@ -184,8 +192,10 @@ def create_incremental_backup_callback(
             target,
         )
         return _NoBackup()
-    job = _backup_job(backup_to_drive, target, progress)
-    return _SubmitBackup(target, job, is_directory, worker or get_default_worker(), progress)
+    worker = worker or get_default_worker()
+    keep_leases_alive(backup_to_drive, worker)
+    job = backup_job(backup_to_drive, progress)
+    return _SubmitBackup(target, job, is_directory, worker, progress)
 
 
 def create_study_db_backup_callback(
@@ -199,7 +209,8 @@ def create_study_db_backup_callback(
     """Make an Optuna callback that schedules a backup of the study's SQLite database.
 
     The same as :func:`create_incremental_backup_callback` for ``study.db``; with a
-    :class:`DriveStore` each copy is a consistent, integrity-checked snapshot.
+    :class:`DriveStore` each copy is a consistent, integrity-checked snapshot, published
+    only after the folders of the trials it newly holds reached Drive.
     """
     return create_incremental_backup_callback(
         storage_path,
@@ -209,6 +220,34 @@ def create_study_db_backup_callback(
         worker=worker,
         progress=progress,
     )
+
+
+def create_trial_backup_callback(
+    study_dir: str | os.PathLike[str],
+    backup_to_drive: BackupToDrive | None,
+    backup_enabled: bool = True,
+    *,
+    worker: BackupWorker | None = None,
+) -> OptunaCallback:
+    """Make an Optuna callback that backs up the folder of the trial that just ended.
+
+    The folder is ``study_dir/trials/trial-00042`` (see :func:`sweepsafe.trial_dir`);
+    a trial that wrote no folder is fine. Only that folder is scanned, so the cost of a
+    backup follows the trial's files, not the whole study's.
+    """
+    if not backup_enabled or backup_to_drive is None:
+        return _NoBackup()
+    trials = Path(os.path.abspath(study_dir)) / TRIALS_DIR_NAME
+    if is_drive_path(trials):
+        return _NoBackup()
+    worker = worker or get_default_worker()
+    keep_leases_alive(backup_to_drive, worker)
+
+    def folder_of(trial: FrozenTrial) -> Path:
+        return trials / trial_folder_name(trial.number)
+
+    job = backup_job(backup_to_drive, None, skip_missing=True)
+    return _SubmitBackup(folder_of, job, True, worker, None)
 
 
 def submit_initial_backup(
@@ -226,144 +265,51 @@ def submit_initial_backup(
     target = Path(os.path.abspath(storage_path))
     if is_drive_path(target):
         return
-    job = _backup_job(backup_to_drive, target, progress, announce=True)
-    (worker or get_default_worker()).submit(target, job, is_directory=False)
+    worker = worker or get_default_worker()
+    keep_leases_alive(backup_to_drive, worker)
+    worker.submit(target, backup_job(backup_to_drive, progress, announce=True), is_directory=False)
 
 
-def _backup_job(
+def keep_leases_alive(backup_to_drive: object, worker: BackupWorker) -> None:
+    """Have ``worker`` renew the store's leases on its studies while it runs (idempotent).
+
+    The heartbeat runs on the worker's loop, never on a trial's thread, and goes on
+    through trials of any length.
+    """
+    if isinstance(backup_to_drive, BackupBackend):
+        lease_timeout = float(getattr(backup_to_drive, "lease_timeout", 120.0))
+        interval = max(0.5, lease_timeout / 4)
+        worker.every(("lease", id(backup_to_drive)), interval, backup_to_drive.arenew)
+
+
+def backup_job(
     backup_to_drive: BackupToDrive,
-    target: Path,
     progress: BackupProgress | None,
     *,
     announce: bool = False,
-) -> Callable[[Path, bool], Awaitable[object]]:
-    """Wrap ``backup_to_drive`` into the async job the worker runs on its loop."""
-    if isinstance(backup_to_drive, DriveStore):
-        # The store's async face runs on the worker's loop without taking a thread.
-        call: BackupToDrive = backup_to_drive.abackup
-    else:
-        call = backup_to_drive
+    final: bool = False,
+    skip_missing: bool = False,
+) -> Callable[[Path, bool], object]:
+    """The job the worker runs for ``backup_to_drive``: async for a store, else the
+    user's callable as it is (the worker runs a sync one in a thread it can abandon)."""
+    if not isinstance(backup_to_drive, BackupBackend):
+        return backup_to_drive
+    store = backup_to_drive
 
-    async def run_backup(path: Path, is_directory: bool) -> object:
-        trials_at_start = progress.trials_finished if progress is not None else 0
-        result = await _call_backup(call, path, is_directory)
-        succeeded = result is None or bool(result)
-        if succeeded and progress is not None and path == target:
-            progress._copy_succeeded(trials_at_start)
+    async def run_backup(path: Path, is_directory: bool) -> BackupResult:
+        if skip_missing and not await anyio.to_thread.run_sync(os.path.isdir, path):
+            return BackupResult(True, path, None, "skipped", notes=("no files",))
+        result = await store.abackup(path, is_directory, final=final)
+        if result.ok and progress is not None and result.finished_trials is not None:
+            progress._copy_succeeded(result.finished_trials)
         if announce:
-            if succeeded:
+            if result.ok:
                 logger.info("First backup of %s reached Drive.", path)
             else:
-                logger.warning(
-                    "First backup of %s did not reach Drive: %s",
-                    path,
-                    getattr(result, "error", None) or "the backup callable returned False",
-                )
+                logger.warning("First backup of %s did not reach Drive: %s", path, result.error)
         return result
 
     return run_backup
-
-
-async def _call_backup(call: BackupToDrive, path: Path, is_directory: bool) -> object:
-    if inspect.iscoroutinefunction(call):
-        return await call(path, is_directory)
-    result = await anyio.to_thread.run_sync(call, path, is_directory)
-    if inspect.isawaitable(result):
-        return await result
-    return result
-
-
-@dataclass(frozen=True)
-class StudyBackupReport:
-    """What the end-of-sweep backup did and what the Drive copy holds."""
-
-    study_dir: Path
-    """The study folder that was backed up (or verified, when it lives on Drive)."""
-    on_drive: bool
-    """True when the study lives on Drive itself: it was only verified, nothing copied."""
-    targets: tuple[TargetReport, ...] = ()
-    """One entry per local target copied (``study.db``, ``trials/``, ...)."""
-    verification: VerifyResult | None = None
-    """The Drive copy of ``study.db`` (or the Drive ``study.db`` itself), when checked."""
-    timed_out: bool = False
-    duration_s: float = 0.0
-    error: str | None = None
-    """Why the backup could not even start (no Drive store, a Drive mount not answering)."""
-    notes: tuple[str, ...] = field(default_factory=tuple)
-
-    @property
-    def ok(self) -> bool:
-        """True when every target reached Drive and the Drive database is sound."""
-        if self.error is not None or self.timed_out:
-            return False
-        if any(not target.ok for target in self.targets):
-            return False
-        return self.verification is None or self.verification.ok
-
-    @property
-    def trial_counts(self) -> Mapping[str, int]:
-        """Trials per state in the Drive copy of the database (empty if not verified)."""
-        return self.verification.trial_counts if self.verification is not None else {}
-
-    @property
-    def failed(self) -> tuple[TargetReport, ...]:
-        """The targets whose latest backup failed or had not finished in time."""
-        return tuple(target for target in self.targets if not target.ok)
-
-    def __bool__(self) -> bool:
-        return self.ok
-
-    def __str__(self) -> str:
-        lines: list[str] = []
-        if self.error is not None:
-            lines.append(f"Backup of {self.study_dir} failed: {self.error}")
-        if self.on_drive:
-            lines.append(f"{self.study_dir} lives on Google Drive; verified only, nothing copied.")
-        for target in self.targets:
-            lines.append(_describe_target(target))
-        if self.timed_out:
-            lines.append(f"The backup did not finish within {self.duration_s:.0f} s.")
-        if self.verification is not None:
-            lines.append(_describe_verification(self.verification))
-        lines.extend(self.notes)
-        verdict = "Drive copy complete" if self.ok else "Drive copy INCOMPLETE"
-        return f"{verdict} ({self.duration_s:.1f} s)\n" + "\n".join(f"  {line}" for line in lines)
-
-    def raise_for_failures(self) -> None:
-        """Raise :class:`BackupFailed` naming what is not on Drive, if anything."""
-        if not self.ok:
-            raise BackupFailed(str(self))
-
-
-def _describe_target(target: TargetReport) -> str:
-    if target.ok:
-        result = target.last_result
-        copied = getattr(result, "bytes_copied", None)
-        files = getattr(result, "files_copied", None)
-        detail = ""
-        if copied is not None:
-            detail = f": {copied / 1e6:.1f} MB"
-            if target.is_directory and files is not None:
-                detail += f" in {files} changed files"
-        return f"{target.target} backed up{detail}"
-    if target.pending:
-        return f"{target.target} NOT backed up: still pending when the wait ended"
-    return f"{target.target} NOT backed up: {target.last_error or 'the backup failed'}"
-
-
-def _describe_verification(verification: VerifyResult) -> str:
-    if not verification.exists:
-        return f"Drive copy {verification.path} does not exist"
-    if verification.error is not None:
-        return f"Drive copy {verification.path}: {verification.error}"
-    counts = ", ".join(
-        f"{count} {state}" for state, count in sorted(verification.trial_counts.items())
-    )
-    integrity = "integrity ok" if verification.integrity_ok else "FAILED integrity check"
-    trials = (
-        f"{sum(verification.trial_counts.values())} trials ({counts})" if counts else "no trials"
-    )
-    return f"Drive copy {verification.path}: {trials}, {integrity}"
 
 
 def find_study_dir(
@@ -406,20 +352,38 @@ def find_study_dir(
     return candidates[-1]
 
 
-def _study_targets(study_dir: Path) -> list[tuple[Path, bool]]:
-    """The backup targets of a study folder: ``study.db`` first, then every other entry.
+def _study_targets(study_dir: Path) -> tuple[list[tuple[Path, bool]], list[str]]:
+    """The backup targets of a study folder, ``study.db`` first, and entries left out.
 
-    Each entry is its own target (``trials/`` is one), the same targets the per-trial
-    callbacks use, so the worker coalesces them and folder manifests line up.
+    Each entry is its own target (``trials/`` is one), the same targets the callbacks
+    use. The symlink rule of the whole study folder applies here too: a link to a file
+    inside the study folder is backed up as that file; any other link is left out and
+    named, and never makes the backup incomplete.
     """
     targets: list[tuple[Path, bool]] = [(study_dir / STUDY_DB_NAME, False)]
+    skipped: list[str] = []
+    real = os.path.realpath(study_dir)
     for entry in sorted(study_dir.iterdir()):
-        if entry.name == STUDY_DB_NAME or entry.name.startswith("."):
+        name = entry.name
+        if name == STUDY_DB_NAME or name.startswith(".") or name.endswith(_SIDE_SUFFIXES):
             continue
-        if entry.name.endswith(_SQLITE_SIDECAR_SUFFIXES):
+        try:
+            info = entry.lstat()
+        except FileNotFoundError:
             continue
-        targets.append((entry, entry.is_dir() and not entry.is_symlink()))
-    return targets
+        if stat_module.S_ISLNK(info.st_mode):
+            target = os.path.realpath(entry)
+            if is_within(target, real) and os.path.isfile(target):
+                targets.append((entry, False))
+            else:
+                skipped.append(f"{name} (a link to {target}; its target is not backed up)")
+        elif stat_module.S_ISDIR(info.st_mode):
+            targets.append((entry, True))
+        elif stat_module.S_ISREG(info.st_mode):
+            targets.append((entry, False))
+        else:
+            skipped.append(f"{name} (not a regular file)")
+    return targets, skipped
 
 
 def backup_hpo_study_to_drive(
@@ -430,15 +394,17 @@ def backup_hpo_study_to_drive(
     worker: BackupWorker | None = None,
     timeout: float | None = None,
     verify: bool = True,
+    release: bool = True,
 ) -> StudyBackupReport:
     """Back up a finished sweep to Drive and wait for it, up to ``timeout`` seconds.
 
     The end-of-sweep call. It finds the study folder (see :func:`find_study_dir`). If the
     folder is on Drive it only verifies its database. Otherwise it schedules ``study.db``
-    (a consistent snapshot) and every other entry of the folder (``trials/``,
-    incrementally), waits for them and for every earlier per-trial job, then checks the
-    Drive copy of the database: it opens, passes the integrity check, and its trials are
-    counted. Blocks the calling thread; never waits longer than ``timeout`` for Drive.
+    (a checked snapshot, which also brings the plain Drive copy up to date) and every
+    other entry of the folder (``trials/`` walked whole), waits for them and for every
+    earlier per-trial job, then checks the Drive copy. With ``release``, a complete
+    wait gives the study's lease back so that the next runtime starts at once. Blocks
+    the calling thread; never waits longer than ``timeout`` for Drive.
 
     Raises:
         StudyNotFoundError: no study folder in ``backbone_output_dir``.
@@ -446,7 +412,7 @@ def backup_hpo_study_to_drive(
     started = time.monotonic()
     found = find_study_dir(backbone_output_dir, study_dir)
     database = found / STUDY_DB_NAME
-    store = backup_to_drive if isinstance(backup_to_drive, DriveStore) else None
+    store = backup_to_drive if isinstance(backup_to_drive, BackupBackend) else None
     if is_drive_path(found):
         return StudyBackupReport(
             study_dir=found,
@@ -462,16 +428,19 @@ def backup_hpo_study_to_drive(
             duration_s=time.monotonic() - started,
         )
     worker = worker or get_default_worker()
-    targets = _study_targets(found)
+    targets, skipped = _study_targets(found)
     for target, is_directory in targets:
-        worker.submit(target, _backup_job(backup_to_drive, target, None), is_directory=is_directory)
+        job = backup_job(backup_to_drive, None, final=target == database)
+        worker.submit(target, job, is_directory=is_directory)
     flush = worker.flush(timeout)
     wanted = {target for target, _ in targets}
     reports = tuple(report for report in flush.targets if report.target in wanted)
     verification: VerifyResult | None = None
+    remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
     if verify and store is not None and not flush.timed_out:
-        remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
         verification = _verify(store, database, remaining)
+    if release and store is not None and not flush.timed_out:
+        _bounded(store.arelease(found), remaining)
     return StudyBackupReport(
         study_dir=found,
         on_drive=False,
@@ -479,27 +448,32 @@ def backup_hpo_study_to_drive(
         verification=verification,
         timed_out=flush.timed_out,
         duration_s=time.monotonic() - started,
+        skipped=tuple(skipped),
     )
 
 
-def _verify(store: DriveStore | None, database: Path, timeout: float | None) -> VerifyResult:
+def _bounded(awaitable: Awaitable[object], timeout: float | None) -> None:
+    async def run() -> None:
+        with anyio.move_on_after(timeout):
+            await awaitable
+
+    run_blocking(run)
+
+
+def _verify(store: BackupBackend | None, database: Path, timeout: float | None) -> VerifyResult:
     """Check the Drive copy of ``database`` (or ``database`` itself on Drive), bounded."""
-    # Only a database already on Drive comes without a store: check it in place.
-    checker = store if store is not None else DriveStore(tempfile.gettempdir(), database.parent)
 
     async def verify_bounded() -> VerifyResult | None:
         with anyio.move_on_after(timeout):
-            return await checker.averify(database)
+            if store is None:
+                return await check_database(database, timeout=timeout or 120.0)
+            return await store.averify(database)
         return None
 
-    try:
-        verification = run_blocking(verify_bounded)
-    finally:
-        if store is None:
-            checker.close()
+    verification = run_blocking(verify_bounded)
     if verification is None:
         return VerifyResult(
-            path=database if is_drive_path(database) else checker.drive_path_for(database),
+            path=database,
             exists=False,
             error=f"Google Drive did not answer within {timeout:.0f} s while checking the copy",
         )

@@ -6,6 +6,8 @@ __all__ = [
     "BackupFailed",
     "DriveNotMountedError",
     "DrivePathError",
+    "LeaseHeldError",
+    "StudyConflictError",
     "StudyNotFoundError",
     "SweepsafeError",
 ]
@@ -29,3 +31,15 @@ class StudyNotFoundError(SweepsafeError, FileNotFoundError):
 
 class BackupFailed(SweepsafeError):
     """Some backups did not reach Drive; the message names every failed or pending target."""
+
+
+class LeaseHeldError(SweepsafeError):
+    """Another runtime owns the study's Drive copy; the message names it and how to take over."""
+
+
+class StudyConflictError(SweepsafeError):
+    """The local study and its Drive copy disagree, so neither replaced the other.
+
+    The Drive copy has finished trials the local study lacks (a stale or second runtime
+    wrote it), or the two have diverged. The message says which trials and what to do.
+    """

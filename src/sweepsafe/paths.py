@@ -1,4 +1,4 @@
-"""Tell whether a path lies on a Google Drive mount."""
+"""Where paths lie: on a Google Drive mount or not, inside a folder or not."""
 
 from __future__ import annotations
 
@@ -6,7 +6,14 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-__all__ = ["COLAB_DRIVE_MOUNT", "DRIVE_ROOTS_ENV", "is_drive_path"]
+__all__ = [
+    "COLAB_DRIVE_MOUNT",
+    "DRIVE_ROOTS_ENV",
+    "configured_drive_roots",
+    "is_drive_path",
+    "is_within",
+    "safe_relative_path",
+]
 
 COLAB_DRIVE_MOUNT = "/content/drive"
 """Where Colab mounts Google Drive by default (``drive.mount('/content/drive')``)."""
@@ -35,23 +42,52 @@ def is_drive_path(
     The purely textual check comes first, so a path spelled under a Drive root is
     answered without touching a possibly stalled mount.
     """
-    roots = [*_configured_roots(drive_roots), *_fuse_drive_mounts()]
+    roots = [*configured_drive_roots(drive_roots), *_fuse_drive_mounts()]
     lexical = os.path.abspath(os.fspath(path))
-    if any(_is_within(lexical, os.path.abspath(root)) for root in roots):
+    if any(is_within(lexical, root) for root in roots):
         return True
     resolved = _realpath(lexical)
     return any(
-        _is_within(resolved, root_path)
-        for root in roots
-        for root_path in {os.path.abspath(root), _realpath(os.path.abspath(root))}
+        is_within(resolved, root_path) for root in roots for root_path in {root, _realpath(root)}
     )
 
 
-def _configured_roots(drive_roots: Iterable[str | os.PathLike[str]] | None) -> Iterator[str]:
-    yield COLAB_DRIVE_MOUNT
-    yield from (entry for entry in os.environ.get(DRIVE_ROOTS_ENV, "").split(os.pathsep) if entry)
+def configured_drive_roots(
+    drive_roots: Iterable[str | os.PathLike[str]] | None = None,
+) -> list[str]:
+    """The Drive roots known without asking the kernel: Colab's, the environment's, given.
+
+    Absolute, in that order. Reading them touches no file system.
+    """
+    roots = [COLAB_DRIVE_MOUNT]
+    roots.extend(entry for entry in os.environ.get(DRIVE_ROOTS_ENV, "").split(os.pathsep) if entry)
     if drive_roots is not None:
-        yield from (os.fspath(root) for root in drive_roots)
+        roots.extend(os.fspath(root) for root in drive_roots)
+    return [os.path.abspath(root) for root in roots]
+
+
+def is_within(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is ``root`` or lies under it, judged by spelling (absolute paths)."""
+    path_text, root_text = os.path.abspath(path), os.path.abspath(root)
+    try:
+        return os.path.commonpath([path_text, root_text]) == root_text
+    except ValueError:
+        return False
+
+
+def safe_relative_path(relative: str) -> str | None:
+    """``relative`` if it is a plain relative POSIX path that stays inside its base, else None.
+
+    Names read from Drive (a listing, a record) pass through here before they become
+    local paths: an absolute path, ``..``, an empty or ``.`` component, a NUL or a
+    backslash is refused, so nothing on Drive can point outside the folder it belongs to.
+    """
+    if not relative or relative.startswith("/") or "\\" in relative or "\0" in relative:
+        return None
+    parts = relative.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return None
+    return relative
 
 
 def _fuse_drive_mounts() -> Iterator[str]:
@@ -83,10 +119,3 @@ def _realpath(path: str) -> str:
         return os.path.realpath(path)
     except (OSError, ValueError, RuntimeError):
         return path
-
-
-def _is_within(path: str, root: str) -> bool:
-    try:
-        return os.path.commonpath([path, root]) == root
-    except ValueError:
-        return False

@@ -1,4 +1,4 @@
-"""run_sweep: an Optuna sweep whose study is backed up to Drive and resumed from it."""
+"""run_sweep and resume_study: an Optuna sweep whose study is backed up to Drive and resumed from it."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 import optuna
 from optuna.trial import TrialState
 
+from sweepsafe._blocking import run_blocking
 from sweepsafe.backup import (
     STUDY_DB_NAME,
     TRIALS_DIR_NAME,
@@ -22,13 +23,17 @@ from sweepsafe.backup import (
     OptunaCallback,
     StudyBackupReport,
     backup_hpo_study_to_drive,
-    create_incremental_backup_callback,
     create_study_db_backup_callback,
+    create_trial_backup_callback,
+    keep_leases_alive,
     submit_initial_backup,
+    trial_folder_name,
 )
-from sweepsafe.drive import DriveStore
-from sweepsafe.errors import SweepsafeError
+from sweepsafe.drive import BackupBackend
+from sweepsafe.drive._sqlite import SnapshotError, read_content
+from sweepsafe.errors import LeaseHeldError, StudyConflictError, SweepsafeError
 from sweepsafe.paths import is_drive_path
+from sweepsafe.worker import BackupWorker, get_default_worker
 
 if TYPE_CHECKING:
     from optuna.pruners import BasePruner
@@ -36,9 +41,14 @@ if TYPE_CHECKING:
     from optuna.study import Study, StudyDirection
     from optuna.trial import FrozenTrial, Trial
 
-    from sweepsafe.worker import BackupWorker
-
-__all__ = ["SweepResult", "run_sweep", "study_dir_for", "trial_dir"]
+__all__ = [
+    "SweepResult",
+    "remaining_trials",
+    "resume_study",
+    "run_sweep",
+    "study_dir_for",
+    "trial_dir",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +81,249 @@ def study_dir_for(output_dir: str | os.PathLike[str], study_key: str | Mapping[s
 
 
 def trial_dir(study_dir: str | os.PathLike[str], trial: Trial | FrozenTrial | int) -> Path:
-    """Return (and create) the folder for one trial's files: ``trials/trial-00042``."""
+    """Return (and create) the folder for one trial's files: ``trials/trial-00042``.
+
+    The per-trial backup copies this folder after the trial ends, and a database copy
+    listing the trial as finished reaches Drive only after it.
+    """
     number = trial if isinstance(trial, int) else trial.number
-    path = Path(study_dir) / TRIALS_DIR_NAME / f"trial-{number:05d}"
+    path = Path(study_dir) / TRIALS_DIR_NAME / trial_folder_name(number)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def remaining_trials(study: Study, n_trials: int) -> int:
+    """How many more trials to run so that ``study`` has ``n_trials`` finished ones.
+
+    Use it as ``study.optimize(..., n_trials=remaining_trials(study, 100))`` so that
+    running the same cell again finishes the sweep instead of adding 100 trials.
+    """
+    finished = len(study.get_trials(deepcopy=False, states=_FINISHED))
+    return max(0, n_trials - finished)
+
+
+@dataclass(frozen=True)
+class _Opened:
+    study: Study
+    restored: bool
+    resumed: int
+    stale: int
+
+
+def resume_study(
+    study_dir: str | os.PathLike[str],
+    backup_to_drive: BackupToDrive | None,
+    *,
+    study_name: str | None = None,
+    direction: Direction | None = None,
+    directions: Sequence[Direction] | None = None,
+    sampler: BaseSampler | None = None,
+    pruner: BasePruner | None = None,
+    restore: bool = True,
+    takeover: bool = False,
+    worker: BackupWorker | None = None,
+) -> Study:
+    """Open the study in ``study_dir/study.db`` the safe way, for your own ``study.optimize``.
+
+    In order: this runtime becomes the study's one writer on Drive (its lease); the
+    study comes back from Drive if the local one is missing or older (checked, never
+    over newer local work); trials a dead runtime left RUNNING are marked FAIL; the
+    study is created or loaded; and its first backup is scheduled. Pair it with
+    :func:`remaining_trials`, the backup callbacks, and :func:`backup_hpo_study_to_drive`
+    at the end (see the README).
+
+    Raises:
+        LeaseHeldError: another runtime is backing this study up (``takeover=True`` if
+            it is gone).
+        StudyConflictError: the local study and the Drive copy diverged.
+        SweepsafeError: Drive holds a copy that cannot be restored, or the local
+            ``study.db`` is not an Optuna study.
+    """
+    return _open_study(
+        Path(os.path.abspath(study_dir)),
+        backup_to_drive,
+        study_name=study_name,
+        direction=direction,
+        directions=directions,
+        sampler=sampler,
+        pruner=pruner,
+        restore=restore,
+        takeover=takeover,
+        worker=worker,
+        progress=None,
+    ).study
+
+
+def _open_study(
+    study_dir: Path,
+    backup_to_drive: BackupToDrive | None,
+    *,
+    study_name: str | None,
+    direction: Direction | None,
+    directions: Sequence[Direction] | None,
+    sampler: BaseSampler | None,
+    pruner: BasePruner | None,
+    restore: bool,
+    takeover: bool,
+    worker: BackupWorker | None,
+    progress: BackupProgress | None,
+) -> _Opened:
+    storage_path = study_dir / STUDY_DB_NAME
+    _refuse_foreign_database(storage_path)
+    store = backup_to_drive if isinstance(backup_to_drive, BackupBackend) else None
+    restored = False
+    if store is not None:
+        _acquire(store, study_dir, takeover, needed=not storage_path.exists() and restore)
+        if restore:
+            restored = _reconcile_with_drive(store, study_dir)
+    elif restore and backup_to_drive is not None and not storage_path.exists():
+        logger.info(
+            "No local %s and backup_to_drive is not a DriveStore, so nothing can be "
+            "restored; starting a new study.",
+            storage_path,
+        )
+    study_dir.mkdir(parents=True, exist_ok=True)
+    (study_dir / TRIALS_DIR_NAME).mkdir(exist_ok=True)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{storage_path}")
+    study = optuna.create_study(
+        storage=storage,
+        study_name=study_name or study_dir.name,
+        direction=direction,
+        directions=directions,
+        sampler=sampler,
+        pruner=pruner,
+        load_if_exists=True,
+    )
+    stale = _fail_stale_trials(storage, study)
+    finished = len(study.get_trials(deepcopy=False, states=_FINISHED))
+    if finished or stale:
+        logger.info(
+            "Resuming study %s with %d finished trials%s%s.",
+            study.study_name,
+            finished,
+            " restored from Drive" if restored else "",
+            f"; {stale} trials left RUNNING by a dead runtime marked FAIL" if stale else "",
+        )
+    if backup_to_drive is not None:
+        worker = worker or get_default_worker()
+        if progress is not None:
+            # A restored database holds every trial it had; a local one may be ahead.
+            progress._start(trials_finished=finished, trials_backed_up=finished if restored else 0)
+        keep_leases_alive(backup_to_drive, worker)
+        submit_initial_backup(storage_path, backup_to_drive, worker=worker, progress=progress)
+    return _Opened(study, restored, finished, stale)
+
+
+def _refuse_foreign_database(database: Path) -> None:
+    """A local ``study.db`` must be an Optuna study (or absent) before Optuna opens it."""
+    if not os.path.lexists(database):
+        return
+    try:
+        content = read_content(database, check="quick")
+    except SnapshotError as exc:
+        raise SweepsafeError(
+            f"{exc}; sweepsafe will not open it. Move it away and run again to restore the "
+            "study from Drive, or to start a new one."
+        ) from exc
+    if not content.is_optuna and os.path.getsize(database) > 0 and _has_tables(database):
+        raise SweepsafeError(
+            f"{database} is an SQLite database but not an Optuna study; sweepsafe will not add "
+            "Optuna's tables to it. Move it away, or choose another output folder."
+        )
+
+
+def _has_tables(database: Path) -> bool:
+    import sqlite3
+
+    connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    try:
+        return bool(connection.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0])
+    finally:
+        connection.close()
+
+
+def _acquire(store: BackupBackend, study_dir: Path, takeover: bool, *, needed: bool) -> None:
+    """Take the study's lease; a Drive that cannot be reached is fatal only if needed."""
+
+    async def acquire() -> None:
+        await store.aacquire(study_dir, takeover=takeover)
+
+    try:
+        run_blocking(acquire)
+    except LeaseHeldError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Drive failing or not answering, told in one line
+        if needed:
+            raise SweepsafeError(
+                f"Could not reach the Drive copy of {study_dir}: {exc}. Fix the Drive mount "
+                "and run again; pass restore=False only to start a new study."
+            ) from exc
+        logger.warning("Could not take the lease on the Drive copy of %s: %s", study_dir, exc)
+
+
+def _reconcile_with_drive(store: BackupBackend, study_dir: Path) -> bool:
+    """Bring the study back from Drive when the local one is missing or older; True if so."""
+    database = study_dir / STUDY_DB_NAME
+    existed = database.exists()
+    result = run_blocking(lambda: store.arestore(database))
+    if not result.ok:
+        if result.reason == "no-copy":
+            return False
+        if result.reason == "diverged":
+            raise StudyConflictError(result.error or "")
+        if existed:
+            logger.warning("Could not compare %s with its Drive copy: %s", database, result.error)
+            return False
+        raise SweepsafeError(
+            f"Google Drive holds a copy of {database} but it could not be restored: "
+            f"{(result.error or 'unknown error').rstrip('.')}. Fix the cause and run again; pass "
+            "restore=False only to start a new study (its backups then stop, since the Drive "
+            "copy is not replaced by a worse one)."
+        )
+    if result.files_unchanged:
+        return False  # the local study holds everything the Drive copy holds
+    trials = run_blocking(lambda: store.arestore(study_dir / TRIALS_DIR_NAME, is_directory=True))
+    if not trials.ok and trials.reason != "no-copy":
+        logger.warning("The study was restored, but not all its trial files: %s", trials.error)
+    if trials.kept_local:
+        logger.warning(
+            "Kept %d local trial file(s) changed since their last backup instead of the Drive "
+            "copies, first %s.",
+            len(trials.kept_local),
+            trials.kept_local[0],
+        )
+    verification = run_blocking(lambda: store.averify(database))
+    if verification.missing_files:
+        numbers = ", ".join(str(n) for n in sorted(verification.missing_files)[:10])
+        logger.warning(
+            "Finished trials %s of the restored study have files that never reached Drive; "
+            "they are not rerun (Optuna counts them finished).",
+            numbers,
+        )
+    logger.info(
+        "Restored %s from Google Drive (generation %s, %d trial files, %.1f MB).",
+        study_dir,
+        result.generation,
+        trials.files_copied,
+        (result.bytes_copied + trials.bytes_copied) / 1e6,
+    )
+    return True
+
+
+def _fail_stale_trials(storage: optuna.storages.RDBStorage, study: Study) -> int:
+    """Mark trials left RUNNING by a runtime that died as FAIL; return how many.
+
+    Only called by the study's one writer (it holds the lease, or has no Drive copy), so
+    no live runtime's trial is failed.
+    """
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if not stale:
+        return 0
+    study_id = storage.get_study_id_from_name(study.study_name)
+    for trial in stale:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    return len(stale)
 
 
 @dataclass(frozen=True)
@@ -113,6 +361,7 @@ def run_sweep(
     backup_to_drive: BackupToDrive | None = None,
     backup_enabled: bool = True,
     restore: bool = True,
+    takeover: bool = False,
     flush_timeout: float = 300.0,
     worker: BackupWorker | None = None,
     progress: BackupProgress | None = None,
@@ -122,29 +371,31 @@ def run_sweep(
     The study lives in ``study_dir_for(output_dir, study_key)`` as ``study.db`` plus a
     ``trials/`` folder for the objective's files (see :func:`trial_dir`). In order:
 
-    1. If the local ``study.db`` is missing and ``backup_to_drive`` is a
-       :class:`DriveStore` holding a copy, the study folder is restored from Drive and
-       trials left RUNNING by the dead runtime are marked FAIL.
-    2. The study is created or loaded, and ``study.db`` is backed up at once (not
-       waited on).
-    3. ``study.optimize`` runs with your ``callbacks`` followed by the backup callbacks,
+    1. This runtime takes the study's lease on Drive (another live runtime makes it
+       refuse; ``takeover=True`` if that runtime is gone).
+    2. If the local study is missing or older than the Drive copy, it is restored
+       (checked), and trials left RUNNING by the dead runtime are marked FAIL.
+    3. The study is created or loaded, and ``study.db`` is backed up at once.
+    4. ``study.optimize`` runs with your ``callbacks`` followed by the backup callbacks,
        which only schedule copies: the trials never wait for Drive.
-    4. Whatever happens (an exception, Ctrl-C), the study is backed up at the end and
-       the report returned (or logged, while the exception propagates).
+    5. Whatever happens (an exception, Ctrl-C), the study is backed up at the end, the
+       lease given back, and the report returned (or logged, while the exception
+       propagates).
 
     ``n_trials`` is the number of *finished* trials (COMPLETE and PRUNED) the study
     should have when the sweep ends, not a number to add: running the same cell again
     after a crash finishes the sweep instead of starting ``n_trials`` more. Trials that
     fail do not count, but do use up this run's budget; run again to fill the gap.
-    ``run_sweep`` assumes it is the only process working on this study.
 
     Raises:
+        LeaseHeldError: another runtime is backing this study up.
+        StudyConflictError: the local study and its Drive copy diverged.
         SweepsafeError: Drive holds a copy of this study but it could not be restored
-            (a new study would later overwrite it).
+            (a new study would be refused by it anyway), or the local ``study.db`` is
+            not an Optuna study.
     """
     study_dir = study_dir_for(output_dir, study_key)
     storage_path = study_dir / STUDY_DB_NAME
-    name = study_name or study_dir.name
     if is_drive_path(study_dir):
         logger.warning(
             "%s is on Google Drive: SQLite on a Drive mount is slow and can corrupt the "
@@ -155,50 +406,32 @@ def run_sweep(
         backup_to_drive = None
     if not backup_enabled:
         backup_to_drive = None
-
-    restored = False
-    if restore and backup_to_drive is not None and not storage_path.exists():
-        restored = _restore_from_drive(backup_to_drive, study_dir)
-    study_dir.mkdir(parents=True, exist_ok=True)
-    (study_dir / TRIALS_DIR_NAME).mkdir(exist_ok=True)
-
-    storage = optuna.storages.RDBStorage(f"sqlite:///{storage_path}")
-    study = optuna.create_study(
-        storage=storage,
-        study_name=name,
+    if backup_to_drive is not None:
+        worker = worker or get_default_worker()
+    progress = progress if progress is not None else BackupProgress()
+    opened = _open_study(
+        study_dir,
+        backup_to_drive,
+        study_name=study_name,
         direction=direction,
         directions=directions,
         sampler=sampler,
         pruner=pruner,
-        load_if_exists=True,
+        restore=restore,
+        takeover=takeover,
+        worker=worker,
+        progress=progress,
     )
-    stale = _fail_stale_trials(storage, study)
-    finished = len(study.get_trials(deepcopy=False, states=_FINISHED))
-    if finished or stale:
-        logger.info(
-            "Resuming study %s with %d finished trials%s%s.",
-            name,
-            finished,
-            " restored from Drive" if restored else "",
-            f"; {stale} trials left RUNNING by a dead runtime marked FAIL" if stale else "",
-        )
-
-    progress = progress if progress is not None else BackupProgress()
-    # A restored database holds every trial it had; a local one may be ahead of Drive.
-    progress._start(trials_finished=finished, trials_backed_up=finished if restored else 0)
+    study = opened.study
     backup_callbacks: list[OptunaCallback] = []
     if backup_to_drive is not None:
-        submit_initial_backup(storage_path, backup_to_drive, worker=worker, progress=progress)
         backup_callbacks = [
+            create_trial_backup_callback(study_dir, backup_to_drive, worker=worker),
             create_study_db_backup_callback(
                 storage_path, backup_to_drive, worker=worker, progress=progress
             ),
-            create_incremental_backup_callback(
-                study_dir / TRIALS_DIR_NAME, backup_to_drive, is_directory=True, worker=worker
-            ),
         ]
-
-    remaining = None if n_trials is None else n_trials - finished
+    remaining = None if n_trials is None else n_trials - opened.resumed
     report: StudyBackupReport | None = None
     failure: BaseException | None = None
     try:
@@ -214,7 +447,11 @@ def run_sweep(
                 callbacks=all_callbacks,
             )
         else:
-            logger.info("Study %s already has %d finished trials; nothing to run.", name, finished)
+            logger.info(
+                "Study %s already has %d finished trials; nothing to run.",
+                study.study_name,
+                opened.resumed,
+            )
     except BaseException as exc:
         failure = exc
         raise
@@ -227,64 +464,9 @@ def run_sweep(
         study=study,
         study_dir=study_dir,
         backup_report=report,
-        resumed_trials=finished,
-        restored_from_drive=restored,
+        resumed_trials=opened.resumed,
+        restored_from_drive=opened.restored,
     )
-
-
-def _restore_from_drive(backup_to_drive: BackupToDrive, study_dir: Path) -> bool:
-    """Bring the study folder back from Drive if Drive holds it; True if it did."""
-    if not isinstance(backup_to_drive, DriveStore):
-        logger.info(
-            "No local %s and backup_to_drive is not a DriveStore, so nothing can be "
-            "restored; starting a new study.",
-            study_dir / STUDY_DB_NAME,
-        )
-        return False
-    store = backup_to_drive
-    database = study_dir / STUDY_DB_NAME
-    remote = store.verify(database)
-    if not remote.exists and remote.error is None:
-        return False
-    if remote.error is not None and not remote.exists:
-        raise SweepsafeError(
-            f"Could not tell whether Google Drive holds a copy of {database}: "
-            f"{remote.error.rstrip('.')}. Fix the Drive mount and run again; pass "
-            "restore=False only to start a new study that will overwrite the Drive copy."
-        )
-    result = store.restore(database)
-    if not result.ok:
-        raise SweepsafeError(
-            f"Google Drive holds a copy of {database} ({remote.path}) but it could not be "
-            f"restored: {(result.error or 'unknown error').rstrip('.')}. Fix the cause and run "
-            "again; pass restore=False only to start a new study that will overwrite the "
-            "Drive copy."
-        )
-    trials = store.restore(study_dir / TRIALS_DIR_NAME, is_directory=True)
-    if not trials.ok:
-        logger.warning(
-            "The study database was restored, but its trial folders were not: %s",
-            trials.error,
-        )
-    logger.info(
-        "Restored %s from Google Drive (%d files, %.1f MB).",
-        study_dir,
-        1 + trials.files_copied,
-        (result.bytes_copied + trials.bytes_copied) / 1e6,
-    )
-    return True
-
-
-def _fail_stale_trials(storage: optuna.storages.RDBStorage, study: Study) -> int:
-    """Mark trials left RUNNING by a runtime that died as FAIL; return how many."""
-    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    if not stale:
-        return 0
-    study_id = storage.get_study_id_from_name(study.study_name)
-    for trial in stale:
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-        storage.set_trial_state_values(trial_id, TrialState.FAIL)
-    return len(stale)
 
 
 def _final_backup(

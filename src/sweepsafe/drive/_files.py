@@ -1,331 +1,168 @@
-"""The byte-moving primitives: atomic chunked copies to and from Drive through a helper.
+"""Moving one file: capture a stable local version, ship it to Drive, fetch one back.
 
-Every Drive-side file is written under a temporary name beside its target, fsynced and
-then renamed over it, so the target is always the previous complete version or the
-new complete one. Each step is one helper request with its own deadline; a cancelled
-or failed copy leaves its temporary for the next backup of the same target to remove.
+A file a trial keeps rewriting (``last.pt``) would never reach Drive if it were copied
+straight from its live name at Drive's pace: every copy would be overtaken by the next
+rewrite. So a file is first *captured*: copied on the fast local disk (a reflink where
+the file system offers one), with its inode checked unchanged from before to after the
+capture; only that stable capture is then shipped to Drive, atomically (temporary name,
+fsync, rename), at whatever pace Drive allows. A database is captured by SQLite's online
+backup instead (see ``_sqlite``).
+
+The captures use ``copy_file_range`` in a worker thread: on a 200 MB checkpoint it
+measured 1.2 to 5 times faster than chunked ``aiofiles`` reads and writes, and it
+moves no byte through Python.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import os
-import secrets
-import threading
+import stat as stat_module
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
 
-from sweepsafe.drive._helper_client import DriveOSError
-from sweepsafe.drive._helper_process import SOURCE_CHANGED_ERRNO, fsync_directory, temp_name_for
-from sweepsafe.drive._sqlite import (
-    SnapshotError,
-    check_integrity,
-    is_sqlite_file,
-    remove_quietly,
-    snapshot_sqlite,
-)
+from sweepsafe.drive._helper_client import new_token
+from sweepsafe.drive._helper_process import fsync_directory, is_sqlite_file, temp_name, transfer
+from sweepsafe.drive._local_state import Signature, file_signature
+from sweepsafe.drive._sqlite import read_content
 
 if TYPE_CHECKING:
     from sweepsafe.drive._helper_client import DriveHelper
 
 __all__ = [
     "COPY_CHUNK",
+    "Captured",
+    "NotARegularFile",
     "RestoreRefused",
-    "Shipped",
-    "SnapshotError",
-    "abandoned_temps",
+    "SourceChanging",
+    "capture_file",
     "fetch_file",
-    "file_signature",
-    "forget_abandoned",
-    "new_token",
-    "process_tag",
-    "remember_abandoned",
-    "ship_file",
-    "ship_path",
+    "remove_orphans",
+    "remove_quietly",
+    "scratch_path",
 ]
 
 COPY_CHUNK = 8 << 20
 """Bytes per copy request: the granularity of cancellation and of per-step deadlines."""
 
+_FICLONE = 0x40049409  # linux/fs.h: share the source's blocks (btrfs, XFS, bcachefs)
+_CAPTURE_ATTEMPTS = 4
+_SETTLE_S = 0.05
+
+
+class SourceChanging(Exception):
+    """A file changed during each of several captures; no stable version could be taken."""
+
+
+class NotARegularFile(Exception):
+    """The path is a FIFO, a socket or a device: not a file whose bytes can be copied."""
+
+
+class RestoreRefused(Exception):
+    """A Drive copy failed its checks; nothing local was replaced."""
+
 
 @dataclass(frozen=True)
-class Shipped:
-    """What one file copy to Drive moved."""
+class Captured:
+    """A stable local copy of a file, and the signature of the version it holds."""
 
-    bytes_copied: int
-    source_unchanged: bool
-    """The source's (size, mtime_ns) was the same before and after the copy."""
-
-
-# Every temporary name this process writes starts with this tag. A stray clean-up
-# removes the temporaries of other tags (left by a runtime that died) and, of its own,
-# only those abandoned by a killed helper: never one of a concurrent copy of the same
-# file in this process.
-_process_tag = secrets.token_hex(4)
-_abandoned: set[str] = set()
-_abandoned_lock = threading.Lock()
+    path: Path
+    signature: Signature
 
 
-def _start_new_process_tag() -> None:
-    global _process_tag
-    _process_tag = secrets.token_hex(4)
-    with _abandoned_lock:
-        _abandoned.clear()
+def scratch_path(scratch: Path, kind: str, suffix: str = "") -> Path:
+    """A new file name under ``scratch``, named by this process so orphans can be found."""
+    return scratch / f"{kind}-{os.getpid()}-{new_token()}{suffix}"
 
 
-os.register_at_fork(after_in_child=_start_new_process_tag)
-
-
-def process_tag() -> str:
-    """The tag that starts every temporary name this process writes."""
-    return _process_tag
-
-
-def new_token() -> str:
-    """A random suffix for a temporary name, starting with this process's tag."""
-    return _process_tag + secrets.token_hex(6)
-
-
-def abandoned_temps(folder: Path) -> list[str]:
-    """Temporaries in the Drive folder ``folder`` left by this process's killed helpers."""
-    with _abandoned_lock:
-        return [temp for temp in _abandoned if os.path.dirname(temp) == str(folder)]
-
-
-def remember_abandoned(temp: str) -> None:
-    """Note a temporary that a killed helper may have left, for the next clean-up."""
-    with _abandoned_lock:
-        _abandoned.add(temp)
-
-
-def forget_abandoned(temps: list[str]) -> None:
-    """Forget abandoned temporaries once a clean-up has removed them."""
-    with _abandoned_lock:
-        _abandoned.difference_update(temps)
-
-
-def file_signature(path: Path) -> tuple[int, int]:
-    """(size, mtime_ns): what the incremental folder sync compares."""
-    info = os.stat(path)
-    return info.st_size, info.st_mtime_ns
-
-
-async def ship_file(
-    helper: DriveHelper,
-    source: Path,
-    destination: Path,
-    step_timeout: float,
-    *,
-    clean_strays: bool,
-    token: str | None = None,
-    stream: bool = False,
-) -> int:
-    """Copy the local file ``source`` to ``destination`` on Drive, atomically.
-
-    By default the helper reads the local file itself (``copy_file_range``: no bytes
-    cross the pipe or this process's memory); it runs at ``cp`` speed, where streaming
-    the bytes through the pipe (``stream``, read here in a worker thread) measured
-    about half as fast (tools/bench_copy.py). Cancellation still lands between chunks.
-    Returns the bytes copied.
-    """
-    token = token or new_token()
+def remove_orphans(scratch: Path) -> None:
+    """Remove scratch files of processes that died mid-copy (their pid is in the name)."""
     try:
-        return await _ship_to_temp(
-            helper, source, destination, step_timeout, token, clean_strays, stream
-        )
-    except BaseException:
-        if helper.broken:
-            # The helper was killed mid-copy: its temporary may stay behind on Drive.
-            remember_abandoned(str(destination.parent / temp_name_for(destination.name, token)))
-        raise
-
-
-async def _ship_to_temp(
-    helper: DriveHelper,
-    source: Path,
-    destination: Path,
-    step_timeout: float,
-    token: str,
-    clean_strays: bool,
-    stream: bool,
-) -> int:
-    handle = helper.new_handle()
-    dest = str(destination)
-    info = await anyio.to_thread.run_sync(os.stat, source)
-    size = info.st_size
-    # The helper checks the source again before it commits: a file rewritten during
-    # its copy must not replace the last good copy on Drive.
-    expect = [info.st_size, info.st_mtime_ns]
-    abandoned = abandoned_temps(destination.parent) if clean_strays else []
-    if not stream and size <= COPY_CHUNK:
-        # One round trip for the common small file: create, copy, fsync, rename.
-        reply = await helper.call(
-            "put",
-            dest,
-            step_timeout,
-            handle=handle,
-            token=token,
-            clean=clean_strays,
-            own_tag=_process_tag,
-            abandoned=abandoned,
-            source=str(source),
-            offset=0,
-            length=size,
-            expect=expect,
-        )
-        forget_abandoned(abandoned)
-        return int(reply["copied"])
-    await helper.call(
-        "open",
-        dest,
-        step_timeout,
-        handle=handle,
-        token=token,
-        clean=clean_strays,
-        own_tag=_process_tag,
-        abandoned=abandoned,
-    )
-    forget_abandoned(abandoned)
-    try:
-        copied = 0
-        if stream:
-            async with await anyio.open_file(source, "rb") as reader:
-                while chunk := await reader.read(COPY_CHUNK):
-                    await helper.call("write", dest, step_timeout, chunk, handle=handle)
-                    copied += len(chunk)
-        else:
-            while copied < size:
-                length = min(COPY_CHUNK, size - copied)
-                reply = await helper.call(
-                    "copy",
-                    dest,
-                    step_timeout,
-                    handle=handle,
-                    source=str(source),
-                    offset=copied,
-                    length=length,
-                )
-                if not reply["copied"]:
-                    break  # the source shrank; the caller sees it changed
-                copied += int(reply["copied"])
-        await helper.call(
-            "commit", dest, step_timeout, handle=handle, source=str(source), expect=expect
-        )
-    except BaseException:
-        if not helper.broken:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(step_timeout):
-                await helper.call("abort", dest, step_timeout, handle=handle)
-        raise
-    return copied
-
-
-async def ship_path(
-    helper: DriveHelper,
-    source: Path,
-    destination: Path,
-    step_timeout: float,
-    scratch: Path,
-    *,
-    clean_strays: bool,
-    token: str | None = None,
-    stream: bool = False,
-    keep_if_changed: bool = False,
-) -> Shipped:
-    """Copy a file to Drive; an SQLite database goes as a checked snapshot.
-
-    A file that changes during its copy is never committed: the Drive copy keeps its
-    previous version. With ``keep_if_changed`` that is reported as a copy whose source
-    changed (the folder sync then copies it again next time); otherwise it raises.
-
-    Raises SnapshotError for a database that cannot be snapshotted soundly (nothing is
-    shipped then), OSError for local failures, and the helper's errors for Drive ones.
-    """
-    before = await anyio.to_thread.run_sync(file_signature, source)
-    if await anyio.to_thread.run_sync(is_sqlite_file, source):
-        snapshot = scratch / f"snapshot-{os.getpid()}-{new_token()}.db"
+        names = os.listdir(scratch)
+    except FileNotFoundError:
+        return
+    for name in names:
         try:
-            await anyio.to_thread.run_sync(_snapshot_into, source, snapshot)
-            copied = await ship_file(
-                helper,
-                snapshot,
-                destination,
-                step_timeout,
-                clean_strays=clean_strays,
-                token=token,
-                stream=stream,
-            )
-        finally:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(remove_quietly, snapshot)
-    else:
-        try:
-            copied = await ship_file(
-                helper,
-                source,
-                destination,
-                step_timeout,
-                clean_strays=clean_strays,
-                token=token,
-                stream=stream,
-            )
-        except DriveOSError as exc:
-            if keep_if_changed and exc.errno == SOURCE_CHANGED_ERRNO:
-                return Shipped(bytes_copied=0, source_unchanged=False)
-            raise
-    after = await anyio.to_thread.run_sync(_signature_or_none, source)
-    return Shipped(bytes_copied=copied, source_unchanged=after == before)
-
-
-def _snapshot_into(source: Path, snapshot: Path) -> None:
-    snapshot.parent.mkdir(parents=True, exist_ok=True)
-    _remove_orphaned_snapshots(snapshot.parent)
-    snapshot_sqlite(source, snapshot)
-
-
-def _remove_orphaned_snapshots(folder: Path) -> None:
-    """Remove snapshots left by processes that died mid-copy (named by their pid)."""
-    for path in folder.glob("snapshot-*.db*"):
-        try:
-            pid = int(path.name.split("-")[1])
+            pid = int(name.split("-")[1])
         except (IndexError, ValueError):
             continue
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            remove_quietly(path)
+            remove_quietly(scratch / name)
         except PermissionError:
             pass  # alive, another user's
 
 
-def _signature_or_none(path: Path) -> tuple[int, int] | None:
-    try:
-        return file_signature(path)
-    except OSError:
-        return None
+def remove_quietly(path: Path) -> None:
+    """Remove a file if it exists."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
 
 
-def _local_temp_for(target: Path) -> Path:
+def capture_file(source: Path, target: Path) -> Captured:
+    """Copy ``source`` to the new local file ``target`` as one unchanged version.
+
+    Blocking. A source whose inode changed during a capture is captured again, a few
+    times, after a short pause for its writer; a rename over the source during a capture
+    is harmless (the open file is the version captured).
+
+    Raises:
+        SourceChanging: it changed during every attempt.
+        NotARegularFile: it is not a regular file.
+        FileNotFoundError, PermissionError: it vanished, or cannot be read.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.parent / temp_name_for(target.name, new_token())
-    temp.touch(exist_ok=False)
-    return temp
+    for attempt in range(_CAPTURE_ATTEMPTS):
+        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            before = os.fstat(fd)
+            if not stat_module.S_ISREG(before.st_mode):
+                raise NotARegularFile(f"{source} is not a regular file")
+            if time.time() - before.st_mtime < _SETTLE_S:
+                # Written this instant: its writer is likely mid-write.
+                time.sleep(_SETTLE_S)
+                before = os.fstat(fd)
+            out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                copied = _clone_or_copy(fd, out, before.st_size)
+            finally:
+                os.close(out)
+            after = os.fstat(fd)
+        finally:
+            os.close(fd)
+        signature = file_signature(after)
+        if file_signature(before) == signature and copied == before.st_size:
+            return Captured(target, signature)
+        time.sleep(_SETTLE_S * 2**attempt)
+    remove_quietly(target)
+    raise SourceChanging(f"{source} kept changing while it was captured")
 
 
-class RestoreRefused(Exception):
-    """A Drive copy failed its integrity check; nothing local was replaced."""
-
-
-def _install_local(temp: Path, target: Path) -> tuple[int, int]:
-    """Check a pulled file and move it over ``target``; return its signature."""
+def _clone_or_copy(source_fd: int, target_fd: int, size: int) -> int:
     try:
-        if is_sqlite_file(temp):
-            problem = check_integrity(temp)
-            if problem is not None:
-                raise RestoreRefused(problem)
-            # A stale WAL or journal beside the old database would be replayed into
-            # the restored one; it belongs to the file being replaced.
+        fcntl.ioctl(target_fd, _FICLONE, source_fd)
+    except OSError:
+        return transfer(source_fd, target_fd, 0, size)
+    return size
+
+
+def _install_local(temp: Path, target: Path) -> Signature:
+    """Check a pulled file and move it over ``target``; return its new signature."""
+    try:
+        if is_sqlite_file(os.fspath(temp)):
+            try:
+                read_content(temp, check="full")
+            except Exception as exc:
+                raise RestoreRefused(str(exc)) from exc
+            # A stale WAL or journal beside the old database would be replayed into the
+            # restored one; it belongs to the file being replaced.
             for suffix in ("-wal", "-shm", "-journal"):
                 remove_quietly(target.with_name(target.name + suffix))
         os.replace(temp, target)
@@ -333,24 +170,37 @@ def _install_local(temp: Path, target: Path) -> tuple[int, int]:
     except BaseException:
         remove_quietly(temp)
         raise
-    return file_signature(target)
+    return file_signature(os.stat(target))
+
+
+def _local_temp_for(target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.parent / temp_name(new_token())
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    os.close(fd)
+    return temp
 
 
 async def fetch_file(
-    helper: DriveHelper, source: Path, target: Path, step_timeout: float
-) -> tuple[int, tuple[int, int]]:
+    helper: DriveHelper, source: Path, target: Path, timeout: float
+) -> tuple[int, Signature]:
     """Copy the Drive file ``source`` over the local ``target``, atomically and checked.
 
-    A database must pass ``PRAGMA integrity_check`` before it replaces anything
-    (else RestoreRefused). Returns the bytes copied and the new local signature.
+    A database must pass ``PRAGMA integrity_check`` before it replaces anything (else
+    RestoreRefused). Returns the bytes copied and the new local signature.
     """
     temp = await anyio.to_thread.run_sync(_local_temp_for, target)
     try:
-        reply = await helper.call("pull", str(source), step_timeout, target=str(temp))
+        copied = await helper.pull(source, temp, timeout)
     except BaseException:
         # A killed helper may still hold the file open; removing the name is still safe.
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(remove_quietly, temp)
         raise
     signature = await anyio.to_thread.run_sync(_install_local, temp, target)
-    return int(reply["copied"]), signature
+    return copied, signature
+
+
+def is_local_enospc(exc: BaseException) -> bool:
+    """The local disk is full (not Drive)."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -1,21 +1,24 @@
-"""Incremental folder backup and restore, driven by a manifest kept on local disk.
+"""Incremental folder backup and checked folder restore, driven by the study's manifest.
 
-The manifest records, per file, the (size, mtime_ns) of the version last copied to
-Drive, so an unchanged folder costs one local scan and no Drive-side listing. A file
-that changes while it is copied is not recorded and goes again next time. Drive-side
-temporaries left by a killed copy (seen by a restore, or known from an abandoned
-copy) are recorded as strays and removed by the next backup.
+Paths in the manifest are relative to the study folder, so a backup of one trial's
+folder, of ``trials/`` or of the whole study folder all read and update the same
+records, and each costs a scan of the folder it was given, not of the whole study.
+
+One bad entry costs one entry: a file that vanished is not an error, one that cannot
+be read or that Drive refuses is skipped and named (with whether trying again can
+help), and the rest of the folder is copied. Only a failure of Drive as a whole (a
+timeout, a disconnected or full mount) stops a folder copy, since every other file
+would meet it too.
 """
 
 from __future__ import annotations
 
+import errno
 import fnmatch
-import hashlib
-import json
-import logging
 import os
 import re
-from collections.abc import Awaitable, Callable, Sequence
+import stat as stat_module
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,439 +26,557 @@ from typing import TYPE_CHECKING
 import anyio
 
 from sweepsafe.drive._files import (
+    COPY_CHUNK,
+    NotARegularFile,
     RestoreRefused,
-    SnapshotError,
-    abandoned_temps,
+    SourceChanging,
+    capture_file,
     fetch_file,
-    forget_abandoned,
-    new_token,
-    process_tag,
-    remember_abandoned,
-    ship_path,
+    remove_quietly,
+    scratch_path,
 )
-from sweepsafe.drive._helper_process import (
-    TEMP_MARKER,
-    fsync_directory,
-    is_temp_name,
-    temp_name_for,
-)
-from sweepsafe.drive._sqlite import SIDECAR_SUFFIXES, is_sidecar, remove_quietly
+from sweepsafe.drive._helper_client import DriveHelper, DriveOSError, DriveTimeout, HelperGone
+from sweepsafe.drive._helper_process import STATE_DIR_NAME, is_sqlite_file, is_temp_name
+from sweepsafe.drive._local_state import Signature, file_signature
+from sweepsafe.drive._sqlite import SIDECAR_SUFFIXES, SnapshotError, snapshot_sqlite
+from sweepsafe.paths import is_within, safe_relative_path
 
 if TYPE_CHECKING:
-    from sweepsafe.drive._helper_client import DriveHelper, HelperPool
+    from sweepsafe.drive._helper_client import HelperPool
+    from sweepsafe.drive._local_state import Manifest
 
-logger = logging.getLogger(__name__)
+__all__ = [
+    "EntryProblem",
+    "FolderJob",
+    "FolderOutcome",
+    "PublishDatabase",
+    "restore_folder",
+    "sync_file",
+    "sync_folder",
+]
 
-STATE_DIR_NAME = ".sweepsafe"
-"""sweepsafe's own local folder (manifests, snapshots) under the local root; never copied."""
-
-MARKER_NAME = ".sweepsafe-id"
-"""A file in the store's Drive root holding an id that folder manifests record: a
-different or missing id means the backup was deleted or replaced behind our back."""
-
-
-@dataclass
-class Manifest:
-    """What the last backups of one folder put on Drive."""
-
-    path: Path
-    files: dict[str, tuple[int, int]] = field(default_factory=dict)
-    strays: set[str] = field(default_factory=set)
-    folder_id: str | None = None
-    """The id in the Drive folder's marker file when these files were copied there."""
-    _saved: object = field(default=None, repr=False)
-
-    def _state(self) -> tuple[dict[str, tuple[int, int]], set[str], str | None]:
-        return dict(self.files), set(self.strays), self.folder_id
-
-    @classmethod
-    def load(cls, path: Path) -> Manifest:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            files = {str(rel): (int(sig[0]), int(sig[1])) for rel, sig in data["files"].items()}
-            strays = {str(rel) for rel in data.get("strays", [])}
-            folder_id = data.get("folder_id")
-        except FileNotFoundError:
-            return cls(path)
-        except (OSError, ValueError, KeyError, TypeError, IndexError):
-            logger.warning(
-                "Ignoring unreadable backup manifest %s; the folder is copied again", path
-            )
-            return cls(path)
-        manifest = cls(path, files, strays, str(folder_id) if folder_id else None)
-        manifest._saved = manifest._state()
-        return manifest
-
-    def save(self) -> None:
-        """Write atomically (temporary, fsync, rename), unless nothing changed."""
-        if self._saved == self._state():
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temp = self.path.with_name(temp_name_for(self.path.name, new_token()))
-        data = {
-            "files": {rel: list(sig) for rel, sig in sorted(self.files.items())},
-            "strays": sorted(self.strays),
-            "folder_id": self.folder_id,
-        }
-        try:
-            with open(temp, "w", encoding="utf-8") as file:
-                json.dump(data, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temp, self.path)
-        except BaseException:
-            remove_quietly(temp)
-            raise
-        self._saved = self._state()
+# Drive refusing one name or one entry: every retry would meet the same refusal.
+_REFUSED_FOR_GOOD = {
+    errno.ENAMETOOLONG,
+    errno.EINVAL,
+    errno.EISDIR,
+    errno.ENOTDIR,
+    errno.EEXIST,
+    errno.EFBIG,
+    errno.EILSEQ,
+    errno.ENOTEMPTY,
+}
+# Drive failing as a whole: every other file would meet it too.
+_DRIVE_WIDE = {errno.ENOTCONN, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENODEV, errno.EPIPE}
+_SYNC_BATCH = 64
 
 
-def manifest_path(state_dir: Path, drive_folder: Path, relative: str) -> Path:
-    """Where the manifest of one (local folder, Drive folder) pair lives."""
-    digest = hashlib.sha256(f"{drive_folder}\0{relative}".encode()).hexdigest()[:32]
-    return state_dir / "manifests" / f"{digest}.json"
+@dataclass(frozen=True)
+class EntryProblem:
+    """One entry that did not reach Drive (or was not restored), and why."""
+
+    rel: str
+    """Relative to the study folder."""
+    reason: str
+    retryable: bool
+    error: BaseException | None = field(default=None, compare=False, repr=False)
+    """What was raised, when one exception says it all."""
+
+    def __str__(self) -> str:
+        return f"{self.rel} ({self.reason})"
 
 
 @dataclass(frozen=True)
 class FolderOutcome:
     """What a folder backup or restore did."""
 
-    bytes_copied: int = 0
     files_copied: int = 0
+    bytes_copied: int = 0
     files_unchanged: int = 0
-    problems: tuple[str, ...] = ()
-    failed_file: str | None = None
-    """The file (relative to the folder) whose copy failed and ended the operation."""
-    failure: Exception | None = None
-    """Why ``failed_file`` failed; the files listed as copied were still recorded."""
+    problems: tuple[EntryProblem, ...] = ()
+    skipped: tuple[str, ...] = ()
+    """Entries left out by rule (links that lead elsewhere, FIFOs), named once each."""
+    kept_local: tuple[str, ...] = ()
+    """Restore only: local files changed since their last backup, left as they were."""
+    strays: tuple[str, ...] = ()
+    """Restore only: temporaries of killed copies seen on Drive (relative to the study)."""
+    stopped: BaseException | None = None
+    """A failure of Drive as a whole that ended the copy early."""
 
 
-def _never_copied(name: str) -> bool:
-    return is_sidecar(name) or is_temp_name(name) or name == MARKER_NAME
+@dataclass(frozen=True)
+class _LocalFile:
+    path: str
+    signature: Signature
 
 
-def scan_local(folder: Path, exclude: Sequence[str]) -> dict[str, tuple[str, tuple[int, int]]]:
-    """Files to back up: relative POSIX path -> (path, (size, mtime_ns)).
+@dataclass
+class _Scan:
+    files: dict[str, _LocalFile] = field(default_factory=dict)
+    problems: list[EntryProblem] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
 
-    Skips SQLite sidecars, temporaries, ``.sweepsafe`` folders, ``exclude`` matches and
-    symlinks that lead out of the folder; symlinked folders are not descended. This is
-    the whole cost of backing up an unchanged folder, so it stays lean: one ``stat``
-    per file and no per-file objects beyond the result.
+
+PublishDatabase = Callable[[Path], Awaitable["EntryProblem | None"]]
+"""Backs up an Optuna database met inside a folder the way a database target is."""
+
+
+@dataclass(frozen=True)
+class FolderJob:
+    """Where a folder copy runs: one study folder, locally and on Drive."""
+
+    pool: HelperPool
+    unit_local: Path
+    unit_drive: Path
+    manifest: Manifest
+    timeout: float
+    scratch: Path
+    concurrency: int
+    publish_database: PublishDatabase | None = None
+    file_lock: Callable[[str], anyio.Lock] | None = None
+    """One lock per file of the study: two jobs never copy the same file at once."""
+
+
+def scan_local(unit_local: Path, folder: Path, exclude: Sequence[str]) -> _Scan:
+    """The files of ``folder`` to back up, keyed by path relative to the study folder.
+
+    Blocking. Skips sweepsafe's own folders and temporaries, ``exclude`` matches
+    (patterns relative to ``folder``) and the side files of SQLite databases. A symlink
+    to a file inside the study folder is backed up as that file; any other link (to a
+    folder, out of the study folder, or dangling) is skipped and named, as are FIFOs and
+    sockets. An unreadable folder is named; entries that vanish meanwhile are ignored.
     """
-    root = os.path.realpath(folder)
+    scan = _Scan()
+    unit_real = os.path.realpath(unit_local)
     excluded = (
         re.compile("|".join(fnmatch.translate(p) for p in exclude)).match if exclude else None
     )
-    found: dict[str, tuple[str, tuple[int, int]]] = {}
+    unit_prefix = os.path.relpath(folder, unit_local).replace(os.sep, "/")
+    unit_prefix = "" if unit_prefix == "." else unit_prefix + "/"
     pending = [(str(folder), "")]
     while pending:
         directory, prefix = pending.pop()
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                name = entry.name
-                if name[0] == "." and (TEMP_MARKER in name or name == MARKER_NAME):
-                    continue
-                if name.endswith(SIDECAR_SUFFIXES):
-                    continue
-                rel = prefix + name
-                if excluded is not None and excluded(rel):
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    if name != STATE_DIR_NAME:
-                        pending.append((entry.path, rel + "/"))
-                    continue
-                if not entry.is_file(follow_symlinks=False) and not (
-                    entry.is_symlink() and _is_file_inside(entry.path, root)
-                ):
-                    continue  # a symlink out of the folder, a socket, a FIFO...
-                try:
-                    info = entry.stat()
-                except FileNotFoundError:
-                    continue
-                found[rel] = (entry.path, (info.st_size, info.st_mtime_ns))
-    return found
+        try:
+            with os.scandir(directory) as found:
+                entries = list(found)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            rel = (unit_prefix + prefix).rstrip("/") or "."
+            scan.problems.append(
+                EntryProblem(rel, f"folder cannot be read: {exc.strerror or exc}", False)
+            )
+            continue
+        names = {entry.name for entry in entries}
+        for entry in entries:
+            name = entry.name
+            if name == STATE_DIR_NAME or is_temp_name(name):
+                continue
+            rel = prefix + name
+            if excluded is not None and excluded(rel):
+                continue
+            if name.endswith(SIDECAR_SUFFIXES) and _is_database_side_file(directory, name, names):
+                continue
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            unit_rel = unit_prefix + rel
+            if stat_module.S_ISDIR(info.st_mode):
+                pending.append((entry.path, rel + "/"))
+            elif stat_module.S_ISREG(info.st_mode):
+                scan.files[unit_rel] = _LocalFile(entry.path, file_signature(info))
+            elif stat_module.S_ISLNK(info.st_mode):
+                _scan_link(entry.path, unit_rel, unit_real, scan)
+            else:
+                scan.skipped.append(f"{unit_rel} (not a regular file)")
+    return scan
 
 
-def _is_file_inside(link: str, root: str) -> bool:
-    target = os.path.realpath(link)
-    return os.path.commonpath([root, target]) == root and os.path.isfile(target)
+def _scan_link(path: str, unit_rel: str, unit_real: str, scan: _Scan) -> None:
+    target = os.path.realpath(path)
+    if not is_within(target, unit_real):
+        scan.skipped.append(f"{unit_rel} (a link to {target}, outside the study folder)")
+        return
+    try:
+        info = os.stat(target)
+    except OSError:
+        scan.skipped.append(f"{unit_rel} (a dangling link)")
+        return
+    if stat_module.S_ISREG(info.st_mode):
+        scan.files[unit_rel] = _LocalFile(path, file_signature(info))
+    else:
+        scan.skipped.append(f"{unit_rel} (a link to a folder; its target is backed up as itself)")
+
+
+def _is_database_side_file(directory: str, name: str, names: set[str]) -> bool:
+    """``name`` is the ``-wal``, ``-shm`` or ``-journal`` of a database beside it."""
+    for suffix in SIDECAR_SUFFIXES:
+        if name.endswith(suffix):
+            base = name[: -len(suffix)]
+            if base in names and is_sqlite_file(os.path.join(directory, base)):
+                return True
+    return False
+
+
+class _Copier:
+    """The state of one folder backup: its files, what they came to, when to stop."""
+
+    def __init__(self, job: FolderJob, scan: _Scan) -> None:
+        self.job = job
+        self.scan = scan
+        self.copied = 0
+        self.bytes = 0
+        self.problems: list[EntryProblem] = list(scan.problems)
+        self.stopped: BaseException | None = None
+        self.unchanged_meanwhile = 0
+        self._landed: list[tuple[str, Signature]] = []  # renamed on Drive, folder not synced
+        self._cleaned: set[str] = set()
+
+    async def copy_all(self, rels: Sequence[str]) -> None:
+        """Copy every file of ``rels``, several at once, each worker on its own helper."""
+        queue = iter(rels)
+
+        async def worker() -> None:
+            try:
+                async with self.job.pool.session() as helper:
+                    for rel in queue:
+                        if self.stopped is not None:
+                            return
+                        await self._copy_one(helper, rel)
+                        if len(self._landed) >= _SYNC_BATCH:
+                            await self._commit_landed(helper)
+                    await self._commit_landed(helper)
+            except (OSError, DriveTimeout) as exc:
+                self.stopped = self.stopped or exc
+
+        async with anyio.create_task_group() as group:
+            for _ in range(min(max(1, self.job.concurrency), len(rels))):
+                group.start_soon(worker)
+
+    async def _copy_one(self, helper: DriveHelper, rel: str) -> None:
+        if self.job.file_lock is None:
+            await self._copy_unlocked(helper, rel)
+            return
+        async with self.job.file_lock(rel):
+            if self.job.manifest.get(rel) == self.scan.files[rel].signature:
+                self.unchanged_meanwhile += 1  # another job copied this very version
+                return
+            await self._copy_unlocked(helper, rel)
+
+    async def _copy_unlocked(self, helper: DriveHelper, rel: str) -> None:
+        job = self.job
+        local = self.scan.files[rel]
+        destination = job.unit_drive / rel
+        parent = str(destination.parent)
+        if parent not in self._cleaned:
+            # A copy killed with its runtime leaves a temporary no record knows of.
+            self._cleaned.add(parent)
+            await helper.clean(destination.parent, job.timeout)
+        source = Path(local.path)
+        try:
+            if await anyio.to_thread.run_sync(is_sqlite_file, local.path):
+                if job.publish_database is not None and await _is_optuna(source):
+                    problem = await job.publish_database(source)
+                    if problem is not None:
+                        self.problems.append(problem)
+                    return
+                shipped, signature = await self._ship_snapshot(helper, source, destination)
+            else:
+                shipped, signature = await self._ship_capture(helper, source, destination)
+        except FileNotFoundError:
+            job.manifest.forget(rel)  # deleted since the scan: nothing to copy
+            return
+        except (PermissionError, NotARegularFile, SnapshotError) as exc:
+            self.problems.append(EntryProblem(rel, _local_reason(exc), False, exc))
+            return
+        except SourceChanging:
+            self.problems.append(
+                EntryProblem(rel, "changing faster than it can be captured", retryable=True)
+            )
+            return
+        except DriveOSError as exc:
+            if exc.errno in _DRIVE_WIDE:
+                raise
+            refused = exc.errno in _REFUSED_FOR_GOOD
+            reason = f"Google Drive refused it: {exc.strerror or exc}"
+            if refused:
+                reason += "; rename it or move it out of the folder"
+            self.problems.append(EntryProblem(rel, reason, not refused, exc))
+            return
+        self.copied += 1
+        self.bytes += shipped
+        for stale in job.manifest.under(rel):
+            if stale != rel:  # a folder that became this file took its files with it
+                job.manifest.forget(stale)
+        self._forget_file_ancestors(rel)
+        self._landed.append((rel, signature))
+
+    def _forget_file_ancestors(self, rel: str) -> None:
+        # A file that became a folder was replaced on Drive by the folder.
+        parts = rel.split("/")
+        for depth in range(1, len(parts)):
+            self.job.manifest.forget("/".join(parts[:depth]))
+
+    async def _ship_capture(
+        self, helper: DriveHelper, source: Path, destination: Path
+    ) -> tuple[int, Signature]:
+        capture = scratch_path(self.job.scratch, "capture")
+        try:
+            captured = await anyio.to_thread.run_sync(capture_file, source, capture)
+            size = captured.signature[0]
+            copied = await helper.put_file(
+                captured.path,
+                destination,
+                self.job.timeout,
+                size=size,
+                chunk=COPY_CHUNK,
+                sync_folder=False,
+            )
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(remove_quietly, capture)
+        return copied, captured.signature
+
+    async def _ship_snapshot(
+        self, helper: DriveHelper, source: Path, destination: Path
+    ) -> tuple[int, Signature]:
+        snapshot = scratch_path(self.job.scratch, "snapshot", ".db")
+        try:
+            signature = await anyio.to_thread.run_sync(_snapshot_with_signature, source, snapshot)
+            size = (await anyio.to_thread.run_sync(os.stat, snapshot)).st_size
+            copied = await helper.put_file(
+                snapshot,
+                destination,
+                self.job.timeout,
+                size=size,
+                chunk=COPY_CHUNK,
+                sync_folder=False,
+            )
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(remove_quietly, snapshot)
+        return copied, signature
+
+    async def _commit_landed(self, helper: DriveHelper) -> None:
+        """Make the renames durable, then record the files: a record never runs ahead."""
+        if not self._landed:
+            return
+        landed, self._landed = self._landed, []
+        folders = sorted({str((self.job.unit_drive / rel).parent) for rel, _ in landed})
+        await helper.sync_folders([Path(folder) for folder in folders], self.job.timeout)
+        for rel, signature in landed:
+            self.job.manifest.record(rel, signature)
+
+
+def _snapshot_with_signature(source: Path, snapshot: Path) -> Signature:
+    snapshot.parent.mkdir(parents=True, exist_ok=True)
+    before = file_signature(os.stat(source))
+    snapshot_sqlite(source, snapshot)
+    return before
+
+
+async def _is_optuna(path: Path) -> bool:
+    from sweepsafe.drive._sqlite import read_content
+
+    try:
+        content = await anyio.to_thread.run_sync(lambda: read_content(path, check=None))
+    except SnapshotError:
+        return False
+    return content.is_optuna
+
+
+def _local_reason(exc: BaseException) -> str:
+    if isinstance(exc, PermissionError):
+        return "cannot be read: permission denied; make it readable by this process"
+    if isinstance(exc, NotARegularFile):
+        return "not a regular file"
+    return f"not a sound SQLite database ({exc}); check it with PRAGMA integrity_check"
 
 
 async def sync_folder(
-    pool: HelperPool,
-    folder: Path,
-    drive_folder: Path,
-    manifest: Manifest,
-    *,
-    marker: Path,
-    step_timeout: float,
-    scratch: Path,
-    exclude: Sequence[str],
-    mirror: bool,
-    file_concurrency: int,
+    job: FolderJob, folder: Path, *, exclude: Sequence[str] = (), mirror: bool = False
 ) -> FolderOutcome:
-    """Copy the files of ``folder`` that changed since the manifest to ``drive_folder``.
+    """Copy the files of ``folder`` changed since the manifest to their place on Drive.
 
-    Up to ``file_concurrency`` files are copied at once, each by its own helper. A
-    failed file is returned in the outcome (``failed_file``, ``failure``) after the
-    copies in flight finish; the files copied so far stay recorded. Saves the manifest
-    even when cancelled or failed, so finished copies stay recorded.
+    Saves the manifest even when cancelled or stopped, so finished copies stay recorded.
     """
-    local = await anyio.to_thread.run_sync(scan_local, folder, exclude)
-    copied = bytes_copied = 0
-    problems: list[str] = []
-    changed: list[str] = []
-    names_by_parent: dict[str, list[str]] = {}
+    scan = await anyio.to_thread.run_sync(scan_local, job.unit_local, folder, exclude)
+    return await _copy_changed(job, scan, folder if mirror else None)
 
-    async def copy_one(helper: DriveHelper, rel: str) -> None:
-        nonlocal copied, bytes_copied
-        source_name, signature = local[rel]
-        source = Path(source_name)
-        parent = rel.rpartition("/")[0]
-        names = names_by_parent.pop(parent, None)
-        if names is not None:
-            # A copy killed with its runtime leaves a temporary that no manifest knows
-            # of; the first copy into each Drive folder removes those of the files it
-            # is about to copy. Copies of this process running meanwhile in the same
-            # folder are safe: their temporaries carry this process's tag.
-            target_folder = drive_folder / parent
-            abandoned = abandoned_temps(target_folder)
-            await helper.call(
-                "clean",
-                str(target_folder),
-                step_timeout,
-                names=names,
-                own_tag=process_tag(),
-                abandoned=abandoned,
-            )
-            forget_abandoned(abandoned)
-        token = new_token()
-        try:
-            shipped = await ship_path(
-                helper,
-                source,
-                drive_folder / rel,
-                step_timeout,
-                scratch,
-                clean_strays=False,
-                token=token,
-                keep_if_changed=True,
-            )
-        except FileNotFoundError:
-            manifest.files.pop(rel, None)  # deleted since the scan: nothing to copy
-            return
-        except (PermissionError, SnapshotError) as exc:
-            problems.append(f"{source}: {exc}")
-            manifest.files.pop(rel, None)
-            return
-        except BaseException:
-            if helper.broken:
-                # The helper was killed mid-copy: its temporary may stay on Drive.
-                manifest.strays.add(str(Path(rel).parent / temp_name_for(Path(rel).name, token)))
-            raise
-        copied += 1
-        bytes_copied += shipped.bytes_copied
-        if shipped.source_unchanged:
-            manifest.files[rel] = signature
-        else:
-            manifest.files.pop(rel, None)
 
-    failed: tuple[str | None, Exception] | None = None
+async def sync_file(job: FolderJob, path: Path) -> FolderOutcome:
+    """Copy one file of the study folder, if it changed since the manifest."""
+    rel = path.relative_to(job.unit_local).as_posix()
+    info = await anyio.to_thread.run_sync(os.stat, path)
+    scan = _Scan(files={rel: _LocalFile(str(path), file_signature(info))})
+    return await _copy_changed(job, scan, None)
+
+
+async def _copy_changed(job: FolderJob, scan: _Scan, mirror: Path | None) -> FolderOutcome:
+    changed = sorted(
+        rel for rel, local in scan.files.items() if job.manifest.get(rel) != local.signature
+    )
+    copier = _Copier(job, scan)
     try:
-        async with pool.session() as helper:
-            await _check_drive_identity(helper, marker, drive_folder, manifest, step_timeout)
-            changed = sorted(
-                rel for rel, (_, sig) in local.items() if manifest.files.get(rel) != sig
-            )
-            if manifest.strays:
-                strays = sorted(manifest.strays)
-                await helper.call(
-                    "remove",
-                    str(drive_folder),
-                    step_timeout,
-                    paths=[str(drive_folder / r) for r in strays],
-                )
-                manifest.strays.difference_update(strays)
-        for rel in changed:
-            parent, _, name = rel.rpartition("/")
-            names_by_parent.setdefault(parent, []).append(name)
-        failed = await for_each_file(pool, changed, file_concurrency, copy_one)
-        if mirror and failed is None:
-            gone = sorted(set(manifest.files) - set(local))
-            if gone:
-                async with pool.session() as helper:
-                    await helper.call(
-                        "remove",
-                        str(drive_folder),
-                        step_timeout,
-                        paths=[str(drive_folder / r) for r in gone],
-                    )
-                for rel in gone:
-                    del manifest.files[rel]
+        await copier.copy_all(changed)
+        if mirror is not None and copier.stopped is None:
+            await _remove_deleted(job, mirror, scan)
+    except (OSError, DriveTimeout) as exc:
+        copier.stopped = exc
     finally:
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(manifest.save)
+            await job.manifest.asave()
     return FolderOutcome(
-        bytes_copied=bytes_copied,
-        files_copied=copied,
-        files_unchanged=len(local) - len(changed),
-        problems=tuple(problems),
-        failed_file=failed[0] if failed else None,
-        failure=failed[1] if failed else None,
+        files_copied=copier.copied,
+        bytes_copied=copier.bytes,
+        files_unchanged=len(scan.files) - len(changed) + copier.unchanged_meanwhile,
+        problems=tuple(copier.problems),
+        skipped=tuple(scan.skipped),
+        stopped=copier.stopped,
     )
 
 
-async def for_each_file(
-    pool: HelperPool,
-    files: Sequence[str],
-    concurrency: int,
-    copy: Callable[[DriveHelper, str], Awaitable[None]],
-) -> tuple[str | None, Exception] | None:
-    """Run ``copy`` on every file, at most ``concurrency`` at once, each on its own helper.
-
-    Each copy pays Drive's per-file latency (create, write, fsync, rename on FUSE),
-    which overlaps across files. A fixed set of workers pulling from one iterator bounds
-    the concurrency as a capacity limiter would, without a pending task per file, and
-    lets each worker keep its helper from file to file. The first failure stops new
-    copies; those in flight finish (and are recorded) before it is returned as (file,
-    error), the file None when no helper could be started. Cancellation stops every
-    copy in flight (their helpers are abandoned; destinations keep their previous
-    complete version).
-    """
-    pending = iter(files)
-    failures: list[tuple[str | None, Exception]] = []
-
-    async def worker() -> None:
-        current: str | None = None
-        try:
-            async with pool.session() as helper:
-                for current in pending:
-                    if failures:
-                        return
-                    await copy(helper, current)
-        except Exception as exc:  # noqa: BLE001 - returned with its file; the caller reports it
-            failures.append((current, exc))
-
-    async with anyio.create_task_group() as group:
-        for _ in range(min(max(1, concurrency), len(files))):
-            group.start_soon(worker)
-    return failures[0] if failures else None
-
-
-async def _read_marker(helper: DriveHelper, marker: Path, step_timeout: float) -> str | None:
-    reply = await helper.call("read", str(marker), step_timeout)
-    if not reply["exists"]:
-        return None
-    return bytes(reply.get("payload", b"")).decode("ascii", "replace").strip() or None
-
-
-async def _check_drive_identity(
-    helper: DriveHelper, marker: Path, drive_folder: Path, manifest: Manifest, step_timeout: float
-) -> None:
-    """Start the manifest afresh if the Drive root is not the one it describes.
-
-    The manifest saves listing Drive, but a backup folder deleted or replaced behind
-    sweepsafe's back would then never get its files again; the Drive root's marker
-    file tells.
-    """
-    drive_id = await _read_marker(helper, marker, step_timeout)
-    if drive_id is not None and drive_id == manifest.folder_id:
+async def _remove_deleted(job: FolderJob, folder: Path, scan: _Scan) -> None:
+    prefix = os.path.relpath(folder, job.unit_local).replace(os.sep, "/")
+    gone = [
+        rel for rel in job.manifest.under("" if prefix == "." else prefix) if rel not in scan.files
+    ]
+    if not gone:
         return
-    if manifest.files:
-        logger.info(
-            "%s is not the Drive folder last backed up to (deleted or replaced?); "
-            "copying every file again",
-            drive_folder,
-        )
-    manifest.files.clear()
-    if drive_id is None:
-        await _write_marker(helper, marker, new_token(), step_timeout)
-        # Two first backups may race to write it; both adopt whichever landed.
-        drive_id = await _read_marker(helper, marker, step_timeout)
-    manifest.folder_id = drive_id
-
-
-async def _write_marker(
-    helper: DriveHelper, marker: Path, folder_id: str, step_timeout: float
-) -> None:
-    handle = helper.new_handle()
-    target = str(marker)
-    token = new_token()
-    await helper.call(
-        "open",
-        target,
-        step_timeout,
-        handle=handle,
-        token=token,
-        clean=True,
-        own_tag=process_tag(),
-        abandoned=abandoned_temps(marker.parent),
-    )
-    try:
-        await helper.call("write", target, step_timeout, folder_id.encode(), handle=handle)
-        await helper.call("commit", target, step_timeout, handle=handle)
-    except BaseException:
-        if helper.broken:
-            remember_abandoned(str(marker.parent / temp_name_for(marker.name, token)))
-        else:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(step_timeout):
-                await helper.call("abort", target, step_timeout, handle=handle)
-        raise
+    async with job.pool.session() as helper:
+        await helper.remove([job.unit_drive / rel for rel in gone], job.timeout)
+    for rel in gone:
+        job.manifest.forget(rel)
 
 
 async def restore_folder(
-    pool: HelperPool,
-    drive_folder: Path,
-    folder: Path,
-    manifest: Manifest,
-    *,
-    marker: Path,
-    step_timeout: float,
-    file_concurrency: int,
+    job: FolderJob, drive_folder: Path, folder: Path, *, only: str | None = None
 ) -> FolderOutcome | None:
-    """Copy every file of ``drive_folder`` into ``folder``; None if Drive has no such folder.
+    """Copy the files of ``drive_folder`` into ``folder``; None if Drive has no such folder.
 
-    Up to ``file_concurrency`` files are copied at once; a failed file ends the restore
-    as in :func:`sync_folder`. Restored files are recorded in the manifest (so the next
-    backup copies nothing) and Drive-side temporaries are recorded as strays (so the
-    next backup removes them). A database failing its integrity check is not restored
-    and is named in problems.
+    A local file changed since its last backup (or never backed up) is kept as it is and
+    named; one that still is the version last backed up is replaced by Drive's when
+    they differ. Paths read from Drive never lead outside ``folder`` (nor through a
+    local symlink), and sweepsafe's own folders are never brought in. Restored files are
+    recorded in the manifest, so the next backup copies nothing.
     """
-    async with pool.session() as helper:
-        listing = await helper.call("scan", str(drive_folder), step_timeout)
-        if not listing["exists"]:
-            return None
-        manifest.strays.update(str(rel) for rel in listing["temps"])
-        manifest.folder_id = await _read_marker(helper, marker, step_timeout)
-    copied = bytes_copied = 0
-    problems: list[str] = []
+    async with job.pool.session() as helper:
+        temps: list[str] = []
+        if only is None:
+            exists, files, temps = await helper.scan(drive_folder, job.timeout)
+        else:
+            info = await helper.stat(drive_folder / only, job.timeout)
+            exists = bool(info["exists"]) and info["kind"] == "file"
+            files = [(only, int(info["size"]))] if exists else []
+    if not exists:
+        return None
+    prefix = os.path.relpath(folder, job.unit_local).replace(os.sep, "/")
+    prefix = "" if prefix == "." else prefix + "/"
+    plan = await anyio.to_thread.run_sync(_plan_restore, job, folder, prefix, files)
+    copied = nbytes = 0
+    problems = list(plan.problems)
 
-    async def fetch_one(helper: DriveHelper, rel: str) -> None:
-        nonlocal copied, bytes_copied
-        target = folder.joinpath(*rel.split("/"))
+    async def fetch(helper: DriveHelper, rel: str) -> None:
+        nonlocal copied, nbytes
         try:
-            nbytes, signature = await fetch_file(helper, drive_folder / rel, target, step_timeout)
+            got, signature = await fetch_file(helper, drive_folder / rel, folder / rel, job.timeout)
         except RestoreRefused as exc:
-            problems.append(f"{drive_folder / rel} failed its integrity check ({exc})")
+            problems.append(EntryProblem(prefix + rel, f"failed its integrity check: {exc}", False))
             return
         copied += 1
-        bytes_copied += nbytes
-        manifest.files[rel] = signature
+        nbytes += got
+        job.manifest.record(prefix + rel, signature)
 
-    wanted = [
-        str(rel)
-        for rel, _size in listing["files"]
-        if not any(_never_copied(part) for part in str(rel).split("/"))
-    ]
+    stopped: BaseException | None = None
     try:
-        failed = await for_each_file(pool, wanted, file_concurrency, fetch_one)
+        stopped = await _for_each(job, plan.fetch, fetch)
     finally:
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(manifest.save)
-            await anyio.to_thread.run_sync(fsync_directory, str(folder))
+            await job.manifest.asave()
     return FolderOutcome(
-        bytes_copied=bytes_copied,
         files_copied=copied,
+        bytes_copied=nbytes,
+        files_unchanged=plan.unchanged,
         problems=tuple(problems),
-        failed_file=failed[0] if failed else None,
-        failure=failed[1] if failed else None,
+        kept_local=tuple(plan.kept),
+        strays=tuple(prefix + rel for rel in temps if safe_relative_path(rel)),
+        stopped=stopped,
     )
+
+
+@dataclass
+class _RestorePlan:
+    fetch: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    problems: list[EntryProblem] = field(default_factory=list)
+    unchanged: int = 0
+
+
+def _plan_restore(
+    job: FolderJob, folder: Path, prefix: str, files: list[tuple[str, int]]
+) -> _RestorePlan:
+    plan = _RestorePlan()
+    folder_real = os.path.realpath(folder)
+    for rel, size in files:
+        if safe_relative_path(rel) is None or any(
+            part == STATE_DIR_NAME or is_temp_name(part) for part in rel.split("/")
+        ):
+            continue
+        target = folder / rel
+        if not _stays_inside(folder, folder_real, rel):
+            plan.problems.append(
+                EntryProblem(
+                    prefix + rel, "its local place is behind a link out of the folder", False
+                )
+            )
+            continue
+        try:
+            info = os.lstat(target)
+        except FileNotFoundError:
+            plan.fetch.append(rel)
+            continue
+        except NotADirectoryError:
+            plan.kept.append(prefix + rel)
+            continue
+        if not stat_module.S_ISREG(info.st_mode):
+            plan.kept.append(prefix + rel)
+        elif job.manifest.get(prefix + rel) != file_signature(info):
+            plan.kept.append(prefix + rel)  # changed since its backup: the newer work wins
+        elif info.st_size == size:
+            plan.unchanged += 1
+        else:
+            plan.fetch.append(rel)
+    return plan
+
+
+def _stays_inside(folder: Path, folder_real: str, rel: str) -> bool:
+    """No existing component of ``folder/rel`` is a link leading out of ``folder``."""
+    current = folder
+    for part in rel.split("/")[:-1]:
+        current = current / part
+        if os.path.islink(current) and not is_within(os.path.realpath(current), folder_real):
+            return False
+    return True
+
+
+async def _for_each(
+    job: FolderJob, rels: Sequence[str], fetch: Callable[[DriveHelper, str], Awaitable[None]]
+) -> BaseException | None:
+    queue: Iterator[str] = iter(rels)
+    failure: list[BaseException] = []
+
+    async def worker() -> None:
+        try:
+            async with job.pool.session() as helper:
+                for rel in queue:
+                    if failure:
+                        return
+                    await fetch(helper, rel)
+        except (OSError, DriveTimeout, HelperGone) as exc:
+            failure.append(exc)
+
+    async with anyio.create_task_group() as group:
+        for _ in range(min(max(1, job.concurrency), len(rels))):
+            group.start_soon(worker)
+    return failure[0] if failure else None

@@ -1,47 +1,62 @@
-"""Consistent local snapshots of live SQLite databases, and integrity checks.
+"""Consistent local snapshots of live SQLite databases, and what a database holds.
 
 A live database is never copied byte by byte: the online backup API copies a
-consistent image (WAL content included) into a file on local disk, holding the
-source's read lock only for that fast local step. These functions block; callers run
-them in a worker thread.
+consistent image (WAL content included) into a file on local disk, holding the source's
+read lock only for that fast local step. These functions block; callers run them in a
+worker thread. Reading a database shares its code with the Drive helper, which reads
+Drive copies the same way in its own process.
 """
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import os
 import sqlite3
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from sweepsafe.drive._helper_process import SQLITE_HEADER
+from sweepsafe.drive._helper_process import (
+    connect_read_only,
+    finished_trials,
+    integrity_problem,
+    is_optuna_schema,
+    is_sqlite_file,
+    read_studies,
+)
+
+__all__ = [
+    "SIDECAR_SUFFIXES",
+    "DatabaseContent",
+    "SnapshotError",
+    "is_sqlite_file",
+    "read_content",
+    "snapshot_sqlite",
+]
 
 SIDECAR_SUFFIXES = ("-wal", "-shm", "-journal")
-"""Files SQLite keeps beside a database; never copied on their own."""
+"""Files SQLite keeps beside a database; a snapshot of the database holds their content."""
 
 BUSY_TIMEOUT_S = 30.0
 
+FinishedTrial = tuple[str, int, str]
+"""(study name, trial number, start time) of a finished (COMPLETE or PRUNED) trial."""
+
 
 class SnapshotError(Exception):
-    """The source database could not be snapshotted, or the snapshot is not sound."""
-
-
-def is_sqlite_file(path: Path) -> bool:
-    """True when the file starts with the SQLite header (whatever its name)."""
-    with open(path, "rb") as file:
-        return file.read(len(SQLITE_HEADER)) == SQLITE_HEADER
-
-
-def is_sidecar(name: str) -> bool:
-    """True for ``*-wal``, ``*-shm`` and ``*-journal`` files."""
-    return name.endswith(SIDECAR_SUFFIXES)
+    """The source database could not be snapshotted soundly, or is not what was expected."""
 
 
 def snapshot_sqlite(source: Path, target: Path) -> None:
     """Write a consistent, quick-checked copy of the database ``source`` to ``target``.
 
     ``target`` is a new file on local disk, in rollback-journal mode so that a copy
-    opened on Drive needs no ``-wal``/``-shm`` files. Raises :class:`SnapshotError` if
-    the source cannot be read as a database or the snapshot fails ``quick_check``.
+    opened on Drive needs no ``-wal``/``-shm`` files.
+
+    Raises:
+        SnapshotError: ``source`` cannot be read as a database, or the snapshot fails
+            ``quick_check``.
+        OSError: the local disk is full (``ENOSPC``): worth retrying once there is room.
     """
     try:
         reader = sqlite3.connect(source, timeout=BUSY_TIMEOUT_S)
@@ -53,34 +68,73 @@ def snapshot_sqlite(source: Path, target: Path) -> None:
                 # One step (pages=-1): the read lock is held once, for a local copy.
                 reader.backup(writer, pages=-1)
                 writer.execute("PRAGMA journal_mode=DELETE").fetchall()
-                rows = writer.execute("PRAGMA quick_check").fetchall()
+                problem = integrity_problem(writer, quick=True)
             finally:
                 writer.close()
         finally:
             reader.close()
     except sqlite3.DatabaseError as exc:
-        raise SnapshotError(f"{exc}") from exc
-    if [tuple(row) for row in rows] != [("ok",)]:
-        detail = "; ".join(str(row[0]) for row in rows[:3])
-        raise SnapshotError(f"the snapshot failed PRAGMA quick_check ({detail})")
+        if _is_disk_full(exc):
+            raise OSError(
+                errno.ENOSPC, "no room on the local disk for a snapshot of the database", target
+            ) from exc
+        raise SnapshotError(str(exc)) from exc
+    if problem is not None:
+        raise SnapshotError(f"the snapshot failed: {problem}")
 
 
-def check_integrity(path: Path) -> str | None:
-    """``None`` when ``PRAGMA integrity_check`` says ok, else what it found."""
+def _is_disk_full(exc: sqlite3.DatabaseError) -> bool:
+    return getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL" or "disk is full" in str(exc)
+
+
+@dataclass(frozen=True)
+class DatabaseContent:
+    """What a checked database holds: its finished trials, and if it is an Optuna study."""
+
+    is_optuna: bool
+    finished: frozenset[FinishedTrial]
+    studies: tuple[dict[str, Any], ...] = ()
+    """Per Optuna study: ``name``, ``directions``, ``trial_counts`` by state, ``best``."""
+
+    @property
+    def finished_count(self) -> int:
+        """How many finished trials, over every study."""
+        return len(self.finished)
+
+    def trial_numbers(self) -> set[int]:
+        """The numbers of the finished trials."""
+        return {number for _study, number, _start in self.finished}
+
+    def missing_from(self, newer: DatabaseContent) -> frozenset[FinishedTrial]:
+        """Finished trials of this database that ``newer`` lacks."""
+        return self.finished - newer.finished
+
+
+def read_content(path: Path, *, check: str | None = "quick") -> DatabaseContent:
+    """Read a database's finished trials, after ``quick_check`` or ``integrity_check``.
+
+    ``check`` is ``"quick"``, ``"full"`` or None (already checked).
+
+    Raises:
+        SnapshotError: not SQLite, or the check fails.
+    """
+    if not is_sqlite_file(os.fspath(path)):
+        raise SnapshotError(f"{path} is not an SQLite database")
     try:
-        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+        connection = connect_read_only(os.fspath(path), BUSY_TIMEOUT_S)
         try:
-            rows = connection.execute("PRAGMA integrity_check").fetchall()
+            if check is not None:
+                problem = integrity_problem(connection, quick=check == "quick")
+                if problem is not None:
+                    raise SnapshotError(f"{path} {problem}")
+            if not is_optuna_schema(connection):
+                return DatabaseContent(is_optuna=False, finished=frozenset())
+            return DatabaseContent(
+                is_optuna=True,
+                finished=frozenset(finished_trials(connection)),
+                studies=tuple(read_studies(connection)),
+            )
         finally:
             connection.close()
     except sqlite3.DatabaseError as exc:
-        return str(exc)
-    if [tuple(row) for row in rows] == [("ok",)]:
-        return None
-    return "; ".join(str(row[0]) for row in rows[:3])
-
-
-def remove_quietly(path: Path) -> None:
-    """Remove a file if it exists."""
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
+        raise SnapshotError(f"{path} cannot be read as a database ({exc})") from exc

@@ -1,119 +1,72 @@
-"""Back up, restore and verify local paths on a Google Drive folder.
+"""DriveStore: back up, restore and verify the studies under a local folder on a Drive folder.
 
-:class:`DriveStore` maps every path under a local root to the same relative path under
-a Drive root. Its copies are atomic (temporary name, fsync, rename), databases go as
-consistent integrity-checked snapshots, folders are copied incrementally, and every
-Drive-side system call runs in a helper process with a deadline, so a stalled mount
-can neither hang the caller nor keep its process from exiting.
+Every path under ``local_root`` maps to the same relative path under ``drive_root``. Each
+folder directly under ``local_root`` (a ``study-<hash>`` folder of ``run_sweep``) is one
+study on Drive, with its own identity, lease and database history; the files directly
+in ``local_root`` form one more. Every Drive-side system call runs in a helper process
+with a deadline, so a stalled mount can neither hang the caller nor keep its process
+from exiting.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import os
+import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from types import MappingProxyType, TracebackType
-from typing import Literal, TypeVar
+from types import TracebackType
+from typing import TypeVar
 
 import anyio
 
 from sweepsafe._blocking import run_blocking
-from sweepsafe.drive._files import RestoreRefused, fetch_file, ship_path
-from sweepsafe.drive._folders import (
-    MARKER_NAME,
-    STATE_DIR_NAME,
-    FolderOutcome,
-    Manifest,
-    manifest_path,
-    restore_folder,
-    sync_folder,
-)
+from sweepsafe.drive._folders import EntryProblem, FolderOutcome, restore_folder, sync_file
 from sweepsafe.drive._helper_client import DriveTimeout, HelperPool
-from sweepsafe.drive._messages import explain_failure, source_problem
-from sweepsafe.drive._sqlite import SnapshotError, is_sqlite_file
-from sweepsafe.errors import DriveNotMountedError, DrivePathError
-from sweepsafe.paths import COLAB_DRIVE_MOUNT, is_drive_path
+from sweepsafe.drive._helper_process import STATE_DIR_NAME, is_sqlite_file
+from sweepsafe.drive._messages import explain_failure, source_problem, summarize_problems
+from sweepsafe.drive._publish import publish_database
+from sweepsafe.drive._reading import generations_of, verify_database
+from sweepsafe.drive._restore import RestoreRefused, restore_database
+from sweepsafe.drive._results import BackupResult, GenerationInfo, Kind, VerifyResult
+from sweepsafe.drive._sqlite import SnapshotError
+from sweepsafe.drive._unit import StoreSettings, StudyUnit, TrialFilesHeldBack
+from sweepsafe.errors import (
+    DriveNotMountedError,
+    DrivePathError,
+    LeaseHeldError,
+    StudyConflictError,
+)
+from sweepsafe.paths import COLAB_DRIVE_MOUNT, is_drive_path, is_within
 
-__all__ = ["BackupResult", "DriveStore", "VerifyResult"]
+__all__ = ["DriveStore"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("sweepsafe.drive")
 
 StrPath = str | os.PathLike[str]
-Kind = Literal["sqlite", "file", "directory", "skipped"]
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class BackupResult:
-    """The outcome of one backup or restore; truthy when it succeeded.
-
-    For a backup ``source`` is the local path and ``destination`` its Drive copy; for a
-    restore ``source`` is the Drive copy and ``destination`` the local path.
-    """
-
-    ok: bool
-    source: Path
-    destination: Path | None
-    kind: Kind
-    bytes_copied: int = 0
-    files_copied: int = 0
-    files_unchanged: int = 0
-    duration_s: float = 0.0
-    error: str | None = None
-    """One sentence: what failed, where, and what to do."""
-    retryable: bool = False
-    """True when trying again may succeed (Drive I/O error, timeout, full, disconnected)."""
-
-    def __bool__(self) -> bool:
-        return self.ok
-
-
-_NO_COUNTS: Mapping[str, int] = MappingProxyType({})
-
-
-@dataclass(frozen=True)
-class VerifyResult:
-    """What the Drive copy of a path looks like; truthy when it exists and is sound."""
-
-    path: Path
-    """The file that was checked: the Drive copy, or the Drive path itself."""
-    exists: bool
-    size: int | None = None
-    mtime: float | None = None
-    """Seconds since the epoch."""
-    is_sqlite: bool = False
-    integrity_ok: bool | None = None
-    """``PRAGMA integrity_check`` said ok; None when not SQLite or not checked."""
-    trial_counts: Mapping[str, int] = field(default_factory=lambda: _NO_COUNTS)
-    """Optuna databases only: trial state name (``"COMPLETE"``, ...) -> count."""
-    study_names: tuple[str, ...] = ()
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        """The copy exists, could be checked, and (for SQLite) passed integrity_check."""
-        return (
-            self.exists and self.error is None and (not self.is_sqlite or bool(self.integrity_ok))
-        )
-
-    def __bool__(self) -> bool:
-        return self.ok
+STUDY_DB_NAME = "study.db"
+_EXPECTED = (
+    OSError,
+    DriveTimeout,
+    SnapshotError,
+    LeaseHeldError,
+    StudyConflictError,
+    TrialFilesHeldBack,
+)
 
 
 class DriveStore:
-    """Copies paths under ``local_root`` to the same place under ``drive_root``, and back.
+    """Copies the studies under ``local_root`` to the same place under ``drive_root``, and back.
 
-    Thread-safe and usable from any event loop: the async methods (``abackup``,
-    ``arestore``, ``averify``) may run concurrently from several loops and threads; the
-    sync ones (``backup``, ``restore``, ``verify``, and calling the store) block the
-    calling thread (in a notebook cell too, via a helper thread). Expected failures never
-    raise: they come back as a result with ``ok`` false and an ``error`` sentence.
+    Thread-safe and usable from any event loop: the async methods may run concurrently
+    from several loops and threads; the sync ones (``backup``, ``restore``, ``verify``,
+    and calling the store) block the calling thread, in a notebook cell too. Expected
+    failures never raise: they come back as a result with ``ok`` false and an ``error``
+    sentence.
 
     Args:
         local_root: local folder whose contents are backed up (not on Drive).
@@ -121,9 +74,18 @@ class DriveStore:
         drive_timeout: seconds each Drive-side step may take before the store gives up
             on it and abandons the helper process doing it.
         mirror: delete from Drive the files of a backed-up folder deleted locally.
-        file_concurrency: how many files of a folder are copied at once (each by its
-            own helper process), for backups and restores; Drive's latency per file
-            (hundreds of ms on a FUSE mount) then overlaps across files.
+        file_concurrency: how many files are copied at once (each by its own helper
+            process); Drive's latency per file then overlaps across files.
+        lease_timeout: seconds after its last heartbeat when another runtime's lease on a
+            study may be taken over without ``takeover``.
+        keep_generations: whole database snapshots kept on Drive, thinned by age.
+        compact_fraction: a new whole base is written once the patches since the last
+            one add up to this fraction of the database (and at the end of each sweep).
+        trial_folder: where a trial's files live, relative to its database's folder; a
+            database is published only after its new trials' folders reached Drive.
+        helper_command: the command that starts a helper process; a stand-in Drive for
+            tests comes from :mod:`sweepsafe.testing`.
+        clock: wall-clock time, for leases and history (tests pass their own).
 
     Example:
         >>> store = DriveStore.for_colab("/content/out", "my-sweep")  # doctest: +SKIP
@@ -138,26 +100,42 @@ class DriveStore:
         *,
         drive_timeout: float = 120.0,
         mirror: bool = False,
-        file_concurrency: int = 4,
-        _helper_argv: Sequence[str] | None = None,
+        file_concurrency: int = 16,
+        lease_timeout: float = 120.0,
+        keep_generations: int = 10,
+        compact_fraction: float = 1.0,
+        trial_folder: str = "trials/trial-{number:05d}",
+        helper_command: Sequence[str] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.local_root = Path(os.path.abspath(local_root))
         self.drive_root = Path(os.path.abspath(drive_root))
-        if is_drive_path(self.local_root):
-            raise DrivePathError(
-                f"local_root {self.local_root} is on Google Drive; SQLite on a Drive mount is "
-                "slow and unsafe (no reliable locking), so keep the sweep on local disk "
-                "(e.g. /content/out) and give the Drive folder as drive_root."
-            )
+        _check_roots(self.local_root, self.drive_root)
         if file_concurrency < 1:
             raise ValueError(f"file_concurrency must be at least 1, not {file_concurrency}")
+        if keep_generations < 1:
+            raise ValueError(f"keep_generations must be at least 1, not {keep_generations}")
         self.drive_timeout = drive_timeout
+        self.lease_timeout = lease_timeout
         self.mirror = mirror
         self.file_concurrency = file_concurrency
         # Folders are created on Drive only below this one, which must exist: with
         # Drive unmounted, its mount point is a plain local folder.
-        self._pool = HelperPool(_helper_argv, anchor=str(self.drive_root.parent))
-        self._state_dir = self.local_root / STATE_DIR_NAME
+        self._pool = HelperPool(helper_command, anchor=str(self.drive_root.parent))
+        self._settings = StoreSettings(
+            pool=self._pool,
+            local_root=self.local_root,
+            drive_root=self.drive_root,
+            timeout=drive_timeout,
+            file_concurrency=file_concurrency,
+            lease_timeout=lease_timeout,
+            keep_generations=keep_generations,
+            compact_fraction=compact_fraction,
+            trial_folder=trial_folder,
+            clock=clock,
+        )
+        self._units: dict[str, StudyUnit] = {}
+        self._units_lock = threading.Lock()
         self._finalizer = weakref.finalize(self, self._pool.close)
 
     @classmethod
@@ -167,11 +145,11 @@ class DriveStore:
         drive_subdir: str = "sweepsafe",
         *,
         mount_point: StrPath = COLAB_DRIVE_MOUNT,
-        drive_timeout: float = 120.0,
-        mirror: bool = False,
-        file_concurrency: int = 4,
+        **options: object,
     ) -> DriveStore:
         """A store whose Drive root is ``{mount_point}/MyDrive/{drive_subdir}``.
+
+        ``options`` are those of the constructor.
 
         Raises:
             DriveNotMountedError: ``{mount_point}/MyDrive`` is not a folder.
@@ -182,20 +160,14 @@ class DriveStore:
                 f"Google Drive is not mounted: {my_drive} is not a folder. In Colab run "
                 f"`from google.colab import drive; drive.mount('{mount_point}')` first."
             )
-        store = cls(
-            local_root,
-            my_drive / drive_subdir,
-            drive_timeout=drive_timeout,
-            mirror=mirror,
-            file_concurrency=file_concurrency,
-        )
+        store = cls(local_root, my_drive / drive_subdir, **options)  # type: ignore[arg-type]
         store._pool.anchor = str(my_drive)
         return store
 
     def __repr__(self) -> str:
         return f"DriveStore({str(self.local_root)!r}, {str(self.drive_root)!r})"
 
-    # -- paths --------------------------------------------------------------------------
+    # -- paths ------------------------------------------------------------------------------
     def drive_path_for(self, path: StrPath) -> Path:
         """Where the Drive copy of the local ``path`` lives.
 
@@ -204,281 +176,424 @@ class DriveStore:
             ValueError: ``path`` is not under ``local_root``.
         """
         local = Path(os.path.abspath(path))
-        if is_drive_path(local) or _is_within(local, self.drive_root):
+        if is_within(local, self.drive_root) or is_drive_path(local):
             raise DrivePathError(
                 f"{local} is already on Google Drive, so nothing needs backing up."
             )
-        if not _is_within(local, self.local_root):
+        if not is_within(local, self.local_root):
             raise ValueError(
                 f"{local} is not inside the store's local root {self.local_root}; back up "
                 "paths under it, or use a DriveStore whose local_root contains it."
             )
         return self.drive_root / local.relative_to(self.local_root)
 
-    # -- backup -------------------------------------------------------------------------
+    def _unit_for(self, path: Path, is_directory: bool, *, study: bool = False) -> StudyUnit:
+        """The study folder ``path`` belongs to (``study``: ``path`` is one).
+
+        A study folder is one this store was told of (a lease taken on it, a database
+        backed up or restored in it), else the nearest folder holding a ``study.db``, else
+        the folder directly under the local root (the root itself for files in it).
+        Blocking: it may ``stat`` a few local folders.
+        """
+        if study:
+            return self._unit(path.relative_to(self.local_root).as_posix())
+        with self._units_lock:
+            known = [rel for rel in self._units if self._units[rel].registered]
+        start = path if is_directory else path.parent
+        for folder in (start, *start.parents):
+            if not is_within(folder, self.local_root):
+                break
+            rel = folder.relative_to(self.local_root).as_posix()
+            rel = "" if rel == "." else rel
+            if rel in known or (folder / STUDY_DB_NAME).is_file():
+                return self._unit(rel)
+            if folder == self.local_root:
+                break
+        parts = path.relative_to(self.local_root).parts
+        return self._unit(parts[0] if len(parts) > 1 or (parts and is_directory) else "")
+
+    def _unit(self, rel: str, *, register: bool = False) -> StudyUnit:
+        rel = "" if rel == "." else rel
+        with self._units_lock:
+            unit = self._units.get(rel)
+            if unit is None:
+                unit = self._units[rel] = StudyUnit(self._settings, rel)
+            unit.registered = unit.registered or register
+            return unit
+
+    # -- backup -----------------------------------------------------------------------------
     async def abackup(
-        self, path: StrPath, is_directory: bool = False, *, exclude: Sequence[str] = ()
+        self,
+        path: StrPath,
+        is_directory: bool = False,
+        *,
+        exclude: Sequence[str] = (),
+        final: bool = False,
     ) -> BackupResult:
         """Copy ``path`` (a file, or with ``is_directory`` a folder) to Drive.
 
-        A database is copied as a consistent, quick-checked snapshot; a folder only
-        for the files changed since its last backup (``exclude``: fnmatch patterns of
-        paths relative to the folder). The Drive copy is replaced atomically.
-        Cancelling leaves the previous Drive copy in place.
+        A study database goes as a checked snapshot that never replaces a Drive copy
+        holding finished trials it lacks, after the files of its new trials; a folder
+        only for the files changed since its last backup (``exclude``: fnmatch patterns
+        relative to it). ``final`` (the end of a sweep) also brings the plain database
+        copy on Drive up to date. Cancelling leaves the previous Drive copy in place.
         """
         started = time.monotonic()
         source = Path(os.path.abspath(path))
         kind: Kind = "directory" if is_directory else "file"
-
-        def failed(error: str, *, retryable: bool = False, to: Path | None = None) -> BackupResult:
-            return BackupResult(
-                ok=False,
-                source=source,
-                destination=to,
-                kind=kind,
-                error=error,
-                retryable=retryable,
-                duration_s=time.monotonic() - started,
-            )
-
         try:
             destination = self.drive_path_for(source)
         except DrivePathError as exc:
-            return BackupResult(
-                ok=False,
-                source=source,
-                destination=None,
-                kind="skipped",
-                error=str(exc),
-                duration_s=time.monotonic() - started,
-            )
+            return BackupResult(False, source, None, "skipped", error=str(exc))
         except ValueError as exc:
-            return failed(str(exc))
+            return BackupResult(False, source, None, kind, error=str(exc))
         problem = await anyio.to_thread.run_sync(source_problem, source, is_directory)
         if problem is not None:
-            return failed(problem, to=destination)
+            return BackupResult(False, source, destination, kind, error=problem)
+        if source.name == STATE_DIR_NAME or source == self.local_root / STATE_DIR_NAME:
+            return BackupResult(
+                True, source, destination, "skipped", notes=("sweepsafe's own records",)
+            )
+        is_database = not is_directory and await anyio.to_thread.run_sync(
+            is_sqlite_file, str(source)
+        )
+        if is_database:
+            unit = self._unit(source.parent.relative_to(self.local_root).as_posix(), register=True)
+        else:
+            unit = await anyio.to_thread.run_sync(self._unit_for, source, is_directory)
         try:
-            if is_directory:
-                manifest = await anyio.to_thread.run_sync(
-                    Manifest.load, self._manifest_path(source)
-                )
-                outcome = await sync_folder(
-                    self._pool,
-                    source,
-                    destination,
-                    manifest,
-                    marker=self.drive_root / MARKER_NAME,
-                    step_timeout=self.drive_timeout,
-                    scratch=self._state_dir / "snapshots",
-                    exclude=exclude,
-                    mirror=self.mirror,
-                    file_concurrency=self.file_concurrency,
-                )
-                if outcome.failure is not None:
-                    error, retryable = self._folder_failure(outcome, source, destination, "writing")
-                    return failed(error, retryable=retryable, to=destination)
-                if outcome.problems:
-                    return failed(
-                        f"{len(outcome.problems)} file(s) of {source} could not be copied, "
-                        f"first {outcome.problems[0]}; fix them and back up again.",
-                        to=destination,
-                    )
-                result = BackupResult(
-                    ok=True,
-                    source=source,
-                    destination=destination,
-                    kind="directory",
-                    bytes_copied=outcome.bytes_copied,
-                    files_copied=outcome.files_copied,
-                    files_unchanged=outcome.files_unchanged,
-                    duration_s=time.monotonic() - started,
-                )
+            if is_database:
+                kind = "sqlite"
+                result = await self._backup_database(unit, source, destination, final)
+            elif is_directory and source == self.local_root:
+                result = await self._backup_root(exclude, final)
             else:
-                if await anyio.to_thread.run_sync(is_sqlite_file, source):
-                    kind = "sqlite"
-                async with self._pool.session() as helper:
-                    shipped = await ship_path(
-                        helper,
-                        source,
-                        destination,
-                        self.drive_timeout,
-                        self._state_dir / "snapshots",
-                        clean_strays=True,
-                    )
-                result = BackupResult(
-                    ok=True,
-                    source=source,
-                    destination=destination,
-                    kind=kind,
-                    bytes_copied=shipped.bytes_copied,
-                    files_copied=1,
-                    duration_s=time.monotonic() - started,
-                )
-        except (OSError, DriveTimeout, SnapshotError) as exc:
+                result = await self._backup_files(unit, source, destination, is_directory, exclude)
+        except _EXPECTED as exc:
             error, retryable = explain_failure(exc, source, "writing", destination)
-            return failed(error, retryable=retryable, to=destination)
+            result = BackupResult(
+                False, source, destination, kind, error=error, retryable=retryable
+            )
+        result = _with_duration(result, time.monotonic() - started)
         logger.debug("Backed up %s to %s: %s", source, destination, result)
         return result
 
-    # -- restore ------------------------------------------------------------------------
-    async def arestore(self, path: StrPath, is_directory: bool = False) -> BackupResult:
-        """Copy the Drive copy of ``path`` back over the local ``path``.
+    async def _backup_database(
+        self, unit: StudyUnit, source: Path, destination: Path, final: bool
+    ) -> BackupResult:
+        published = await publish_database(unit, source, final=final)
+        return BackupResult(
+            True,
+            source,
+            destination,
+            "sqlite",
+            bytes_copied=published.bytes_copied,
+            files_copied=0 if published.kind == "unchanged" else 1,
+            files_unchanged=1 if published.kind == "unchanged" else 0,
+            generation=published.generation,
+            finished_trials=published.finished_trials,
+            missing_files=published.missing_files,
+            notes=published.notes,
+        )
 
-        A database must pass ``PRAGMA integrity_check`` before it replaces anything
-        local; each file is replaced atomically. A restored folder is recorded as
-        backed up, so the next backup copies nothing.
+    async def _backup_files(
+        self,
+        unit: StudyUnit,
+        source: Path,
+        destination: Path,
+        is_directory: bool,
+        exclude: Sequence[str],
+    ) -> BackupResult:
+        async with self._pool.session() as helper:
+            await unit.prepare(helper)
+
+        async def publish_inner(database: Path) -> EntryProblem | None:
+            result = await self._backup_database(
+                unit, database, self.drive_path_for(database), False
+            )
+            return (
+                None if result.ok else EntryProblem(unit.rel_of(database), result.error or "", True)
+            )
+
+        job = unit.folder_job(publish_inner)
+        if is_directory:
+            outcome = await unit.sync(source, exclude=exclude, mirror=self.mirror, job=job)
+        else:
+            outcome = await sync_file(job, source)
+        return _folder_result(outcome, source, destination, "directory" if is_directory else "file")
+
+    async def _backup_root(self, exclude: Sequence[str], final: bool) -> BackupResult:
+        """The whole local root: each study folder, and the files beside them."""
+        results: list[BackupResult] = []
+        entries = await anyio.to_thread.run_sync(lambda: sorted(self.local_root.iterdir()))
+        for entry in entries:
+            if entry.name == STATE_DIR_NAME:
+                continue
+            results.append(await self.abackup(entry, entry.is_dir(), exclude=exclude, final=final))
+        failed = [r for r in results if not r.ok and r.kind != "skipped"]
+        return BackupResult(
+            not failed,
+            self.local_root,
+            self.drive_root,
+            "directory",
+            bytes_copied=sum(r.bytes_copied for r in results),
+            files_copied=sum(r.files_copied for r in results),
+            files_unchanged=sum(r.files_unchanged for r in results),
+            error="; ".join(r.error or "" for r in failed) or None,
+            retryable=any(r.retryable for r in failed),
+            problems=tuple(p for r in results for p in r.problems),
+            skipped=tuple(s for r in results for s in r.skipped),
+        )
+
+    # -- restore ----------------------------------------------------------------------------
+    async def arestore(
+        self,
+        path: StrPath,
+        is_directory: bool = False,
+        *,
+        generation: int | None = None,
+        before: float | None = None,
+    ) -> BackupResult:
+        """Bring the Drive copy of ``path`` back over the local ``path``, checked.
+
+        A database is restored only if it is a sound Optuna study holding every finished
+        trial the local one holds (``generation`` or ``before``, seconds since the epoch,
+        pick an older generation on purpose: the local database is then set aside).
+        A folder's files replace only local files still as last backed up; local files
+        changed since are kept and named.
         """
         started = time.monotonic()
         target = Path(os.path.abspath(path))
         kind: Kind = "directory" if is_directory else "file"
-
-        def failed(
-            error: str, *, retryable: bool = False, source: Path | None = None
-        ) -> BackupResult:
-            return BackupResult(
-                ok=False,
-                source=source or target,
-                destination=target,
-                kind=kind,
-                error=error,
-                retryable=retryable,
-                duration_s=time.monotonic() - started,
-            )
-
         try:
             remote = self.drive_path_for(target)
         except DrivePathError as exc:
             return BackupResult(
-                ok=False,
-                source=target,
-                destination=None,
-                kind="skipped",
-                error=f"{target} is on Google Drive; restore to a local path instead ({exc})",
-                duration_s=time.monotonic() - started,
+                False, target, None, "skipped", error=f"{exc} Restore to a local path."
             )
         except ValueError as exc:
-            return failed(str(exc))
-        missing = (
-            f"Google Drive holds no copy of {target} (looked for {remote}); nothing was restored."
-        )
+            return BackupResult(False, target, target, kind, error=str(exc))
+        unit = await anyio.to_thread.run_sync(self._unit_for, target, is_directory)
         try:
-            if is_directory:
-                manifest = Manifest(self._manifest_path(target))
-                outcome = await restore_folder(
-                    self._pool,
-                    remote,
-                    target,
-                    manifest,
-                    marker=self.drive_root / MARKER_NAME,
-                    step_timeout=self.drive_timeout,
-                    file_concurrency=self.file_concurrency,
-                )
-                if outcome is None:
-                    return failed(missing, source=remote)
-                if outcome.failure is not None:
-                    error, retryable = self._folder_failure(outcome, remote, target, "reading")
-                    return failed(error, retryable=retryable, source=remote)
-                if outcome.problems:
-                    return failed(
-                        f"{len(outcome.problems)} file(s) were not restored, first "
-                        f"{outcome.problems[0]}; the local copies were left untouched.",
-                        source=remote,
-                    )
-                return BackupResult(
-                    ok=True,
-                    source=remote,
-                    destination=target,
-                    kind="directory",
-                    bytes_copied=outcome.bytes_copied,
-                    files_copied=outcome.files_copied,
-                    duration_s=time.monotonic() - started,
-                )
+            await unit.load()
             async with self._pool.session() as helper:
-                info = await helper.call("stat", str(remote), self.drive_timeout)
-                if not info["exists"] or info["is_dir"]:
-                    return failed(missing, source=remote)
-                nbytes, _ = await fetch_file(helper, remote, target, self.drive_timeout)
-            is_db = await anyio.to_thread.run_sync(is_sqlite_file, target)
+                await _adopt_drive_identity(unit, helper)
+                info = await helper.stat(remote, self.drive_timeout)
+            if is_directory:
+                result = await self._restore_folder(unit, remote, target)
+            elif (
+                generation is not None
+                or before is not None
+                or not info["exists"]
+                or (info.get("kind") == "file" and await self._is_database_copy(remote))
+            ):
+                result = await self._restore_database(unit, remote, target, generation, before)
+            else:
+                result = await self._restore_file(unit, remote, target)
         except RestoreRefused as exc:
-            return failed(
-                f"the Drive copy {remote} failed PRAGMA integrity_check ({exc}), so it was not "
-                f"restored and {target} was left untouched; restore from another copy.",
-                source=remote,
+            result = BackupResult(
+                False,
+                remote,
+                target,
+                kind,
+                error=f"{exc}; nothing local was replaced.",
+                reason="diverged" if exc.diverged else "refused",
             )
-        except (OSError, DriveTimeout) as exc:
-            error, retryable = explain_failure(exc, remote, "reading", remote)
-            return failed(error, retryable=retryable, source=remote)
+        except _EXPECTED as exc:
+            error, retryable = explain_failure(exc, target, "reading", remote)
+            result = BackupResult(False, remote, target, kind, error=error, retryable=retryable)
+        return _with_duration(result, time.monotonic() - started)
+
+    async def _is_database_copy(self, remote: Path) -> bool:
+        return remote.suffix in (".db", ".sqlite", ".sqlite3")
+
+    async def _restore_database(
+        self,
+        unit: StudyUnit,
+        remote: Path,
+        target: Path,
+        generation: int | None,
+        before: float | None,
+    ) -> BackupResult:
+        restored = await restore_database(unit, target, generation=generation, before=before)
+        if restored is None:
+            return BackupResult(
+                False,
+                remote,
+                target,
+                "sqlite",
+                error=_no_copy(target, remote),
+                reason="no-copy",
+            )
+        notes = list(restored.notes)
+        if restored.kept_local:
+            notes.append(
+                f"kept the local {target.name}: it holds every finished trial of the Drive copy"
+            )
+        if restored.set_aside is not None:
+            notes.append(f"the local database was set aside as {restored.set_aside}")
         return BackupResult(
-            ok=True,
-            source=remote,
-            destination=target,
-            kind="sqlite" if is_db else "file",
-            bytes_copied=nbytes,
-            files_copied=1,
-            duration_s=time.monotonic() - started,
+            True,
+            remote,
+            target,
+            "sqlite",
+            bytes_copied=restored.bytes_copied,
+            files_copied=0 if restored.unchanged else 1,
+            files_unchanged=1 if restored.unchanged else 0,
+            generation=restored.generation,
+            finished_trials=restored.finished_trials,
+            notes=tuple(notes),
         )
 
-    # -- verify -------------------------------------------------------------------------
+    async def _restore_folder(self, unit: StudyUnit, remote: Path, target: Path) -> BackupResult:
+        outcome = await restore_folder(unit.folder_job(), remote, target)
+        if outcome is None:
+            return BackupResult(
+                False,
+                remote,
+                target,
+                "directory",
+                error=_no_copy(target, remote),
+                reason="no-copy",
+            )
+        if outcome.strays:
+            unit.state.strays = sorted({*unit.state.strays, *outcome.strays})
+            await unit.state.asave()
+        return _folder_result(outcome, remote, target, "directory", action="reading")
+
+    async def _restore_file(self, unit: StudyUnit, remote: Path, target: Path) -> BackupResult:
+        parent = remote.parent
+        outcome = await restore_folder(unit.folder_job(), parent, target.parent, only=remote.name)
+        if outcome is None or (
+            outcome.files_copied + outcome.files_unchanged + len(outcome.kept_local) == 0
+            and not outcome.problems
+        ):
+            return BackupResult(
+                False,
+                remote,
+                target,
+                "file",
+                error=_no_copy(target, remote),
+                reason="no-copy",
+            )
+        return _folder_result(outcome, remote, target, "file", action="reading")
+
+    # -- verify, history --------------------------------------------------------------------
     async def averify(self, path: StrPath) -> VerifyResult:
         """Check the Drive copy of ``path`` (or ``path`` itself if it is on Drive).
 
-        Reports existence, size, mtime and, for a database, ``integrity_check`` and the
-        Optuna trial counts and study names. A missing copy is ``exists=False`` with no
+        Reports existence, size and mtime; for a database its integrity, its Optuna
+        studies, the generation the plain copy holds and the newest one, and finished
+        trials whose files are not on Drive. A missing copy is ``exists=False`` with no
         error; a Drive that fails or does not answer gives ``error``.
         """
         local = Path(os.path.abspath(path))
-        if _is_within(local, self.drive_root) or is_drive_path(local):
+        if is_within(local, self.drive_root) or is_drive_path(local):
             remote = local
         else:
             try:
                 remote = self.drive_path_for(local)
             except ValueError as exc:
                 return VerifyResult(path=local, exists=False, error=str(exc))
-        try:
-            async with self._pool.session() as helper:
-                info = await helper.call("inspect", str(remote), self.drive_timeout)
-        except (OSError, DriveTimeout) as exc:
-            message, _ = explain_failure(exc, remote, "checking", remote)
-            return VerifyResult(path=remote, exists=False, error=message)
-        if not info["exists"]:
-            return VerifyResult(path=remote, exists=False)
-        error: str | None = None
-        if info.get("sqlite_error"):
-            error = f"{remote} looks like SQLite but cannot be read: {info['sqlite_error']}"
-        elif info.get("is_sqlite") and not info.get("integrity_ok"):
-            error = f"{remote} failed PRAGMA integrity_check; do not restore from it"
-        return VerifyResult(
-            path=remote,
-            exists=True,
-            size=info.get("size"),
-            mtime=info.get("mtime"),
-            is_sqlite=bool(info.get("is_sqlite")),
-            integrity_ok=info.get("integrity_ok") if info.get("is_sqlite") else None,
-            trial_counts=MappingProxyType(dict(info.get("trial_counts", {}))),
-            study_names=tuple(info.get("study_names", ())),
-            error=error,
-        )
+        return await verify_database(self._pool, remote, self.drive_timeout)
 
-    # -- sync faces ---------------------------------------------------------------------
+    async def ahistory(self, path: StrPath) -> list[GenerationInfo]:
+        """The generations of a database kept on Drive, newest first.
+
+        Raises:
+            OSError, DriveTimeout: Drive failed or did not answer.
+        """
+        local = Path(os.path.abspath(path))
+        remote = local if is_within(local, self.drive_root) else self.drive_path_for(local)
+        return await generations_of(self._pool, remote, self.drive_timeout)
+
+    # -- the lease --------------------------------------------------------------------------
+    async def aacquire(self, study_dir: StrPath, *, takeover: bool = False) -> None:
+        """Make this runtime the one writer of a study's Drive copy (see ``lease_timeout``).
+
+        Raises:
+            LeaseHeldError: another runtime holds a live lease (and not ``takeover``).
+            OSError, DriveTimeout: Drive failed or did not answer.
+        """
+        unit = self._unit(
+            Path(os.path.abspath(study_dir)).relative_to(self.local_root).as_posix(), register=True
+        )
+        await unit.load()
+        async with self._pool.session() as helper:
+            await unit.ensure_lease(helper, takeover=takeover)
+
+    async def arenew(self) -> None:
+        """Renew every lease this store holds; called periodically by the backup worker.
+
+        A lease another runtime took over is marked lost: that study's backups stop with
+        a sentence naming the other runtime. Never raises.
+        """
+        for unit in list(self._units.values()):
+            if not unit.holds_lease:
+                continue
+            try:
+                async with self._pool.session() as helper:
+                    await unit.ensure_lease(helper)
+            except (LeaseHeldError, OSError, DriveTimeout) as exc:
+                logger.warning("Could not renew the lease on %s: %s", unit.drive, exc)
+
+    async def arelease(self, study_dir: StrPath | None = None) -> None:
+        """Give back this runtime's lease on a study (or on every study), so that the next
+        runtime may start at once. Never raises; a Drive that fails is logged."""
+        units = (
+            list(self._units.values())
+            if study_dir is None
+            else [self._unit_for(Path(os.path.abspath(study_dir)), True, study=True)]
+        )
+        for unit in units:
+            try:
+                async with self._pool.session() as helper:
+                    await unit.release(helper)
+            except (OSError, DriveTimeout) as exc:
+                logger.warning("Could not release the lease on %s: %s", unit.drive, exc)
+
+    # -- sync faces -------------------------------------------------------------------------
     def backup(
-        self, path: StrPath, is_directory: bool = False, *, exclude: Sequence[str] = ()
+        self,
+        path: StrPath,
+        is_directory: bool = False,
+        *,
+        exclude: Sequence[str] = (),
+        final: bool = False,
     ) -> BackupResult:
         """Blocking :meth:`abackup`; also works in a notebook cell (a running event loop)."""
-        return _run_blocking(functools.partial(self.abackup, path, is_directory, exclude=exclude))
+        return _run(
+            functools.partial(self.abackup, path, is_directory, exclude=exclude, final=final)
+        )
 
-    def restore(self, path: StrPath, is_directory: bool = False) -> BackupResult:
+    def restore(
+        self,
+        path: StrPath,
+        is_directory: bool = False,
+        *,
+        generation: int | None = None,
+        before: float | None = None,
+    ) -> BackupResult:
         """Blocking :meth:`arestore`; also works in a notebook cell (a running event loop)."""
-        return _run_blocking(functools.partial(self.arestore, path, is_directory))
+        return _run(
+            functools.partial(
+                self.arestore, path, is_directory, generation=generation, before=before
+            )
+        )
 
     def verify(self, path: StrPath) -> VerifyResult:
         """Blocking :meth:`averify`; also works in a notebook cell (a running event loop)."""
-        return _run_blocking(functools.partial(self.averify, path))
+        return _run(functools.partial(self.averify, path))
+
+    def history(self, path: StrPath) -> list[GenerationInfo]:
+        """Blocking :meth:`ahistory`."""
+        return _run(functools.partial(self.ahistory, path))
 
     def __call__(self, path: StrPath, is_directory: bool = False) -> BackupResult:
         """Same as :meth:`backup`: a store is a ``backup_to_drive(path, is_directory)``."""
         return self.backup(path, is_directory)
 
-    # -- lifetime -----------------------------------------------------------------------
+    # -- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:
         """End idle helper processes (without waiting on them). The store stays usable."""
         self._pool.close()
@@ -498,52 +613,78 @@ class DriveStore:
     ) -> None:
         self.close()
 
-    @staticmethod
-    def _folder_failure(
-        outcome: FolderOutcome, source: Path, destination: Path, action: str
-    ) -> tuple[str, bool]:
-        """One sentence for a folder copy that a failed file ended, naming that file."""
-        failure = outcome.failure
-        assert failure is not None
-        if not isinstance(failure, (OSError, DriveTimeout, SnapshotError)):
-            raise failure  # a bug, not a Drive or file problem: let it show
-        rel = outcome.failed_file
-        if rel is None:
-            error, retryable = explain_failure(failure, source, action, destination)
-        else:
-            remote = (destination if action == "writing" else source) / rel
-            local = (source if action == "writing" else destination) / rel
-            error, retryable = explain_failure(failure, local, action, remote)
-        kept = ""
-        if outcome.files_copied and action == "writing":
-            kept = (
-                f" The {outcome.files_copied} other file(s) copied were recorded; the next "
-                "backup does not copy them again."
-            )
-        elif outcome.files_copied:
-            kept = f" {outcome.files_copied} other file(s) were restored."
-        return f"{error}{kept}", retryable
 
-    def _manifest_path(self, folder: Path) -> Path:
-        relative = os.path.relpath(folder, self.local_root)
-        return manifest_path(self._state_dir, self.drive_root, relative)
-
-
-def _run_blocking(func: Callable[[], Awaitable[T]]) -> T:
-    """Run ``func()`` to completion: here, or in a helper thread if this thread runs a loop.
-
-    A Jupyter or Colab cell runs inside the kernel's event loop, where ``anyio.run``
-    would refuse; a plain script or thread gets the cheaper direct run.
-    """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return anyio.run(func)
+def _run(func: Callable[[], Awaitable[T]]) -> T:
     return run_blocking(func)
 
 
-def _is_within(path: Path, root: Path) -> bool:
-    try:
-        return os.path.commonpath([path, root]) == str(root)
-    except ValueError:
-        return False
+def _check_roots(local_root: Path, drive_root: Path) -> None:
+    if is_drive_path(local_root):
+        raise DrivePathError(
+            f"local_root {local_root} is on Google Drive; SQLite on a Drive mount is slow and "
+            "unsafe (no reliable locking), so keep the sweep on local disk (e.g. /content/out) "
+            "and give the Drive folder as drive_root."
+        )
+    if is_within(drive_root, local_root) or is_within(local_root, drive_root):
+        raise DrivePathError(
+            f"the Drive folder {drive_root} and the local folder {local_root} overlap; the "
+            "Drive copy must be outside the folder it backs up, and the other way round."
+        )
+
+
+async def _adopt_drive_identity(unit: StudyUnit, helper: object) -> None:
+    """Before a restore: records of another Drive copy than this one are dropped."""
+    from sweepsafe.drive._helper_client import DriveHelper
+    from sweepsafe.drive._replica import read_identity
+
+    assert isinstance(helper, DriveHelper)
+    drive_id = await read_identity(helper, unit.drive, unit.settings.timeout)
+    if drive_id is not None and drive_id != unit.state.unit_id:
+        unit.forget_drive_copy()
+        unit.state.unit_id = drive_id
+        unit.manifest.reset(drive_id)
+        await unit.state.asave()
+
+
+def _folder_result(
+    outcome: FolderOutcome, source: Path, destination: Path, kind: Kind, *, action: str = "writing"
+) -> BackupResult:
+    error: str | None = None
+    retryable = False
+    if outcome.stopped is not None:
+        local = source if action == "writing" else destination
+        remote = destination if action == "writing" else source
+        error, retryable = explain_failure(outcome.stopped, local, action, remote)
+        if outcome.files_copied:
+            error += f" {outcome.files_copied} other file(s) were copied and recorded."
+    elif len(outcome.problems) == 1 and kind == "file" and outcome.problems[0].error is not None:
+        local = source if action == "writing" else destination
+        remote = destination if action == "writing" else source
+        error, retryable = explain_failure(outcome.problems[0].error, local, action, remote)
+    elif outcome.problems:
+        total = outcome.files_copied + outcome.files_unchanged + len(outcome.problems)
+        error, retryable = summarize_problems(outcome.problems, source, destination, total)
+    return BackupResult(
+        error is None,
+        source,
+        destination,
+        kind,
+        bytes_copied=outcome.bytes_copied,
+        files_copied=outcome.files_copied,
+        files_unchanged=outcome.files_unchanged,
+        error=error,
+        retryable=retryable,
+        problems=tuple(str(p) for p in outcome.problems),
+        skipped=outcome.skipped,
+        kept_local=outcome.kept_local,
+    )
+
+
+def _with_duration(result: BackupResult, duration: float) -> BackupResult:
+    from dataclasses import replace
+
+    return replace(result, duration_s=duration)
+
+
+def _no_copy(target: Path, remote: Path) -> str:
+    return f"Google Drive holds no copy of {target} (looked for {remote}); nothing was restored."

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fnmatch
 import importlib.util
 import json
 import os
@@ -47,6 +48,9 @@ class FaultPlan:
     """Every write fails with ENOSPC (Drive full)."""
     disconnected: bool = False
     """Every operation fails with ENOTCONN ("Transport endpoint is not connected")."""
+    fail_paths: tuple[tuple[str, str], ...] = ()
+    """``(pattern, errno name)`` pairs: committing a Drive file whose path matches the
+    ``fnmatch`` pattern fails with that error (``"EIO"``, ``"ENAMETOOLONG"``...)."""
     hang: bool = False
     """Every operation blocks forever, like a stalled FUSE mount."""
     pause_fifo: str = ""
@@ -72,7 +76,10 @@ class FaultPlan:
         except FileNotFoundError:
             return cls()
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in data.items() if key in names})
+        fields = {key: value for key, value in data.items() if key in names}
+        if "fail_paths" in fields:
+            fields["fail_paths"] = tuple(tuple(pair) for pair in fields["fail_paths"])
+        return cls(**fields)
 
 
 def helper_argv(plan_path: str | os.PathLike[str]) -> list[str]:
@@ -100,7 +107,7 @@ def simulated_store(
         plan.write(plan_path)
     else:
         plan_path = Path(plan)
-    return DriveStore(local_root, drive_root, _helper_argv=helper_argv(plan_path), **store_kwargs)
+    return DriveStore(local_root, drive_root, helper_command=helper_argv(plan_path), **store_kwargs)
 
 
 def _serve(plan_path: str) -> int:
@@ -142,6 +149,10 @@ def _serve(plan_path: str) -> int:
 
         def on_commit(self, path: str) -> None:
             plan = self._plan()
+            for pattern, name in plan.fail_paths:
+                if fnmatch.fnmatch(path, pattern):
+                    code = getattr(errno, name)
+                    raise OSError(code, os.strerror(code), path)
             if plan.latency_s:
                 time.sleep(plan.latency_s)
             if plan.pause_fifo:

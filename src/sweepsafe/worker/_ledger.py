@@ -1,8 +1,11 @@
-"""The backup worker's shared book of targets and counters, guarded by one lock.
+"""The backup worker's book of targets: every state transition of a target happens here.
 
-Callers' threads (``submit``, ``flush``, ``stats``) and the worker's loop both read and
-write it, always while holding :attr:`WorkerLedger.lock`; methods ending in ``_locked``
-expect the caller to hold it.
+Callers' threads (``submit``, ``flush``, ``stats``) and the worker's loop both change it,
+always while holding :attr:`WorkerLedger.lock`; methods ending in ``_locked`` expect the
+caller to hold it. A target's life: a submit makes a job *waiting*; the loop *takes* it
+(a task serves the target); each *attempt* is recorded; the job *finishes* when it
+succeeded, failed for good, or ran out of retries; a submit meanwhile queues exactly
+one more job.
 """
 
 from __future__ import annotations
@@ -33,11 +36,12 @@ class Job:
 
 
 class TargetSlot:
-    """The worker's mutable record of one target."""
+    """The worker's record of one target; changed only through the ledger's methods."""
 
     __slots__ = (
         "attempts",
         "copies",
+        "covered_seq",
         "finished_seq",
         "in_thread",
         "is_directory",
@@ -63,6 +67,7 @@ class TargetSlot:
         self.in_thread = False  # a sync callable runs in a worker thread
         self.retry_wake: anyio.Event | None = None  # set while a retry waits out its delay
         self.latest_seq = 0  # sequence number of the newest submit
+        self.covered_seq = 0  # newest submit the job in progress covers
         self.finished_seq = 0  # newest submit covered by a job that finished for good
         self.attempts = 0  # of the current or latest job
         self.last_ok: bool | None = None  # how the latest finished job ended
@@ -97,6 +102,68 @@ class WorkerLedger:
         self.retried = 0
         self.bytes_copied = 0
 
+    # -- transitions ------------------------------------------------------------------------
+    def submit_locked(self, key: str, job: Job) -> bool:
+        """Record a submit; True when the loop must be woken to serve the target."""
+        self.seq += 1
+        self.submitted += 1
+        slot = self.targets.get(key)
+        if slot is None:
+            slot = self.targets[key] = TargetSlot(Path(key), job.is_directory)
+        slot.latest_seq = self.seq
+        slot.is_directory = job.is_directory
+        if slot.waiting is not None:
+            self.coalesced += 1
+            slot.waiting = job  # the same work; the newest callable does it
+            return False
+        slot.waiting = job
+        if slot.task_active and slot.retry_wake is None:
+            return False  # the task serving this target takes the job when its copy ends
+        self.new_work.append(slot)
+        return True
+
+    def take_new_work_locked(self) -> tuple[list[TargetSlot], list[anyio.Event]]:
+        """For the loop: targets that need a task, and retry waits to cut short."""
+        new_work, self.new_work = self.new_work, []
+        to_start: list[TargetSlot] = []
+        to_wake: list[anyio.Event] = []
+        for slot in new_work:
+            if slot.waiting is None:
+                continue
+            if not slot.task_active:
+                slot.task_active = True
+                to_start.append(slot)
+            elif slot.retry_wake is not None:
+                to_wake.append(slot.retry_wake)
+        return to_start, to_wake
+
+    def next_job_locked(self, slot: TargetSlot, current: Job | None) -> Job | None:
+        """The job the target's task runs next: a newly submitted one replaces ``current``
+        (a job waiting to be retried); None ends the task."""
+        if current is None or slot.waiting is not None:
+            job = slot.waiting
+            if job is None:
+                slot.task_active = False
+                return None
+            slot.waiting = None
+            slot.covered_seq = slot.latest_seq
+            slot.attempts = 0
+            self.started += 1
+            current = job
+        slot.attempts += 1
+        if slot.attempts > 1:
+            self.retried += 1
+        return current
+
+    def attempt_started_locked(self, slot: TargetSlot, *, in_thread: bool) -> None:
+        """An attempt begins (in a worker thread for a sync callable)."""
+        slot.running = True
+        slot.in_thread = in_thread
+
+    def thread_call_ended_locked(self, slot: TargetSlot) -> None:
+        """A sync callable returned (or raised) in its worker thread."""
+        slot.in_thread = False
+
     def record_attempt_locked(self, slot: TargetSlot, outcome: AttemptOutcome) -> str | None:
         """Store an attempt's outcome; return ``"failed"`` or ``"recovered"`` if worth a log.
 
@@ -119,15 +186,26 @@ class WorkerLedger:
         slot.logged_error = outcome.error
         return "failed"
 
-    def finish_job_locked(self, slot: TargetSlot, covered_seq: int, ok: bool) -> None:
-        """Mark every submit up to ``covered_seq`` as done; wake flushes."""
-        slot.finished_seq = max(slot.finished_seq, covered_seq)
+    def finish_job_locked(self, slot: TargetSlot, ok: bool) -> None:
+        """Mark every submit the job covered as done; wake flushes."""
+        slot.finished_seq = max(slot.finished_seq, slot.covered_seq)
         slot.last_ok = ok
         if ok:
             self.succeeded += 1
         else:
             self.failed += 1
         self.job_finished.notify_all()
+
+    def retry_waits_locked(self, slot: TargetSlot, event: anyio.Event) -> bool:
+        """A retry will wait on ``event`` unless a new submit already replaced it."""
+        if slot.waiting is not None:
+            return False
+        slot.retry_wake = event
+        return True
+
+    def retry_wait_ended_locked(self, slot: TargetSlot) -> None:
+        """The retry delay is over (or was cut short by a submit)."""
+        slot.retry_wake = None
 
     def mark_loop_stopped_locked(self) -> None:
         """The loop is gone: nothing runs any more, and flushes stop waiting."""
@@ -137,6 +215,15 @@ class WorkerLedger:
             slot.task_active = False
             slot.retry_wake = None
         self.job_finished.notify_all()
+
+    # -- views ------------------------------------------------------------------------------
+    def unfinished_locked(self) -> list[tuple[TargetSlot, int]]:
+        """Targets with submits not yet finished, and the newest such submit."""
+        return [(slot, slot.latest_seq) for slot in self.targets.values() if slot.pending]
+
+    def stuck_in_threads_locked(self) -> list[Path]:
+        """Targets whose sync callable is still running in a worker thread."""
+        return [slot.path for slot in self.targets.values() if slot.in_thread]
 
     def report_locked(self, timed_out: bool, duration_s: float) -> FlushReport:
         """A flush report on every target as it stands now."""

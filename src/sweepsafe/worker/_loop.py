@@ -2,7 +2,9 @@
 
 A sync backup callable runs in one of anyio's worker threads, an async one on the loop;
 both behind one :class:`anyio.CapacityLimiter`. One task per busy target runs its jobs
-one after another, with retries; a dispatcher task starts those tasks when woken.
+one after another, with retries; one task per periodic job runs it on its interval; a
+dispatcher task starts those tasks when woken. Every task belongs to the dispatcher's
+task group, and stopping cancels it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import inspect
 import logging
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Hashable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,27 +31,22 @@ from sweepsafe.worker._retry import (
 if TYPE_CHECKING:
     from sweepsafe.worker._ledger import Job, TargetSlot, WorkerLedger
 
-__all__ = ["BackupLoop"]
+__all__ = ["BackupLoop", "PeriodicJob"]
 
 logger = logging.getLogger("sweepsafe.worker")
+
+PeriodicJob = Callable[[], Awaitable[object]]
 
 
 class BackupLoop:
     """Runs the jobs recorded in a :class:`WorkerLedger` on a background event loop."""
 
     def __init__(
-        self,
-        ledger: WorkerLedger,
-        *,
-        max_concurrency: int,
-        retry: RetryPolicy,
-        backend: str,
-        name: str,
+        self, ledger: WorkerLedger, *, max_concurrency: int, retry: RetryPolicy, name: str
     ) -> None:
         self._ledger = ledger
         self._max_concurrency = max_concurrency
         self._retry = retry
-        self._backend = backend
         self._name = name
         self._rng = random.Random()
         self.thread: threading.Thread | None = None
@@ -57,15 +54,18 @@ class BackupLoop:
         self._wake: Callable[[], None] | None = None  # set while the loop accepts wake-ups
         self._wake_requested = False
         self._stopping = False
+        self._periodic: dict[Hashable, tuple[float, PeriodicJob]] = {}
+        self._periodic_changed: set[Hashable] = set()
         # Only touched on the loop's thread:
         self._wake_event: anyio.Event | None = None
+        self._periodic_scopes: dict[Hashable, anyio.CancelScope] = {}
 
     def is_loop_thread(self) -> bool:
         """The calling thread is the loop's own."""
         return self.thread is not None and threading.current_thread() is self.thread
 
     def wake_locked(self) -> None:
-        """Have the loop look at ``ledger.new_work``, starting it on first use; never waits."""
+        """Have the loop look at its new work, starting it on first use; never waits."""
         if self.thread is None:
             # A daemon thread of our own, not a portal's executor thread: the interpreter
             # joins executor threads before atexit hooks run, so a hung copy would block
@@ -80,6 +80,15 @@ class BackupLoop:
                 # The loop is closing; the job shows as pending in the next report.
                 logger.debug("The backup loop closed while it was being woken")
 
+    def every_locked(self, key: Hashable, interval: float, job: PeriodicJob | None) -> None:
+        """Run ``job`` every ``interval`` seconds from now on (None: stop running it)."""
+        if job is None:
+            self._periodic.pop(key, None)
+        else:
+            self._periodic[key] = (interval, job)
+        self._periodic_changed.add(key)
+        self.wake_locked()
+
     def stop_locked(self) -> None:
         """Ask the loop to cancel what is in flight and end; never waits."""
         if self.thread is not None:
@@ -88,7 +97,7 @@ class BackupLoop:
 
     def _run(self) -> None:
         try:
-            anyio.run(self._dispatch, backend=self._backend)
+            anyio.run(self._dispatch, backend="asyncio")
         except Exception:
             logger.exception("The backup worker %r stopped on an internal error", self._name)
         finally:
@@ -97,7 +106,7 @@ class BackupLoop:
                 self._ledger.mark_loop_stopped_locked()
 
     async def _dispatch(self) -> None:
-        """Start a task for each target with new work, until asked to stop."""
+        """Start a task for each target with new work and each periodic job, until stopped."""
         ledger = self._ledger
         limiter = anyio.CapacityLimiter(self._max_concurrency)
         thread_limiter = anyio.CapacityLimiter(self._max_concurrency)
@@ -113,20 +122,12 @@ class BackupLoop:
                     self._wake = wake_from_any_thread
                 while True:
                     self._wake_event = anyio.Event()
-                    to_start: list[TargetSlot] = []
-                    to_wake: list[anyio.Event] = []
                     with ledger.lock:
-                        new_work, ledger.new_work = ledger.new_work, []
+                        to_start, to_wake = ledger.take_new_work_locked()
                         self._wake_requested = False
                         stopping = self._stopping
-                        for slot in new_work:
-                            if slot.waiting is None:
-                                continue
-                            if not slot.task_active:
-                                slot.task_active = True
-                                to_start.append(slot)
-                            elif slot.retry_wake is not None:
-                                to_wake.append(slot.retry_wake)
+                        periodic = {key: self._periodic.get(key) for key in self._periodic_changed}
+                        self._periodic_changed.clear()
                     if stopping:
                         task_group.cancel_scope.cancel()
                         return
@@ -134,6 +135,14 @@ class BackupLoop:
                         task_group.start_soon(self._serve_target, slot, limiter, thread_limiter)
                     for event in to_wake:
                         event.set()
+                    for key, entry in periodic.items():
+                        old = self._periodic_scopes.pop(key, None)
+                        if old is not None:
+                            old.cancel()
+                        if entry is not None:
+                            scope = anyio.CancelScope()
+                            self._periodic_scopes[key] = scope
+                            task_group.start_soon(self._run_periodic, key, scope, *entry)
                     await self._wake_event.wait()
         finally:
             with ledger.lock:
@@ -142,6 +151,24 @@ class BackupLoop:
     def _on_wake(self) -> None:
         if self._wake_event is not None:
             self._wake_event.set()
+
+    async def _run_periodic(
+        self, key: Hashable, scope: anyio.CancelScope, interval: float, job: PeriodicJob
+    ) -> None:
+        """Run one periodic job on its interval; a failure is logged, never raised."""
+        last_error: str | None = None
+        with scope:
+            while True:
+                await anyio.sleep(interval)
+                try:
+                    with anyio.fail_after(max(interval, 1.0) * 4):
+                        await job()
+                    last_error = None
+                except Exception as exc:  # noqa: BLE001 - logged once per message; the job runs on
+                    message = f"{type(exc).__name__}: {exc}"
+                    if message != last_error:
+                        logger.warning("Periodic job %s failed: %s", key, message)
+                    last_error = message
 
     async def _serve_target(
         self,
@@ -152,35 +179,25 @@ class BackupLoop:
         """Run a target's jobs one after another, with retries, until none waits."""
         ledger = self._ledger
         job: Job | None = None
-        covered_seq = 0
         while True:
             with ledger.lock:
-                if job is None or slot.waiting is not None:
-                    # A new submit also replaces a job waiting to be retried.
-                    job = slot.waiting
-                    if job is None:
-                        slot.task_active = False
-                        return
-                    slot.waiting = None
-                    covered_seq = slot.latest_seq
-                    slot.attempts = 0
-                    ledger.started += 1
-                slot.attempts += 1
+                job = ledger.next_job_locked(slot, job)
+                if job is None:
+                    return
                 attempt = slot.attempts
-                if attempt > 1:
-                    ledger.retried += 1
             outcome = await self._attempt(slot, job, limiter, thread_limiter)
             finished = outcome.ok or not outcome.retryable or attempt >= self._retry.max_attempts
-            retry_wake = None
+            retry_wake: anyio.Event | None = None
             with ledger.lock:
                 change = ledger.record_attempt_locked(slot, outcome)
                 if finished:
-                    ledger.finish_job_locked(slot, covered_seq, outcome.ok)
+                    ledger.finish_job_locked(slot, outcome.ok)
                     delay = 0.0
                 else:
                     delay = self._retry.delay(attempt, self._rng)
-                    if delay > 0 and slot.waiting is None:
-                        retry_wake = slot.retry_wake = anyio.Event()
+                    event = anyio.Event()
+                    if delay > 0 and ledger.retry_waits_locked(slot, event):
+                        retry_wake = event
             _log_attempt(slot.path, outcome, change, attempt, finished)
             if finished:
                 job = None
@@ -188,7 +205,7 @@ class BackupLoop:
                 with anyio.move_on_after(delay):
                     await retry_wake.wait()
                 with ledger.lock:
-                    slot.retry_wake = None
+                    ledger.retry_wait_ended_locked(slot)
 
     async def _attempt(
         self,
@@ -198,14 +215,11 @@ class BackupLoop:
         thread_limiter: anyio.CapacityLimiter,
     ) -> AttemptOutcome:
         async with limiter:
+            in_thread = not _is_async_callable(job.backup)
             with self._ledger.lock:
-                slot.running = True
+                self._ledger.attempt_started_locked(slot, in_thread=in_thread)
             try:
-                if _is_async_callable(job.backup):
-                    returned = job.backup(slot.path, job.is_directory)
-                else:
-                    with self._ledger.lock:
-                        slot.in_thread = True
+                if in_thread:
                     returned = await anyio.to_thread.run_sync(
                         self._call_in_thread,
                         slot,
@@ -213,6 +227,8 @@ class BackupLoop:
                         abandon_on_cancel=True,  # only close() cancels; a stuck call is left
                         limiter=thread_limiter,
                     )
+                else:
+                    returned = job.backup(slot.path, job.is_directory)
                 if inspect.isawaitable(returned):
                     returned = await returned
             except Exception as exc:  # noqa: BLE001 - recorded, logged, and named by flush
@@ -224,7 +240,7 @@ class BackupLoop:
             return job.backup(slot.path, job.is_directory)
         finally:
             with self._ledger.lock:
-                slot.in_thread = False
+                self._ledger.thread_call_ended_locked(slot)
 
 
 def _is_async_callable(backup: object) -> bool:

@@ -48,6 +48,9 @@ class FlushReport:
         """Every target's latest job finished and succeeded."""
         return all(report.ok for report in self.targets)
 
+    def __bool__(self) -> bool:
+        return self.ok
+
     @property
     def failed(self) -> tuple[TargetReport, ...]:
         """Targets whose latest job finished and failed (after its retries)."""

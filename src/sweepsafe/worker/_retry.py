@@ -5,13 +5,12 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from sweepsafe.errors import DrivePathError
-
 __all__ = ["AttemptOutcome", "RetryPolicy", "outcome_of_exception", "outcome_of_result"]
 
-# Retrying cannot mend these: the path is wrong, not the Drive slow.
+# Retrying cannot mend these: the path or the call is wrong, not the Drive slow.
 NOT_RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (
-    DrivePathError,
+    ValueError,
+    TypeError,
     FileNotFoundError,
     NotADirectoryError,
     IsADirectoryError,
@@ -96,9 +95,15 @@ def outcome_of_result(result: object) -> AttemptOutcome:
 
 
 def outcome_of_exception(exc: Exception) -> AttemptOutcome:
-    """Judge an exception the callable raised; path errors are not worth retrying."""
+    """Judge an exception the callable raised.
+
+    An exception with a ``retryable`` attribute says itself; otherwise wrong paths and
+    wrong arguments are not worth retrying, and anything else is.
+    """
     message = str(exc)
     error = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-    return AttemptOutcome(
-        ok=False, error=error, retryable=not isinstance(exc, NOT_RETRYABLE_ERRORS)
+    declared = getattr(exc, "retryable", None)
+    retryable = (
+        declared if isinstance(declared, bool) else not isinstance(exc, NOT_RETRYABLE_ERRORS)
     )
+    return AttemptOutcome(ok=False, error=error, retryable=retryable)

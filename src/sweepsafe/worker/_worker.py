@@ -1,4 +1,4 @@
-"""A background worker that runs backup callables on targets, off the caller's thread.
+"""BackupWorker: runs backup callables on targets, off the caller's thread.
 
 Trial threads call :meth:`BackupWorker.submit`, which only records the job and returns.
 A daemon thread runs one anyio event loop (asyncio) on which every copy happens: a sync
@@ -16,12 +16,12 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Hashable
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
-from sweepsafe.worker._ledger import Job, TargetSlot, WorkerLedger
+from sweepsafe.worker._ledger import Job, WorkerLedger
 from sweepsafe.worker._loop import BackupLoop
 from sweepsafe.worker._reports import FlushReport, TargetReport, TargetState, WorkerStats
 from sweepsafe.worker._retry import RetryPolicy
@@ -65,8 +65,9 @@ callable runs in a worker thread, a coroutine function on the worker's loop; a s
 callable that returns an awaitable has it awaited on the loop.
 """
 
-# How long close() waits for the loop to stop once it has cancelled what is in flight.
-_STOP_GRACE_S = 5.0
+# How long close() waits for the loop to stop once it has cancelled what is in flight:
+# cancelling abandons stuck helpers and threads at once, so this is only a safety net.
+_STOP_GRACE_S = 1.0
 
 
 class BackupWorker:
@@ -96,18 +97,15 @@ class BackupWorker:
         *,
         max_concurrency: int = 2,
         retry: RetryPolicy = RetryPolicy(),  # noqa: B008 - frozen, so one shared default is safe
-        backend: str = "asyncio",
         name: str = "sweepsafe-backup",
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, not {max_concurrency}")
-        if backend != "asyncio":
-            # Async backup callables (the store's helper subprocesses) are written for asyncio.
-            raise ValueError(f"the backup worker runs on asyncio only, not {backend!r}")
         self._name = name
         self._ledger = WorkerLedger()
+        # The loop runs on asyncio: aiofiles and the store's helper pipes need it.
         self._loop = BackupLoop(
-            self._ledger, max_concurrency=max_concurrency, retry=retry, backend=backend, name=name
+            self._ledger, max_concurrency=max_concurrency, retry=retry, name=name
         )
         self._closed = False
         self._warned_closed = False
@@ -154,27 +152,28 @@ class BackupWorker:
             raise RuntimeError(_LOOP_THREAD_MESSAGE.format(method="submit"))
         key = os.path.abspath(os.fspath(target))
         job = Job(backup, is_directory)
-        ledger = self._ledger
-        with ledger.lock:
+        with self._ledger.lock:
             if self._closed:
                 self._warn_dropped_locked(key)
                 return
-            ledger.seq += 1
-            ledger.submitted += 1
-            slot = ledger.targets.get(key)
-            if slot is None:
-                slot = ledger.targets[key] = TargetSlot(Path(key), is_directory)
-            slot.latest_seq = ledger.seq
-            slot.is_directory = is_directory
-            if slot.waiting is not None:
-                ledger.coalesced += 1
-                slot.waiting = job  # the same work; the newest callable does it
+            if self._ledger.submit_locked(key, job):
+                self._loop.wake_locked()
+
+    def every(
+        self, key: Hashable, interval: float, job: Callable[[], Awaitable[object]] | None
+    ) -> None:
+        """Run the async ``job()`` every ``interval`` seconds on the loop, until replaced,
+        removed (``job=None``) or the worker closes; never waits.
+
+        For work that must go on while no trial ends, such as renewing a lease. A job
+        that fails or takes more than four intervals is logged, and runs again next time.
+        """
+        if interval <= 0:
+            raise ValueError(f"interval must be positive, not {interval}")
+        with self._ledger.lock:
+            if self._closed:
                 return
-            slot.waiting = job
-            if slot.task_active and slot.retry_wake is None:
-                return  # the task serving this target takes the job when its copy ends
-            ledger.new_work.append(slot)
-            self._loop.wake_locked()
+            self._loop.every_locked(key, interval, job)
 
     def flush(self, timeout: float | None = None) -> FlushReport:
         """Block until every job submitted before this call finished, or ``timeout`` passed.
@@ -193,7 +192,7 @@ class BackupWorker:
         deadline = None if timeout is None else started + max(0.0, timeout)
         ledger = self._ledger
         with ledger.lock:
-            awaited = [(slot, slot.latest_seq) for slot in ledger.targets.values() if slot.pending]
+            awaited = ledger.unfinished_locked()
         if awaited:
             # Logged outside the lock: a slow log handler must not hold up submit().
             logger.debug("Flush: waiting for %d targets (timeout %s s)", len(awaited), timeout)
@@ -238,7 +237,7 @@ class BackupWorker:
             self._loop.stop_locked()
         thread.join(_STOP_GRACE_S)
         with self._ledger.lock:
-            stuck = [slot.path for slot in self._ledger.targets.values() if slot.in_thread]
+            stuck = self._ledger.stuck_in_threads_locked()
         for path in stuck:
             logger.warning(
                 "The backup of %s is stuck in a thread waiting for the Drive mount; it was "

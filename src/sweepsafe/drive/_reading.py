@@ -1,0 +1,204 @@
+"""Reading Drive copies without changing them: verify a database, list its generations.
+
+Both run through a helper with a deadline, like every Drive-side call, so a stalled
+mount makes them fail in time instead of hanging the command that asked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from sweepsafe.drive._helper_client import DriveTimeout, HelperPool
+from sweepsafe.drive._helper_process import STATE_DIR_NAME
+from sweepsafe.drive._history import (
+    BaseRecord,
+    History,
+    history_dir,
+    list_history,
+    read_details,
+)
+from sweepsafe.drive._messages import explain_failure
+from sweepsafe.drive._pages import PatchError, read_patch_header
+from sweepsafe.drive._results import GenerationInfo, StudySummary, VerifyResult
+
+if TYPE_CHECKING:
+    from sweepsafe.drive._helper_client import DriveHelper
+
+__all__ = ["check_database", "generations_of", "studies_of", "verify_database"]
+
+_ANCESTORS = 4
+_HEADER_READ = 64 << 10
+
+
+def studies_of(info: Mapping[str, Any]) -> tuple[StudySummary, ...]:
+    """The studies an ``inspect`` reply describes."""
+    return tuple(
+        StudySummary(
+            name=str(study["name"]),
+            directions=tuple(study["directions"]),
+            trial_counts=MappingProxyType(dict(study["trial_counts"])),
+            best_value=study["best"],
+        )
+        for study in info.get("studies", ())
+    )
+
+
+async def find_history(helper: DriveHelper, database: Path, timeout: float) -> Path | None:
+    """The history folder of a database on Drive, looking in its study folder and above."""
+    folder = database.parent
+    for _ in range(_ANCESTORS):
+        rel = database.relative_to(folder).as_posix()
+        candidate = history_dir(folder, rel)
+        info = await helper.stat(candidate, timeout)
+        if info["exists"]:
+            return candidate
+        if (await helper.stat(folder / STATE_DIR_NAME, timeout))[
+            "exists"
+        ] or folder.parent == folder:
+            return None  # the study folder: it keeps no history of this database
+        folder = folder.parent
+    return None
+
+
+async def verify_database(pool: HelperPool, remote: Path, timeout: float) -> VerifyResult:
+    """Check a Drive file: existence, integrity, studies, generations and missing files."""
+    try:
+        async with pool.session() as helper:
+            info = await helper.inspect(remote, timeout, sha256=True)
+            if not info["exists"]:
+                return VerifyResult(path=remote, exists=False)
+            if info["kind"] != "file":
+                return VerifyResult(
+                    path=remote,
+                    exists=True,
+                    mtime=info.get("mtime"),
+                    error=f"{remote} is a folder, not a file",
+                )
+            if not info.get("is_sqlite"):
+                return VerifyResult(
+                    path=remote, exists=True, size=info.get("size"), mtime=info.get("mtime")
+                )
+            history_folder = await find_history(helper, remote, timeout)
+            generations = (
+                await _generations(helper, history_folder, str(info.get("sha256")), timeout)
+                if history_folder is not None
+                else None
+            )
+    except (OSError, DriveTimeout) as exc:
+        message, _ = explain_failure(exc, remote, "checking", remote)
+        return VerifyResult(path=remote, exists=False, error=message)
+    problem = info.get("integrity_problem")
+    error: str | None = None
+    if problem:
+        error = f"{remote} failed its integrity check ({problem}); do not restore from it"
+    plain, newest, missing = generations or (None, None, {})
+    if error is None and generations is not None and plain != newest and plain is None:
+        error = (
+            f"{remote} is not a generation Drive's history knows; the newest generation "
+            f"is {newest}, which a restore rebuilds"
+        )
+    if error is None and missing:
+        trials = ", ".join(str(n) for n in sorted(missing)[:5])
+        error = f"finished trials {trials} of {remote} lack files on Drive"
+    return VerifyResult(
+        path=remote,
+        exists=True,
+        size=info.get("size"),
+        mtime=info.get("mtime"),
+        is_sqlite=True,
+        integrity_ok=not problem,
+        studies=studies_of(info),
+        generation=plain,
+        newest_generation=newest,
+        missing_files=MappingProxyType(missing),
+        error=error,
+    )
+
+
+async def _generations(
+    helper: DriveHelper, folder: Path, plain_sha: str, timeout: float
+) -> tuple[int | None, int | None, dict[int, tuple[str, ...]]]:
+    """(generation the plain copy holds, newest generation, missing files by the newest)."""
+    history = await list_history(helper, folder, timeout)
+    if history.empty:
+        return None, None, {}
+    plain: int | None = None
+    for number in sorted(history.bases, reverse=True):
+        for base in history.bases[number]:
+            raw = await helper.read(folder / base.name, timeout, limit=_HEADER_READ)
+            record = BaseRecord.from_json(raw) if raw is not None else None
+            if record is not None and record.sha256 == plain_sha:
+                plain = number
+                break
+        if plain is not None:
+            break
+    meta = await _newest_meta(helper, folder, history, timeout)
+    missing = {
+        int(number): tuple(str(f) for f in files)
+        for number, files in (meta.get("missing_files") or {}).items()
+    }
+    return plain, history.head, missing
+
+
+async def _newest_meta(
+    helper: DriveHelper, folder: Path, history: History, timeout: float
+) -> Mapping[str, Any]:
+    head = history.head
+    for patch in history.patches.get(head, ()):
+        raw = await helper.read(folder / patch.name, timeout, limit=_HEADER_READ, head=True)
+        try:
+            return read_patch_header(raw or b"").meta
+        except PatchError:
+            continue
+    for base in history.bases.get(head, ()):
+        raw = await helper.read(folder / base.name, timeout, limit=_HEADER_READ)
+        record = BaseRecord.from_json(raw) if raw is not None else None
+        if record is not None:
+            return record.meta
+    return {}
+
+
+async def generations_of(pool: HelperPool, remote: Path, timeout: float) -> list[GenerationInfo]:
+    """Every generation of the database ``remote`` kept on Drive, newest first."""
+    async with pool.session() as helper:
+        folder = await find_history(helper, remote, timeout)
+        if folder is None:
+            return []
+        history = await list_history(helper, folder, timeout)
+        details = await read_details(helper, folder, history, timeout)
+    infos: list[GenerationInfo] = []
+    for detail in details:
+        studies = detail.meta.get("studies") or []
+        best = studies[0].get("best") if len(studies) == 1 else None
+        finished = detail.meta.get("finished")
+        infos.append(
+            GenerationInfo(
+                number=detail.number,
+                kind=detail.kind,
+                created=detail.created,
+                finished_trials=int(finished) if finished is not None else None,
+                best_value=float(best) if best is not None else None,
+                size=detail.size,
+                runtime=detail.tag,
+                problem=detail.problem,
+            )
+        )
+    return infos
+
+
+async def check_database(
+    path: Path, *, timeout: float = 60.0, helper_command: Sequence[str] | None = None
+) -> VerifyResult:
+    """Check one database where it lies (local or on Drive), read-only, within ``timeout``.
+
+    The reading happens in a helper process abandoned at the deadline, so a database on
+    a stalled mount gives an error instead of a hang.
+    """
+    pool = HelperPool(helper_command)
+    try:
+        return await verify_database(pool, path, timeout)
+    finally:
+        pool.close()

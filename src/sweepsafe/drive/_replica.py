@@ -1,0 +1,252 @@
+"""The Drive copy of a study as a replica: its identity and its one owner (a lease).
+
+Each study folder on Drive holds ``.sweepsafe/identity.json`` (who it is: a random id
+made when it was first backed up) and ``.sweepsafe/lease.json`` (which runtime may write
+it, and when that runtime last said it was alive). Both are small JSON files written
+atomically like every other Drive file. See ``docs/drive-layout.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sweepsafe.drive._helper_client import process_tag
+from sweepsafe.drive._helper_process import STATE_DIR_NAME
+from sweepsafe.errors import LeaseHeldError
+
+if TYPE_CHECKING:
+    from sweepsafe.drive._helper_client import DriveHelper
+
+__all__ = [
+    "IDENTITY_NAME",
+    "LEASE_NAME",
+    "Lease",
+    "Runtime",
+    "acquire_lease",
+    "read_identity",
+    "read_lease",
+    "release_lease",
+    "this_runtime",
+    "write_identity",
+]
+
+IDENTITY_NAME = "identity.json"
+LEASE_NAME = "lease.json"
+_FORMAT = 1
+_STARTED = time.time()
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A process that writes to Drive: where it runs and since when."""
+
+    id: str
+    host: str
+    pid: int
+    boot_id: str
+    started: float
+
+    def describe(self, clock: Callable[[], float] = time.time) -> str:
+        """``host myhost, process 1234, started 3 min ago``."""
+        return f"host {self.host}, process {self.pid}, started {_ago(clock() - self.started)}"
+
+    def is_same_process(self, other: Runtime) -> bool:
+        """Both describe one process (another store of it, or this one)."""
+        return (self.host, self.boot_id, self.pid) == (other.host, other.boot_id, other.pid)
+
+    def is_dead_here(self) -> bool:
+        """It ran on this machine since its last boot, and its process is gone."""
+        me = this_runtime()
+        if (self.host, self.boot_id) != (me.host, me.boot_id) or not self.boot_id:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return _process_started_after(self.pid, self.started)
+
+
+def _process_started_after(pid: int, started: float) -> bool:
+    """The pid was reused by a process started after ``started``: the owner is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as file:
+            fields = file.read().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])
+        with open("/proc/stat", encoding="ascii") as file:
+            boot = next(int(line.split()[1]) for line in file if line.startswith("btime"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return False
+    return boot + ticks / os.sysconf("SC_CLK_TCK") > started + 1.0
+
+
+def this_runtime() -> Runtime:
+    """This process as a Drive writer."""
+    return Runtime(
+        id=process_tag(),
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        boot_id=_boot_id(),
+        started=_STARTED,
+    )
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as file:
+            return file.read().strip()
+    except OSError:
+        return ""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Who may write a study folder on Drive, and when it last renewed that right."""
+
+    owner: Runtime
+    acquired: float
+    heartbeat: float
+    released: bool = False
+
+    def is_live(self, clock: Callable[[], float], timeout: float) -> bool:
+        """Held, renewed within ``timeout`` seconds, and not by a process known dead."""
+        if self.released or clock() - self.heartbeat > timeout:
+            return False
+        return not self.owner.is_dead_here()
+
+    def to_json(self) -> bytes:
+        """The lease file's content."""
+        data = {"format": _FORMAT, **asdict(self)}
+        return json.dumps(data, indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Lease | None:
+        """A lease read from Drive; None if unreadable (then it protects nothing)."""
+        try:
+            data: dict[str, Any] = json.loads(raw)
+            owner = Runtime(**{k: data["owner"][k] for k in Runtime.__dataclass_fields__})
+            return cls(
+                owner=owner,
+                acquired=float(data["acquired"]),
+                heartbeat=float(data["heartbeat"]),
+                released=bool(data.get("released", False)),
+            )
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
+def state_dir(unit_drive: Path) -> Path:
+    """The ``.sweepsafe`` folder of a study folder on Drive."""
+    return unit_drive / STATE_DIR_NAME
+
+
+async def read_identity(helper: DriveHelper, unit_drive: Path, timeout: float) -> str | None:
+    """The study folder's id on Drive; None when it has none (new, or deleted)."""
+    raw = await helper.read(state_dir(unit_drive) / IDENTITY_NAME, timeout, limit=64 << 10)
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)["id"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return str(value) if value else None
+
+
+async def write_identity(
+    helper: DriveHelper, unit_drive: Path, timeout: float, clock: Callable[[], float]
+) -> str:
+    """Give the study folder on Drive a new id; return the id that landed."""
+    identity = secrets.token_hex(16)
+    body = {"format": _FORMAT, "id": identity, "created": clock(), "by": asdict(this_runtime())}
+    await helper.put_bytes(
+        state_dir(unit_drive) / IDENTITY_NAME, json.dumps(body, indent=1).encode(), timeout
+    )
+    # Two first backups may race; both adopt whichever id landed.
+    landed = await read_identity(helper, unit_drive, timeout)
+    return landed or identity
+
+
+async def read_lease(helper: DriveHelper, unit_drive: Path, timeout: float) -> Lease | None:
+    """The lease on Drive, or None when there is none (or it cannot be read)."""
+    raw = await helper.read(state_dir(unit_drive) / LEASE_NAME, timeout, limit=64 << 10)
+    return None if raw is None else Lease.from_json(raw)
+
+
+async def acquire_lease(
+    helper: DriveHelper,
+    unit_drive: Path,
+    *,
+    timeout: float,
+    lease_timeout: float,
+    takeover: bool,
+    clock: Callable[[], float],
+) -> Lease:
+    """Make this runtime the owner of the study folder on Drive, or refuse.
+
+    A lease held by this process, released, expired, or owned by a process known to
+    have died on this machine is taken; a live one of another runtime only with
+    ``takeover``. Also renews a lease this runtime holds.
+
+    Raises:
+        LeaseHeldError: another runtime holds a live lease (and not ``takeover``).
+    """
+    me = this_runtime()
+    current = await read_lease(helper, unit_drive, timeout)
+    if (
+        current is not None
+        and not takeover
+        and not current.owner.is_same_process(me)
+        and current.is_live(clock, lease_timeout)
+    ):
+        raise LeaseHeldError(_held_message(unit_drive, current, clock, lease_timeout))
+    now = clock()
+    mine = current is not None and current.owner.is_same_process(me) and not current.released
+    lease = Lease(owner=me, acquired=current.acquired if mine and current else now, heartbeat=now)
+    await helper.put_bytes(state_dir(unit_drive) / LEASE_NAME, lease.to_json(), timeout)
+    landed = await read_lease(helper, unit_drive, timeout)
+    if landed is not None and not landed.owner.is_same_process(me):
+        # Another runtime wrote its lease at the same moment and landed last.
+        raise LeaseHeldError(_held_message(unit_drive, landed, clock, lease_timeout))
+    return lease
+
+
+async def release_lease(
+    helper: DriveHelper, unit_drive: Path, timeout: float, clock: Callable[[], float]
+) -> None:
+    """Mark this runtime's lease released, so the next runtime starts at once."""
+    current = await read_lease(helper, unit_drive, timeout)
+    if current is None or not current.owner.is_same_process(this_runtime()) or current.released:
+        return
+    released = Lease(current.owner, current.acquired, clock(), released=True)
+    await helper.put_bytes(state_dir(unit_drive) / LEASE_NAME, released.to_json(), timeout)
+
+
+def _held_message(
+    unit_drive: Path, lease: Lease, clock: Callable[[], float], lease_timeout: float
+) -> str:
+    since = clock() - lease.heartbeat
+    expires = max(0.0, lease_timeout - since)
+    return (
+        f"{unit_drive} is being backed up by another runtime ({lease.owner.describe(clock)}; "
+        f"it took the study {_ago(clock() - lease.acquired)}, last heartbeat {_ago(since)}). "
+        f"Stop that runtime, or wait {expires:.0f} s for its lease to expire, or, if that "
+        "runtime is gone, take over with takeover=True (sweepsafe run --takeover)."
+    )
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s ago"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"

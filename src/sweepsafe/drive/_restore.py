@@ -1,0 +1,327 @@
+"""Restoring a database from Drive: only a checked study that is not worse than the local one.
+
+The Drive copy (its newest generation, or the one asked for) is rebuilt into a local
+scratch file, then must be SQLite, pass ``PRAGMA integrity_check``, be an Optuna study,
+and hold every finished trial the local study holds. Only then does it replace the
+local file, atomically. Asked for an older generation on purpose (to undo a bad write),
+the local database is set aside under a name that says so instead of being compared.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+
+from sweepsafe.drive._files import remove_quietly, scratch_path
+from sweepsafe.drive._helper_process import fsync_directory, is_sqlite_file
+from sweepsafe.drive._history import (
+    GenerationDetails,
+    History,
+    NoUsableBase,
+    history_dir,
+    list_history,
+    read_details,
+    rebuild,
+)
+from sweepsafe.drive._local_state import DatabaseRecord
+from sweepsafe.drive._pages import sha256_file
+from sweepsafe.drive._sqlite import SIDECAR_SUFFIXES, DatabaseContent, SnapshotError, read_content
+
+if TYPE_CHECKING:
+    from sweepsafe.drive._helper_client import DriveHelper
+    from sweepsafe.drive._unit import StudyUnit
+
+__all__ = ["RestoreRefused", "Restored", "restore_database"]
+
+
+class RestoreRefused(Exception):
+    """The Drive copy failed a check, or is worse than the local database; nothing changed."""
+
+    def __init__(self, message: str, *, diverged: bool = False) -> None:
+        super().__init__(message)
+        self.diverged = diverged
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What a database restore did."""
+
+    generation: int | None
+    bytes_copied: int
+    finished_trials: int
+    set_aside: Path | None = None
+    """Where the local database was moved, when an older generation replaced it."""
+    notes: tuple[str, ...] = ()
+    unchanged: bool = False
+    """Nothing was replaced: the local database held that generation, or more."""
+    kept_local: bool = False
+    """The local database holds every finished trial of the Drive copy, so it stayed."""
+
+
+async def restore_database(
+    unit: StudyUnit,
+    database: Path,
+    *,
+    generation: int | None = None,
+    before: float | None = None,
+) -> Restored | None:
+    """Bring ``database`` back from Drive (see the module docstring); None if Drive has none.
+
+    Raises:
+        RestoreRefused: the copy failed its checks or is worse than the local one.
+        OSError, DriveTimeout: Drive failed.
+    """
+    rel = unit.rel_of(database)
+    settings = unit.settings
+    folder = history_dir(unit.drive, rel)
+    chosen = generation is not None or before is not None
+    async with unit.locks.get(("database", rel)):
+        async with settings.pool.session() as helper:
+            history = await list_history(helper, folder, settings.timeout)
+            if not chosen and await _in_sync(unit, rel, database, history):
+                record = unit.state.databases[rel]
+                content = unit.parent_content.get(rel)
+                finished = content.finished_count if content is not None else 0
+                return Restored(record.generation, 0, finished, unchanged=True, kept_local=True)
+            if before is not None and not history.empty:
+                generation = await _generation_before(
+                    helper, folder, history, before, settings.timeout
+                )
+            if history.empty:
+                if chosen:
+                    raise RestoreRefused(f"Google Drive keeps no generations of {database}")
+                candidate = await _pull_plain(
+                    helper, unit.drive / rel, settings.scratch, settings.timeout
+                )
+                if candidate is None:
+                    return None
+                path, number, tag = candidate, None, ""
+                notes: tuple[str, ...] = ()
+            else:
+                if generation is not None and generation > history.head:
+                    raise RestoreRefused(
+                        f"generation {generation} of {database} does not exist on Drive (the "
+                        f"newest is {history.head})"
+                    )
+                try:
+                    rebuilt = await rebuild(
+                        helper,
+                        folder,
+                        unit.drive / rel,
+                        settings.scratch,
+                        settings.timeout,
+                        history=history,
+                        target=generation,
+                    )
+                except NoUsableBase as exc:
+                    raise RestoreRefused(
+                        f"no generation of {unit.drive / rel} on Google Drive can be rebuilt: "
+                        f"its kept copies are missing or damaged ({exc})"
+                    ) from exc
+                if generation is not None and rebuilt.generation != generation:
+                    await anyio.to_thread.run_sync(remove_quietly, rebuilt.path)
+                    raise RestoreRefused(
+                        f"generation {generation} of {database} cannot be rebuilt ("
+                        f"{'; '.join(rebuilt.notes)})"
+                    )
+                path, number, tag, notes = (
+                    rebuilt.path,
+                    rebuilt.generation,
+                    rebuilt.tag,
+                    rebuilt.notes,
+                )
+        try:
+            return await _install(unit, rel, database, path, number, tag, notes, chosen)
+        finally:
+            await anyio.to_thread.run_sync(remove_quietly, path)
+
+
+async def _generation_before(
+    helper: DriveHelper, folder: Path, history: History, before: float, timeout: float
+) -> int:
+    details: list[GenerationDetails] = await read_details(helper, folder, history, timeout)
+    eligible = [d.number for d in details if d.created is not None and d.created <= before]
+    if not eligible:
+        raise RestoreRefused(
+            f"no generation on Google Drive is older than "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(before))}"
+        )
+    return max(eligible)
+
+
+async def _pull_plain(
+    helper: DriveHelper, plain: Path, scratch: Path, timeout: float
+) -> Path | None:
+    info = await helper.stat(plain, timeout)
+    if not info["exists"]:
+        return None
+    if info["kind"] != "file":
+        raise RestoreRefused(f"{plain} on Google Drive is not a file")
+    work = scratch_path(scratch, "rebuild", ".db")
+    await anyio.to_thread.run_sync(_create_empty, work)
+    try:
+        await helper.pull(plain, work, timeout)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(remove_quietly, work)
+        raise
+    return work
+
+
+def _create_empty(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+
+
+async def _install(
+    unit: StudyUnit,
+    rel: str,
+    database: Path,
+    candidate: Path,
+    generation: int | None,
+    tag: str,
+    notes: tuple[str, ...],
+    chosen: bool,
+) -> Restored:
+    content = await anyio.to_thread.run_sync(_check_candidate, candidate, unit.drive / rel)
+    local = await anyio.to_thread.run_sync(_local_content, database)
+    set_aside: Path | None = None
+    if isinstance(local, DatabaseContent) and not chosen:
+        local_only = local.missing_from(content)
+        drive_only = content.missing_from(local)
+        if local_only and drive_only:
+            raise RestoreRefused(
+                f"the local {database} and its Drive copy have diverged: each holds finished "
+                f"trials the other lacks ({_examples(local_only)} only here; "
+                f"{_examples(drive_only)} only on Drive), so neither replaces the other. Move "
+                f"{database.parent} away to continue from the Drive copy, or run with "
+                "restore=False to keep the local study (its backups then stop until the "
+                "Drive copy is moved away)",
+                diverged=True,
+            )
+        if not drive_only:
+            # The local study holds everything the Drive copy holds: it is not older.
+            if local.finished == content.finished:
+                await _record(unit, rel, candidate, content, generation, tag)
+            return Restored(
+                generation, 0, local.finished_count, notes=notes, unchanged=True, kept_local=True
+            )
+    if chosen and os.path.lexists(database):
+        set_aside = await anyio.to_thread.run_sync(_set_aside, database, unit.settings.clock())
+    size = await anyio.to_thread.run_sync(_replace_local, candidate, database)
+    await _record(unit, rel, database, content, generation, tag)
+    return Restored(generation, size, content.finished_count, set_aside, notes)
+
+
+def _examples(trials: frozenset[tuple[str, int, str]]) -> str:
+    shown = ", ".join(f"trial {n} of {s!r}" for s, n, _ in sorted(trials)[:3])
+    return shown + (", ..." if len(trials) > 3 else "")
+
+
+async def _in_sync(unit: StudyUnit, rel: str, database: Path, history: History) -> bool:
+    """Drive's newest generation is the one this runtime last published or restored, and
+    the local database is still there: it holds all of it, so nothing needs restoring."""
+    record = unit.state.databases.get(rel)
+    if record is None or history.head != record.generation:
+        return False
+    if record.tag not in history.tags_of(record.generation):
+        return False
+    return await anyio.to_thread.run_sync(os.path.exists, database)
+
+
+def _check_candidate(candidate: Path, where: Path) -> DatabaseContent:
+    if not is_sqlite_file(os.fspath(candidate)):
+        size = os.stat(candidate).st_size
+        what = "an empty file" if size == 0 else "not an SQLite database"
+        raise RestoreRefused(f"the Drive copy {where} is {what}")
+    try:
+        content = read_content(candidate, check="full")
+    except SnapshotError as exc:
+        raise RestoreRefused(f"the Drive copy {where} failed its check: {exc}") from exc
+    if not content.is_optuna or not content.studies:
+        raise RestoreRefused(
+            f"the Drive copy {where} is an SQLite database but not an Optuna study"
+        )
+    return content
+
+
+def _local_content(database: Path) -> DatabaseContent | str | None:
+    """What the local database holds; a sentence if it is unreadable; None if absent."""
+    if not os.path.lexists(database):
+        return None
+    try:
+        return read_content(database, check="quick")
+    except SnapshotError as exc:
+        return str(exc)
+
+
+def _same_bytes(database: Path, candidate: Path) -> bool:
+    try:
+        return sha256_file(database) == sha256_file(candidate)
+    except OSError:
+        return False
+
+
+def _set_aside(database: Path, now: float) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    aside = database.with_name(f"{database.name}.before-restore-{stamp}")
+    os.replace(database, aside)
+    for suffix in SIDECAR_SUFFIXES:
+        side = database.with_name(database.name + suffix)
+        if os.path.lexists(side):
+            os.replace(side, aside.with_name(aside.name + suffix))
+    return aside
+
+
+def _replace_local(candidate: Path, database: Path) -> int:
+    database.parent.mkdir(parents=True, exist_ok=True)
+    temp = database.with_name(f".{database.name}.sweepsafe-restore")
+    with open(candidate, "rb") as source, open(temp, "wb") as target:
+        while chunk := source.read(8 << 20):
+            target.write(chunk)
+        target.flush()
+        os.fsync(target.fileno())
+    # A WAL or journal beside the old database would be replayed into the restored one.
+    for suffix in SIDECAR_SUFFIXES:
+        remove_quietly(database.with_name(database.name + suffix))
+    os.replace(temp, database)
+    fsync_directory(str(database.parent))
+    return os.stat(database).st_size
+
+
+async def _record(
+    unit: StudyUnit,
+    rel: str,
+    source: Path,
+    content: DatabaseContent,
+    generation: int | None,
+    tag: str,
+) -> None:
+    """Remember the restored generation as this runtime's parent, to publish patches on it."""
+    if generation is None:
+        unit.state.databases.pop(rel, None)
+        await unit.state.asave()
+        return
+    shipped = unit.state.shipped_path(rel)
+    sha, signature = await anyio.to_thread.run_sync(_copy_as_shipped, source, shipped)
+    unit.state.databases[rel] = DatabaseRecord(
+        generation=generation, tag=tag, sha256=sha, shipped_signature=signature
+    )
+    unit.parent_content[rel] = content
+    await unit.state.asave()
+
+
+def _copy_as_shipped(source: Path, shipped: Path) -> tuple[str, tuple[int, int]]:
+    shipped.parent.mkdir(parents=True, exist_ok=True)
+    temp = shipped.with_name(shipped.name + ".part")
+    with open(source, "rb") as reader, open(temp, "wb") as writer:
+        while chunk := reader.read(8 << 20):
+            writer.write(chunk)
+    os.replace(temp, shipped)
+    info = os.stat(shipped)
+    return sha256_file(shipped), (info.st_size, info.st_mtime_ns)

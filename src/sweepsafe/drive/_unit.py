@@ -1,0 +1,310 @@
+"""One study folder and its Drive copy, as one runtime sees them.
+
+A :class:`StudyUnit` is every folder directly under the store's local root (a
+``study-<hash>`` folder of ``run_sweep``), plus one for the files directly in the
+root. Before each backup it checks, on Drive, that the study folder is still the one it
+knows (its identity) and that this runtime still owns it (its lease); it keeps the
+manifest and the per-database records, and it serialises copies of the same folder or
+database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import weakref
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+
+from sweepsafe.drive._files import remove_orphans
+from sweepsafe.drive._folders import (
+    EntryProblem,
+    FolderJob,
+    FolderOutcome,
+    PublishDatabase,
+    sync_folder,
+)
+from sweepsafe.drive._helper_process import STATE_DIR_NAME
+from sweepsafe.drive._local_state import Manifest, UnitState, unit_state_dir
+from sweepsafe.drive._replica import (
+    Lease,
+    acquire_lease,
+    read_identity,
+    read_lease,
+    release_lease,
+    this_runtime,
+    write_identity,
+)
+from sweepsafe.errors import LeaseHeldError
+
+if TYPE_CHECKING:
+    from sweepsafe.drive._helper_client import DriveHelper, HelperPool
+    from sweepsafe.drive._sqlite import DatabaseContent
+
+__all__ = ["StoreSettings", "StudyUnit", "TrialFilesHeldBack"]
+
+logger = logging.getLogger("sweepsafe.drive")
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """What every study folder of one store shares."""
+
+    pool: HelperPool
+    local_root: Path
+    drive_root: Path
+    timeout: float
+    file_concurrency: int
+    lease_timeout: float
+    keep_generations: int
+    compact_fraction: float
+    trial_folder: str
+    clock: Callable[[], float]
+
+    @property
+    def scratch(self) -> Path:
+        """Local scratch space for snapshots and captures."""
+        return self.local_root / STATE_DIR_NAME / "scratch"
+
+
+class TrialFilesHeldBack(Exception):
+    """Files of finished trials are still failing to reach Drive, so the database waits."""
+
+
+class _LoopLocks:
+    """An ``anyio.Lock`` per key and per event loop (a store serves several loops)."""
+
+    def __init__(self) -> None:
+        self._locks: weakref.WeakValueDictionary[tuple[int, Hashable], anyio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+        self._guard = threading.Lock()
+
+    def get(self, key: Hashable) -> anyio.Lock:
+        loop_key = (id(asyncio.get_running_loop()), key)
+        with self._guard:
+            lock = self._locks.get(loop_key)
+            if lock is None:
+                lock = anyio.Lock()
+                self._locks[loop_key] = lock
+            return lock
+
+
+class StudyUnit:
+    """A study folder, locally and on Drive, with its identity, lease and records."""
+
+    def __init__(self, settings: StoreSettings, rel: str) -> None:
+        self.settings = settings
+        self.rel = rel
+        self.local = settings.local_root / rel if rel else settings.local_root
+        self.drive = settings.drive_root / rel if rel else settings.drive_root
+        self._records = unit_state_dir(settings.local_root, settings.drive_root, rel)
+        self._state: UnitState | None = None
+        self._manifest: Manifest | None = None
+        self._lease: Lease | None = None
+        self.lost: str | None = None
+        """Why this runtime may no longer write this study's Drive copy."""
+        self.parent_content: dict[str, DatabaseContent] = {}
+        """Per database: what the generation last published by this runtime holds."""
+        self.conflicts: dict[str, tuple[int, frozenset[str], str]] = {}
+        """Per database: the Drive head a refused publish met, and the refusal."""
+        self.registered = False
+        """This folder is known to be a study (a lease, or a database of it)."""
+        self.locks = _LoopLocks()
+        self._load_guard = _LoopLocks()
+
+    def __repr__(self) -> str:
+        return f"<StudyUnit {self.local} -> {self.drive}>"
+
+    @property
+    def state(self) -> UnitState:
+        """The records (after :meth:`load`)."""
+        assert self._state is not None, "load() first"
+        return self._state
+
+    @property
+    def manifest(self) -> Manifest:
+        """The manifest (after :meth:`load`)."""
+        assert self._manifest is not None, "load() first"
+        return self._manifest
+
+    def rel_of(self, path: Path) -> str:
+        """``path`` relative to the study folder, as a POSIX path."""
+        return path.relative_to(self.local).as_posix()
+
+    async def load(self) -> None:
+        """Read the local records once."""
+        if self._state is not None and self._manifest is not None:
+            return
+        async with self._load_guard.get("load"):
+            if self._state is not None and self._manifest is not None:
+                return
+            state = await UnitState.aload(self._records)
+            manifest = await Manifest.aload(self._records)
+            if manifest.unit_id != state.unit_id:
+                manifest.reset(state.unit_id)
+            await anyio.to_thread.run_sync(remove_orphans, self.settings.scratch)
+            self._state, self._manifest = state, manifest
+
+    # -- identity and lease, checked before every backup ------------------------------------
+    async def prepare(self, helper: DriveHelper) -> None:
+        """Check the study folder on Drive is the one recorded and this runtime owns it.
+
+        A folder deleted or replaced on Drive starts the records afresh, so everything is
+        copied there again (and databases are compared with what Drive holds).
+
+        Raises:
+            LeaseHeldError: another runtime owns it, or took it over from this one.
+        """
+        await self.load()
+        if self.lost is not None:
+            raise LeaseHeldError(self.lost)
+        timeout = self.settings.timeout
+        state = self.state
+        drive_id = await read_identity(helper, self.drive, timeout)
+        known = state.unit_id is not None or len(self.manifest) > 0 or bool(state.databases)
+        if drive_id != state.unit_id and known:
+            what = "deleted" if drive_id is None else "replaced by another copy"
+            logger.warning(
+                "%s was %s on Google Drive since the last backup; everything is copied "
+                "there again.",
+                self.drive,
+                what,
+            )
+            self.forget_drive_copy()
+        await self.ensure_lease(helper)
+        if drive_id is None:
+            drive_id = await write_identity(helper, self.drive, timeout, self.settings.clock)
+        if state.unit_id != drive_id:
+            state.unit_id = drive_id
+            self.manifest.reset(drive_id)
+            await state.asave()
+        if state.strays:
+            # Left by a runtime that died mid-copy; this runtime owns the folder now.
+            await helper.remove([self.drive / rel for rel in state.strays], timeout)
+            state.strays = []
+            await state.asave()
+
+    def forget_drive_copy(self) -> None:
+        """Forget what was known to be on Drive: it is gone or not ours."""
+        self.manifest.reset(None)
+        self.state.unit_id = None
+        self.state.databases.clear()
+        self.parent_content.clear()
+        self.conflicts.clear()
+
+    async def ensure_lease(self, helper: DriveHelper, *, takeover: bool = False) -> Lease:
+        """Own the study on Drive: take a free lease, renew ours, or refuse.
+
+        Raises:
+            LeaseHeldError: another runtime owns it (or took it over from this one).
+        """
+        settings = self.settings
+        if self._lease is not None and not takeover:
+            current = await read_lease(helper, self.drive, settings.timeout)
+            if current is not None and not current.owner.is_same_process(this_runtime()):
+                self.lost = (
+                    f"another runtime ({current.owner.describe(settings.clock)}) took over "
+                    f"{self.drive} on Google Drive, so this runtime stopped backing it up "
+                    "there rather than overwrite its work; the sweep goes on here, on local "
+                    "disk. When that runtime is done, run again with takeover to back this "
+                    "study up."
+                )
+                raise LeaseHeldError(self.lost)
+            fresh = settings.clock() - self._lease.heartbeat < settings.lease_timeout / 4
+            if current is not None and not current.released and fresh:
+                return self._lease
+        self._lease = await acquire_lease(
+            helper,
+            self.drive,
+            timeout=settings.timeout,
+            lease_timeout=settings.lease_timeout,
+            takeover=takeover,
+            clock=settings.clock,
+        )
+        if takeover:
+            self.lost = None
+        return self._lease
+
+    @property
+    def holds_lease(self) -> bool:
+        """This runtime took the lease and has not released or lost it."""
+        return self._lease is not None and self.lost is None
+
+    async def release(self, helper: DriveHelper) -> None:
+        """Give the lease back, so that the next runtime needs no wait."""
+        if self._lease is None:
+            return
+        self._lease = None
+        await release_lease(helper, self.drive, self.settings.timeout, self.settings.clock)
+
+    # -- folders ------------------------------------------------------------------------------
+    def folder_job(self, publish: PublishDatabase | None = None) -> FolderJob:
+        """The context of a folder copy in this study."""
+        settings = self.settings
+        return FolderJob(
+            pool=settings.pool,
+            unit_local=self.local,
+            unit_drive=self.drive,
+            manifest=self.manifest,
+            timeout=settings.timeout,
+            scratch=settings.scratch,
+            concurrency=settings.file_concurrency,
+            publish_database=publish,
+            file_lock=lambda rel: self.locks.get(("file", rel)),
+        )
+
+    async def sync(
+        self,
+        folder: Path,
+        *,
+        exclude: Sequence[str] = (),
+        mirror: bool = False,
+        job: FolderJob | None = None,
+    ) -> FolderOutcome:
+        """Copy a folder of this study (one at a time per folder)."""
+        async with self.locks.get(("folder", folder)):
+            return await sync_folder(
+                job or self.folder_job(), folder, exclude=exclude, mirror=mirror
+            )
+
+    async def sync_trial_folders(
+        self, database_folder: Path, numbers: Sequence[int]
+    ) -> dict[int, list[str]]:
+        """Make sure the folders of trials ``numbers`` are on Drive before their database.
+
+        Returns, per trial, the files Drive refused for good or that keep changing (they
+        do not hold the database back, and are named). A folder already copied costs a
+        local scan.
+
+        Raises:
+            TrialFilesHeldBack: a file failed in a way a retry may mend.
+        """
+        missing: dict[int, list[str]] = {}
+        for number in numbers:
+            folder = database_folder / self.settings.trial_folder.format(number=number)
+            if not await anyio.to_thread.run_sync(folder.is_dir):
+                continue
+            outcome = await self.sync(folder)
+            if outcome.stopped is not None:
+                raise TrialFilesHeldBack(
+                    f"the files of trial {number} could not be copied ({outcome.stopped})"
+                )
+            held = [p for p in outcome.problems if p.retryable and not _changing(p)]
+            if held:
+                raise TrialFilesHeldBack(
+                    f"{len(held)} file(s) of trial {number} did not reach Drive yet, first "
+                    f"{held[0]}"
+                )
+            if outcome.problems:
+                missing[number] = [str(problem) for problem in outcome.problems]
+        return missing
+
+
+def _changing(problem: EntryProblem) -> bool:
+    return problem.reason.startswith("changing faster")
