@@ -151,7 +151,9 @@ def test_ctrl_c_during_a_trial_backs_up_the_finished_trials_and_exits_130(projec
 
     assert sweep.returncode == 130
     assert "Traceback" not in stderr
-    assert stderr.splitlines()[-1].startswith("sweepsafe: error: interrupted, after the final")
+    assert stderr.splitlines()[-1].startswith(
+        "sweepsafe: error: interrupted, after a complete backup to Drive"
+    )
     assert finished_numbers(*study_databases(project / "drive" / "sweeps")) == [0, 1]
 
 

@@ -222,7 +222,7 @@ def _refuse_foreign_database(database: Path) -> None:
         content = read_content(database, check="quick")
     except SnapshotError as exc:
         raise SweepsafeError(
-            f"{exc}; sweepsafe will not open it. Move it away and run again to restore the "
+            f"{exc}; sweepsafe will not open it: move it away and run again to restore the "
             "study from Drive, or to start a new one."
         ) from exc
     if not content.is_optuna and os.path.getsize(database) > 0 and _has_tables(database):
@@ -487,8 +487,9 @@ def _final_backup(
             raise
         logger.error("The final backup of %s failed: %s", study_dir, exc)
         return None
+    # Tagged, so that a caller printing the report itself can drop this record.
     if report.ok:
-        logger.info("%s", report)
+        logger.info("%s", report, extra={"sweepsafe_report": True})
     else:
-        logger.warning("%s", report)
+        logger.warning("%s", report, extra={"sweepsafe_report": True})
     return report

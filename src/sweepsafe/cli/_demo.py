@@ -7,6 +7,7 @@ the same time both ways, since the per-trial callbacks only schedule copies.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -20,16 +21,20 @@ from typing import TYPE_CHECKING, TextIO
 import optuna
 
 from sweepsafe.backup import STUDY_DB_NAME, TRIALS_DIR_NAME, BackupProgress
+from sweepsafe.cli._common import (
+    add_progress_options,
+    non_negative_float,
+    positive_int,
+    show_progress,
+)
 from sweepsafe.cli._errors import EXIT_OK, EXIT_UNSOUND, CommandError
 from sweepsafe.cli._progress import SweepProgressBar
-from sweepsafe.cli._status import inspect_database
+from sweepsafe.cli._status import check, sound
 from sweepsafe.sweep import run_sweep, study_dir_for, trial_dir
-from sweepsafe.testing._simulated import FaultPlan, simulated_store
+from sweepsafe.testing import FaultPlan, simulated_store
 from sweepsafe.worker import BackupWorker
 
 if TYPE_CHECKING:
-    import argparse
-
     from optuna.trial import Trial
 
     from sweepsafe.backup import StudyBackupReport
@@ -37,7 +42,7 @@ if TYPE_CHECKING:
     from sweepsafe.sweep import SweepResult
     from sweepsafe.worker import WorkerStats
 
-__all__ = ["demo_command"]
+__all__ = ["register"]
 
 DEMO_STUDY_KEY = {"demo": "quadratic-2d", "version": 1}
 _SEED = 20240601
@@ -69,11 +74,43 @@ def quadratic_objective(study_dir: Path, trial_seconds: float) -> Callable[[Tria
     return objective
 
 
-def demo_command(args: argparse.Namespace, out: TextIO, *, show_progress: bool) -> int:
+def register(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    """Add ``demo`` to the command's parser."""
+    demo = commands.add_parser(
+        "demo",
+        parents=[common],
+        help="run a real sweep against a slowed stand-in for Drive and show the overhead",
+        description="Run a seeded Optuna sweep twice, without and with backups to a local "
+        "folder slowed like Drive, and report the overhead and the Drive copy.",
+    )
+    demo.add_argument("--trials", type=positive_int, default=60, help="trials (default 60)")
+    demo.add_argument(
+        "--trial-seconds",
+        type=non_negative_float,
+        default=0.05,
+        help="time each trial sleeps (default 0.05)",
+    )
+    demo.add_argument(
+        "--drive-latency",
+        type=non_negative_float,
+        default=0.5,
+        help="seconds the stand-in Drive takes per file written (default 0.5)",
+    )
+    demo.add_argument(
+        "--workdir", help="an empty or new folder to run in, kept (default: a temporary one)"
+    )
+    demo.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    add_progress_options(demo)
+    demo.set_defaults(command_function=demo_command)
+
+
+def demo_command(args: argparse.Namespace, out: TextIO) -> int:
     """Run the demo; 1 if the final Drive copy is incomplete."""
     workdir, remove_after = _prepare_workdir(args.workdir, keep=args.keep)
     try:
-        return _run_demo(args, workdir, remove_after, out, show_progress=show_progress)
+        return _run_demo(args, workdir, remove_after, out, show_progress=show_progress(args))
     finally:
         if remove_after:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -115,11 +152,11 @@ def _run_demo(
         store.close()
 
     drive_study = study_dir_for(drive, DEMO_STUDY_KEY)
-    copy = inspect_database(drive_study / STUDY_DB_NAME)
+    copy = check(drive_study / STUDY_DB_NAME)
     drive_trials = sum(copy.trial_counts.get(state, 0) for state in _FINISHED_STATES)
     trial_folders = _count_folders(drive_study / TRIALS_DIR_NAME)
     complete = (
-        copy.sound
+        sound(copy)
         and drive_trials == trials
         and trial_folders == trials
         and backed_up.report is not None
@@ -131,7 +168,7 @@ def _run_demo(
         baseline,
         backed_up,
         stats,
-        copy_sound=copy.sound,
+        copy_sound=sound(copy),
         drive_trials=drive_trials,
         trial_folders=trial_folders,
     )

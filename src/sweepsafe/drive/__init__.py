@@ -7,7 +7,7 @@ satisfies, and the results its methods return; the modules behind them are priva
 from __future__ import annotations
 
 from sweepsafe.drive._backend import BackupBackend
-from sweepsafe.drive._reading import check_database
+from sweepsafe.drive._reading import check_database, folder_entries, path_kind
 from sweepsafe.drive._results import BackupResult, GenerationInfo, StudySummary, VerifyResult
 from sweepsafe.drive._store import DriveStore
 
@@ -19,4 +19,6 @@ __all__ = [
     "StudySummary",
     "VerifyResult",
     "check_database",
+    "folder_entries",
+    "path_kind",
 ]

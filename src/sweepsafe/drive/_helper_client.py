@@ -109,6 +109,12 @@ def abandoned_in(folder: Path) -> list[str]:
         return sorted(_abandoned.get(str(folder), ()))
 
 
+def folders_with_abandoned() -> list[Path]:
+    """Drive folders where killed helpers of ours may have left temporaries."""
+    with _abandoned_lock:
+        return [Path(folder) for folder in _abandoned]
+
+
 def forget_abandoned(folder: Path, names: Sequence[str]) -> None:
     """Forget abandoned temporaries once a clean-up has removed them."""
     with _abandoned_lock:

@@ -535,14 +535,19 @@ def _write_patched(base: StrPath, patch: Patch, target: IO[bytes]) -> None:
         while chunk := source.read(CHUNK_BYTES):
             parent.update(chunk)
             if offset < end:
-                piece = bytearray(chunk[: end - offset])
+                # Slicing bytes to their full length copies nothing.
+                piece: bytes | bytearray = chunk[: end - offset]
                 limit = offset + len(piece)
-                while index < len(pages) and (pages[index][0] - 1) * page_size < limit:
-                    at = (pages[index][0] - 1) * page_size - offset
-                    # A page straddling the base's end extends the piece; only the last
-                    # chunk can be short, so nothing follows it.
-                    piece[at : at + page_size] = pages[index][1]
-                    index += 1
+                if index < len(pages) and (pages[index][0] - 1) * page_size < limit:
+                    # Only chunks that patched pages land in are copied to be changed.
+                    patched = bytearray(piece)
+                    while index < len(pages) and (pages[index][0] - 1) * page_size < limit:
+                        at = (pages[index][0] - 1) * page_size - offset
+                        # A page straddling the base's end extends the piece; only the
+                        # last chunk can be short, so nothing follows it.
+                        patched[at : at + page_size] = pages[index][1]
+                        index += 1
+                    piece = patched
                 target.write(piece)
                 result.update(piece)
                 written += len(piece)

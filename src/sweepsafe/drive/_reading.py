@@ -27,7 +27,14 @@ from sweepsafe.drive._results import GenerationInfo, StudySummary, VerifyResult
 if TYPE_CHECKING:
     from sweepsafe.drive._helper_client import DriveHelper
 
-__all__ = ["check_database", "generations_of", "studies_of", "verify_database"]
+__all__ = [
+    "check_database",
+    "folder_entries",
+    "generations_of",
+    "path_kind",
+    "studies_of",
+    "verify_database",
+]
 
 _ANCESTORS = 4
 _HEADER_READ = 64 << 10
@@ -202,3 +209,33 @@ async def check_database(
         return await verify_database(pool, path, timeout)
     finally:
         pool.close()
+
+
+async def path_kind(
+    path: Path, *, timeout: float, helper_command: Sequence[str] | None = None
+) -> str:
+    """``"dir"``, ``"file"``, ``"other"`` or ``"missing"``: what ``path`` is, asked of a
+    helper so that a stalled mount answers within ``timeout`` (else DriveTimeout)."""
+    pool = HelperPool(helper_command)
+    try:
+        async with pool.session() as helper:
+            info = await helper.stat(path, timeout)
+    finally:
+        pool.close()
+    return str(info["kind"]) if info["exists"] else "missing"
+
+
+async def folder_entries(
+    path: Path, *, timeout: float, helper_command: Sequence[str] | None = None
+) -> list[tuple[str, str]] | None:
+    """(name, kind) of each entry of a folder, asked of a helper with a deadline; None
+    when there is no such folder."""
+    pool = HelperPool(helper_command)
+    try:
+        async with pool.session() as helper:
+            listing = await helper.listdir(path, timeout)
+    finally:
+        pool.close()
+    if not listing.exists:
+        return None
+    return sorted((entry.name, entry.kind) for entry in listing.entries)

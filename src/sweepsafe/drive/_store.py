@@ -29,7 +29,7 @@ from sweepsafe.drive._helper_client import DriveTimeout, HelperPool
 from sweepsafe.drive._helper_process import STATE_DIR_NAME, is_sqlite_file
 from sweepsafe.drive._messages import explain_failure, source_problem, summarize_problems
 from sweepsafe.drive._publish import publish_database
-from sweepsafe.drive._reading import generations_of, verify_database
+from sweepsafe.drive._reading import generations_of, path_kind, verify_database
 from sweepsafe.drive._restore import RestoreRefused, restore_database
 from sweepsafe.drive._results import BackupResult, GenerationInfo, Kind, VerifyResult
 from sweepsafe.drive._sqlite import SnapshotError
@@ -155,7 +155,17 @@ class DriveStore:
             DriveNotMountedError: ``{mount_point}/MyDrive`` is not a folder.
         """
         my_drive = Path(os.path.abspath(mount_point)) / "MyDrive"
-        if not my_drive.is_dir():
+        timeout = float(options.get("drive_timeout", 120.0))  # type: ignore[arg-type]
+        try:
+            # Asked of a helper: a stalled mount must not hang the notebook cell.
+            kind = run_blocking(lambda: path_kind(my_drive, timeout=min(timeout, 30.0)))
+        except DriveTimeout as exc:
+            raise DriveNotMountedError(
+                f"Google Drive does not answer: {my_drive} could not be read within "
+                f"{exc.timeout:g} s. Remount it with drive.mount('{mount_point}', "
+                "force_remount=True)."
+            ) from None
+        if kind != "dir":
             raise DriveNotMountedError(
                 f"Google Drive is not mounted: {my_drive} is not a folder. In Colab run "
                 f"`from google.colab import drive; drive.mount('{mount_point}')` first."
@@ -552,7 +562,19 @@ class DriveStore:
             except (OSError, DriveTimeout) as exc:
                 logger.warning("Could not release the lease on %s: %s", unit.drive, exc)
 
+    def study_folder_of(self, path: StrPath, is_directory: bool = False) -> Path:
+        """The study folder ``path`` belongs to: the one whose identity and lease it shares."""
+        return self._unit_for(Path(os.path.abspath(path)), is_directory).local
+
     # -- sync faces -------------------------------------------------------------------------
+    def acquire(self, study_dir: StrPath, *, takeover: bool = False) -> None:
+        """Blocking :meth:`aacquire`."""
+        _run(functools.partial(self.aacquire, study_dir, takeover=takeover))
+
+    def release(self, study_dir: StrPath | None = None) -> None:
+        """Blocking :meth:`arelease`."""
+        _run(functools.partial(self.arelease, study_dir))
+
     def backup(
         self,
         path: StrPath,

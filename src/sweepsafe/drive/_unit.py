@@ -29,6 +29,7 @@ from sweepsafe.drive._folders import (
     PublishDatabase,
     sync_folder,
 )
+from sweepsafe.drive._helper_client import folders_with_abandoned
 from sweepsafe.drive._helper_process import STATE_DIR_NAME
 from sweepsafe.drive._local_state import Manifest, UnitState, unit_state_dir
 from sweepsafe.drive._replica import (
@@ -41,6 +42,7 @@ from sweepsafe.drive._replica import (
     write_identity,
 )
 from sweepsafe.errors import LeaseHeldError
+from sweepsafe.paths import is_within
 
 if TYPE_CHECKING:
     from sweepsafe.drive._helper_client import DriveHelper, HelperPool
@@ -113,6 +115,7 @@ class StudyUnit:
         """Per database: what the generation last published by this runtime holds."""
         self.conflicts: dict[str, tuple[int, frozenset[str], str]] = {}
         """Per database: the Drive head a refused publish met, and the refusal."""
+        self._cleaned = False
         self.registered = False
         """This folder is known to be a study (a lease, or a database of it)."""
         self.locks = _LoopLocks()
@@ -189,6 +192,24 @@ class StudyUnit:
             await helper.remove([self.drive / rel for rel in state.strays], timeout)
             state.strays = []
             await state.asave()
+        await self._clean_temporaries(helper)
+
+    async def _clean_temporaries(self, helper: DriveHelper) -> None:
+        """Remove temporaries that killed copies left in sweepsafe's own Drive folders.
+
+        Once per runtime for a dead runtime's leftovers (this one owns the study now),
+        and whenever one of this runtime's helpers was abandoned mid-write.
+        """
+        timeout = self.settings.timeout
+        folders = {f for f in folders_with_abandoned() if is_within(f, self.drive)}
+        if not self._cleaned:
+            state = self.drive / STATE_DIR_NAME
+            folders.update({self.drive, state})
+            listing = await helper.listdir(state / "history", timeout)
+            folders.update(state / "history" / e.name for e in listing.entries if e.kind == "dir")
+            self._cleaned = True
+        for folder in sorted(folders):
+            await helper.clean(folder, timeout)
 
     def forget_drive_copy(self) -> None:
         """Forget what was known to be on Drive: it is gone or not ours."""

@@ -1,0 +1,200 @@
+"""What several commands share: option types, the progress flag, and checking a Drive folder.
+
+Every look at a Drive path goes through a helper process with a deadline, as the
+store's own copies do, so a stalled mount makes a command fail in time, saying so,
+instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from sweepsafe._blocking import run_blocking
+from sweepsafe.cli._errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNSOUND, CommandError
+from sweepsafe.drive import BackupResult, DriveStore, path_kind
+from sweepsafe.drive._helper_client import DriveTimeout
+from sweepsafe.errors import DriveNotMountedError
+from sweepsafe.paths import COLAB_DRIVE_MOUNT, configured_drive_roots, is_within
+
+__all__ = [
+    "DRIVE_CHECK_TIMEOUT_S",
+    "copy_store",
+    "report_copy",
+    "add_progress_options",
+    "check_drive_dir",
+    "kind_of",
+    "non_negative_float",
+    "positive_float",
+    "positive_int",
+    "local_folder",
+    "show_progress",
+]
+
+DRIVE_CHECK_TIMEOUT_S = 30.0
+"""How long a command waits for Drive to say whether a folder is there."""
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not at least 1")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a number, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a number above 0."""
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("it must be more than 0")
+    return value
+
+
+def add_progress_options(command: argparse.ArgumentParser) -> None:
+    """``--progress`` / ``--no-progress``."""
+    shown = command.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_const",
+        const=True,
+        help="always draw the progress bar on stderr (default: only on a terminal)",
+    )
+    shown.add_argument(
+        "--no-progress", dest="progress", action="store_const", const=False, help="never draw it"
+    )
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Whether to draw the progress bar."""
+    return bool(args.progress) if args.progress is not None else sys.stderr.isatty()
+
+
+def kind_of(path: Path, timeout: float = DRIVE_CHECK_TIMEOUT_S) -> str:
+    """``dir``, ``file``, ``other`` or ``missing``, asked of a helper with a deadline.
+
+    Raises:
+        DriveNotMountedError: the mount did not answer in time.
+    """
+    try:
+        return run_blocking(lambda: path_kind(path, timeout=timeout))
+    except DriveTimeout:
+        raise DriveNotMountedError(
+            f"Google Drive did not answer within {timeout:g} s while looking at {path}; the "
+            "mount may be stalled. Remount it (on Colab: drive.mount('/content/drive', "
+            "force_remount=True)) and run again."
+        ) from None
+    except OSError as exc:
+        raise DriveNotMountedError(
+            f"{path} cannot be read ({exc.strerror or exc}); check that Google Drive is mounted."
+        ) from None
+
+
+def check_drive_dir(drive_dir: Path, local_dir: Path, *, local_option: str) -> None:
+    """Refuse a Drive folder that cannot work before anything is written.
+
+    Raises:
+        DriveNotMountedError: the Drive mount holding ``drive_dir`` is missing or stalled.
+        CommandError: its parent folder is missing, or it overlaps ``local_dir``.
+    """
+    if is_within(drive_dir, local_dir) or is_within(local_dir, drive_dir):
+        raise CommandError(
+            f"conflicting options: the Drive folder {drive_dir} and {local_option} {local_dir} "
+            "overlap; the Drive copy must be outside the folder it backs up, and the other "
+            "way round"
+        )
+    for root in configured_drive_roots():
+        if is_within(drive_dir, root):
+            mounted = Path(root) / "MyDrive" if root == COLAB_DRIVE_MOUNT else Path(root)
+            if kind_of(mounted) != "dir":
+                how = (
+                    "in Colab run `from google.colab import drive; drive.mount('/content/drive')`"
+                    if root == COLAB_DRIVE_MOUNT
+                    else "mount it first"
+                )
+                raise DriveNotMountedError(
+                    f"Google Drive is not mounted: {mounted} is not a folder; {how}"
+                )
+            break
+    if kind_of(drive_dir.parent) != "dir":
+        raise CommandError(
+            f"{drive_dir.parent} (the parent of the Drive folder) does not exist; create it, "
+            "or check that Drive is mounted",
+            EXIT_BAD_INPUT,
+        )
+
+
+def local_folder(path: str, option: str) -> Path:
+    """An absolute local folder path that is not a file.
+
+    Raises:
+        CommandError: it exists and is not a folder.
+    """
+    folder = Path(os.path.abspath(path))
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise CommandError(f"{option} {folder} is a file, not a folder; give a folder")
+    return folder
+
+
+def copy_store(args: argparse.Namespace) -> tuple[DriveStore, Path]:
+    """The store and the path of ``backup`` and ``restore`` (``--local-root``, ``--drive-root``).
+
+    Raises:
+        CommandError: the path is not under ``--local-root``, or the roots overlap.
+        DriveNotMountedError: the Drive mount is missing or stalled.
+    """
+    local_root = local_folder(args.local_root, "--local-root")
+    drive_root = Path(os.path.abspath(args.drive_root))
+    path = Path(os.path.abspath(args.path))
+    check_drive_dir(drive_root, local_root, local_option="--local-root")
+    if not is_within(path, local_root):
+        raise CommandError(
+            f"conflicting options: {path} is not inside --local-root {local_root}; give a "
+            "path under it"
+        )
+    return DriveStore(local_root, drive_root), path
+
+
+def report_copy(verb: str, result: BackupResult, out: TextIO) -> int:
+    """Print what one backup or restore did; a failure is one error line (exit 1)."""
+    if not result.ok:
+        raise CommandError(
+            result.error or f"{verb.lower()} of {result.source} failed", EXIT_UNSOUND
+        )
+    if result.kind == "directory":
+        detail = (
+            f"{result.bytes_copied / 1e6:.2f} MB in {result.files_copied} files "
+            f"({result.files_unchanged} unchanged)"
+        )
+    else:
+        detail = f"{result.bytes_copied / 1e6:.2f} MB"
+    if result.generation is not None:
+        detail += f", generation {result.generation}"
+    if result.finished_trials is not None:
+        detail += f", {result.finished_trials} finished trials"
+    out.write(
+        f"{verb} {result.source} -> {result.destination}: {detail}, {result.duration_s:.1f} s\n"
+    )
+    for line in (*result.notes, *result.skipped):
+        out.write(f"  note: {line}\n")
+    for kept in result.kept_local:
+        out.write(f"  kept the local {kept}: it changed since its last backup\n")
+    return EXIT_OK

@@ -1,0 +1,92 @@
+"""``sweepsafe history``: the generations of a study kept on Drive."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import TextIO
+
+from sweepsafe._blocking import run_blocking
+from sweepsafe.cli._common import DRIVE_CHECK_TIMEOUT_S, kind_of
+from sweepsafe.cli._errors import EXIT_BAD_INPUT, EXIT_OK, CommandError
+from sweepsafe.cli._status import human_size, iso_time
+from sweepsafe.drive._helper_client import DriveTimeout, HelperPool
+from sweepsafe.drive._reading import generations_of
+
+__all__ = ["register"]
+
+STUDY_DB_NAME = "study.db"
+
+
+def register(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    """Add ``history`` to the command's parser."""
+    history = commands.add_parser(
+        "history",
+        parents=[common],
+        help="the generations of a study kept on Drive, newest first",
+        description="List the generations of a study's database kept on Drive: when each "
+        "was published, its finished trials, best value and size. Bring one back with "
+        "sweepsafe restore --generation N (or --before TIME).",
+    )
+    history.add_argument("path", metavar="DIR", help="a study folder on Drive, or its study.db")
+    history.add_argument("--json", action="store_true", help="print JSON")
+    history.set_defaults(command_function=history_command)
+
+
+def history_command(args: argparse.Namespace, out: TextIO) -> int:
+    """Print the generations of one study's database; 2 if there are none."""
+    target = Path(os.path.abspath(args.path))
+    if kind_of(target) == "dir":
+        target = target / STUDY_DB_NAME
+    pool = HelperPool()
+    try:
+        generations = run_blocking(
+            lambda: generations_of(pool, target, max(DRIVE_CHECK_TIMEOUT_S, 60.0))
+        )
+    except DriveTimeout as exc:
+        raise CommandError(
+            f"Google Drive did not answer within {exc.timeout:g} s while listing the history "
+            f"of {target}; the mount may be stalled"
+        ) from None
+    finally:
+        pool.close()
+    if not generations:
+        raise CommandError(
+            f"no generations of {target} are kept (give a study folder on Drive that "
+            "sweepsafe backed up)",
+            EXIT_BAD_INPUT,
+        )
+    if args.json:
+        rows = [
+            {
+                "generation": g.number,
+                "kind": g.kind,
+                "created": g.created,
+                "finished_trials": g.finished_trials,
+                "best_value": g.best_value,
+                "size": g.size,
+                "runtime": g.runtime,
+                "problem": g.problem,
+            }
+            for g in generations
+        ]
+        json.dump({"database": str(target), "generations": rows}, out, indent=2)
+        out.write("\n")
+        return EXIT_OK
+    out.write(f"{target}: {len({g.number for g in generations})} generations kept\n")
+    out.write(
+        f"  {'GEN':>6}  {'PUBLISHED (UTC)':19}  {'FINISHED':>8}  {'BEST':>12}  {'SIZE':>9}  KIND\n"
+    )
+    for g in generations:
+        best = f"{g.best_value:.6g}" if g.best_value is not None else "-"
+        finished = str(g.finished_trials) if g.finished_trials is not None else "-"
+        kind = g.kind if g.problem is None else f"{g.kind} ({g.problem})"
+        out.write(
+            f"  {g.number:>6}  {iso_time(g.created) or '-':19}  {finished:>8}  {best:>12}  "
+            f"{human_size(g.size):>9}  {kind}\n"
+        )
+    return EXIT_OK

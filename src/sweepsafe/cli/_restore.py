@@ -1,0 +1,63 @@
+"""``sweepsafe restore``: bring a file, a folder or a database generation back from Drive."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import datetime
+from typing import TextIO
+
+from sweepsafe.cli._common import copy_store, kind_of, report_copy
+from sweepsafe.cli._errors import EXIT_BAD_INPUT, CommandError
+
+__all__ = ["register"]
+
+
+def register(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    """Add ``restore`` to the command's parser."""
+    restore = commands.add_parser(
+        "restore",
+        parents=[common],
+        help="copy a file or folder back from Drive, checked",
+        description="Copy a file or folder back from Drive. A database is restored only if "
+        "it is a sound Optuna study holding every finished trial of the local one; local "
+        "files changed since their last backup are kept. --generation and --before bring "
+        "back an older generation of a database (the local one is set aside).",
+    )
+    restore.add_argument("path", metavar="PATH", help="a local path under --local-root")
+    restore.add_argument("--local-root", required=True, help="local folder mirrored on Drive")
+    restore.add_argument("--drive-root", required=True, help="its Drive folder")
+    when = restore.add_mutually_exclusive_group()
+    when.add_argument(
+        "--generation", type=int, metavar="N", help="this generation (see sweepsafe history)"
+    )
+    when.add_argument(
+        "--before",
+        type=_moment,
+        metavar="TIME",
+        help="the newest generation published before TIME (ISO 8601, e.g. 2026-11-29T14:00)",
+    )
+    restore.set_defaults(command_function=restore_command)
+
+
+def _moment(text: str) -> float:
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a time like 2026-11-29T14:00 or 2026-11-29 14:00:00"
+        ) from None
+
+
+def restore_command(args: argparse.Namespace, out: TextIO) -> int:
+    """Copy the Drive copy of one file, folder or database back; 1 if nothing was restored."""
+    store, path = copy_store(args)
+    with store:
+        kind = kind_of(store.drive_path_for(path))
+        result = store.restore(
+            path, is_directory=kind == "dir", generation=args.generation, before=args.before
+        )
+    if result.reason == "no-copy":
+        raise CommandError(result.error or f"Google Drive holds no copy of {path}", EXIT_BAD_INPUT)
+    return report_copy("Restored", result, out)
