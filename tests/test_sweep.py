@@ -21,9 +21,9 @@ from sweep_support import (
     trial_states,
     wait_for,
 )
+from sweepsafe.backup import backup_hpo_study_to_drive
 from sweepsafe.drive import DriveStore
 from sweepsafe.errors import DrivePathError, SweepsafeError
-from sweepsafe.backup import backup_hpo_study_to_drive
 from sweepsafe.sweep import run_sweep, study_dir_for, trial_dir
 from sweepsafe.testing._simulated import FaultPlan
 

@@ -6,10 +6,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from sweepsafe.drive import BackupResult, VerifyResult
 from sweepsafe.errors import BackupFailed
-from sweepsafe.worker import TargetReport
+
+if TYPE_CHECKING:
+    from sweepsafe.worker import TargetReport
 
 __all__ = ["StudyBackupReport"]
 

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -51,7 +51,7 @@ STUDY_DB_NAME = "study.db"
 TRIALS_DIR_NAME = "trials"
 _SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
 
-BackupToDrive = Union[BackupBackend, Callable[[Path, bool], Any]]
+BackupToDrive = BackupBackend | Callable[[Path, bool], Any]
 """Where backups go: a :class:`DriveStore` (any :class:`~sweepsafe.drive.BackupBackend`),
 or any ``backup_to_drive(path, is_directory)`` callable, sync or async, returning a
 truthy value, ``None`` or a ``BackupResult`` on success."""

@@ -1,4 +1,4 @@
-"""run_sweep and resume_study: an Optuna sweep whose study is backed up to Drive and resumed from it."""
+"""run_sweep and resume_study: an Optuna sweep backed up to Drive and resumed from it."""
 
 from __future__ import annotations
 
@@ -252,7 +252,7 @@ def _acquire(store: BackupBackend, study_dir: Path, takeover: bool, *, needed: b
         run_blocking(acquire)
     except LeaseHeldError:
         raise
-    except Exception as exc:  # noqa: BLE001 - Drive failing or not answering, told in one line
+    except Exception as exc:
         if needed:
             raise SweepsafeError(
                 f"Could not reach the Drive copy of {study_dir}: {exc}. Fix the Drive mount "

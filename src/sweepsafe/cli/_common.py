@@ -22,15 +22,15 @@ from sweepsafe.paths import COLAB_DRIVE_MOUNT, configured_drive_roots, is_within
 
 __all__ = [
     "DRIVE_CHECK_TIMEOUT_S",
-    "copy_store",
-    "report_copy",
     "add_progress_options",
     "check_drive_dir",
+    "copy_store",
     "kind_of",
+    "local_folder",
     "non_negative_float",
     "positive_float",
     "positive_int",
-    "local_folder",
+    "report_copy",
     "show_progress",
 ]
 

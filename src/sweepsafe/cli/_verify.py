@@ -6,12 +6,14 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from sweepsafe.cli._common import kind_of
 from sweepsafe.cli._errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNSOUND, CommandError
 from sweepsafe.cli._status import NOT_SQLITE, as_json, check, human_size, iso_time, sound
-from sweepsafe.drive import VerifyResult
+
+if TYPE_CHECKING:
+    from sweepsafe.drive import VerifyResult
 
 __all__ = ["register"]
 
