@@ -156,7 +156,7 @@ def sampling(sample: Callable[[], int | None], period_s: float = 0.05) -> Iterat
         while not stop.wait(period_s):
             try:
                 value = sample()
-            except Exception as exc:  # noqa: BLE001 - a Drive read racing a write: retried
+            except Exception as exc:
                 errors.append(exc)
                 continue
             if value is not None:

@@ -29,7 +29,8 @@ def recipe_script(tmp_path: Path, local: Path, drive: Path, n_trials: int) -> Pa
     text = README.read_text(encoding="utf-8")
     section = text[text.index("## With your own `study.optimize`") :]
     (block,) = re.findall(r"```python\n(.*?)```", section, re.S)[:1]
-    assert '"/content/sweeps"' in block and '"/content/drive/MyDrive/sweeps"' in block
+    assert '"/content/sweeps"' in block
+    assert '"/content/drive/MyDrive/sweeps"' in block
     block = block.replace('"/content/sweeps"', repr(str(local)))
     block = block.replace('"/content/drive/MyDrive/sweeps"', repr(str(drive)))
     block = block.replace("remaining_trials(study, 100)", f"remaining_trials(study, {n_trials})")

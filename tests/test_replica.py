@@ -66,7 +66,8 @@ def test_a_stale_runtime_that_comes_back_continues_from_the_newer_drive_copy(
         done = a_again.wait_for("done")
         assert done["ok"], done["report"]
         assert done["restored"] is True  # the Drive copy was newer: it came back
-        assert seen == sorted(seen) and min(seen) >= 10  # never backwards
+        assert seen == sorted(seen)
+        assert min(seen) >= 10
         study = observer.restored_study(drive_study(drive), tmp_path / "check")
         assert finished_numbers(study) == list(range(12))
         files = trial_files(drive_study(drive))
@@ -90,7 +91,8 @@ def test_a_second_runtime_is_refused_while_the_first_holds_the_study(tmp_path: P
         assert refused["kind"] == "LeaseHeldError"
         message = refused["message"]
         assert f"process {a.process.pid}" in message
-        assert "takeover=True" in message and "last heartbeat" in message
+        assert "takeover=True" in message
+        assert "last heartbeat" in message
         assert not (tmp_path / "b" / "out").exists() or not list((tmp_path / "b").rglob("*.db"))
         release.touch()
         assert a.finish() == 0
@@ -121,7 +123,8 @@ def test_a_second_runtime_is_refused_while_the_first_holds_the_study(tmp_path: P
         )
         assert command.returncode == 2, command.stderr
         (line,) = command.stderr.splitlines()
-        assert line.startswith("sweepsafe: error: ") and "--takeover" in line
+        assert line.startswith("sweepsafe: error: ")
+        assert "--takeover" in line
     finally:
         release.touch()
         a2.finish()
@@ -246,7 +249,8 @@ def test_restore_refuses_a_drive_copy_that_is_not_a_sound_study(
         )
         assert command.returncode == 1, command.stdout
         (line,) = command.stderr.splitlines()
-        assert str(drive_db) in line and "nothing local was replaced" in line
+        assert str(drive_db) in line
+        assert "nothing local was replaced" in line
         assert database.read_bytes() == local_before
 
         shutil.rmtree(local / "out")  # a new runtime, nothing local
@@ -291,7 +295,8 @@ def test_restore_keeps_a_local_checkpoint_newer_than_its_backup(tmp_path: Path) 
             cwd=tmp_path,
         )
         assert command.returncode == 0, command.stderr
-        assert "kept the local" in command.stdout and "trial-00001/ckpt.txt" in command.stdout
+        assert "kept the local" in command.stdout
+        assert "trial-00001/ckpt.txt" in command.stdout
         assert checkpoint.read_text() == "epoch 50\n"
         assert (study_dir / "trials" / "trial-00002" / "ckpt.txt").read_text() == "epoch 1\n"
 
