@@ -159,7 +159,8 @@ def test_takeover_stops_the_old_runtime_and_the_drive_copy_never_goes_backwards(
         # Drive holds B's sweep, which went on from A's three trials; A's later trials
         # stayed on A's disk.
         finished = finished_numbers(study)
-        assert len(finished) == 5 and finished[:3] == [0, 1, 2], finished
+        assert len(finished) == 5, finished
+        assert finished[:3] == [0, 1, 2], finished
     finally:
         release.touch()
         if a.process.poll() is None:
