@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
-sys.path.insert(0, str(TOOLS))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fault_campaign  # noqa: E402
-import kill_campaign  # noqa: E402
+from tools.campaigns import fault as fault_campaign  # noqa: E402
+from tools.campaigns import kill as kill_campaign  # noqa: E402
 
 
 @pytest.mark.timeout(240)

@@ -30,16 +30,22 @@ from typing import Any
 
 TOOLS = Path(__file__).resolve().parent
 REPO = TOOLS.parent
-EXPECTED = ("bench_copy", "bench_worker", "bench_sweep", "kill_campaign", "fault_campaign")
+EXPECTED = (
+    "tools.bench_copy",
+    "tools.bench_worker",
+    "tools.bench_sweep",
+    "tools.campaigns.kill",
+    "tools.campaigns.fault",
+)
 ROW_KEYS = ("name", "value", "unit", "reference", "ratio", "goal", "met")
 RESULT_MARK = "@@bench-rows@@ "
-TIMEOUT_S = {"kill_campaign": 4 * 3600.0}
+TIMEOUT_S = {"tools.campaigns.kill": 4 * 3600.0}
 DEFAULT_TIMEOUT_S = 1800.0
 
 _RUNNER = """
-import json, sys
-sys.path.insert(0, {tools!r})
-import {module} as bench
+import importlib, json, sys
+sys.path.insert(0, {repo!r})
+bench = importlib.import_module({module!r})
 kwargs = {kwargs!r}
 rows = bench.measure(**kwargs)
 print({mark!r} + json.dumps(rows, default=str), flush=True)
@@ -62,26 +68,26 @@ def discover() -> list[str]:
     """The expected modules first, then any other tools/ module that defines measure()."""
     found: list[str] = []
     for path in sorted(TOOLS.glob("*.py")):
-        if path.stem in EXPECTED or path.stem == "bench":
+        if f"tools.{path.stem}" in EXPECTED or path.stem in ("bench", "__init__"):
             continue
         try:
             tree = ast.parse(path.read_text())
         except SyntaxError:
             continue
         if any(isinstance(node, ast.FunctionDef) and node.name == "measure" for node in tree.body):
-            found.append(path.stem)
+            found.append(f"tools.{path.stem}")
     return [*EXPECTED, *found]
 
 
 def run_module(module: str, quick: bool, kill_runs: int | None) -> ModuleRun:
     """Run ``module.measure`` in a child process and collect its rows."""
-    path = TOOLS / f"{module}.py"
+    path = REPO.joinpath(*module.split(".")).with_suffix(".py")
     if not path.exists():
-        return ModuleRun(module, "missing", detail=f"tools/{module}.py does not exist")
+        return ModuleRun(module, "missing", detail=f"{path.relative_to(REPO)} does not exist")
     kwargs: dict[str, Any] = {"quick": quick}
-    if module == "kill_campaign" and kill_runs is not None:
+    if module == "tools.campaigns.kill" and kill_runs is not None:
         kwargs["runs"] = kill_runs
-    code = _RUNNER.format(tools=str(TOOLS), module=module, kwargs=kwargs, mark=RESULT_MARK)
+    code = _RUNNER.format(repo=str(REPO), module=module, kwargs=kwargs, mark=RESULT_MARK)
     timeout = TIMEOUT_S.get(module, DEFAULT_TIMEOUT_S)
     started = time.perf_counter()
     try:

@@ -34,7 +34,7 @@ import optuna
 
 from sweepsafe.backup import BackupProgress
 from sweepsafe.sweep import run_sweep, study_dir_for
-from sweepsafe.testing._simulated import FaultPlan, simulated_store
+from sweepsafe.testing import FaultPlan, simulated_store
 from sweepsafe.worker import BackupWorker
 
 TRIAL_SECONDS = 0.02

@@ -1,6 +1,6 @@
 """Kill campaign: SIGKILL a real sweep at random moments, then check the Drive copy and resume.
 
-Each run starts ``campaign_sweep.py`` in a child process, against a simulated Drive that
+Each run starts ``sweep.py`` in a child process, against a simulated Drive that
 takes 0.05-0.3 s per file plus 0.1-1 s per MiB, so copies are often in flight. The
 seed picks, per run, the phase to aim at (spread evenly over: starting up, the first
 trial, between trials, the final flush) and a random instant inside it; the child's
@@ -21,44 +21,57 @@ only (never sweepsafe's code):
   is ahead of Drive and wins), and one in five first starts a runtime that is killed
   again while it restores (Drive must be no worse after it) before the one that finishes.
 
-    python tools/kill_campaign.py --runs 100 --seed 1
-    python tools/kill_campaign.py --runs 4 --seed 1 --quick
+    python -m tools.campaigns.kill --runs 100 --seed 1
+    python -m tools.campaigns.kill --runs 4 --seed 1 --quick
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from campaign_checks import (
+from sweepsafe.testing import FaultPlan
+from tools.campaigns.checks import (
     DatabaseCheck,
     check_database,
+    drive_finished_count,
     file_hashes,
     is_kept_in,
+    newest_on_drive,
     read_versions,
     temp_files,
+    trials_without_files,
 )
-from campaign_child import ChildEvent, ChildSweep, pause
-from sweepsafe.testing._simulated import FaultPlan
+from tools.campaigns.child import ChildEvent, ChildSweep, pause
 
 AIMED_PHASES = ("startup", "first trial", "between trials", "final flush")
-RESTARTS = ("fresh disk", "fresh disk", "same disk", "fresh disk", "killed during restore")
-"""How the sweep comes back, by run: on a new runtime with an empty disk; after a kernel
-restart that kept the disk; or on a new runtime that is itself killed while restoring,
-and then on another one."""
+RESTARTS = (
+    "fresh disk",
+    "stale runtime comes back",
+    "same disk",
+    "two runtimes at once",
+    "killed during restore",
+)
+"""How the sweep comes back, by run: on a new runtime with an empty disk; on a new runtime,
+after which the dead one's disk comes back and runs the sweep again (a stale runtime);
+after a kernel restart that kept the disk; on two new runtimes started at once (two
+notebook tabs); or on a new runtime that is itself killed while restoring, and then on
+another one."""
+FILES_OF_A_FINISHED_TRIAL = ("result.json",)
 CHILD_TIMEOUT_S = 120.0
 
 
@@ -141,6 +154,76 @@ class KillSummary:
         return [run.restore_reference_s for run in self.runs if run.restore_reference_s is not None]
 
 
+class DriveSampler:
+    """Reads the Drive copy over and over while runtimes write it, as a user could.
+
+    Every sample, the newest generation's finished trials (from its header) must be no
+    fewer than ever before; every few samples it is rebuilt, and each of its finished
+    trials must have its files on Drive: a finished trial never reaches Drive before them.
+    """
+
+    def __init__(self, run: KillRun, drive: Path, study_rel: Path, scratch: Path) -> None:
+        self._run = run
+        self._drive = drive
+        self._study_rel = study_rel
+        self._scratch = scratch
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self.best = 0
+        self.samples = 0
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.15):
+            try:
+                count = drive_finished_count(self._drive, self._study_rel)
+            except Exception:
+                continue
+            if count is None:
+                continue
+            self.samples += 1
+            if count < self.best:
+                self._run.corrupt += 1
+                self._run.failures.append(
+                    f"the Drive copy went back from {self.best} to {count} finished trials"
+                )
+            if count > self.best or self.samples % 5 == 0:
+                self._check_files()
+            self.best = max(self.best, count)
+
+    def _check_files(self) -> None:
+        rebuilt = newest_on_drive(self._drive, self._study_rel, self._scratch)
+        if not rebuilt.sound:
+            return  # a generation being written while listed; the next sample sees it
+        lacking = trials_without_files(
+            rebuilt.finished, self._drive / self._study_rel, FILES_OF_A_FINISHED_TRIAL
+        )
+        if lacking:
+            self._run.corrupt += 1
+            self._run.failures.append(
+                f"the Drive copy listed finished trials {lacking[:5]} whose files were not on Drive"
+            )
+
+    def __enter__(self) -> DriveSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+
+@contextlib.contextmanager
+def sampled(
+    run: KillRun, drive: Path, study_rel: Path | None, scratch: Path
+) -> Iterator[DriveSampler | None]:
+    """A DriveSampler while the block runs, when the study's place is known."""
+    if study_rel is None:
+        yield None
+        return
+    with DriveSampler(run, drive, study_rel, scratch) as sampler:
+        yield sampler
+
+
 def _sweep_args(
     local: Path,
     drive: Path,
@@ -149,6 +232,7 @@ def _sweep_args(
     seed: int,
     max_kib: int,
     log: Path | None,
+    n_trials: int | None = None,
 ) -> list[str]:
     args = [
         "--n-jobs",
@@ -160,7 +244,7 @@ def _sweep_args(
         "--plan",
         str(plan),
         "--n-trials",
-        str(run.n_trials),
+        str(n_trials or run.n_trials),
         "--seed",
         str(seed),
         "--max-kib",
@@ -262,18 +346,27 @@ def run_one(index: int, seed: int, root: Path, quick: bool) -> KillRun:
         run.restore_reference_s = _plain_restore_time(drive / relative, run_dir / "reference")
     FaultPlan().write(plan)
     resume_local = fresh_local
+    stale_disk = run_dir / "runtime-1-disk"
     if run.restart == "same disk":
         # A kernel restart: the process died, its local folder is still there.
         resume_local = first_local
     else:
         # The runtime is gone with its disk: a new one starts from an empty local folder.
+        if run.restart == "stale runtime comes back":
+            shutil.copytree(first_local, stale_disk, symlinks=True)
         shutil.rmtree(first_local)
     if run.restart == "killed during restore" and relative is not None:
         _kill_during_restore(run, rng, run_dir, fresh_local, drive, plan, relative, seed, max_kib)
         shutil.rmtree(fresh_local)
         resume_local = run_dir / "runtime-3"
         resume_local.mkdir()
-    _resume_and_check(run, run_dir, resume_local, drive, plan, relative, seed, max_kib)
+    with sampled(run, drive, relative, run_dir / "sampled"):
+        if run.restart == "two runtimes at once" and relative is not None:
+            _two_at_once(run, run_dir, drive, plan, relative, seed, max_kib)
+        else:
+            _resume_and_check(run, run_dir, resume_local, drive, plan, relative, seed, max_kib)
+        if run.restart == "stale runtime comes back" and relative is not None and run.resumed:
+            _stale_comes_back(run, run_dir, stale_disk, drive, plan, relative, seed, max_kib)
     if run.ok:
         shutil.rmtree(run_dir, ignore_errors=True)
     return run
@@ -304,7 +397,17 @@ def _check_at_kill(
     if study_dir is None:
         return
     drive_study = drive / study_dir.relative_to(local_root)
-    drive_check = check_database(drive_study / "study.db")
+    plain = check_database(drive_study / "study.db")
+    if plain.exists and not plain.sound:
+        run.corrupt += 1
+        run.failures.append(f"the plain Drive study.db is not sound: {plain.integrity}")
+    drive_check = newest_on_drive(
+        drive, study_dir.relative_to(local_root), local_root.parent / "at-kill"
+    )
+    lacking = trials_without_files(drive_check.finished, drive_study, FILES_OF_A_FINISHED_TRIAL)
+    if lacking:
+        run.corrupt += 1
+        run.failures.append(f"Drive lists finished trials {lacking[:5]} without their files")
     local_check = check_database(study_dir / "study.db", include_sidecars=True)
     first_backup_done = any(event.name == "initial_backup_done" for event in events)
     run.drive_db_at_kill = drive_check.exists
@@ -380,7 +483,7 @@ def _kill_during_restore(
     max_kib: int,
 ) -> None:
     """Start a new runtime and kill it while it restores: Drive must be no worse after."""
-    before = check_database(drive / relative / "study.db")
+    before = newest_on_drive(drive, relative, run_dir / "before-restore")
     child = ChildSweep(
         _sweep_args(local, drive, plan, run, seed + 50_000 + run.index, max_kib, None),
         stderr_path=run_dir / "child-restore.stderr",
@@ -391,7 +494,7 @@ def _kill_during_restore(
         return
     pause(rng.uniform(0, 0.4))
     child.kill_like_a_dead_runtime()
-    after = check_database(drive / relative / "study.db")
+    after = newest_on_drive(drive, relative, run_dir / "after-restore")
     if before.sound and not (after.sound and is_kept_in(before.finished, after.finished, 1)):
         run.corrupt += 1
         run.failures.append(
@@ -410,7 +513,11 @@ def _resume_and_check(
     seed: int,
     max_kib: int,
 ) -> None:
-    drive_before = check_database(drive / relative / "study.db") if relative is not None else None
+    drive_before = (
+        newest_on_drive(drive, relative, run_dir / "before-resume")
+        if relative is not None
+        else None
+    )
     local_before = local / relative / "study.db" if relative is not None else None
     local_had_db = local_before is not None and local_before.exists()
     child = ChildSweep(
@@ -473,6 +580,89 @@ def _resume_and_check(
         )
     run.failures.extend(problems)
     run.resumed = not problems
+
+
+def _two_at_once(
+    run: KillRun, run_dir: Path, drive: Path, plan: Path, relative: Path, seed: int, max_kib: int
+) -> None:
+    """Two new runtimes start at once (two notebook tabs): one sweeps, the other is refused
+    in one sentence, or finds the sweep done when it starts after the first ended."""
+    children = [
+        ChildSweep(
+            _sweep_args(
+                run_dir / f"tab-{tab}", drive, plan, run, seed + 200_000 + tab, max_kib, None
+            ),
+            stderr_path=run_dir / f"child-tab-{tab}.stderr",
+        )
+        for tab in (1, 2)
+    ]
+    codes = [child.wait(CHILD_TIMEOUT_S) for child in children]
+    finished = [child for child, code in zip(children, codes, strict=True) if code == 0]
+    refused = [child for child, code in zip(children, codes, strict=True) if code == 3]
+    if len(finished) + len(refused) != 2 or not finished:
+        run.failures.append(
+            f"two runtimes at once: exit codes {codes}: "
+            + " | ".join(child.stderr_text()[-600:] for child in children)
+        )
+        return
+    for child in refused:
+        event = child.first("refused")
+        message = str(event.get("message")) if event is not None else ""
+        if event is None or event.get("kind") != "LeaseHeldError" or "\n" in message:
+            run.failures.append(f"the refused runtime said: {event and event.fields}")
+        elif "takeover" not in message:
+            run.failures.append(f"the refusal does not say how to take over: {message}")
+    drive_check = newest_on_drive(drive, relative, run_dir / "after-tabs")
+    if drive_check.count != run.n_trials:
+        run.failures.append(
+            f"two runtimes at once: the Drive copy ends with {drive_check.count} of "
+            f"{run.n_trials} finished trials"
+        )
+    leftovers = temp_files(drive)
+    if leftovers:
+        run.failures.append(f"{len(leftovers)} temporary file(s) left on Drive by two runtimes")
+    run.resumed = not run.failures
+
+
+def _stale_comes_back(
+    run: KillRun,
+    run_dir: Path,
+    stale_disk: Path,
+    drive: Path,
+    plan: Path,
+    relative: Path,
+    seed: int,
+    max_kib: int,
+) -> None:
+    """The dead runtime's disk comes back and runs the sweep again, asking for more trials.
+
+    Its local study is older than Drive's. If it holds nothing the Drive copy lacks, the
+    Drive copy comes back and the sweep goes on; if the kill lost trials that the next
+    runtime redid differently, the two diverged, and it must refuse in one sentence
+    rather than replace either. Either way the Drive copy loses nothing (the sampler).
+    """
+    more = run.n_trials + 2
+    child = ChildSweep(
+        _sweep_args(stale_disk, drive, plan, run, seed + 300_000, max_kib, None, n_trials=more),
+        stderr_path=run_dir / "child-stale.stderr",
+    )
+    code = child.wait(CHILD_TIMEOUT_S)
+    if code == 3:
+        event = child.first("refused")
+        message = str(event.get("message")) if event is not None else ""
+        if event is None or event.get("kind") != "StudyConflictError" or "diverged" not in message:
+            run.failures.append(f"the stale runtime was refused for another reason: {message}")
+        run.landed += "; the stale runtime had diverged and was refused"
+        return
+    returned = child.first("sweep_returned")
+    if code != 0 or returned is None:
+        run.failures.append(f"the stale runtime failed (exit {code}): {child.stderr_text()[-800:]}")
+        return
+    if not returned.get("restored_from_drive"):
+        run.failures.append("the stale runtime did not take the newer Drive copy")
+    drive_check = newest_on_drive(drive, relative, run_dir / "after-stale")
+    if drive_check.count != more:
+        run.failures.append(f"after the stale runtime Drive holds {drive_check.count} of {more}")
 
 
 def run_campaign(runs: int, seed: int, quick: bool = False, verbose: bool = True) -> KillSummary:

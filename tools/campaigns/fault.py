@@ -1,6 +1,6 @@
 """Drive fault campaign: a sweep against a Drive that fails in each way a Drive mount can.
 
-Each scenario runs ``campaign_sweep.py`` in a child process against a simulated Drive
+Each scenario runs ``sweep.py`` in a child process against a simulated Drive
 and changes the faults while the sweep runs (the simulated Drive re-reads its plan file
 before every operation), at the end of given trials:
 
@@ -23,8 +23,8 @@ never replaced by a worse one (after every phase it passes the integrity check a
 finished-trial count never goes down); and the final flush and the process exit stay
 within the flush timeout plus a small margin.
 
-    python tools/fault_campaign.py          # 20 trials a scenario
-    python tools/fault_campaign.py --quick  # 10 trials, shorter timeouts
+    python -m tools.campaigns.fault          # 20 trials a scenario
+    python -m tools.campaigns.fault --quick  # 10 trials, shorter timeouts
 """
 
 from __future__ import annotations
@@ -41,11 +41,9 @@ from typing import Any
 
 import optuna
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from campaign_checks import check_database, file_hashes, read_versions, temp_files
-from campaign_child import ChildEvent, ChildSweep
-from sweepsafe.testing._simulated import FaultPlan
+from sweepsafe.testing import FaultPlan
+from tools.campaigns.checks import check_database, file_hashes, read_versions, temp_files
+from tools.campaigns.child import ChildEvent, ChildSweep
 
 BASE_LATENCY_S = 0.02
 EXIT_MARGIN_S = 5.0

@@ -1,4 +1,4 @@
-"""Run ``campaign_sweep.py`` in a child process, follow its events, and kill it like a runtime.
+"""Run ``sweep.py`` in a child process, follow its events, and kill it like a runtime.
 
 The child runs in its own session, so killing its process group with SIGKILL takes
 every process of the "runtime" with it (the sweep and any Drive helper it started), as
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-SWEEP_SCRIPT = Path(__file__).with_name("campaign_sweep.py")
+SWEEP_SCRIPT = Path(__file__).with_name("sweep.py")
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class ChildEvent:
 
 
 class ChildSweep:
-    """A running ``campaign_sweep.py``: its events, its stderr file, and how to end it.
+    """A running ``sweep.py``: its events, its stderr file, and how to end it.
 
     Starting one starts the process; ``wait`` or ``kill_like_a_dead_runtime`` ends it.
     """

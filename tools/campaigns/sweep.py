@@ -16,7 +16,7 @@ Every version of every file an objective writes is first appended to ``--version
 (its path relative to the study folder and its SHA-256), so that a campaign can prove any
 file it finds on Drive is a version the local file really had.
 
-    python tools/campaign_sweep.py --local-root L --drive-root D --plan P --n-trials 20
+    python tools/campaigns/sweep.py --local-root L --drive-root D --plan P --n-trials 20
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ import optuna
 from optuna.trial import TrialState
 
 from sweepsafe.backup import StudyBackupReport, backup_hpo_study_to_drive
+from sweepsafe.errors import LeaseHeldError, StudyConflictError
 from sweepsafe.sweep import run_sweep, study_dir_for, trial_dir
-from sweepsafe.testing._simulated import simulated_store
+from sweepsafe.testing import simulated_store
 
 STUDY_KEY = {"campaign": "sweepsafe", "model": "quadratic"}
 CHUNK_BYTES = 64 * 1024
@@ -243,6 +244,12 @@ def main(argv: list[str] | None = None) -> int:
             flush_timeout=args.flush_timeout,
             n_jobs=args.n_jobs,
         )
+    except (LeaseHeldError, StudyConflictError) as exc:
+        # Another runtime holds the study, or this one's local study diverged from
+        # Drive's: a refusal, said in one sentence, not a crash.
+        emit("refused", kind=type(exc).__name__, message=str(exc))
+        store.close()
+        return 3
     except BaseException as exc:
         emit("sweep_raised", error=repr(exc), traceback=traceback.format_exc())
         raise

@@ -203,3 +203,45 @@ def read_versions(log: Path) -> dict[str, set[str]]:
             continue  # the last line of a killed writer may be cut short
         versions.setdefault(entry["path"], set()).add(entry["sha256"])
     return versions
+
+
+def newest_on_drive(drive_root: Path, study_rel: Path, scratch: Path) -> DatabaseCheck:
+    """The study a new runtime would get from Drive: its newest generation, rebuilt.
+
+    Uses sweepsafe's public restore in a store of its own (a fresh local folder), as a
+    user on a new runtime would, then checks the result with sqlite3 and Optuna.
+    """
+    from sweepsafe import DriveStore
+
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    target = scratch / study_rel / "study.db"
+    with DriveStore(scratch, drive_root, drive_timeout=30.0) as store:
+        result = store.restore(target)
+    if not result.ok:
+        return DatabaseCheck(path=target, exists=False, load_error=result.error)
+    return check_database(target)
+
+
+def drive_finished_count(drive_root: Path, study_rel: Path) -> int | None:
+    """Finished trials in the newest generation on Drive, from its header (None if none)."""
+    from sweepsafe import DriveStore
+
+    with DriveStore(drive_root.parent / ".campaign-observer", drive_root) as store:
+        generations = store.history(drive_root / study_rel / "study.db")
+    return generations[0].finished_trials if generations else None
+
+
+def trials_without_files(
+    finished: Iterable[TrialRecord], drive_study: Path, names: Iterable[str]
+) -> list[int]:
+    """Finished trials whose folder on Drive lacks one of the files ``names``."""
+    wanted = tuple(names)
+    return [
+        record.number
+        for record in finished
+        if not all(
+            (drive_study / "trials" / f"trial-{record.number:05d}" / name).is_file()
+            for name in wanted
+        )
+    ]
