@@ -13,8 +13,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.campaigns import fault as fault_campaign  # noqa: E402
-from tools.campaigns import kill as kill_campaign  # noqa: E402
+from tools.campaigns import fault as fault_campaign
+from tools.campaigns import kill as kill_campaign
 
 
 @pytest.mark.timeout(240)
