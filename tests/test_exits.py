@@ -26,6 +26,7 @@ import optuna
 import pytest
 
 from cli_support import FINISHED
+from sweep_support import wait_for
 from sweepsafe import create_incremental_backup_callback
 from sweepsafe.testing import FaultPlan, FuseDrive, fuse_unavailable_reason
 from sweepsafe.worker import BackupWorker, RetryPolicy
@@ -98,6 +99,9 @@ def fuse_drive(tmp_path: Path) -> Iterator[FuseDrive]:
     FaultPlan().write(plan)
     with FuseDrive(tmp_path / "backing", tmp_path / "mnt", plan) as drive:
         yield drive
+    # Leaving killed the daemon: the kernel failed the requests it held, and the helpers
+    # stuck in them could at last die of their SIGKILL.
+    wait_for(lambda: not stuck_helpers(tmp_path), LIMIT_S, "the stuck helpers to go")
 
 
 @pytest.fixture
