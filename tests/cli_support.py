@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
@@ -61,6 +62,34 @@ def run_cli(
     )
 
 
+def run_cli_together(
+    *commands: Sequence[str | os.PathLike[str]], cwd: Path, timeout: float = 120.0
+) -> list[subprocess.CompletedProcess[str]]:
+    """Run several ``python -m sweepsafe`` commands at once; their results, in order."""
+    env = {**os.environ}
+    env.pop("SWEEPSAFE_STUDY_DIR", None)
+    running = [
+        subprocess.Popen(
+            [sys.executable, "-m", "sweepsafe", *map(str, args)],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in commands
+    ]
+    results = []
+    for process in running:
+        with process:
+            stdout, stderr = process.communicate(timeout=timeout)
+        results.append(
+            subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+        )
+    return results
+
+
 def assert_one_error_line(result: subprocess.CompletedProcess[str], *fragments: str) -> str:
     """The command failed with exactly one ``sweepsafe: error:`` line holding ``fragments``."""
     assert result.returncode != 0, result
@@ -85,6 +114,14 @@ def finished_numbers(database: Path) -> list[int]:
     (summary,) = optuna.get_all_study_summaries(storage)
     study = optuna.load_study(study_name=summary.study_name, storage=storage)
     return [trial.number for trial in study.get_trials(deepcopy=False, states=FINISHED)]
+
+
+def trial_params(database: Path) -> list[dict[str, object]]:
+    """The parameters of every trial of the only study in ``database``, in trial order."""
+    storage = f"sqlite:///{database}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    return [trial.params for trial in study.get_trials(deepcopy=False)]
 
 
 def make_study(database: Path, values: list[float], *, direction: str = "minimize") -> None:

@@ -1,11 +1,38 @@
-"""Fixtures shared by every test module."""
+"""Fixtures shared by every test module.
+
+``drive``: a DriveStore over a simulated Drive (faults changed with ``drive.set_faults``);
+``private_worker``: a backup worker of the test's own; and, for every test, the
+process-wide default worker closed and forgotten afterwards, so none leaks into the next.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
+
+from drive_support import DriveSetup, simulated_drive
+from sweep_support import own_worker
+from sweepsafe.testing import reset_default_worker
+from sweepsafe.worker import BackupWorker
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    # aiofiles runs only on asyncio, and so does the worker's loop.
-    return "asyncio"
+def drive(tmp_path: Path) -> Iterator[DriveSetup]:
+    """A store over ``tmp_path/local`` -> ``tmp_path/drive`` on a simulated Drive, no faults."""
+    with simulated_drive(tmp_path) as setup:
+        yield setup
+
+
+@pytest.fixture
+def private_worker() -> Iterator[BackupWorker]:
+    """A worker of the test's own (not the process-wide one), one attempt per job."""
+    with own_worker() as worker:
+        yield worker
+
+
+@pytest.fixture(autouse=True)
+def _fresh_default_worker() -> Iterator[None]:
+    yield
+    reset_default_worker()

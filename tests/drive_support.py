@@ -14,7 +14,7 @@ import optuna
 
 from sweepsafe.drive import DriveStore
 from sweepsafe.drive._helper_process import is_temp_name
-from sweepsafe.testing._simulated import FaultPlan, simulated_store
+from sweepsafe.testing import FaultPlan, simulated_store
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -1,4 +1,4 @@
-"""Helpers for the Optuna integration tests: a slow Drive, a copy counter, study checks."""
+"""Helpers for the Optuna integration tests: a worker of its own, a copy counter, checks."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import optuna
 from optuna.trial import TrialState
 
 from sweepsafe.drive import BackupResult, DriveStore, GenerationInfo, VerifyResult
-from sweepsafe.testing._simulated import FaultPlan, simulated_store
 from sweepsafe.worker import BackupWorker, RetryPolicy
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -67,29 +66,9 @@ class CountingStore:
 
 
 @contextmanager
-def slow_drive(
-    tmp_path: Path, plan: FaultPlan | None = None, **store_kwargs: object
-) -> Iterator[tuple[DriveStore, Path, Path]]:
-    """A DriveStore over ``tmp_path/local`` -> ``tmp_path/drive`` with injected faults.
-
-    Yields the store, the plan file (rewrite it to change the faults) and the local root.
-    """
-    local = tmp_path / "local"
-    drive = tmp_path / "drive"
-    local.mkdir(exist_ok=True)
-    drive.mkdir(exist_ok=True)
-    plan_path = tmp_path / "fault-plan.json"
-    (plan or FaultPlan()).write(plan_path)
-    store = simulated_store(local, drive, plan_path, **store_kwargs)
-    try:
-        yield store, plan_path, local
-    finally:
-        store.close()
-
-
-@contextmanager
-def private_worker(max_attempts: int = 1, close_timeout: float = 10.0) -> Iterator[BackupWorker]:
-    """A worker of the test's own (not the process-wide one), with instant retries."""
+def own_worker(max_attempts: int = 1, close_timeout: float = 10.0) -> Iterator[BackupWorker]:
+    """A worker of the test's own (not the process-wide one), with instant retries; the
+    ``private_worker`` fixture is one with the defaults."""
     worker = BackupWorker(retry=RetryPolicy(initial_delay=0.0, max_attempts=max_attempts))
     try:
         yield worker

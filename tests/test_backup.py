@@ -11,7 +11,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from sweep_support import finished_trials, integrity, private_worker, slow_drive
+from drive_support import DriveSetup, simulated_drive
+from sweep_support import finished_trials, integrity, own_worker
 from sweepsafe.backup import (
     BackupProgress,
     backup_hpo_study_to_drive,
@@ -20,7 +21,8 @@ from sweepsafe.backup import (
     find_study_dir,
 )
 from sweepsafe.errors import BackupFailed, StudyNotFoundError
-from sweepsafe.testing._simulated import FaultPlan
+from sweepsafe.testing import FaultPlan
+from sweepsafe.worker import BackupWorker
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -50,7 +52,7 @@ class GatedDrive:
 
 
 def test_disabled_or_missing_backup_gives_a_callback_that_does_nothing(tmp_path: Path) -> None:
-    with private_worker() as worker:
+    with own_worker() as worker:
         study = make_study(tmp_path / "study-a", 1)
         trial = study.trials[0]
         drive = GatedDrive()
@@ -72,7 +74,7 @@ def test_callback_for_a_drive_path_logs_once_and_does_nothing(
     monkeypatch.setenv("SWEEPSAFE_DRIVE_ROOTS", str(tmp_path / "drive"))
     study = make_study(tmp_path / "study-a", 1)
     drive = GatedDrive()
-    with private_worker() as worker, caplog.at_level(logging.INFO, logger="sweepsafe"):
+    with own_worker() as worker, caplog.at_level(logging.INFO, logger="sweepsafe"):
         callback = create_study_db_backup_callback(
             tmp_path / "drive" / "study.db", drive, worker=worker
         )
@@ -87,7 +89,7 @@ def test_callback_only_hands_over_while_drive_hangs(tmp_path: Path) -> None:
     """A trial's callback returns at once even though every copy blocks."""
     study = make_study(tmp_path / "study-a", 1)
     drive = GatedDrive()
-    with private_worker() as worker:
+    with own_worker() as worker:
         callback = create_incremental_backup_callback(
             tmp_path / "study-a" / "trials", drive, is_directory=True, worker=worker
         )
@@ -135,7 +137,7 @@ def test_failing_user_callable_never_reaches_optuna(tmp_path: Path) -> None:
         raise OSError(5, "Input/output error", str(path))
 
     database = tmp_path / "study-a" / "study.db"
-    with private_worker(max_attempts=2) as worker:
+    with own_worker(max_attempts=2) as worker:
         study = optuna.create_study(
             storage=f"sqlite:///{_mkparent(database)}", study_name="study-a"
         )
@@ -147,18 +149,17 @@ def test_failing_user_callable_never_reaches_optuna(tmp_path: Path) -> None:
     assert "Input/output error" in str(report)
 
 
-def test_progress_tracks_how_far_drive_is_behind(tmp_path: Path) -> None:
+def test_progress_tracks_how_far_drive_is_behind(
+    drive: DriveSetup, private_worker: BackupWorker
+) -> None:
     progress = BackupProgress()
-    with slow_drive(tmp_path) as (store, _, local), private_worker() as worker:
-        database = local / "study-a" / "study.db"
-        study = optuna.create_study(
-            storage=f"sqlite:///{_mkparent(database)}", study_name="study-a"
-        )
-        callback = create_study_db_backup_callback(
-            database, store, worker=worker, progress=progress
-        )
-        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=6, callbacks=[callback])
-        assert worker.flush(timeout=20).ok
+    database = drive.local / "study-a" / "study.db"
+    study = optuna.create_study(storage=f"sqlite:///{_mkparent(database)}", study_name="study-a")
+    callback = create_study_db_backup_callback(
+        database, drive.store, worker=private_worker, progress=progress
+    )
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=6, callbacks=[callback])
+    assert private_worker.flush(timeout=20).ok
     assert progress.trials_finished == 6
     assert progress.trials_backed_up == 6
     assert progress.lag == 0
@@ -182,36 +183,41 @@ def test_find_study_dir_picks_the_only_or_the_newest(
         find_study_dir(tmp_path, tmp_path / "nothing-here")
 
 
-def test_end_of_sweep_backup_copies_database_and_folders(tmp_path: Path) -> None:
-    with slow_drive(tmp_path) as (store, _, local), private_worker() as worker:
-        study_dir = local / "out" / "study-x"
-        make_study(study_dir, 7)
-        (study_dir / "trials" / "trial-00000").mkdir(parents=True)
-        (study_dir / "trials" / "trial-00000" / "model.bin").write_bytes(os.urandom(5000))
-        (study_dir / "notes.txt").write_text("baseline run\n")
-        report = backup_hpo_study_to_drive(local / "out", store, worker=worker, timeout=30)
-        assert report.ok, str(report)
-        assert report.trial_counts == {"COMPLETE": 7}
-        drive_db = store.drive_path_for(study_dir / "study.db")
-        assert integrity(drive_db) == "ok"
-        assert finished_trials(drive_db) == finished_trials(study_dir / "study.db")
-        for name in ("trials/trial-00000/model.bin", "notes.txt"):
-            assert (
-                store.drive_path_for(study_dir / name).read_bytes()
-                == (study_dir / name).read_bytes()
-            )
-        assert {t.target for t in report.targets} == {
-            study_dir / "study.db",
-            study_dir / "trials",
-            study_dir / "notes.txt",
-        }
-        assert "Drive copy complete" in str(report)
-        assert "7 trials" in str(report)
-        # A second call copies no folder file again.
-        again = backup_hpo_study_to_drive(local / "out", store, worker=worker, timeout=30)
-        trials_report = next(t for t in again.targets if t.target == study_dir / "trials")
-        assert trials_report.last_result is not None
-        assert trials_report.last_result.files_copied == 0  # type: ignore[attr-defined]
+def test_end_of_sweep_backup_copies_database_and_folders(
+    drive: DriveSetup, private_worker: BackupWorker
+) -> None:
+    study_dir = drive.local / "out" / "study-x"
+    make_study(study_dir, 7)
+    (study_dir / "trials" / "trial-00000").mkdir(parents=True)
+    (study_dir / "trials" / "trial-00000" / "model.bin").write_bytes(os.urandom(5000))
+    (study_dir / "notes.txt").write_text("baseline run\n")
+    report = backup_hpo_study_to_drive(
+        drive.local / "out", drive.store, worker=private_worker, timeout=30
+    )
+    assert report.ok, str(report)
+    assert report.trial_counts == {"COMPLETE": 7}
+    drive_db = drive.store.drive_path_for(study_dir / "study.db")
+    assert integrity(drive_db) == "ok"
+    assert finished_trials(drive_db) == finished_trials(study_dir / "study.db")
+    for name in ("trials/trial-00000/model.bin", "notes.txt"):
+        assert (
+            drive.store.drive_path_for(study_dir / name).read_bytes()
+            == (study_dir / name).read_bytes()
+        )
+    assert {t.target for t in report.targets} == {
+        study_dir / "study.db",
+        study_dir / "trials",
+        study_dir / "notes.txt",
+    }
+    assert "Drive copy complete" in str(report)
+    assert "7 trials" in str(report)
+    # A second call copies no folder file again.
+    again = backup_hpo_study_to_drive(
+        drive.local / "out", drive.store, worker=private_worker, timeout=30
+    )
+    trials_report = next(t for t in again.targets if t.target == study_dir / "trials")
+    assert trials_report.last_result is not None
+    assert trials_report.last_result.files_copied == 0  # type: ignore[attr-defined]
 
 
 def test_end_of_sweep_backup_on_a_drive_study_only_verifies(
@@ -223,7 +229,7 @@ def test_end_of_sweep_backup_on_a_drive_study_only_verifies(
     before = sorted(p.relative_to(drive) for p in drive.rglob("*"))
     drive_calls = GatedDrive()
     drive_calls.release.set()
-    with private_worker() as worker:
+    with own_worker() as worker:
         report = backup_hpo_study_to_drive(drive / "out", drive_calls, worker=worker, timeout=30)
         assert worker.stats().submitted == 0
     assert report.on_drive
@@ -235,10 +241,12 @@ def test_end_of_sweep_backup_on_a_drive_study_only_verifies(
 
 def test_end_of_sweep_backup_reports_a_failing_drive_by_name(tmp_path: Path) -> None:
     plan = FaultPlan(enospc=True)
-    with slow_drive(tmp_path, plan) as (store, _, local), private_worker() as worker:
-        study_dir = local / "out" / "study-z"
+    with simulated_drive(tmp_path, plan) as drive, own_worker() as worker:
+        study_dir = drive.local / "out" / "study-z"
         make_study(study_dir, 2)
-        report = backup_hpo_study_to_drive(local / "out", store, worker=worker, timeout=30)
+        report = backup_hpo_study_to_drive(
+            drive.local / "out", drive.store, worker=worker, timeout=30
+        )
         assert not report.ok
         assert "study.db" in str(report)
         assert "space" in str(report).lower()

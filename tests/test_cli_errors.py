@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -201,3 +203,53 @@ def test_run_on_a_corrupt_local_study_is_one_error_line(project: Path) -> None:
 
     assert_one_error_line(result, str(database), "move it away")
     assert result.returncode == 1
+
+
+def test_an_output_dir_that_is_a_file_is_bad_input(project: Path) -> None:
+    (project / "sweeps").write_text("not a folder\n")
+
+    result = run_objective(project, "tinyobj:objective")
+
+    assert_one_error_line(result, "--output-dir", "is a file, not a folder")
+    assert result.returncode == 2
+
+
+def test_a_sqlite_file_that_is_not_an_optuna_study_is_refused_and_left_unchanged(
+    project: Path,
+) -> None:
+    from sweepsafe import study_dir_for
+
+    database = study_dir_for(project / "sweeps", "k") / "study.db"
+    database.parent.mkdir(parents=True)
+    connection = sqlite3.connect(database)
+    connection.execute("CREATE TABLE notes (line TEXT)")
+    connection.execute("INSERT INTO notes VALUES ('my own data')")
+    connection.commit()
+    connection.close()
+    before = database.read_bytes()
+
+    result = run_objective(project, "tinyobj:objective")
+
+    assert_one_error_line(result, str(database), "not an Optuna study", "Move it away")
+    assert database.read_bytes() == before
+    connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    tables = connection.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()
+    connection.close()
+    assert tables == [("notes",)]
+
+
+def test_backup_of_a_fifo_says_it_is_not_a_regular_file(project: Path) -> None:
+    (project / "local").mkdir()
+    os.mkfifo(project / "local" / "pipe")
+
+    result = run_cli(
+        "backup",
+        project / "local" / "pipe",
+        "--local-root",
+        project / "local",
+        "--drive-root",
+        project / "drive" / "b",
+    )
+
+    assert_one_error_line(result, "pipe", "is not a regular file")
+    assert "does not exist" not in result.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,7 +16,9 @@ from cli_support import (
     TINY_OBJECTIVE,
     finished_numbers,
     run_cli,
+    run_cli_together,
     study_databases,
+    trial_params,
 )
 
 
@@ -162,4 +165,61 @@ def test_run_exits_1_and_says_so_when_the_final_backup_is_not_waited_for(project
     result = run_tiny(project, 2, "--flush-timeout", "0")
 
     assert result.returncode == 1
-    assert "Drive copy INCOMPLETE" in result.stdout
+    # The report once, on stdout: not a second time as a log line.
+    assert result.stdout.count("Drive copy INCOMPLETE") == 1
+    assert "INCOMPLETE" not in result.stderr
+    # And how many finished trials lack their files on Drive, whatever the count.
+    assert re.search(
+        r"\d+ of the 2 finished trials of this run lack files on Drive"
+        r"|The files of all 2 finished trials of this run reached Drive",
+        result.stdout,
+    ), result.stdout
+
+
+@pytest.mark.parametrize(
+    ("sampler", "pruner"), [("tpe", "median"), ("random", "none"), ("nsga2", "hyperband")]
+)
+def test_run_with_a_seed_runs_the_same_trials_with_or_without_backups(
+    project: Path, sampler: str, pruner: str
+) -> None:
+    def sweep(folder: str, seed: int, *extra: str) -> list[str]:
+        return [
+            "run",
+            "tinyobj:objective",
+            "--output-dir",
+            folder,
+            "--study-key",
+            "seeded",
+            "--trials",
+            "5",
+            "--seed",
+            str(seed),
+            "--sampler",
+            sampler,
+            "--pruner",
+            pruner,
+            *extra,
+        ]
+
+    backed_up, plain, other = run_cli_together(
+        sweep(
+            "backed-up", 7, "--drive-dir", str(project / "drive" / "s"), "--file-concurrency", "2"
+        ),
+        sweep("plain", 7, "--no-backup"),
+        sweep("other", 8, "--no-backup"),
+        cwd=project,
+    )
+
+    for result in (backed_up, plain, other):
+        assert result.returncode == 0, result.stderr
+    assert "Drive copy complete" in backed_up.stdout
+    assert "Drive copy" not in plain.stdout
+    assert not (project / "plain" / ".sweepsafe").exists()  # no backup machinery at all
+    (first,) = study_databases(project / "backed-up")
+    (second,) = study_databases(project / "plain")
+    (third,) = study_databases(project / "other")
+    assert trial_params(first) == trial_params(second)
+    assert trial_params(first) != trial_params(third)
+    assert len(trial_params(first)) == 5
+    (copy,) = study_databases(project / "drive" / "s")
+    assert trial_params(copy) == trial_params(first)

@@ -11,9 +11,9 @@ import pytest
 from drive_support import simulated_drive, temp_files, write_bytes
 from sweepsafe.drive._files import COPY_CHUNK
 from sweepsafe.drive._helper_process import temp_name
-from sweepsafe.testing._simulated import FaultPlan, simulated_store
+from sweepsafe.testing import FaultPlan, simulated_store
 
-pytestmark = pytest.mark.anyio
+pytestmark = pytest.mark.asyncio
 
 SIZE = 3 * COPY_CHUNK + 12345  # four chunks, so a fault can land between two of them
 

@@ -13,7 +13,7 @@ import pytest
 from drive_support import simulated_drive, temp_files, write_bytes
 from sweepsafe.drive import BackupResult, DriveStore
 from sweepsafe.drive._helper_process import temp_name
-from sweepsafe.testing._simulated import FaultPlan, simulated_store
+from sweepsafe.testing import FaultPlan, simulated_store
 
 
 def make_files(folder: Path, count: int) -> list[Path]:

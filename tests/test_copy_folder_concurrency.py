@@ -12,7 +12,7 @@ import pytest
 from drive_support import simulated_drive, temp_files, write_bytes
 from sweep_support import wait_for
 from sweepsafe.drive import DriveStore
-from sweepsafe.testing._simulated import FaultPlan
+from sweepsafe.testing import FaultPlan
 
 
 def make_files(folder: Path, count: int, content: bytes = b"v1") -> dict[str, bytes]:
@@ -109,7 +109,7 @@ def test_one_failed_file_fails_the_backup_naming_it_and_the_others_stay_recorded
         assert on_drive(setup.drive / "trials") == files
 
 
-@pytest.mark.anyio
+@pytest.mark.asyncio
 async def test_cancelled_backup_stops_every_copy_and_leaves_previous_versions(
     tmp_path: Path,
 ) -> None:

@@ -13,7 +13,7 @@ import pytest
 from drive_support import simulated_drive, temp_files, write_bytes
 from sweepsafe.drive import DriveStore
 from sweepsafe.errors import DriveNotMountedError, DrivePathError
-from sweepsafe.testing._simulated import FaultPlan
+from sweepsafe.testing import FaultPlan
 
 UNREADABLE_EVEN_BY_ROOT = Path("/proc/sys/vm/compact_memory")  # mode 0200, a real file
 
@@ -210,7 +210,7 @@ def test_blocking_faces_work_inside_a_running_event_loop_as_in_a_notebook(tmp_pa
 _EXIT_SCRIPT = """
 import sys
 from pathlib import Path
-from sweepsafe.testing._simulated import FaultPlan, simulated_store
+from sweepsafe.testing import FaultPlan, simulated_store
 local, drive, plan = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 store = simulated_store(local, drive, plan, drive_timeout=1.0)
 idle = simulated_store(local, drive / "other", plan)

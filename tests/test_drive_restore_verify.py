@@ -10,7 +10,7 @@ import pytest
 
 from drive_support import corrupt_database, make_study, simulated_drive, write_bytes
 from sweepsafe.drive import DriveStore
-from sweepsafe.testing._simulated import FaultPlan
+from sweepsafe.testing import FaultPlan
 
 
 def test_restore_of_a_corrupt_drive_database_refuses_and_leaves_local_untouched(

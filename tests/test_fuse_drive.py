@@ -64,7 +64,7 @@ def drive_context(tmp_path: Path) -> FuseDrive:
 
 
 @pytest.fixture
-def drive(tmp_path: Path) -> Iterator[FuseDrive]:
+def mounted(tmp_path: Path) -> Iterator[FuseDrive]:
     """A mounted FuseDrive; afterwards, neither its mount nor its daemon is left."""
     fuse_drive = drive_context(tmp_path)
     with fuse_drive:
@@ -75,8 +75,8 @@ def drive(tmp_path: Path) -> Iterator[FuseDrive]:
     assert process_state(daemon) == "gone"
 
 
-def set_faults(drive: FuseDrive, plan: FaultPlan) -> None:
-    plan.write(drive.plan_path)
+def set_faults(mounted: FuseDrive, plan: FaultPlan) -> None:
+    plan.write(mounted.plan_path)
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -123,8 +123,8 @@ def at_eof(pipe: int, timeout_s: float) -> bool:
     return bool(readable) and os.read(pipe, 4096) == b""
 
 
-def test_files_pass_through_to_the_backing_folder(drive: FuseDrive) -> None:
-    mount, backing = drive.mount_point, drive.backing_dir
+def test_files_pass_through_to_the_backing_folder(mounted: FuseDrive) -> None:
+    mount, backing = mounted.mount_point, mounted.backing_dir
     (mount / "trials" / "trial-1").mkdir(parents=True)
     write_atomically(mount / "trials" / "trial-1" / "model.bin", b"weights" * 1000)
     write_atomically(mount / "study.db", b"SQLite format 3\x00")
@@ -151,8 +151,8 @@ def test_files_pass_through_to_the_backing_folder(drive: FuseDrive) -> None:
     assert os.listdir(backing / "trials") == []
 
 
-def test_rename_replaces_a_file_atomically(drive: FuseDrive) -> None:
-    target = drive.mount_point / "study.db"
+def test_rename_replaces_a_file_atomically(mounted: FuseDrive) -> None:
+    target = mounted.mount_point / "study.db"
     write_atomically(target, bytes([0]) * 65536)
     seen: list[bytes] = []
     problems: list[str] = []
@@ -160,7 +160,7 @@ def test_rename_replaces_a_file_atomically(drive: FuseDrive) -> None:
 
     def read_while_replaced() -> None:
         while not done.is_set():
-            if "study.db" not in os.listdir(drive.mount_point):
+            if "study.db" not in os.listdir(mounted.mount_point):
                 problems.append("study.db missing from the listing")
                 return
             try:
@@ -187,52 +187,52 @@ def test_rename_replaces_a_file_atomically(drive: FuseDrive) -> None:
     assert problems == []
     assert seen
     assert target.read_bytes() == bytes([30]) * 65536
-    assert os.listdir(drive.backing_dir) == ["study.db"]
+    assert os.listdir(mounted.backing_dir) == ["study.db"]
 
 
-def test_latency_s_is_charged_once_per_file_committed(drive: FuseDrive) -> None:
-    set_faults(drive, FaultPlan(latency_s=0.3))
+def test_latency_s_is_charged_once_per_file_committed(mounted: FuseDrive) -> None:
+    set_faults(mounted, FaultPlan(latency_s=0.3))
     started = time.monotonic()
-    write_atomically(drive.mount_point / "study.db", b"x" * 10000)
+    write_atomically(mounted.mount_point / "study.db", b"x" * 10000)
     assert time.monotonic() - started >= 0.3
-    assert drive.stats()["commits"] == 1  # the fsync, not the close or the rename too
+    assert mounted.stats()["commits"] == 1  # the fsync, not the close or the rename too
 
-    set_faults(drive, FaultPlan())
-    with open(drive.mount_point / "notes.txt", "wb") as file:  # no fsync: charged on close
+    set_faults(mounted, FaultPlan())
+    with open(mounted.mount_point / "notes.txt", "wb") as file:  # no fsync: charged on close
         file.write(b"notes")
-    assert drive.stats()["commits"] == 2
+    assert mounted.stats()["commits"] == 2
 
 
-def test_enospc_fails_writes_and_reports_no_free_space(drive: FuseDrive) -> None:
-    set_faults(drive, FaultPlan(enospc=True))
-    fd = os.open(drive.mount_point / "study.db", os.O_WRONLY | os.O_CREAT, 0o644)
+def test_enospc_fails_writes_and_reports_no_free_space(mounted: FuseDrive) -> None:
+    set_faults(mounted, FaultPlan(enospc=True))
+    fd = os.open(mounted.mount_point / "study.db", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         with pytest.raises(OSError, match=os.strerror(errno.ENOSPC)) as raised:
             os.write(fd, b"x" * 4096)
     finally:
         os.close(fd)
     assert raised.value.errno == errno.ENOSPC
-    assert os.statvfs(drive.mount_point).f_bavail == 0
+    assert os.statvfs(mounted.mount_point).f_bavail == 0
 
 
-def test_disconnected_fails_every_operation_until_it_reconnects(drive: FuseDrive) -> None:
-    set_faults(drive, FaultPlan(disconnected=True))
+def test_disconnected_fails_every_operation_until_it_reconnects(mounted: FuseDrive) -> None:
+    set_faults(mounted, FaultPlan(disconnected=True))
     not_connected = os.strerror(errno.ENOTCONN)
     with pytest.raises(OSError, match=not_connected) as raised:
-        (drive.mount_point / "study.db").write_bytes(b"x")
+        (mounted.mount_point / "study.db").write_bytes(b"x")
     assert raised.value.errno == errno.ENOTCONN
     with pytest.raises(OSError, match=not_connected) as raised:
-        os.listdir(drive.mount_point)
+        os.listdir(mounted.mount_point)
     assert raised.value.errno == errno.ENOTCONN
 
-    set_faults(drive, FaultPlan())
-    (drive.mount_point / "study.db").write_bytes(b"x")
-    assert os.listdir(drive.mount_point) == ["study.db"]
+    set_faults(mounted, FaultPlan())
+    (mounted.mount_point / "study.db").write_bytes(b"x")
+    assert os.listdir(mounted.mount_point) == ["study.db"]
 
 
-def test_fail_every_kth_write_fails_that_write_with_eio(drive: FuseDrive) -> None:
-    set_faults(drive, FaultPlan(fail_every_kth_write=3))
-    fd = os.open(drive.mount_point / "study.db", os.O_WRONLY | os.O_CREAT, 0o644)
+def test_fail_every_kth_write_fails_that_write_with_eio(mounted: FuseDrive) -> None:
+    set_faults(mounted, FaultPlan(fail_every_kth_write=3))
+    fd = os.open(mounted.mount_point / "study.db", os.O_WRONLY | os.O_CREAT, 0o644)
     outcomes = []
     try:
         for _ in range(6):
@@ -246,15 +246,15 @@ def test_fail_every_kth_write_fails_that_write_with_eio(drive: FuseDrive) -> Non
     assert outcomes == ["ok", "ok", "EIO", "ok", "ok", "EIO"]
 
 
-def test_stats_count_bytes_written(drive: FuseDrive) -> None:
-    before = drive.stats()
-    fd = os.open(drive.mount_point / "study.db", os.O_WRONLY | os.O_CREAT, 0o644)
+def test_stats_count_bytes_written(mounted: FuseDrive) -> None:
+    before = mounted.stats()
+    fd = os.open(mounted.mount_point / "study.db", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         for size in (100_000, 28_000, 5):
             assert os.write(fd, b"x" * size) == size
     finally:
         os.close(fd)
-    after = drive.stats()
+    after = mounted.stats()
     assert after["bytes_written"] - before["bytes_written"] == 128_005
     # The kernel may split one write(): here the write starting mid-page.
     assert after["writes"] - before["writes"] >= 3
@@ -262,18 +262,18 @@ def test_stats_count_bytes_written(drive: FuseDrive) -> None:
     assert after["blocked"] == 0
 
 
-def test_hung_writer_resumes_when_the_hang_clears(drive: FuseDrive) -> None:
-    set_faults(drive, FaultPlan(hang=True))
-    writer = start_writer(drive.mount_point / "study.db")
+def test_hung_writer_resumes_when_the_hang_clears(mounted: FuseDrive) -> None:
+    set_faults(mounted, FaultPlan(hang=True))
+    writer = start_writer(mounted.mount_point / "study.db")
     try:
-        wait_until(lambda: drive.stats()["blocked"] >= 1, "blocked in the daemon")
+        wait_until(lambda: mounted.stats()["blocked"] >= 1, "blocked in the daemon")
         assert writer.poll() is None
-        set_faults(drive, FaultPlan())
+        set_faults(mounted, FaultPlan())
         assert writer.wait(timeout=10) == 0
     finally:
         writer.kill()
         writer.wait()
-    assert (drive.backing_dir / "study.db").read_bytes() == b"x" * 4096
+    assert (mounted.backing_dir / "study.db").read_bytes() == b"x" * 4096
 
 
 def test_hung_writer_survives_sigkill_in_state_d_until_the_drive_goes(tmp_path: Path) -> None:

@@ -432,6 +432,11 @@ def backup_hpo_study_to_drive(
     for target, is_directory in targets:
         job = backup_job(backup_to_drive, None, final=target == database)
         worker.submit(target, job, is_directory=is_directory)
+    logger.info(
+        "Waiting %s for the backup of %s to reach Drive.",
+        "without a time limit" if timeout is None else f"up to {timeout:g} s",
+        found,
+    )
     flush = worker.flush(timeout)
     wanted = {target for target, _ in targets}
     reports = tuple(report for report in flush.targets if report.target in wanted)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import TextIO
 
-from sweepsafe.cli._common import copy_store, kind_of, report_copy
+from sweepsafe.cli._common import (
+    add_drive_timeout_option,
+    check_timeout,
+    copy_store,
+    kind_of,
+    report_copy,
+)
 from sweepsafe.cli._errors import CommandError
 
 __all__ = ["register"]
@@ -30,6 +36,7 @@ def register(
         action="store_true",
         help="take the study over from another runtime that still holds its lease",
     )
+    add_drive_timeout_option(backup)
     backup.set_defaults(command_function=backup_command)
 
 
@@ -37,7 +44,7 @@ def backup_command(args: argparse.Namespace, out: TextIO) -> int:
     """Copy one file or folder to Drive and wait for it; 1 if the copy failed."""
     store, path = copy_store(args)
     with store:
-        kind = kind_of(path)
+        kind = kind_of(path, check_timeout(args))
         if kind == "missing":
             raise CommandError(f"{path} does not exist, so there is nothing to back up")
         if kind == "other":

@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 from sweepsafe._blocking import run_blocking
 from sweepsafe.cli._errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNSOUND, CommandError
@@ -22,20 +23,30 @@ from sweepsafe.paths import COLAB_DRIVE_MOUNT, configured_drive_roots, is_within
 
 __all__ = [
     "DRIVE_CHECK_TIMEOUT_S",
+    "DRIVE_READ_TIMEOUT_S",
+    "add_drive_timeout_option",
     "add_progress_options",
+    "ask_drive",
     "check_drive_dir",
+    "check_timeout",
     "copy_store",
     "kind_of",
     "local_folder",
     "non_negative_float",
     "positive_float",
     "positive_int",
+    "read_timeout",
     "report_copy",
     "show_progress",
+    "stalled",
 ]
 
+T = TypeVar("T")
+
 DRIVE_CHECK_TIMEOUT_S = 30.0
-"""How long a command waits for Drive to say whether a folder is there."""
+"""How long a command waits for Drive to say whether a folder is there (``--drive-timeout``)."""
+DRIVE_READ_TIMEOUT_S = 120.0
+"""How long a command waits for Drive to read or copy one file (``--drive-timeout``)."""
 
 
 def positive_int(text: str) -> int:
@@ -83,6 +94,56 @@ def add_progress_options(command: argparse.ArgumentParser) -> None:
     )
 
 
+def add_drive_timeout_option(command: argparse.ArgumentParser) -> None:
+    """``--drive-timeout S``: the deadline of every request the command makes of Drive."""
+    command.add_argument(
+        "--drive-timeout",
+        type=positive_float,
+        metavar="S",
+        help="give up on Google Drive when one request takes more than S seconds "
+        f"(default: {DRIVE_CHECK_TIMEOUT_S:g} to look at a folder, "
+        f"{DRIVE_READ_TIMEOUT_S:g} to read or copy a file)",
+    )
+
+
+def check_timeout(args: argparse.Namespace) -> float:
+    """The deadline of a quick look at Drive: is this folder there?"""
+    given: float | None = getattr(args, "drive_timeout", None)
+    return DRIVE_CHECK_TIMEOUT_S if given is None else given
+
+
+def read_timeout(args: argparse.Namespace) -> float:
+    """The deadline of reading or copying one file on Drive."""
+    given: float | None = getattr(args, "drive_timeout", None)
+    return DRIVE_READ_TIMEOUT_S if given is None else given
+
+
+def stalled(path: Path, action: str, timeout: float) -> str:
+    """The sentence for a Drive that did not answer: what, where, and to remount."""
+    return (
+        f"Google Drive did not answer within {timeout:g} s while {action} {path}; the mount "
+        "may be stalled. Remount it (on Colab: drive.mount('/content/drive', "
+        "force_remount=True)) and run again."
+    )
+
+
+def ask_drive(path: Path, action: str, timeout: float, call: Callable[[], Awaitable[T]]) -> T:
+    """Run one look at ``path`` through a helper with its deadline; blocking.
+
+    Raises:
+        DriveNotMountedError: the mount did not answer in time, or failed.
+    """
+    try:
+        return run_blocking(call)
+    except DriveTimeout:
+        raise DriveNotMountedError(stalled(path, action, timeout)) from None
+    except OSError as exc:
+        raise DriveNotMountedError(
+            f"{path} cannot be read ({exc.strerror or exc}); if it is on Google Drive, check "
+            "that Drive is mounted (remount it if it stopped answering)."
+        ) from None
+
+
 def show_progress(args: argparse.Namespace) -> bool:
     """Whether to draw the progress bar."""
     return bool(args.progress) if args.progress is not None else sys.stderr.isatty()
@@ -92,23 +153,14 @@ def kind_of(path: Path, timeout: float = DRIVE_CHECK_TIMEOUT_S) -> str:
     """``dir``, ``file``, ``other`` or ``missing``, asked of a helper with a deadline.
 
     Raises:
-        DriveNotMountedError: the mount did not answer in time.
+        DriveNotMountedError: the mount did not answer in time, or failed.
     """
-    try:
-        return run_blocking(lambda: path_kind(path, timeout=timeout))
-    except DriveTimeout:
-        raise DriveNotMountedError(
-            f"Google Drive did not answer within {timeout:g} s while looking at {path}; the "
-            "mount may be stalled. Remount it (on Colab: drive.mount('/content/drive', "
-            "force_remount=True)) and run again."
-        ) from None
-    except OSError as exc:
-        raise DriveNotMountedError(
-            f"{path} cannot be read ({exc.strerror or exc}); check that Google Drive is mounted."
-        ) from None
+    return ask_drive(path, "looking at", timeout, lambda: path_kind(path, timeout=timeout))
 
 
-def check_drive_dir(drive_dir: Path, local_dir: Path, *, local_option: str) -> None:
+def check_drive_dir(
+    drive_dir: Path, local_dir: Path, *, local_option: str, timeout: float = DRIVE_CHECK_TIMEOUT_S
+) -> None:
     """Refuse a Drive folder that cannot work before anything is written.
 
     Raises:
@@ -124,7 +176,7 @@ def check_drive_dir(drive_dir: Path, local_dir: Path, *, local_option: str) -> N
     for root in configured_drive_roots():
         if is_within(drive_dir, root):
             mounted = Path(root) / "MyDrive" if root == COLAB_DRIVE_MOUNT else Path(root)
-            if kind_of(mounted) != "dir":
+            if kind_of(mounted, timeout) != "dir":
                 how = (
                     "in Colab run `from google.colab import drive; drive.mount('/content/drive')`"
                     if root == COLAB_DRIVE_MOUNT
@@ -134,7 +186,7 @@ def check_drive_dir(drive_dir: Path, local_dir: Path, *, local_option: str) -> N
                     f"Google Drive is not mounted: {mounted} is not a folder; {how}"
                 )
             break
-    if kind_of(drive_dir.parent) != "dir":
+    if kind_of(drive_dir.parent, timeout) != "dir":
         raise CommandError(
             f"{drive_dir.parent} (the parent of the Drive folder) does not exist; create it, "
             "or check that Drive is mounted",
@@ -164,13 +216,15 @@ def copy_store(args: argparse.Namespace) -> tuple[DriveStore, Path]:
     local_root = local_folder(args.local_root, "--local-root")
     drive_root = Path(os.path.abspath(args.drive_root))
     path = Path(os.path.abspath(args.path))
-    check_drive_dir(drive_root, local_root, local_option="--local-root")
+    check_drive_dir(
+        drive_root, local_root, local_option="--local-root", timeout=check_timeout(args)
+    )
     if not is_within(path, local_root):
         raise CommandError(
             f"conflicting options: {path} is not inside --local-root {local_root}; give a "
             "path under it"
         )
-    return DriveStore(local_root, drive_root), path
+    return DriveStore(local_root, drive_root, drive_timeout=read_timeout(args)), path
 
 
 def report_copy(verb: str, result: BackupResult, out: TextIO) -> int:

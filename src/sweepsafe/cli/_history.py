@@ -8,11 +8,16 @@ import os
 from pathlib import Path
 from typing import TextIO
 
-from sweepsafe._blocking import run_blocking
-from sweepsafe.cli._common import DRIVE_CHECK_TIMEOUT_S, kind_of
+from sweepsafe.cli._common import (
+    add_drive_timeout_option,
+    ask_drive,
+    check_timeout,
+    kind_of,
+    read_timeout,
+)
 from sweepsafe.cli._errors import EXIT_BAD_INPUT, EXIT_OK, CommandError
 from sweepsafe.cli._status import human_size, iso_time
-from sweepsafe.drive._helper_client import DriveTimeout, HelperPool
+from sweepsafe.drive._helper_client import HelperPool
 from sweepsafe.drive._reading import generations_of
 
 __all__ = ["register"]
@@ -34,24 +39,24 @@ def register(
     )
     history.add_argument("path", metavar="DIR", help="a study folder on Drive, or its study.db")
     history.add_argument("--json", action="store_true", help="print JSON")
+    add_drive_timeout_option(history)
     history.set_defaults(command_function=history_command)
 
 
 def history_command(args: argparse.Namespace, out: TextIO) -> int:
     """Print the generations of one study's database; 2 if there are none."""
     target = Path(os.path.abspath(args.path))
-    if kind_of(target) == "dir":
+    if kind_of(target, check_timeout(args)) == "dir":
         target = target / STUDY_DB_NAME
+    timeout = read_timeout(args)
     pool = HelperPool()
     try:
-        generations = run_blocking(
-            lambda: generations_of(pool, target, max(DRIVE_CHECK_TIMEOUT_S, 60.0))
+        generations = ask_drive(
+            target,
+            "listing the history of",
+            timeout,
+            lambda: generations_of(pool, target, timeout),
         )
-    except DriveTimeout as exc:
-        raise CommandError(
-            f"Google Drive did not answer within {exc.timeout:g} s while listing the history "
-            f"of {target}; the mount may be stalled"
-        ) from None
     finally:
         pool.close()
     if not generations:

@@ -78,7 +78,10 @@ def _fail(
     *,
     always_trace: bool = False,
 ) -> int:
-    if verbose and (always_trace or exc.__cause__ is not None or exc.__context__ is not None):
+    caused = exc.__cause__ is not None or (
+        exc.__context__ is not None and not exc.__suppress_context__
+    )
+    if verbose and (always_trace or caused):
         traceback.print_exception(exc, file=sys.stderr)
     # One line, whatever the message holds.
     text = " ".join(message.split())

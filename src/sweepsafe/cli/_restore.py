@@ -6,7 +6,13 @@ import argparse
 from datetime import datetime
 from typing import TextIO
 
-from sweepsafe.cli._common import copy_store, kind_of, report_copy
+from sweepsafe.cli._common import (
+    add_drive_timeout_option,
+    check_timeout,
+    copy_store,
+    kind_of,
+    report_copy,
+)
 from sweepsafe.cli._errors import EXIT_BAD_INPUT, CommandError
 
 __all__ = ["register"]
@@ -38,6 +44,7 @@ def register(
         metavar="TIME",
         help="the newest generation published before TIME (ISO 8601, e.g. 2026-11-29T14:00)",
     )
+    add_drive_timeout_option(restore)
     restore.set_defaults(command_function=restore_command)
 
 
@@ -54,7 +61,7 @@ def restore_command(args: argparse.Namespace, out: TextIO) -> int:
     """Copy the Drive copy of one file, folder or database back; 1 if nothing was restored."""
     store, path = copy_store(args)
     with store:
-        kind = kind_of(store.drive_path_for(path))
+        kind = kind_of(store.drive_path_for(path), check_timeout(args))
         result = store.restore(
             path, is_directory=kind == "dir", generation=args.generation, before=args.before
         )

@@ -11,15 +11,18 @@ from typing import TYPE_CHECKING, TextIO
 
 import optuna
 
-from sweepsafe.backup import BackupProgress
+from sweepsafe.backup import TRIALS_DIR_NAME, BackupProgress, trial_folder_name
 from sweepsafe.cli._common import (
+    add_drive_timeout_option,
     add_progress_options,
     check_drive_dir,
+    check_timeout,
     kind_of,
     local_folder,
     non_negative_float,
     positive_float,
     positive_int,
+    read_timeout,
     show_progress,
 )
 from sweepsafe.cli._errors import (
@@ -35,7 +38,7 @@ from sweepsafe.drive import DriveStore
 from sweepsafe.errors import LeaseHeldError, StudyConflictError, SweepsafeError
 from sweepsafe.paths import COLAB_DRIVE_MOUNT
 from sweepsafe.sweep import SweepResult, run_sweep, study_dir_for
-from sweepsafe.worker import BackupWorker
+from sweepsafe.worker import BackupWorker, FlushReport
 
 if TYPE_CHECKING:
     from optuna.pruners import BasePruner
@@ -49,9 +52,10 @@ STUDY_DIR_ENV = "SWEEPSAFE_STUDY_DIR"
 
 _SAMPLERS = ("tpe", "random", "nsga2", "cmaes", "qmc")
 _PRUNERS = ("median", "hyperband", "successive-halving", "none")
-# After the final flush, the worker is closed with this: what is still in flight is cut
-# short (its helpers abandoned), so the exit fits in the flush timeout plus a second.
-_CLOSE_AFTER_FLUSH_S = 0.5
+# The final flush has waited as long as it was allowed to: closing the worker waits no
+# more, it cuts short what is still in flight (abandoning its helpers), so the exit fits
+# in the flush timeout plus a second.
+_CLOSE_AFTER_FLUSH_S = 0.0
 
 
 def register(
@@ -114,20 +118,18 @@ def register(
         default=16,
         help="files copied to Drive at once (default 16)",
     )
-    run.add_argument(
-        "--drive-timeout",
-        type=positive_float,
-        default=120.0,
-        help="seconds one Drive operation may take before it is abandoned (default 120)",
-    )
+    add_drive_timeout_option(run)
     add_progress_options(run)
     run.set_defaults(command_function=run_command)
 
 
 def _store_for_run(output_dir: Path, args: argparse.Namespace) -> DriveStore:
-    options = {"file_concurrency": args.file_concurrency, "drive_timeout": args.drive_timeout}
+    options = {"file_concurrency": args.file_concurrency, "drive_timeout": read_timeout(args)}
     if args.drive_dir is None:
-        if kind_of(Path(COLAB_DRIVE_MOUNT) / "MyDrive") == "dir" or _on_colab():
+        if (
+            kind_of(Path(COLAB_DRIVE_MOUNT) / "MyDrive", check_timeout(args)) == "dir"
+            or _on_colab()
+        ):
             # /content/drive/MyDrive/sweepsafe, or a clear "Drive is not mounted".
             return DriveStore.for_colab(output_dir, COLAB_DEFAULT_SUBDIR, **options)
         raise CommandError(
@@ -135,7 +137,7 @@ def _store_for_run(output_dir: Path, args: argparse.Namespace) -> DriveStore:
             f"{COLAB_DRIVE_MOUNT}/MyDrive/{COLAB_DEFAULT_SUBDIR}); or run with --no-backup"
         )
     drive = Path(os.path.abspath(args.drive_dir))
-    check_drive_dir(drive, output_dir, local_option="--output-dir")
+    check_drive_dir(drive, output_dir, local_option="--output-dir", timeout=check_timeout(args))
     return DriveStore(output_dir, drive, **options)
 
 
@@ -197,6 +199,7 @@ def run_command(args: argparse.Namespace, out: TextIO) -> int:
     sweep_logger = logging.getLogger("sweepsafe.sweep")
     sweep_logger.addFilter(report_filter)
     result: SweepResult | None = None
+    final: FlushReport | None = None
     started = time.monotonic()
     try:
         result = run_sweep(
@@ -231,10 +234,10 @@ def run_command(args: argparse.Namespace, out: TextIO) -> int:
         report = None if result is None else result.backup_report
         bar.finish(drive_complete=None if report is None else report.ok)
         if worker is not None:
-            worker.close(timeout=_CLOSE_AFTER_FLUSH_S)
+            final = worker.close(timeout=_CLOSE_AFTER_FLUSH_S)
         if store is not None:
             store.close()
-    _print_run_summary(result, out, time.monotonic() - started)
+    _print_run_summary(result, out, time.monotonic() - started, final)
     return EXIT_OK if result.backup_ok else EXIT_UNSOUND
 
 
@@ -253,10 +256,12 @@ def _interrupted(worker: BackupWorker | None) -> str:
     )
 
 
-def _print_run_summary(result: SweepResult, out: TextIO, duration_s: float) -> None:
+def _print_run_summary(
+    result: SweepResult, out: TextIO, duration_s: float, final: FlushReport | None
+) -> None:
     study = result.study
     finished = [
-        t for t in study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED")
+        t.number for t in study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED")
     ]
     origin = ""
     if result.resumed_trials:
@@ -269,5 +274,35 @@ def _print_run_summary(result: SweepResult, out: TextIO, duration_s: float) -> N
             out.write(f"  best value {study.best_value:.6g} with {study.best_params}\n")
         except ValueError:
             out.write("  no completed trial yet\n")
-    if result.backup_report is not None:
-        out.write(f"{result.backup_report}\n")
+    report = result.backup_report
+    if report is None:
+        return
+    out.write(f"{report}\n")
+    if not report.ok and not report.missing_files and final is not None:
+        out.write(_trial_files_line(result.study_dir, finished, final))
+
+
+def _trial_files_line(study_dir: Path, finished: list[int], final: FlushReport) -> str:
+    """How many finished trials of this run have files not known to be on Drive.
+
+    A trial's files are on Drive once its own folder copy succeeded, or once the final
+    copy of the whole ``trials/`` folder did.
+    """
+    trials = study_dir / TRIALS_DIR_NAME
+    folders = {r.target.name: r for r in final.targets if r.target.parent == trials}
+    whole = next((r for r in final.targets if r.target == trials), None)
+    ran = [number for number in finished if trial_folder_name(number) in folders]
+    lacking = (
+        []
+        if whole is not None and whole.ok
+        else [n for n in ran if not folders[trial_folder_name(n)].ok]
+    )
+    if not ran:
+        return ""
+    if not lacking:
+        return f"  The files of all {len(ran)} finished trials of this run reached Drive.\n"
+    numbers = ", ".join(str(n) for n in lacking[:10]) + (", ..." if len(lacking) > 10 else "")
+    return (
+        f"  {len(lacking)} of the {len(ran)} finished trials of this run lack files on Drive "
+        f"(trials {numbers}): their copies did not finish.\n"
+    )

@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from sweepsafe._blocking import run_blocking
-from sweepsafe.cli._common import DRIVE_CHECK_TIMEOUT_S, kind_of
+from sweepsafe.cli._common import (
+    DRIVE_READ_TIMEOUT_S,
+    add_drive_timeout_option,
+    ask_drive,
+    check_timeout,
+    kind_of,
+    read_timeout,
+    stalled,
+)
 from sweepsafe.cli._errors import EXIT_OK, EXIT_UNSOUND, CommandError
 from sweepsafe.drive import VerifyResult, check_database, folder_entries
 from sweepsafe.drive._helper_client import DriveTimeout
@@ -25,7 +33,6 @@ __all__ = ["as_json", "check", "check_word", "human_size", "iso_time", "register
 
 STUDY_DB_NAME = "study.db"
 _STATE_COLUMNS = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
-_READ_TIMEOUT_S = 120.0
 NOT_SQLITE = "is not an SQLite database (it does not start with the SQLite header)"
 
 
@@ -42,20 +49,16 @@ def register(
     )
     status.add_argument("directory", metavar="DIR", help="an output or Drive folder, or a file")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_drive_timeout_option(status)
     status.set_defaults(command_function=status_command)
 
 
-def check(database: Path) -> VerifyResult:
+def check(database: Path, timeout: float = DRIVE_READ_TIMEOUT_S) -> VerifyResult:
     """Read one database through a helper, with a deadline."""
     try:
-        return run_blocking(lambda: check_database(database, timeout=_READ_TIMEOUT_S))
-    except DriveTimeout as exc:
-        return VerifyResult(
-            path=database,
-            exists=True,
-            error=f"{database} could not be read within "
-            f"{exc.timeout:g} s; if it is on Google Drive, the mount may be stalled",
-        )
+        return run_blocking(lambda: check_database(database, timeout=timeout))
+    except DriveTimeout:
+        return VerifyResult(path=database, exists=True, error=stalled(database, "reading", timeout))
 
 
 def check_word(result: VerifyResult) -> str:
@@ -104,18 +107,20 @@ def as_json(result: VerifyResult) -> dict[str, Any]:
     }
 
 
-def find_databases(root: Path) -> list[Path]:
+def find_databases(root: Path, timeout: float) -> list[Path]:
     """The databases ``status`` reports for ``root``: a file, or study folders under it.
 
     Raises:
         CommandError: ``root`` does not exist, or holds no study folder.
     """
-    kind = kind_of(root)
+    kind = kind_of(root, timeout)
     if kind == "missing":
         raise CommandError(f"{root} does not exist")
     if kind != "dir":
         return [root]
-    entries = run_blocking(lambda: folder_entries(root, timeout=DRIVE_CHECK_TIMEOUT_S)) or []
+    entries = (
+        ask_drive(root, "listing", timeout, lambda: folder_entries(root, timeout=timeout)) or []
+    )
     found = [root / STUDY_DB_NAME] if (STUDY_DB_NAME, "file") in entries else []
     found.extend(
         root / name / STUDY_DB_NAME
@@ -134,7 +139,8 @@ def find_databases(root: Path) -> list[Path]:
 def status_command(args: argparse.Namespace, out: TextIO) -> int:
     """Print every database under ``DIR`` as a table (or JSON); 1 if any is unsound."""
     base = Path(os.path.abspath(args.directory))
-    results = [check(path) for path in find_databases(base)]
+    timeout = read_timeout(args)
+    results = [check(path, timeout) for path in find_databases(base, check_timeout(args))]
     results = [r for r in results if r.exists or r.error is not None]
     if args.json:
         json.dump({"root": str(base), "databases": [as_json(r) for r in results]}, out, indent=2)

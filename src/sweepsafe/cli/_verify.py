@@ -8,7 +8,12 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from sweepsafe.cli._common import kind_of
+from sweepsafe.cli._common import (
+    add_drive_timeout_option,
+    check_timeout,
+    kind_of,
+    read_timeout,
+)
 from sweepsafe.cli._errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNSOUND, CommandError
 from sweepsafe.cli._status import NOT_SQLITE, as_json, check, human_size, iso_time, sound
 
@@ -33,6 +38,7 @@ def register(
     )
     verify.add_argument("path", metavar="PATH", help="a study.db, or a folder holding one")
     verify.add_argument("--json", action="store_true", help="print JSON")
+    add_drive_timeout_option(verify)
     verify.set_defaults(command_function=verify_command)
 
 
@@ -44,9 +50,9 @@ def verify_command(args: argparse.Namespace, out: TextIO) -> int:
             not complete (status 1, after the JSON when ``--json``).
     """
     target = Path(os.path.abspath(args.path))
-    if kind_of(target) == "dir":
+    if kind_of(target, check_timeout(args)) == "dir":
         target = target / STUDY_DB_NAME
-    result = check(target)
+    result = check(target, read_timeout(args))
     if not result.exists and result.error is None:
         raise CommandError(f"{target} does not exist", EXIT_BAD_INPUT)
     if args.json:

@@ -476,9 +476,10 @@ class HelperPool:
 
     def _give_back(self, helper: DriveHelper) -> None:
         if helper.broken:
-            logger.warning(
+            # Only a detail: whoever was waiting for it reports the failure in its own words.
+            logger.info(
                 "Abandoned a Drive helper process (pid %d) that missed its deadline or was "
-                "interrupted mid-request; the next copy uses a fresh one",
+                "interrupted mid-request; it exits once the Drive mount answers",
                 helper.process.pid,
             )
             helper.end(kill=True)

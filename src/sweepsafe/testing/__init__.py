@@ -11,6 +11,9 @@ a sweep runs:
   Needs ``/dev/fuse``, Debian's ``fuse3`` and ``libfuse2``, and ``fusepy``
   (see :func:`fuse_unavailable_reason`).
 
+:func:`reset_default_worker` closes and forgets the process-wide backup worker, for an
+autouse fixture, so that no test inherits another's worker.
+
 Example:
     >>> plan = tmp_path / "plan.json"  # doctest: +SKIP
     >>> FaultPlan(latency_s=0.5).write(plan)  # doctest: +SKIP
@@ -22,5 +25,13 @@ from __future__ import annotations
 
 from sweepsafe.testing._fuse import FuseDrive, fuse_unavailable_reason
 from sweepsafe.testing._simulated import FaultPlan, helper_argv, simulated_store
+from sweepsafe.worker._worker import reset_default_worker
 
-__all__ = ["FaultPlan", "FuseDrive", "fuse_unavailable_reason", "helper_argv", "simulated_store"]
+__all__ = [
+    "FaultPlan",
+    "FuseDrive",
+    "fuse_unavailable_reason",
+    "helper_argv",
+    "reset_default_worker",
+    "simulated_store",
+]

@@ -303,6 +303,21 @@ def set_exit_timeout(seconds: float) -> None:
     _exit_timeout_s = seconds
 
 
+def reset_default_worker(timeout: float = 0.0) -> FlushReport | None:
+    """Close the process-wide worker (waiting at most ``timeout``), forget it, and set the
+    exit timeout back to 30 s: the next :func:`get_default_worker` makes a new one.
+
+    For tests (``sweepsafe.testing.reset_default_worker``): global state left by one
+    test must not leak into the next. Returns the closing report, None if there was no
+    worker.
+    """
+    global _default_worker, _exit_timeout_s
+    with _default_lock:
+        worker, _default_worker = _default_worker, None
+        _exit_timeout_s = 30.0
+    return None if worker is None else worker.close(timeout)
+
+
 def _close_default_worker_at_exit() -> None:
     with _default_lock:
         worker = _default_worker
