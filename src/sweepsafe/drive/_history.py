@@ -420,6 +420,38 @@ def _create_empty(path: Path) -> None:
     os.close(fd)
 
 
+_AGE_TIERS = (3600.0, 86400.0, 7 * 86400.0)
+"""Ages at which a kept base survives thinning: about an hour, a day and a week old."""
+
+
+def bases_to_keep(bases: list[tuple[int, float]], *, keep: int, now: float) -> set[int]:
+    """Which of the ``(number, created)`` bases to keep, at most ``keep`` of them.
+
+    First the newest; then, for each of an hour, a day and a week, the newest base older
+    than that and the oldest one younger than it: the latter is kept until it ages past
+    the mark and takes the former's place, so there is always one between that age and
+    about twice it (once the history is that old). The rest of ``keep`` goes to the
+    newest bases.
+    """
+    if not bases:
+        return set()
+    newest_first = sorted(bases, key=lambda base: base[0], reverse=True)
+    picks = [newest_first[0][0]]
+    for age in _AGE_TIERS:
+        older = [number for number, created in newest_first if now - created >= age]
+        younger = [number for number, created in newest_first if now - created < age]
+        if older:
+            picks.append(max(older))
+        if younger:
+            picks.append(min(younger))
+    picks.extend(number for number, _ in newest_first)
+    chosen: list[int] = []
+    for number in picks:
+        if number not in chosen:
+            chosen.append(number)
+    return set(chosen[: max(1, keep)])
+
+
 async def thin_history(
     helper: DriveHelper,
     folder: Path,
@@ -431,8 +463,8 @@ async def thin_history(
 ) -> int:
     """Drop archived bases beyond ``keep``, thinned by age, and what only they served.
 
-    Kept: the newest base, the newest archived ones, and the newest archived one older
-    than an hour, a day and a week, so that a day-old generation survives a long sweep.
+    Kept: the bases :func:`bases_to_keep` picks among the newest base and the archived
+    ones, so that an hour-, a day- and a week-old generation survive a long sweep.
     Records of plain bases since replaced, patches older than the oldest kept base and
     orphaned archives go. Returns how many files were removed.
     """
@@ -445,22 +477,12 @@ async def thin_history(
     if not records:
         return 0
     newest = max(base.number for base, _ in records)
-    usable = sorted(
-        (
-            (base, record)
-            for base, record in records
-            if base.number == newest or (record.where == "archive" and base.archived)
-        ),
-        key=lambda item: item[0].number,
-        reverse=True,
-    )
-    chosen = {base.number for base, _ in usable[: max(1, keep - 3)]}
-    now = clock()
-    for age in (3600.0, 86400.0, 7 * 86400.0):
-        older = [base.number for base, record in usable if now - record.created >= age]
-        if older:
-            chosen.add(max(older))
-    chosen = set(sorted(chosen, reverse=True)[: max(1, keep)])
+    usable = [
+        (base.number, record.created)
+        for base, record in records
+        if base.number == newest or (record.where == "archive" and base.archived)
+    ]
+    chosen = bases_to_keep(usable, keep=keep, now=clock())
     oldest = min(chosen)
     doomed: list[str] = []
     for base, _record in records:
