@@ -30,6 +30,7 @@ from sweepsafe.drive._history import (
 )
 from sweepsafe.drive._local_state import DatabaseRecord
 from sweepsafe.drive._pages import sha256_file
+from sweepsafe.drive._publish import publish_rollback
 from sweepsafe.drive._sqlite import SIDECAR_SUFFIXES, DatabaseContent, SnapshotError, read_content
 
 if TYPE_CHECKING:
@@ -136,7 +137,9 @@ async def restore_database(
                     rebuilt.notes,
                 )
         try:
-            return await _install(unit, rel, database, path, number, tag, notes, chosen)
+            return await _install(
+                unit, rel, database, path, number, tag, notes, chosen, history.head
+            )
         finally:
             await anyio.to_thread.run_sync(remove_quietly, path)
 
@@ -187,6 +190,7 @@ async def _install(
     tag: str,
     notes: tuple[str, ...],
     chosen: bool,
+    head: int,
 ) -> Restored:
     content = await anyio.to_thread.run_sync(_check_candidate, candidate, unit.drive / rel)
     local = await anyio.to_thread.run_sync(_local_content, database)
@@ -211,10 +215,22 @@ async def _install(
             return Restored(
                 generation, 0, local.finished_count, notes=notes, unchanged=True, kept_local=True
             )
+    rollback: int | None = None
+    if chosen and generation is not None and generation < head:
+        # Drive first: killed before the local copy is replaced, the restore can simply
+        # run again; the other way round, the next backup would meet a Drive copy ahead.
+        sha = await anyio.to_thread.run_sync(sha256_file, candidate)
+        rollback = await publish_rollback(unit, rel, candidate, content, sha)
+        notes = (
+            *notes,
+            f"generation {generation} is the newest on Google Drive again, as generation "
+            f"{rollback}; generations {generation + 1} to {head} stay in its history",
+        )
     if chosen and os.path.lexists(database):
         set_aside = await anyio.to_thread.run_sync(_set_aside, database, unit.settings.clock())
     size = await anyio.to_thread.run_sync(_replace_local, candidate, database)
-    await _record(unit, rel, database, content, generation, tag)
+    if rollback is None:
+        await _record(unit, rel, database, content, generation, tag)
     return Restored(generation, size, content.finished_count, set_aside, notes)
 
 
@@ -303,6 +319,8 @@ async def _record(
     tag: str,
 ) -> None:
     """Remember the restored generation as this runtime's parent, to publish patches on it."""
+    # The local database is now one Drive's history holds: a refusal met before is past.
+    unit.conflicts.pop(rel, None)
     if generation is None:
         unit.state.databases.pop(rel, None)
         await unit.state.asave()
