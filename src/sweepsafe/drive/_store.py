@@ -316,6 +316,7 @@ class DriveStore:
     ) -> BackupResult:
         async with self._pool.session() as helper:
             await unit.prepare(helper)
+        await _database_first(unit)
 
         async def publish_inner(database: Path) -> EntryProblem | None:
             result = await self._backup_database(
@@ -666,6 +667,25 @@ async def _adopt_drive_identity(unit: StudyUnit, helper: object) -> None:
         unit.state.unit_id = drive_id
         unit.manifest.reset(drive_id)
         await unit.state.asave()
+
+
+async def _database_first(unit: StudyUnit) -> None:
+    """A study's files go to Drive only where its database may go.
+
+    A study the Drive copy is ahead of (a new one started over it, a stale runtime) must
+    not replace that copy's trial files either, so before this runtime's first copy of
+    a study's files its database is published, which checks it against Drive's.
+
+    Raises:
+        StudyConflictError: Drive holds finished trials the local study lacks.
+    """
+    for _head, _tags, message in list(unit.conflicts.values()):
+        raise StudyConflictError(message)
+    database = unit.local / STUDY_DB_NAME
+    if unit.rel_of(database) in unit.state.databases:
+        return
+    if await anyio.to_thread.run_sync(is_sqlite_file, str(database)):
+        await publish_database(unit, database, final=False)
 
 
 def _folder_result(
