@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import TextIO
 
 from sweepsafe.cli._common import copy_store, kind_of, report_copy
@@ -36,18 +36,23 @@ def register(
         "--before",
         type=_moment,
         metavar="TIME",
-        help="the newest generation published before TIME (ISO 8601, e.g. 2026-11-29T14:00)",
+        help="the newest generation published at or before TIME: ISO 8601 in UTC, as "
+        "sweepsafe history prints it (e.g. 2026-11-29T14:00), or with an offset (+01:00)",
     )
     restore.set_defaults(command_function=restore_command)
 
 
 def _moment(text: str) -> float:
+    """Seconds since the epoch; a time without an offset is UTC, as ``history`` prints."""
     try:
-        return datetime.fromisoformat(text).timestamp()
+        moment = datetime.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a time like 2026-11-29T14:00 or 2026-11-29 14:00:00"
+            f"{text!r} is not a time like 2026-11-29T14:00 or 2026-11-29 14:00:00 (UTC)"
         ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
 
 
 def restore_command(args: argparse.Namespace, out: TextIO) -> int:

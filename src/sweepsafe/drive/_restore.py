@@ -150,11 +150,14 @@ async def _generation_before(
     details: list[GenerationDetails] = await read_details(helper, folder, history, timeout)
     eligible = [d.number for d in details if d.created is not None and d.created <= before]
     if not eligible:
-        raise RestoreRefused(
-            f"no generation on Google Drive is older than "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(before))}"
-        )
+        published = [d.created for d in details if d.created is not None]
+        kept = f" (the oldest kept is from {_utc(min(published))})" if published else ""
+        raise RestoreRefused(f"no generation on Google Drive was published by {_utc(before)}{kept}")
     return max(eligible)
+
+
+def _utc(moment: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(moment))
 
 
 async def _pull_plain(
