@@ -684,8 +684,12 @@ async def _database_first(unit: StudyUnit) -> None:
     database = unit.local / STUDY_DB_NAME
     if unit.rel_of(database) in unit.state.databases:
         return
-    if await anyio.to_thread.run_sync(is_sqlite_file, str(database)):
+    if await anyio.to_thread.run_sync(_is_database, database):
         await publish_database(unit, database, final=False)
+
+
+def _is_database(path: Path) -> bool:
+    return path.is_file() and is_sqlite_file(str(path))
 
 
 def _folder_result(
