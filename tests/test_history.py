@@ -31,6 +31,7 @@ from optuna.trial import Trial, TrialState
 from drive_support import temp_files
 from sweep_support import finished_trials, integrity, private_worker, slow_drive, wait_for
 from sweepsafe.drive import DriveStore
+from sweepsafe.drive._pages import PageDelta, decode_patch, encode_patch
 from sweepsafe.sweep import run_sweep, study_dir_for, trial_dir
 from sweepsafe.testing import FaultPlan, simulated_store
 
@@ -460,6 +461,35 @@ def test_a_broken_chain_restores_the_last_good_generation_and_says_which(
             assert not asked.ok
             assert f"generation {broken}" in (asked.error or "")
             assert len(finished_trials(target)) == finished[good]
+
+
+def test_a_patch_that_does_not_make_its_result_stops_the_chain_before_it(tmp_path: Path) -> None:
+    with five_generations(tmp_path) as (store, _database, folder, finished):
+        # Checksums intact, pages wrong: what a writer bug would leave. The fast path
+        # (patches applied unchecked, the end hashed) must notice and find the culprit.
+        (path,) = folder.glob("00000005-*.patch")
+        good = decode_patch(path.read_bytes())
+        header = good.header
+        pages = tuple((number, bytes(len(page))) for number, page in good.pages)
+        delta = PageDelta(header.page_size, header.page_count, header.result_sha256, pages)
+        path.write_bytes(
+            encode_patch(
+                delta,
+                generation=header.generation,
+                parent_generation=header.parent_generation,
+                parent_sha256=header.parent_sha256,
+                created=header.created,
+                meta=header.meta,
+            )
+        )
+        with drive_copy(store.drive_root, tmp_path / "new-runtime") as fresh:
+            target = fresh.local_root / "study-1" / "study.db"
+            restored = fresh.restore(target)
+            assert restored.ok, restored.error
+            assert restored.generation == 4
+            assert len(finished_trials(target)) == finished[4]
+            assert integrity(target) == "ok"
+            assert any(path.name in n and "stopped at generation 4" in n for n in restored.notes)
 
 
 # -- kills ------------------------------------------------------------------------------------
