@@ -23,7 +23,9 @@ def register(
         description="Copy a file or folder back from Drive. A database is restored only if "
         "it is a sound Optuna study holding every finished trial of the local one; local "
         "files changed since their last backup are kept. --generation and --before bring "
-        "back an older generation of a database (the local one is set aside).",
+        "back an older generation of a database, to undo a bad write: the local database "
+        "is set aside, the generation becomes the newest on Drive again (the later ones "
+        "stay in its history), and the next sweepsafe run or run_sweep goes on from it.",
     )
     restore.add_argument("path", metavar="PATH", help="a local path under --local-root")
     restore.add_argument("--local-root", required=True, help="local folder mirrored on Drive")

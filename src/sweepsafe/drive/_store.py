@@ -370,6 +370,10 @@ class DriveStore:
         A database is restored only if it is a sound Optuna study holding every finished
         trial the local one holds (``generation`` or ``before``, seconds since the epoch,
         pick an older generation on purpose: the local database is then set aside).
+        An older generation brought back becomes Drive's newest again, as a new
+        generation (the later ones stay in the history), so calling this before
+        :func:`~sweepsafe.run_sweep` resumes the sweep from that generation; it needs the
+        study's lease, so no other runtime may be backing the study up.
         A folder's files replace only local files still as last backed up; local files
         changed since are kept and named.
         """
