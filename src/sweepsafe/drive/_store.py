@@ -316,7 +316,7 @@ class DriveStore:
     ) -> BackupResult:
         async with self._pool.session() as helper:
             await unit.prepare(helper)
-        await _database_first(unit)
+        await _database_first(unit, source)
 
         async def publish_inner(database: Path) -> EntryProblem | None:
             result = await self._backup_database(
@@ -673,16 +673,18 @@ async def _adopt_drive_identity(unit: StudyUnit, helper: object) -> None:
         await unit.state.asave()
 
 
-async def _database_first(unit: StudyUnit) -> None:
-    """A study's files go to Drive only where its database may go.
+async def _database_first(unit: StudyUnit, source: Path) -> None:
+    """A study's trial files go to Drive only where its database may go.
 
     A study the Drive copy is ahead of (a new one started over it, a stale runtime) must
     not replace that copy's trial files either, so before this runtime's first copy of
-    a study's files its database is published, which checks it against Drive's.
+    a study's trial files its database is published, which checks it against Drive's.
 
     Raises:
         StudyConflictError: Drive holds finished trials the local study lacks.
     """
+    if not is_within(source, unit.local / Path(unit.settings.trial_folder).parts[0]):
+        return
     for _head, _tags, message in list(unit.conflicts.values()):
         raise StudyConflictError(message)
     database = unit.local / STUDY_DB_NAME
