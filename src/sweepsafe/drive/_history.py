@@ -270,6 +270,8 @@ class Rebuilt:
     meta: Mapping[str, Any]
     notes: tuple[str, ...] = ()
     """What was passed over on the way: a damaged base, a missing or damaged patch."""
+    patched: bool = False
+    """Patches were applied to the base."""
 
 
 async def rebuild(
@@ -294,6 +296,8 @@ async def rebuild(
     """
     history = history if history is not None else await list_history(helper, folder, timeout)
     rebuilt = await _rebuild(helper, folder, plain, scratch, timeout, history, target, False)
+    if not rebuilt.patched:
+        return rebuilt  # the base alone, hashed as it was pulled
     actual = await anyio.to_thread.run_sync(sha256_file, rebuilt.path)
     if actual == rebuilt.sha256:
         return rebuilt
@@ -404,7 +408,7 @@ async def _apply_patches(
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(remove_quietly, work)
         raise
-    return Rebuilt(work, current, tag, sha, meta, tuple(notes))
+    return Rebuilt(work, current, tag, sha, meta, tuple(notes), current > start[0])
 
 
 async def _apply_one(work: Path, patch: Patch, sha: str, verify_each: bool) -> Path:
