@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import TextIO
 
 from sweepsafe.cli._common import (
@@ -29,7 +29,9 @@ def register(
         description="Copy a file or folder back from Drive. A database is restored only if "
         "it is a sound Optuna study holding every finished trial of the local one; local "
         "files changed since their last backup are kept. --generation and --before bring "
-        "back an older generation of a database (the local one is set aside).",
+        "back an older generation of a database, to undo a bad write: the local database "
+        "is set aside, the generation becomes the newest on Drive again (the later ones "
+        "stay in its history), and the next sweepsafe run or run_sweep goes on from it.",
     )
     restore.add_argument("path", metavar="PATH", help="a local path under --local-root")
     restore.add_argument("--local-root", required=True, help="local folder mirrored on Drive")
@@ -42,19 +44,24 @@ def register(
         "--before",
         type=_moment,
         metavar="TIME",
-        help="the newest generation published before TIME (ISO 8601, e.g. 2026-11-29T14:00)",
+        help="the newest generation published at or before TIME: ISO 8601 in UTC, as "
+        "sweepsafe history prints it (e.g. 2026-11-29T14:00), or with an offset (+01:00)",
     )
     add_drive_timeout_option(restore)
     restore.set_defaults(command_function=restore_command)
 
 
 def _moment(text: str) -> float:
+    """Seconds since the epoch; a time without an offset is UTC, as ``history`` prints."""
     try:
-        return datetime.fromisoformat(text).timestamp()
+        moment = datetime.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a time like 2026-11-29T14:00 or 2026-11-29 14:00:00"
+            f"{text!r} is not a time like 2026-11-29T14:00 or 2026-11-29 14:00:00 (UTC)"
         ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
 
 
 def restore_command(args: argparse.Namespace, out: TextIO) -> int:

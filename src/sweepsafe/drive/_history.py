@@ -36,6 +36,7 @@ from sweepsafe.drive._helper_process import STATE_DIR_NAME
 from sweepsafe.drive._pages import (
     Patch,
     PatchError,
+    apply_patch,
     apply_patch_in_place,
     decode_patch,
     read_patch_header,
@@ -269,6 +270,8 @@ class Rebuilt:
     meta: Mapping[str, Any]
     notes: tuple[str, ...] = ()
     """What was passed over on the way: a damaged base, a missing or damaged patch."""
+    patched: bool = False
+    """Patches were applied to the base."""
 
 
 async def rebuild(
@@ -284,50 +287,85 @@ async def rebuild(
     """Rebuild generation ``target`` (default: the newest) into a new file under ``scratch``.
 
     Starts from the newest usable base at or below it; a missing or damaged patch ends
-    the chain at the last good generation (named in ``notes``).
+    the chain at the last good generation (named in ``notes``). The patches are applied
+    in place and the result hashed once at the end; only if it is not what the chain
+    promised is the chain rebuilt again, a patch at a time, to find the last good one.
 
     Raises:
         NoUsableBase: no base at or below ``target`` is whole (the reasons are named).
     """
     history = history if history is not None else await list_history(helper, folder, timeout)
+    rebuilt = await _rebuild(helper, folder, plain, scratch, timeout, history, target, False)
+    if not rebuilt.patched:
+        return rebuilt  # the base alone, hashed as it was pulled
+    actual = await anyio.to_thread.run_sync(sha256_file, rebuilt.path)
+    if actual == rebuilt.sha256:
+        return rebuilt
+    await anyio.to_thread.run_sync(remove_quietly, rebuilt.path)
+    return await _rebuild(helper, folder, plain, scratch, timeout, history, target, True)
+
+
+async def _rebuild(
+    helper: DriveHelper,
+    folder: Path,
+    plain: Path,
+    scratch: Path,
+    timeout: float,
+    history: History,
+    target: int | None,
+    verify_each: bool,
+) -> Rebuilt:
     goal = history.head if target is None else target
     notes: list[str] = []
-    plain_sha: str | None = None
-    for number in sorted((n for n in history.bases if n <= goal), reverse=True):
-        for base in history.bases[number]:
-            record = await _read_record(helper, folder, base, timeout)
-            if record is None:
-                notes.append(f"the record of base generation {number} is unreadable")
-                continue
-            if record.where == "plain":
-                if plain_sha is None:
-                    plain_sha = await _hash_remote(helper, plain, scratch, timeout)
-                if plain_sha != record.sha256:
-                    continue  # the plain copy has moved on to a newer base since
-                source = plain
-            elif base.archived:
-                source = folder / f"{number:08d}-{base.tag}.db"
-            else:
-                continue
-            work = scratch_path(scratch, "rebuild", ".db")
-            sha = await _pull_to(helper, source, work, timeout)
-            if sha != record.sha256:
-                await anyio.to_thread.run_sync(remove_quietly, work)
-                notes.append(f"base generation {number} is damaged on Drive ({source.name})")
-                continue
-            return await _apply_patches(
-                helper,
-                folder,
-                history,
-                work,
-                (number, base.tag, sha, record.meta),
-                goal,
-                notes,
-                timeout,
-            )
+    pulled_plain: tuple[Path, str] | None = None
+    try:
+        for number in sorted((n for n in history.bases if n <= goal), reverse=True):
+            for base in history.bases[number]:
+                record = await _read_record(helper, folder, base, timeout)
+                if record is None:
+                    notes.append(f"the record of base generation {number} is unreadable")
+                    continue
+                if record.where == "plain":
+                    if pulled_plain is None:
+                        pulled_plain = await _pull_plain(helper, plain, scratch, timeout)
+                    if pulled_plain[1] != record.sha256:
+                        continue  # the plain copy has moved on to a newer base since
+                    (work, sha), pulled_plain = pulled_plain, None
+                elif base.archived:
+                    source = folder / f"{number:08d}-{base.tag}.db"
+                    work = scratch_path(scratch, "rebuild", ".db")
+                    sha = await _pull_to(helper, source, work, timeout)
+                    if sha != record.sha256:
+                        await anyio.to_thread.run_sync(remove_quietly, work)
+                        notes.append(
+                            f"base generation {number} is damaged on Drive ({source.name})"
+                        )
+                        continue
+                else:
+                    continue
+                start = (number, base.tag, sha, record.meta)
+                return await _apply_patches(
+                    helper, folder, history, work, start, goal, notes, timeout, verify_each
+                )
+    finally:
+        if pulled_plain is not None:
+            await anyio.to_thread.run_sync(remove_quietly, pulled_plain[0])
     if not notes:
         notes.append("it keeps no base at or below that generation")
     raise NoUsableBase(f"{folder}: " + "; ".join(notes))
+
+
+async def _pull_plain(
+    helper: DriveHelper, plain: Path, scratch: Path, timeout: float
+) -> tuple[Path, str]:
+    """The plain copy pulled into a scratch file, and its SHA-256 ("" when it is missing)."""
+    work = scratch_path(scratch, "plain", ".db")
+    try:
+        return work, await _pull_to(helper, plain, work, timeout)
+    except DriveOSError as exc:
+        if exc.errno == 2:  # ENOENT: no plain copy
+            return work, ""
+        raise
 
 
 async def _apply_patches(
@@ -339,27 +377,57 @@ async def _apply_patches(
     goal: int,
     notes: list[str],
     timeout: float,
+    verify_each: bool,
 ) -> Rebuilt:
     current, tag, sha, meta = start
-    while current < goal:
-        found = await _next_patch(helper, folder, history, current + 1, sha, timeout, notes)
-        if found is None:
-            notes.append(
-                f"generation {current + 1} is missing or damaged on Drive; stopped at "
-                f"generation {current}"
+    try:
+        while current < goal:
+            found = await _next_patch(helper, folder, history, current + 1, sha, timeout, notes)
+            if found is None:
+                notes.append(
+                    f"generation {current + 1} is missing or damaged on Drive; stopped at "
+                    f"generation {current}"
+                )
+                break
+            patch_tag, patch = found
+            try:
+                work = await _apply_one(work, patch, sha, verify_each)
+            except PatchError as exc:
+                notes.append(
+                    f"{current + 1:08d}-{patch_tag}.patch does not make generation "
+                    f"{current + 1} ({exc}); stopped at generation {current}"
+                )
+                break
+            current, tag, sha, meta = (
+                current + 1,
+                patch_tag,
+                patch.header.result_sha256,
+                patch.header.meta,
             )
-            break
-        patch_tag, patch = found
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(remove_quietly, work)
+        raise
+    return Rebuilt(work, current, tag, sha, meta, tuple(notes), current > start[0])
+
+
+async def _apply_one(work: Path, patch: Patch, sha: str, verify_each: bool) -> Path:
+    """Apply ``patch`` to ``work`` (holding ``sha``); the file now holding the result.
+
+    Quick: in place, unchecked (the caller hashes the end of the chain). Checked: into a
+    new file, hashed, so that a patch that does not make its result leaves ``work``
+    whole and the chain can stop there.
+    """
+    if not verify_each:
         await anyio.to_thread.run_sync(
-            functools.partial(apply_patch_in_place, work, patch, current_sha256=sha)
+            functools.partial(apply_patch_in_place, work, patch, current_sha256=sha, verify=False)
         )
-        current, tag, sha, meta = (
-            current + 1,
-            patch_tag,
-            patch.header.result_sha256,
-            patch.header.meta,
-        )
-    return Rebuilt(work, current, tag, sha, meta, tuple(notes))
+        return work
+    out = work.with_name(work.stem + "-next.db")
+    await anyio.to_thread.run_sync(remove_quietly, out)
+    await anyio.to_thread.run_sync(apply_patch, work, patch, out)
+    await anyio.to_thread.run_sync(os.replace, out, work)
+    return work
 
 
 async def _next_patch(
@@ -401,23 +469,42 @@ async def _pull_to(helper: DriveHelper, source: Path, target: Path, timeout: flo
         raise
 
 
-async def _hash_remote(helper: DriveHelper, source: Path, scratch: Path, timeout: float) -> str:
-    """The SHA-256 of a Drive file ("" when it is missing)."""
-    work = scratch_path(scratch, "plain", ".db")
-    try:
-        return await _pull_to(helper, source, work, timeout)
-    except DriveOSError as exc:
-        if exc.errno == 2:  # ENOENT: no plain copy
-            return ""
-        raise
-    finally:
-        await anyio.to_thread.run_sync(remove_quietly, work)
-
-
 def _create_empty(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     os.close(fd)
+
+
+_AGE_TIERS = (3600.0, 86400.0, 7 * 86400.0)
+"""Ages at which a kept base survives thinning: about an hour, a day and a week old."""
+
+
+def bases_to_keep(bases: list[tuple[int, float]], *, keep: int, now: float) -> set[int]:
+    """Which of the ``(number, created)`` bases to keep, at most ``keep`` of them.
+
+    First the newest; then, for each of an hour, a day and a week, the newest base older
+    than that and the oldest one younger than it: the latter is kept until it ages past
+    the mark and takes the former's place, so there is always one between that age and
+    about twice it (once the history is that old). The rest of ``keep`` goes to the
+    newest bases.
+    """
+    if not bases:
+        return set()
+    newest_first = sorted(bases, key=lambda base: base[0], reverse=True)
+    picks = [newest_first[0][0]]
+    for age in _AGE_TIERS:
+        older = [number for number, created in newest_first if now - created >= age]
+        younger = [number for number, created in newest_first if now - created < age]
+        if older:
+            picks.append(max(older))
+        if younger:
+            picks.append(min(younger))
+    picks.extend(number for number, _ in newest_first)
+    chosen: list[int] = []
+    for number in picks:
+        if number not in chosen:
+            chosen.append(number)
+    return set(chosen[: max(1, keep)])
 
 
 async def thin_history(
@@ -431,8 +518,8 @@ async def thin_history(
 ) -> int:
     """Drop archived bases beyond ``keep``, thinned by age, and what only they served.
 
-    Kept: the newest base, the newest archived ones, and the newest archived one older
-    than an hour, a day and a week, so that a day-old generation survives a long sweep.
+    Kept: the bases :func:`bases_to_keep` picks among the newest base and the archived
+    ones, so that an hour-, a day- and a week-old generation survive a long sweep.
     Records of plain bases since replaced, patches older than the oldest kept base and
     orphaned archives go. Returns how many files were removed.
     """
@@ -445,22 +532,12 @@ async def thin_history(
     if not records:
         return 0
     newest = max(base.number for base, _ in records)
-    usable = sorted(
-        (
-            (base, record)
-            for base, record in records
-            if base.number == newest or (record.where == "archive" and base.archived)
-        ),
-        key=lambda item: item[0].number,
-        reverse=True,
-    )
-    chosen = {base.number for base, _ in usable[: max(1, keep - 3)]}
-    now = clock()
-    for age in (3600.0, 86400.0, 7 * 86400.0):
-        older = [base.number for base, record in usable if now - record.created >= age]
-        if older:
-            chosen.add(max(older))
-    chosen = set(sorted(chosen, reverse=True)[: max(1, keep)])
+    usable = [
+        (base.number, record.created)
+        for base, record in records
+        if base.number == newest or (record.where == "archive" and base.archived)
+    ]
+    chosen = bases_to_keep(usable, keep=keep, now=clock())
     oldest = min(chosen)
     doomed: list[str] = []
     for base, _record in records:

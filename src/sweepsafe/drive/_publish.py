@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from sweepsafe.drive._helper_client import DriveHelper
     from sweepsafe.drive._unit import StudyUnit
 
-__all__ = ["Published", "publish_database"]
+__all__ = ["Published", "publish_database", "publish_rollback"]
 
 logger = logging.getLogger("sweepsafe.drive")
 
@@ -389,6 +389,80 @@ async def _remember(
     unit.parent_content[rel] = content
     unit.conflicts.pop(rel, None)
     await unit.state.asave()
+
+
+async def publish_rollback(
+    unit: StudyUnit, rel: str, source: Path, content: DatabaseContent, sha: str
+) -> int:
+    """Make the older generation in ``source`` Drive's newest again; its new number.
+
+    Asked for on purpose (a restore of a chosen generation), so the monotonic rule does
+    not apply: the generations it passes over stay in the history, where a later restore
+    can bring them back. It is written as an archived base that also refreshes the plain
+    copy, so it needs no chain, and the local record follows it, so the next backups are
+    patches on it. Takes the study's lease for the write, and gives it back if this
+    runtime did not hold it before.
+
+    Raises:
+        LeaseHeldError: another runtime is backing the study up.
+        OSError, DriveTimeout: Drive failed.
+    """
+    settings = unit.settings
+    folder = history_dir(unit.drive, rel)
+    held = unit.holds_lease
+    size = (await anyio.to_thread.run_sync(os.stat, source)).st_size
+    tag = this_runtime().id
+    async with settings.pool.session() as helper:
+        await unit.prepare(helper)
+        history = await list_history(helper, folder, settings.timeout)
+        generation = history.head + 1
+        written = await helper.put_file(
+            source,
+            folder / f"{generation:08d}-{tag}.db",
+            settings.timeout,
+            size=size,
+            chunk=COPY_CHUNK,
+        )
+        written += await helper.put_file(
+            source, unit.drive / rel, settings.timeout, size=size, chunk=COPY_CHUNK
+        )
+        record = BaseRecord(generation, sha, size, settings.clock(), "archive", _meta(content, {}))
+        await write_base_record(helper, folder, tag, record, settings.timeout)
+        await thin_history(
+            helper,
+            folder,
+            await list_history(helper, folder, settings.timeout),
+            keep=settings.keep_generations,
+            clock=settings.clock,
+            timeout=settings.timeout,
+        )
+        if not held:
+            await unit.release(helper)
+    shipped = unit.state.shipped_path(rel)
+    await anyio.to_thread.run_sync(_copy_file, source, shipped)
+    now = settings.clock()
+    unit.state.databases[rel] = DatabaseRecord(
+        generation=generation,
+        tag=tag,
+        sha256=sha,
+        shipped_signature=await anyio.to_thread.run_sync(_size_and_mtime, shipped),
+        full_generation=generation,
+        plain_generation=generation,
+        archived_at=now,
+    )
+    unit.parent_content[rel] = content
+    unit.conflicts.pop(rel, None)
+    await unit.state.asave()
+    return generation
+
+
+def _copy_file(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.with_name(target.name + ".part")
+    with open(source, "rb") as reader, open(temp, "wb") as writer:
+        while chunk := reader.read(COPY_CHUNK):
+            writer.write(chunk)
+    os.replace(temp, target)
 
 
 def _keep_as_shipped(snapshot: Path, shipped: Path) -> None:

@@ -10,6 +10,7 @@ the local database is set aside under a name that says so instead of being compa
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from sweepsafe.drive._history import (
 )
 from sweepsafe.drive._local_state import DatabaseRecord
 from sweepsafe.drive._pages import sha256_file
+from sweepsafe.drive._publish import publish_rollback
 from sweepsafe.drive._sqlite import SIDECAR_SUFFIXES, DatabaseContent, SnapshotError, read_content
 
 if TYPE_CHECKING:
@@ -100,7 +102,7 @@ async def restore_database(
                 )
                 if candidate is None:
                     return None
-                path, number, tag = candidate, None, ""
+                path, number, tag, sha = candidate, None, "", None
                 notes: tuple[str, ...] = ()
             else:
                 if generation is not None and generation > history.head:
@@ -135,8 +137,11 @@ async def restore_database(
                     rebuilt.tag,
                     rebuilt.notes,
                 )
+                sha = rebuilt.sha256
         try:
-            return await _install(unit, rel, database, path, number, tag, notes, chosen)
+            return await _install(
+                unit, rel, database, path, (number, tag, sha), notes, chosen, history.head
+            )
         finally:
             await anyio.to_thread.run_sync(remove_quietly, path)
 
@@ -147,11 +152,14 @@ async def _generation_before(
     details: list[GenerationDetails] = await read_details(helper, folder, history, timeout)
     eligible = [d.number for d in details if d.created is not None and d.created <= before]
     if not eligible:
-        raise RestoreRefused(
-            f"no generation on Google Drive is older than "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(before))}"
-        )
+        published = [d.created for d in details if d.created is not None]
+        kept = f" (the oldest kept is from {_utc(min(published))})" if published else ""
+        raise RestoreRefused(f"no generation on Google Drive was published by {_utc(before)}{kept}")
     return max(eligible)
+
+
+def _utc(moment: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(moment))
 
 
 async def _pull_plain(
@@ -183,11 +191,13 @@ async def _install(
     rel: str,
     database: Path,
     candidate: Path,
-    generation: int | None,
-    tag: str,
+    which: tuple[int | None, str, str | None],
     notes: tuple[str, ...],
     chosen: bool,
+    head: int,
 ) -> Restored:
+    """Check ``candidate`` (generation, tag and SHA-256 ``which``) and put it in place."""
+    generation, tag, sha = which
     content = await anyio.to_thread.run_sync(_check_candidate, candidate, unit.drive / rel)
     local = await anyio.to_thread.run_sync(_local_content, database)
     set_aside: Path | None = None
@@ -207,14 +217,27 @@ async def _install(
         if not drive_only:
             # The local study holds everything the Drive copy holds: it is not older.
             if local.finished == content.finished:
-                await _record(unit, rel, candidate, content, generation, tag)
+                await _record(unit, rel, candidate, content, generation, tag, sha)
             return Restored(
                 generation, 0, local.finished_count, notes=notes, unchanged=True, kept_local=True
             )
+    rollback: int | None = None
+    if chosen and generation is not None and generation < head:
+        # Drive first: killed before the local copy is replaced, the restore can simply
+        # run again; the other way round, the next backup would meet a Drive copy ahead.
+        if sha is None:
+            sha = await anyio.to_thread.run_sync(sha256_file, candidate)
+        rollback = await publish_rollback(unit, rel, candidate, content, sha)
+        notes = (
+            *notes,
+            f"generation {generation} is the newest on Google Drive again, as generation "
+            f"{rollback}; generations {generation + 1} to {head} stay in its history",
+        )
     if chosen and os.path.lexists(database):
         set_aside = await anyio.to_thread.run_sync(_set_aside, database, unit.settings.clock())
     size = await anyio.to_thread.run_sync(_replace_local, candidate, database)
-    await _record(unit, rel, database, content, generation, tag)
+    if rollback is None:
+        await _record(unit, rel, database, content, generation, tag, sha)
     return Restored(generation, size, content.finished_count, set_aside, notes)
 
 
@@ -281,11 +304,15 @@ def _set_aside(database: Path, now: float) -> Path:
 def _replace_local(candidate: Path, database: Path) -> int:
     database.parent.mkdir(parents=True, exist_ok=True)
     temp = database.with_name(f".{database.name}.sweepsafe-restore")
-    with open(candidate, "rb") as source, open(temp, "wb") as target:
-        while chunk := source.read(8 << 20):
-            target.write(chunk)
-        target.flush()
-        os.fsync(target.fileno())
+    try:
+        # The scratch folder is on the same disk as a rule: a rename, not a copy.
+        os.replace(candidate, temp)
+    except OSError:
+        with open(candidate, "rb") as source, open(temp, "wb") as target:
+            while chunk := source.read(8 << 20):
+                target.write(chunk)
+    with open(temp, "rb+") as written:
+        os.fsync(written.fileno())
     # A WAL or journal beside the old database would be replayed into the restored one.
     for suffix in SIDECAR_SUFFIXES:
         remove_quietly(database.with_name(database.name + suffix))
@@ -301,27 +328,28 @@ async def _record(
     content: DatabaseContent,
     generation: int | None,
     tag: str,
+    sha: str | None = None,
 ) -> None:
     """Remember the restored generation as this runtime's parent, to publish patches on it."""
+    # The local database is now one Drive's history holds: a refusal met before is past.
+    unit.conflicts.pop(rel, None)
     if generation is None:
         unit.state.databases.pop(rel, None)
         await unit.state.asave()
         return
     shipped = unit.state.shipped_path(rel)
-    sha, signature = await anyio.to_thread.run_sync(_copy_as_shipped, source, shipped)
+    shipped_sha, signature = await anyio.to_thread.run_sync(_copy_as_shipped, source, shipped, sha)
     unit.state.databases[rel] = DatabaseRecord(
-        generation=generation, tag=tag, sha256=sha, shipped_signature=signature
+        generation=generation, tag=tag, sha256=shipped_sha, shipped_signature=signature
     )
     unit.parent_content[rel] = content
     await unit.state.asave()
 
 
-def _copy_as_shipped(source: Path, shipped: Path) -> tuple[str, tuple[int, int]]:
+def _copy_as_shipped(source: Path, shipped: Path, sha: str | None) -> tuple[str, tuple[int, int]]:
     shipped.parent.mkdir(parents=True, exist_ok=True)
     temp = shipped.with_name(shipped.name + ".part")
-    with open(source, "rb") as reader, open(temp, "wb") as writer:
-        while chunk := reader.read(8 << 20):
-            writer.write(chunk)
+    shutil.copyfile(source, temp)
     os.replace(temp, shipped)
     info = os.stat(shipped)
-    return sha256_file(shipped), (info.st_size, info.st_mtime_ns)
+    return sha or sha256_file(shipped), (info.st_size, info.st_mtime_ns)

