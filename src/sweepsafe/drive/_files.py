@@ -54,6 +54,8 @@ COPY_CHUNK = 8 << 20
 _FICLONE = 0x40049409  # linux/fs.h: share the source's blocks (btrfs, XFS, bcachefs)
 _CAPTURE_ATTEMPTS = 4
 _SETTLE_S = 0.05
+_SETTLE_BYTES_PER_S = 1 << 30  # a writer producing a big file pauses longer between pieces
+_SETTLE_MAX_EXTRA_S = 0.2
 
 
 class SourceChanging(Exception):
@@ -125,24 +127,47 @@ def capture_file(source: Path, target: Path) -> Captured:
             before = os.fstat(fd)
             if not stat_module.S_ISREG(before.st_mode):
                 raise NotARegularFile(f"{source} is not a regular file")
-            if time.time() - before.st_mtime < _SETTLE_S:
-                # Written this instant: its writer is likely mid-write.
-                time.sleep(_SETTLE_S)
-                before = os.fstat(fd)
-            out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                copied = _clone_or_copy(fd, out, before.st_size)
-            finally:
-                os.close(out)
-            after = os.fstat(fd)
+            captured = _settled(fd, before) and _capture_unchanged(fd, before, target)
         finally:
             os.close(fd)
-        signature = file_signature(after)
-        if file_signature(before) == signature and copied == before.st_size:
-            return Captured(target, signature)
+        if captured:
+            return Captured(target, file_signature(before))
         time.sleep(_SETTLE_S * 2**attempt)
     remove_quietly(target)
     raise SourceChanging(f"{source} kept changing while it was captured")
+
+
+def _settled(fd: int, before: os.stat_result) -> bool:
+    """The file has not changed for a while, waiting that long if it just did.
+
+    A writer between two writes (``torch.save`` truncates, then writes tensor after
+    tensor) leaves the file unchanged only for a moment: a copy taken then would be a
+    torn version that looks whole. A file left unchanged for longer than such pauses
+    last is between versions; the pause allowed grows a little with the file.
+    """
+    settle = _SETTLE_S + min(_SETTLE_MAX_EXTRA_S, before.st_size / _SETTLE_BYTES_PER_S)
+    if before.st_size == 0 and before.st_blocks > 0:
+        # Emptied, its blocks not freed yet: a truncation for a rewrite, waiting for the
+        # old version to reach the disk first (ext4 does), which can take seconds.
+        time.sleep(settle)
+        return False
+    changed_ns = max(before.st_mtime_ns, before.st_ctime_ns)
+    quiet = time.time() - changed_ns / 1e9
+    if quiet >= settle:
+        return True
+    time.sleep(settle - max(0.0, quiet))
+    return file_signature(os.fstat(fd)) == file_signature(before)
+
+
+def _capture_unchanged(fd: int, before: os.stat_result, target: Path) -> bool:
+    """Copy the open file to ``target``; True if it did not change meanwhile."""
+    out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        copied = _clone_or_copy(fd, out, before.st_size)
+    finally:
+        os.close(out)
+    after = os.fstat(fd)
+    return file_signature(after) == file_signature(before) and copied == before.st_size
 
 
 def _clone_or_copy(source_fd: int, target_fd: int, size: int) -> int:
