@@ -8,6 +8,10 @@ Real files and real writer processes throughout; only Drive is a stand-in.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import shutil
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+import pytest
 
 from sweep_support import wait_for
 from sweepsafe import DriveStore
@@ -198,3 +203,251 @@ def test_checkpoint_changing_faster_than_it_can_be_captured_is_named_never_backe
         assert (after.files_copied, after.files_unchanged) == (1, 1)
         # The writer's last line names the version it wrote last.
         assert checkpoint_version((on_drive / "last.pt").read_bytes()) == versions_written(log)
+
+
+# -- 2. rotating checkpoint folders ------------------------------------------------------------
+
+ROTATING_WRITER = """
+import os, shutil, sys, time
+stop, folder, keep = sys.argv[1], sys.argv[2], int(sys.argv[3])
+number = 0
+while not os.path.exists(stop):
+    number += 1
+    checkpoint = os.path.join(folder, f"checkpoint-{number}")
+    os.makedirs(os.path.join(checkpoint, "shards"))
+    for index in range(30):
+        with open(os.path.join(checkpoint, "shards", f"model-{index:02d}.bin"), "wb") as file:
+            file.write(b"%d.%d|" % (number, index) * 1000)
+    with open(os.path.join(checkpoint, "trainer_state.json"), "w") as file:
+        file.write('{"global_step": %d}' % number)
+    # What Hugging Face Trainer does with save_total_limit: the oldest goes.
+    if number > keep:
+        shutil.rmtree(os.path.join(folder, f"checkpoint-{number - keep}"))
+    time.sleep(0.01)
+"""
+
+
+def checkpoints(folder: Path) -> int:
+    """The number of the newest checkpoint folder (0 when none)."""
+    return max((int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*")), default=0)
+
+
+def test_checkpoint_folders_rotated_during_backups_never_fail_one(tmp_path: Path) -> None:
+    with stand_in_drive(tmp_path, FaultPlan(latency_s=0.005)) as setup:
+        folder = setup.local / "study" / "trials" / "trial-00000"
+        folder.mkdir(parents=True)
+        with writer_process(ROTATING_WRITER, tmp_path / "stop", folder, 3) as stop:
+            wait_for(lambda: checkpoints(folder) > 3, 30, "rotation to start")
+            results = [setup.store.backup(folder, is_directory=True) for _ in range(20)]
+            stop.touch()
+        rotated = checkpoints(folder)
+
+        failed = [result.error for result in results if not result.ok]
+        assert failed == [], failed
+        assert rotated > 10, "the writer should have rotated many times during the backups"
+        assert sum(result.files_copied for result in results) > 0
+        final = setup.store.backup(folder, is_directory=True)
+        assert final.ok, final.error
+        local = files_under(folder)
+        on_drive = files_under(setup.drive / "study" / "trials" / "trial-00000")
+        assert {rel: on_drive.get(rel) for rel in local} == local
+
+
+# -- 3. entries Drive refuses, names at the limit, file <-> folder swaps -----------------------
+
+
+def test_an_entry_drive_refuses_costs_that_entry_only(tmp_path: Path) -> None:
+    long_name = "n" * 246 + ".bin"  # 250 bytes: legal, close to the 255-byte limit
+    assert len(long_name.encode()) == 250
+    with stand_in_drive(tmp_path) as setup:
+        folder = setup.local / "study" / "trials" / "trial-00000"
+        write(folder / "was-a-folder" / "a.txt", b"a")
+        write(folder / "was-a-folder" / "deeper" / "b.txt", b"b")
+        write(folder / "was-a-file", b"a file")
+        assert setup.store.backup(folder, is_directory=True).ok
+        shutil.rmtree(folder / "was-a-folder")
+        write(folder / "was-a-folder", b"now a file")
+        (folder / "was-a-file").unlink()
+        write(folder / "was-a-file" / "inside.txt", b"now a folder")
+        ordinary = {
+            f"part-{index % 4}/file-{index:02d}.txt": b"ordinary %d" % index for index in range(40)
+        }
+        for rel, data in ordinary.items():
+            write(folder / rel, data)
+        write(folder / long_name, b"long name")
+        write(folder / "refused.bin", b"Drive refuses this one")
+        setup.set_faults(FaultPlan(fail_paths=(("*/refused.bin", "ENAMETOOLONG"),)))
+
+        first = setup.store.backup(folder, is_directory=True)
+
+        assert not first.ok
+        assert not first.retryable
+        error = first.error or ""
+        assert "refused.bin" in error
+        assert "File name too long" in error
+        assert "trying again will not help" in error
+        assert first.problems == (
+            "trials/trial-00000/refused.bin (Google Drive refused it: File name too long; "
+            "rename it or move it out of the folder)",
+        )
+        on_drive = files_under(setup.drive / "study" / "trials" / "trial-00000")
+        assert {rel: on_drive.get(rel) for rel in ordinary} == ordinary
+        assert on_drive[long_name] == b"long name"
+        assert on_drive["was-a-folder"] == b"now a file"
+        assert on_drive["was-a-file/inside.txt"] == b"now a folder"
+        assert "refused.bin" not in on_drive
+        assert not any(rel.startswith("was-a-folder/") for rel in on_drive)
+
+        again = setup.store.backup(folder, is_directory=True)
+        assert again.problems == first.problems
+        assert again.files_copied == 0
+
+
+# -- 4. an unreadable folder -------------------------------------------------------------------
+
+BACKUP_IN_CHILD = """
+import json, sys
+from sweepsafe.testing import simulated_store
+local, drive, plan, folder = sys.argv[1:5]
+with simulated_store(local, drive, plan) as store:
+    result = store.backup(folder, is_directory=True)
+print(json.dumps({"ok": result.ok, "error": result.error, "copied": result.files_copied,
+                  "problems": list(result.problems)}))
+"""
+
+
+def without_read_override() -> list[str]:
+    """How to run a command for which permissions hold: as root, without the capabilities
+    that let root read any folder (``CAP_DAC_OVERRIDE``, ``CAP_DAC_READ_SEARCH``)."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    command = [setpriv or "setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    if setpriv is None or subprocess.run([*command, "true"], check=False).returncode != 0:
+        pytest.skip("running as root, and setpriv cannot drop root's right to read any folder")
+    return command
+
+
+def test_an_unreadable_folder_is_named_and_every_other_file_copied(tmp_path: Path) -> None:
+    command = without_read_override()
+    with stand_in_drive(tmp_path) as setup:
+        folder = setup.local / "study" / "trials" / "trial-00000"
+        others = {f"logs/log-{index}.txt": b"log %d" % index for index in range(10)}
+        for rel, data in others.items():
+            write(folder / rel, data)
+        locked = folder / "locked"
+        write(locked / "inside.txt", b"cannot be read")
+        locked.chmod(0)
+        try:
+            child = subprocess.run(
+                [
+                    *command,
+                    sys.executable,
+                    "-c",
+                    BACKUP_IN_CHILD,
+                    *map(str, (setup.local, setup.drive, setup.plan_path, folder)),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+        finally:
+            locked.chmod(0o755)
+
+        assert child.returncode == 0, child.stderr
+        result = json.loads(child.stdout)
+        assert not result["ok"]
+        assert result["copied"] == 10
+        assert result["problems"] == [
+            "trials/trial-00000/locked (folder cannot be read: Permission denied)"
+        ]
+        assert "trials/trial-00000/locked" in result["error"]
+        on_drive = files_under(setup.drive / "study" / "trials" / "trial-00000")
+        assert on_drive == others
+
+
+# -- 5. nothing left off silently --------------------------------------------------------------
+
+
+def test_files_named_like_database_side_files_are_copied_and_only_real_ones_skipped(
+    tmp_path: Path,
+) -> None:
+    with stand_in_drive(tmp_path) as setup:
+        folder = setup.local / "study" / "trials" / "trial-00000"
+        user_files = {
+            "training-journal": b"epoch 1: loss 0.9\n",
+            "x-wal": b"not a database's log",
+            "y-shm": b"nor its shared memory",
+            "y": b"a plain file beside y-shm",
+            "notes.db-journal": b"notes.db beside it is no database either",
+            "notes.db": b"plain text",
+        }
+        for name, data in user_files.items():
+            write(folder / name, data)
+        database = folder / "metrics.db"
+        connection = sqlite3.connect(database)
+        try:
+            connection.execute("PRAGMA journal_mode=WAL").fetchall()
+            connection.execute("PRAGMA wal_autocheckpoint=0").fetchall()
+            connection.execute("CREATE TABLE loss (step, value)")
+            connection.executemany(
+                "INSERT INTO loss VALUES (?, ?)", [(i, 1 / (i + 1)) for i in range(50)]
+            )
+            connection.commit()
+            # The rows are only in the WAL yet; the open connection keeps it there.
+            assert database.with_name("metrics.db-wal").stat().st_size > 0
+
+            result = setup.store.backup(folder, is_directory=True)
+        finally:
+            connection.close()
+
+        assert result.ok, result.error
+        on_drive = setup.drive / "study" / "trials" / "trial-00000"
+        for name, data in user_files.items():
+            assert (on_drive / name).read_bytes() == data, name
+        assert not (on_drive / "metrics.db-wal").exists()
+        assert not (on_drive / "metrics.db-shm").exists()
+        copy = sqlite3.connect(f"file:{on_drive / 'metrics.db'}?mode=ro", uri=True)
+        try:
+            assert copy.execute("SELECT COUNT(*) FROM loss").fetchone() == (50,)
+        finally:
+            copy.close()
+
+
+def test_a_file_replaced_by_one_of_the_same_size_and_time_is_copied_again(
+    tmp_path: Path,
+) -> None:
+    with stand_in_drive(tmp_path) as setup:
+        folder = setup.local / "study" / "trials" / "trial-00000"
+        in_place = write(folder / "rewritten.bin", b"A" * 4096)
+        copied_over = write(folder / "cp-p.bin", b"B" * 4096)
+        moved_over = write(folder / "tar-x.bin", b"C" * 4096)
+        assert setup.store.backup(folder, is_directory=True).files_copied == 3
+        times = {path: os.stat(path) for path in (in_place, copied_over, moved_over)}
+
+        # Rewritten in place, then its times set back (os.utime, as tools that keep
+        # times do).
+        in_place.write_bytes(b"a" * 4096)
+        os.utime(in_place, ns=(times[in_place].st_atime_ns, times[in_place].st_mtime_ns))
+        # cp -p from a file of the same size and modification time.
+        source = write(tmp_path / "other" / "cp-p.bin", b"b" * 4096)
+        os.utime(source, ns=(times[copied_over].st_atime_ns, times[copied_over].st_mtime_ns))
+        subprocess.run(["cp", "-p", str(source), str(copied_over)], check=True)
+        # A new file of the same size and time moved over it (tar -x, rsync, os.replace).
+        newer = write(tmp_path / "other" / "tar-x.bin", b"c" * 4096)
+        os.utime(newer, ns=(times[moved_over].st_atime_ns, times[moved_over].st_mtime_ns))
+        os.replace(newer, moved_over)
+        for path, before in times.items():
+            after = os.stat(path)
+            assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+        result = setup.store.backup(folder, is_directory=True)
+
+        assert result.ok, result.error
+        assert result.files_copied == 3
+        assert files_under(setup.drive / "study" / "trials" / "trial-00000") == {
+            "rewritten.bin": b"a" * 4096,
+            "cp-p.bin": b"b" * 4096,
+            "tar-x.bin": b"c" * 4096,
+        }
