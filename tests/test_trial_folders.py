@@ -21,8 +21,9 @@ from pathlib import Path
 import optuna
 import pytest
 
-from sweep_support import wait_for
-from sweepsafe import DriveStore
+from cli_support import run_cli
+from sweep_support import private_worker, wait_for
+from sweepsafe import DriveStore, backup_hpo_study_to_drive
 from sweepsafe.testing import FaultPlan, simulated_store
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -451,3 +452,92 @@ def test_a_file_replaced_by_one_of_the_same_size_and_time_is_copied_again(
             "cp-p.bin": b"b" * 4096,
             "tar-x.bin": b"c" * 4096,
         }
+
+
+# -- 6. one symlink rule for the whole study folder --------------------------------------------
+
+SECRET = b"-----BEGIN OPENSSH PRIVATE KEY----- not for Drive"
+
+
+def study_with_links(tmp_path: Path, study_dir: Path) -> None:
+    """Links at the top of ``study_dir`` and in a trial folder: to a folder outside, to a
+    file outside (a private key) and to a file inside."""
+    datasets = tmp_path / "datasets"
+    write(datasets / "train.csv", b"x,y\n1,2\n")
+    key = write(tmp_path / "home" / ".ssh" / "id_rsa", SECRET)
+    trial = study_dir / "trials" / "trial-00000"
+    write(trial / "model.pt", b"weights")
+    for folder in (study_dir, trial):
+        (folder / "data").symlink_to(datasets, target_is_directory=True)
+        (folder / "id_rsa").symlink_to(key)
+        (folder / "best.pt").symlink_to(trial / "model.pt")
+
+
+def test_links_follow_one_rule_at_the_top_of_the_study_folder_and_inside_trials(
+    tmp_path: Path,
+) -> None:
+    with stand_in_drive(tmp_path) as setup, private_worker() as worker:
+        study_dir = setup.local / "study-links"
+        study_dir.mkdir()
+        study = optuna.create_study(storage=f"sqlite:///{study_dir / 'study.db'}")
+        study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+        study_with_links(tmp_path, study_dir)
+
+        report = backup_hpo_study_to_drive(setup.local, setup.store, worker=worker, timeout=60)
+
+        assert report.ok, str(report)
+        assert "Drive copy complete" in str(report)
+        copy = setup.drive / "study-links"
+        assert (copy / "best.pt").read_bytes() == b"weights"
+        assert (copy / "trials" / "trial-00000" / "best.pt").read_bytes() == b"weights"
+        everything = files_under(setup.drive)
+        assert all(SECRET not in data for data in everything.values())
+        assert not any(rel.endswith(("id_rsa", "train.csv")) for rel in everything)
+        # Each link left out is named once in the report, whichever backup met it.
+        for rel in ("data", "id_rsa", "trials/trial-00000/data", "trials/trial-00000/id_rsa"):
+            named = [line for line in report.skipped if line.startswith(f"{rel} (a link to ")]
+            assert len(named) == 1, (rel, report.skipped)
+        assert len(report.skipped) == 4, report.skipped
+
+
+LINKING_OBJECTIVE = """
+import os
+from pathlib import Path
+
+from sweepsafe import trial_dir
+
+
+def objective(trial):
+    study_dir = Path(os.environ["SWEEPSAFE_STUDY_DIR"])
+    datasets = Path(os.environ["DATASETS"])
+    if not (study_dir / "data").is_symlink():
+        (study_dir / "data").symlink_to(datasets, target_is_directory=True)
+    folder = trial_dir(study_dir, trial)
+    (folder / "data").symlink_to(datasets, target_is_directory=True)
+    (folder / "result.txt").write_text("done")
+    return trial.suggest_float("x", 0, 1)
+"""
+
+
+def test_sweepsafe_run_with_a_link_to_a_dataset_folder_exits_zero(tmp_path: Path) -> None:
+    write(tmp_path / "linking.py", LINKING_OBJECTIVE.encode())
+    write(tmp_path / "datasets" / "train.csv", b"x,y\n")
+    (tmp_path / "drive").mkdir()
+    result = run_cli(
+        "run",
+        "linking:objective",
+        "--output-dir",
+        "sweeps",
+        "--study-key",
+        "links",
+        "--drive-dir",
+        tmp_path / "drive" / "sweeps",
+        "--trials",
+        "2",
+        cwd=tmp_path,
+        env={"DATASETS": str(tmp_path / "datasets")},
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Drive copy complete" in result.stdout
+    assert not list((tmp_path / "drive").rglob("train.csv"))
