@@ -14,6 +14,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import pytest
 
 from cli_support import run_cli
 from sweep_support import private_worker, wait_for
-from sweepsafe import DriveStore, backup_hpo_study_to_drive
+from sweepsafe import DriveStore, backup_hpo_study_to_drive, create_trial_backup_callback
 from sweepsafe.testing import FaultPlan, simulated_store
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -541,3 +542,104 @@ def test_sweepsafe_run_with_a_link_to_a_dataset_folder_exits_zero(tmp_path: Path
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Drive copy complete" in result.stdout
     assert not list((tmp_path / "drive").rglob("train.csv"))
+
+
+# -- 7. many small files at Drive's pace -------------------------------------------------------
+
+
+def test_small_files_overlap_drive_latency_many_at_once(tmp_path: Path) -> None:
+    latency, count = 0.15, 32
+    elapsed = {}
+    for name, options in (("one-at-a-time", {"file_concurrency": 1}), ("default", {})):
+        with stand_in_drive(tmp_path / name, **options) as setup:
+            folder = setup.local / "study" / "trials"
+            # A first backup starts the helper processes; the second is timed.
+            for index in range(count):
+                write(folder / f"warm-{index:02d}.json", b"{}")
+            assert setup.store.backup(folder, is_directory=True).ok
+            for index in range(count):
+                write(folder / f"trial-{index:05d}" / "metrics.json", b'{"loss": %d}' % index)
+            setup.set_faults(FaultPlan(latency_s=latency))
+            started = time.monotonic()
+            result = setup.store.backup(folder, is_directory=True)
+            elapsed[name] = time.monotonic() - started
+            assert result.ok, result.error
+            assert result.files_copied == count
+
+    assert elapsed["one-at-a-time"] >= count * latency
+    # 16 at once by default: two rounds of Drive's latency instead of 32.
+    assert elapsed["default"] <= elapsed["one-at-a-time"] / 6, elapsed
+
+
+# -- 8. work proportional to change ------------------------------------------------------------
+
+
+def test_a_sweep_scans_each_trial_folder_a_bounded_number_of_times(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sweepsafe import run_sweep, study_dir_for, trial_dir
+
+    output = tmp_path / "local"
+    trials = study_dir_for(output, "scans") / "trials"
+    scans: dict[str, int] = {}
+    real_scandir = os.scandir
+
+    def counting_scandir(path: object = ".") -> object:
+        folder = Path(os.fsdecode(path))  # type: ignore[arg-type]
+        if trials in folder.parents:
+            rel = folder.relative_to(trials).parts[0]
+            scans[rel] = scans.get(rel, 0) + 1
+        return real_scandir(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "scandir", counting_scandir)
+
+    def objective(trial: optuna.Trial) -> float:
+        folder = trial_dir(trials.parent, trial)
+        for name in ("metrics.json", "log.txt", "plot.png"):
+            write(folder / name, b"%d" % trial.number)
+        return trial.suggest_float("x", 0, 1)
+
+    with stand_in_drive(tmp_path) as setup, private_worker() as worker:
+        result = run_sweep(
+            objective,
+            output_dir=output,
+            study_key="scans",
+            n_trials=30,
+            backup_to_drive=setup.store,
+            worker=worker,
+        )
+    assert result.backup_ok, str(result.backup_report)
+
+    assert sorted(scans) == [f"trial-{n:05d}" for n in range(30)]
+    # Its own job, the database's check that its files are on Drive, the final walk:
+    # never once per later trial.
+    assert max(scans.values()) <= 3, scans
+
+
+def test_a_trial_folder_backup_appends_its_files_to_the_manifest(tmp_path: Path) -> None:
+    with stand_in_drive(tmp_path) as setup, private_worker() as worker:
+        study_dir = setup.local / "study-journal"
+        for number in range(50):
+            for name in ("metrics.json", "log.txt"):
+                write(study_dir / "trials" / f"trial-{number:05d}" / name, b"%d" % number)
+        assert setup.store.backup(study_dir / "trials", is_directory=True).files_copied == 100
+        (journal,) = (setup.local / ".sweepsafe").rglob("manifest.jsonl")
+        before, inode = journal.read_bytes(), journal.stat().st_ino
+
+        study = optuna.create_study(storage=f"sqlite:///{study_dir / 'study.db'}")
+        callback = create_trial_backup_callback(study_dir, setup.store, worker=worker)
+        study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)
+        (trial,) = study.get_trials()
+        new = study_dir / "trials" / "trial-00000"
+        for name in ("metrics.json", "log.txt", "model.pt"):
+            write(new / name, b"trained again")
+        callback(study, trial)
+        assert worker.flush(30).ok
+
+        after = journal.read_bytes()
+        assert journal.stat().st_ino == inode
+        assert after.startswith(before)
+        added = [json.loads(line)["p"] for line in after[len(before) :].splitlines()]
+        assert sorted(added) == [
+            f"trials/trial-00000/{n}" for n in ("log.txt", "metrics.json", "model.pt")
+        ]
