@@ -571,6 +571,36 @@ def test_small_files_overlap_drive_latency_many_at_once(tmp_path: Path) -> None:
     assert elapsed["default"] <= elapsed["one-at-a-time"] / 6, elapsed
 
 
+def test_a_database_backup_copies_its_new_trials_folders_many_at_once(tmp_path: Path) -> None:
+    # A database reaches Drive only after the folders of the trials it newly holds; 16
+    # folders of one file each must not cost 16 rounds of Drive's latency.
+    latency, trials = 0.25, 16
+    elapsed = {}
+    for name, options in (("one-at-a-time", {"file_concurrency": 1}), ("default", {})):
+        with stand_in_drive(tmp_path / name, **options) as setup:
+            study_dir = setup.local / "study-many"
+            study_dir.mkdir()
+            study = optuna.create_study(storage=f"sqlite:///{study_dir / 'study.db'}")
+            assert setup.store.backup(study_dir / "study.db").ok
+            # Start the helper processes, as a running sweep's backups have.
+            for index in range(trials):
+                write(study_dir / "warm" / f"{index}.txt", b"warm")
+            assert setup.store.backup(study_dir / "warm", is_directory=True).ok
+            study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=trials)
+            for number in range(trials):
+                write(study_dir / "trials" / f"trial-{number:05d}" / "metrics.json", b"{}")
+            setup.set_faults(FaultPlan(latency_s=latency))
+            started = time.monotonic()
+            result = setup.store.backup(study_dir / "study.db")
+            elapsed[name] = time.monotonic() - started
+            assert result.ok, result.error
+            on_drive = setup.drive / "study-many" / "trials"
+            assert len(list(on_drive.glob("trial-*/metrics.json"))) == trials
+
+    assert elapsed["one-at-a-time"] >= trials * latency
+    assert elapsed["default"] <= elapsed["one-at-a-time"] / 3, elapsed
+
+
 # -- 8. work proportional to change ------------------------------------------------------------
 
 
