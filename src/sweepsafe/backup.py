@@ -440,6 +440,9 @@ def backup_hpo_study_to_drive(
     flush = worker.flush(timeout)
     wanted = {target for target, _ in targets}
     reports = tuple(report for report in flush.targets if report.target in wanted)
+    for report in reports:
+        if isinstance(report.last_result, BackupResult):
+            skipped.extend(s for s in report.last_result.skipped if s not in skipped)
     verification: VerifyResult | None = None
     remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
     if verify and store is not None and not flush.timed_out:

@@ -28,7 +28,13 @@ from typing import TYPE_CHECKING
 import anyio
 
 from sweepsafe.drive._helper_client import new_token
-from sweepsafe.drive._helper_process import fsync_directory, is_sqlite_file, temp_name, transfer
+from sweepsafe.drive._helper_process import (
+    SQLITE_HEADER,
+    fsync_directory,
+    is_sqlite_file,
+    temp_name,
+    transfer,
+)
 from sweepsafe.drive._local_state import Signature, file_signature
 from sweepsafe.drive._sqlite import read_content
 
@@ -54,6 +60,8 @@ COPY_CHUNK = 8 << 20
 _FICLONE = 0x40049409  # linux/fs.h: share the source's blocks (btrfs, XFS, bcachefs)
 _CAPTURE_ATTEMPTS = 4
 _SETTLE_S = 0.05
+_SETTLE_BYTES_PER_S = 1 << 30  # a writer producing a big file pauses longer between pieces
+_SETTLE_MAX_EXTRA_S = 0.2
 
 
 class SourceChanging(Exception):
@@ -70,10 +78,13 @@ class RestoreRefused(Exception):
 
 @dataclass(frozen=True)
 class Captured:
-    """A stable local copy of a file, and the signature of the version it holds."""
+    """One unchanged version of a file, and its signature."""
 
     path: Path
+    """Where the version was copied, unless ``data`` holds it."""
     signature: Signature
+    data: bytes | None = None
+    """The whole version, for a small file (no copy on disk then)."""
 
 
 def scratch_path(scratch: Path, kind: str, suffix: str = "") -> Path:
@@ -106,43 +117,99 @@ def remove_quietly(path: Path) -> None:
         os.remove(path)
 
 
-def capture_file(source: Path, target: Path) -> Captured:
-    """Copy ``source`` to the new local file ``target`` as one unchanged version.
+def capture_file(source: Path, target: Path, *, in_memory_up_to: int = 0) -> Captured | None:
+    """Take one unchanged version of ``source``: its bytes if it is no larger than
+    ``in_memory_up_to``, else a copy in the new local file ``target``.
 
-    Blocking. A source whose inode changed during a capture is captured again, a few
-    times, after a short pause for its writer; a rename over the source during a capture
-    is harmless (the open file is the version captured).
+    Blocking. A source that changed during a capture is captured again, a few times,
+    after a pause for its writer; a rename over the source during a capture is harmless
+    (the open file is the version captured). Returns None for an SQLite database, which
+    is captured with ``snapshot_sqlite`` instead. ``target`` exists afterwards only when
+    a version was copied there.
 
     Raises:
         SourceChanging: it changed during every attempt.
         NotARegularFile: it is not a regular file.
         FileNotFoundError, PermissionError: it vanished, or cannot be read.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for attempt in range(_CAPTURE_ATTEMPTS):
-        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        try:
-            before = os.fstat(fd)
-            if not stat_module.S_ISREG(before.st_mode):
-                raise NotARegularFile(f"{source} is not a regular file")
-            if time.time() - before.st_mtime < _SETTLE_S:
-                # Written this instant: its writer is likely mid-write.
-                time.sleep(_SETTLE_S)
-                before = os.fstat(fd)
-            out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        for attempt in range(_CAPTURE_ATTEMPTS):
+            fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
             try:
-                copied = _clone_or_copy(fd, out, before.st_size)
+                before = os.fstat(fd)
+                if not stat_module.S_ISREG(before.st_mode):
+                    raise NotARegularFile(f"{source} is not a regular file")
+                if attempt == 0 and os.pread(fd, len(SQLITE_HEADER), 0) == SQLITE_HEADER:
+                    return None
+                captured = _settled(fd, before) and _capture_unchanged(
+                    fd, before, target, in_memory=before.st_size <= in_memory_up_to
+                )
             finally:
-                os.close(out)
-            after = os.fstat(fd)
-        finally:
-            os.close(fd)
-        signature = file_signature(after)
-        if file_signature(before) == signature and copied == before.st_size:
-            return Captured(target, signature)
-        time.sleep(_SETTLE_S * 2**attempt)
+                os.close(fd)
+            if captured:
+                return captured
+            time.sleep(_SETTLE_S * 2**attempt)
+    except BaseException:
+        remove_quietly(target)
+        raise
     remove_quietly(target)
     raise SourceChanging(f"{source} kept changing while it was captured")
+
+
+def _settled(fd: int, before: os.stat_result) -> bool:
+    """The file has not changed for a while, waiting that long if it just did.
+
+    A writer between two writes (``torch.save`` truncates, then writes tensor after
+    tensor) leaves the file unchanged only for a moment: a copy taken then would be a
+    torn version that looks whole. A file left unchanged for longer than such pauses
+    last is between versions; the pause allowed grows a little with the file.
+    """
+    settle = _SETTLE_S + min(_SETTLE_MAX_EXTRA_S, before.st_size / _SETTLE_BYTES_PER_S)
+    if before.st_size == 0 and before.st_blocks > 0:
+        # Emptied, its blocks not freed yet: a truncation for a rewrite, waiting for the
+        # old version to reach the disk first (ext4 does), which can take seconds.
+        time.sleep(settle)
+        return False
+    changed_ns = max(before.st_mtime_ns, before.st_ctime_ns)
+    quiet = time.time() - changed_ns / 1e9
+    if quiet >= settle:
+        return True
+    time.sleep(settle - max(0.0, quiet))
+    return file_signature(os.fstat(fd)) == file_signature(before)
+
+
+def _capture_unchanged(
+    fd: int, before: os.stat_result, target: Path, *, in_memory: bool
+) -> Captured | None:
+    """Read the open file, or copy it to ``target``; None if it changed meanwhile."""
+    data: bytes | None = None
+    if in_memory:
+        data = _read_all(fd, before.st_size + 1)
+        copied = len(data)
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            copied = _clone_or_copy(fd, out, before.st_size)
+        finally:
+            os.close(out)
+    signature = file_signature(os.fstat(fd))
+    if signature != file_signature(before) or copied != before.st_size:
+        return None
+    return Captured(target, signature, data)
+
+
+def _read_all(fd: int, limit: int) -> bytes:
+    """Up to ``limit`` bytes from the start of an open file."""
+    parts: list[bytes] = []
+    offset = 0
+    while offset < limit:
+        part = os.pread(fd, limit - offset, offset)
+        if not part:
+            break
+        parts.append(part)
+        offset += len(part)
+    return b"".join(parts)
 
 
 def _clone_or_copy(source_fd: int, target_fd: int, size: int) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import functools
 import os
 import re
 import stat as stat_module
@@ -27,6 +28,7 @@ import anyio
 
 from sweepsafe.drive._files import (
     COPY_CHUNK,
+    Captured,
     NotARegularFile,
     RestoreRefused,
     SourceChanging,
@@ -53,6 +55,7 @@ __all__ = [
     "restore_folder",
     "sync_file",
     "sync_folder",
+    "sync_folders",
 ]
 
 # Drive refusing one name or one entry: every retry would meet the same refusal.
@@ -69,6 +72,9 @@ _REFUSED_FOR_GOOD = {
 # Drive failing as a whole: every other file would meet it too.
 _DRIVE_WIDE = {errno.ENOTCONN, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENODEV, errno.EPIPE}
 _SYNC_BATCH = 64
+# Files up to this size are read into memory and sent with their copy request, so a
+# small file costs one request to the helper and no copy on the local disk.
+_IN_MEMORY = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -274,8 +280,13 @@ class _Copier:
             self._cleaned.add(parent)
             await helper.clean(destination.parent, job.timeout)
         source = Path(local.path)
+        capture = scratch_path(job.scratch, "capture")
+        captured: Captured | None = None
         try:
-            if await anyio.to_thread.run_sync(is_sqlite_file, local.path):
+            captured = await anyio.to_thread.run_sync(
+                functools.partial(capture_file, source, capture, in_memory_up_to=_IN_MEMORY)
+            )
+            if captured is None:  # an SQLite database
                 if job.publish_database is not None and await _is_optuna(source):
                     problem = await job.publish_database(source)
                     if problem is not None:
@@ -283,7 +294,7 @@ class _Copier:
                     return
                 shipped, signature = await self._ship_snapshot(helper, source, destination)
             else:
-                shipped, signature = await self._ship_capture(helper, source, destination)
+                shipped, signature = await self._ship_capture(helper, captured, destination)
         except FileNotFoundError:
             job.manifest.forget(rel)  # deleted since the scan: nothing to copy
             return
@@ -304,6 +315,11 @@ class _Copier:
                 reason += "; rename it or move it out of the folder"
             self.problems.append(EntryProblem(rel, reason, not refused, exc))
             return
+        finally:
+            if captured is None or captured.data is None:
+                # A copy on the local disk may be there (a small file was read instead).
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(remove_quietly, capture)
         self.copied += 1
         self.bytes += shipped
         for stale in job.manifest.under(rel):
@@ -319,23 +335,21 @@ class _Copier:
             self.job.manifest.forget("/".join(parts[:depth]))
 
     async def _ship_capture(
-        self, helper: DriveHelper, source: Path, destination: Path
+        self, helper: DriveHelper, captured: Captured, destination: Path
     ) -> tuple[int, Signature]:
-        capture = scratch_path(self.job.scratch, "capture")
-        try:
-            captured = await anyio.to_thread.run_sync(capture_file, source, capture)
-            size = captured.signature[0]
-            copied = await helper.put_file(
-                captured.path,
-                destination,
-                self.job.timeout,
-                size=size,
-                chunk=COPY_CHUNK,
-                sync_folder=False,
-            )
-        finally:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(remove_quietly, capture)
+        timeout = self.job.timeout
+        if captured.data is not None:
+            # A small file goes with its bytes in the request: no copy on the local disk.
+            await helper.put_bytes(destination, captured.data, timeout, sync_folder=False)
+            return len(captured.data), captured.signature
+        copied = await helper.put_file(
+            captured.path,
+            destination,
+            timeout,
+            size=captured.signature[0],
+            chunk=COPY_CHUNK,
+            sync_folder=False,
+        )
         return copied, captured.signature
 
     async def _ship_snapshot(
@@ -403,6 +417,25 @@ async def sync_folder(
     """
     scan = await anyio.to_thread.run_sync(scan_local, job.unit_local, folder, exclude)
     return await _copy_changed(job, scan, folder if mirror else None)
+
+
+async def sync_folders(job: FolderJob, folders: Sequence[Path]) -> FolderOutcome:
+    """Copy the changed files of several folders of the study as one copy.
+
+    Their files share the ``job``'s concurrency, so many folders of a few files each go
+    at Drive's pace for many files at once, not for one folder after another.
+    """
+
+    def scan_all() -> _Scan:
+        merged = _Scan()
+        for folder in folders:
+            scan = scan_local(job.unit_local, folder, ())
+            merged.files.update(scan.files)
+            merged.problems.extend(scan.problems)
+            merged.skipped.extend(scan.skipped)
+        return merged
+
+    return await _copy_changed(job, await anyio.to_thread.run_sync(scan_all), None)
 
 
 async def sync_file(job: FolderJob, path: Path) -> FolderOutcome:

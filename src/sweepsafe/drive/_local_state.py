@@ -188,6 +188,9 @@ class Manifest:
         self.path = path
         self.unit_id: str | None = None
         self._entries: dict[str, Signature] = {}
+        # Folder ("" for the top) -> names recorded directly in it: what lies under a
+        # folder is found by walking its records only, never every record.
+        self._children: dict[str, set[str]] = {}
         self._pending: list[str] = []
         self._lines = 0
         self._rewrite = False
@@ -218,13 +221,14 @@ class Manifest:
                 if "format" in record:
                     self.unit_id = record.get("unit_id") or None
                     self._entries.clear()
+                    self._children.clear()
                 elif safe_relative_path(str(record["p"])) is None:
                     unsafe += 1
                 elif "x" in record:
-                    self._entries.pop(str(record["p"]), None)
+                    self._remove(str(record["p"]))
                 else:
                     size, mtime, ctime, inode = (int(v) for v in record["s"])
-                    self._entries[str(record["p"])] = (size, mtime, ctime, inode)
+                    self._add(str(record["p"]), (size, mtime, ctime, inode))
             except (ValueError, KeyError, TypeError):
                 break  # a torn last line, from a kill during an append
             self._lines += 1
@@ -243,12 +247,22 @@ class Manifest:
             return self._entries.get(rel)
 
     def under(self, prefix: str) -> list[str]:
-        """Recorded files under the folder ``prefix`` (relative; ``""`` for all)."""
+        """Recorded files under the folder ``prefix`` (relative; ``""`` for all), and
+        ``prefix`` itself if it is a recorded file; costs the records found, not all."""
         with self._lock:
             if not prefix:
                 return list(self._entries)
-            start = prefix + "/"
-            return [rel for rel in self._entries if rel.startswith(start) or rel == prefix]
+            found = [prefix] if prefix in self._entries else []
+            folders = [prefix]
+            while folders:
+                folder = folders.pop()
+                for name in self._children.get(folder, ()):
+                    rel = f"{folder}/{name}"
+                    if rel in self._entries:
+                        found.append(rel)
+                    if rel in self._children:
+                        folders.append(rel)
+            return found
 
     def items(self) -> Iterator[tuple[str, Signature]]:
         """A snapshot of every recorded file and signature."""
@@ -260,20 +274,48 @@ class Manifest:
         with self._lock:
             self.unit_id = unit_id
             self._entries.clear()
+            self._children.clear()
             self._pending.clear()
             self._rewrite = True
 
     def record(self, rel: str, signature: Signature) -> None:
         """``rel`` reached Drive as the local version with ``signature``."""
         with self._lock:
-            self._entries[rel] = signature
+            self._add(rel, signature)
             self._pending.append(json.dumps({"p": rel, "s": list(signature)}))
 
     def forget(self, rel: str) -> None:
         """``rel`` is no longer known to be on Drive."""
         with self._lock:
-            if self._entries.pop(rel, None) is not None:
+            if self._remove(rel):
                 self._pending.append(json.dumps({"p": rel, "x": 1}))
+
+    def _add(self, rel: str, signature: Signature) -> None:
+        known = rel in self._entries
+        self._entries[rel] = signature
+        if known:
+            return
+        path = rel
+        while path:
+            parent, _, name = path.rpartition("/")
+            names = self._children.setdefault(parent, set())
+            if name in names:
+                return
+            names.add(name)
+            path = parent
+
+    def _remove(self, rel: str) -> bool:
+        if self._entries.pop(rel, None) is None:
+            return False
+        path = rel
+        while path and path not in self._entries and not self._children.get(path):
+            self._children.pop(path, None)
+            parent, _, name = path.rpartition("/")
+            names = self._children.get(parent)
+            if names is not None:
+                names.discard(name)
+            path = parent
+        return True
 
     async def asave(self) -> None:
         """Append what changed; rewrite the journal when it is mostly stale lines."""

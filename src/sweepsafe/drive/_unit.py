@@ -28,6 +28,7 @@ from sweepsafe.drive._folders import (
     FolderOutcome,
     PublishDatabase,
     sync_folder,
+    sync_folders,
 )
 from sweepsafe.drive._helper_client import folders_with_abandoned
 from sweepsafe.drive._helper_process import STATE_DIR_NAME
@@ -301,30 +302,54 @@ class StudyUnit:
 
         Returns, per trial, the files Drive refused for good or that keep changing (they
         do not hold the database back, and are named). A folder already copied costs a
-        local scan.
+        local scan; the folders' files are copied together, many at once.
 
         Raises:
             TrialFilesHeldBack: a file failed in a way a retry may mend.
         """
-        missing: dict[int, list[str]] = {}
-        for number in numbers:
-            folder = database_folder / self.settings.trial_folder.format(number=number)
-            if not await anyio.to_thread.run_sync(folder.is_dir):
-                continue
-            outcome = await self.sync(folder)
-            if outcome.stopped is not None:
-                raise TrialFilesHeldBack(
-                    f"the files of trial {number} could not be copied ({outcome.stopped})"
-                )
-            held = [p for p in outcome.problems if p.retryable and not _changing(p)]
+        wanted = {
+            number: database_folder / self.settings.trial_folder.format(number=number)
+            for number in numbers
+        }
+        folders = await anyio.to_thread.run_sync(
+            lambda: {number: folder for number, folder in wanted.items() if folder.is_dir()}
+        )
+        if not folders:
+            return {}
+        outcome = await sync_folders(self.folder_job(), list(folders.values()))
+        if outcome.stopped is not None:
+            raise TrialFilesHeldBack(
+                f"the files of trials {_numbers(folders)} could not be copied ({outcome.stopped})"
+            )
+        problems: dict[int, list[EntryProblem]] = {}
+        prefixes = {self.rel_of(folder): number for number, folder in folders.items()}
+        for problem in outcome.problems:
+            number = _trial_of(problem.rel, prefixes)
+            if number is not None:
+                problems.setdefault(number, []).append(problem)
+        for number in sorted(problems):
+            held = [p for p in problems[number] if p.retryable and not _changing(p)]
             if held:
                 raise TrialFilesHeldBack(
                     f"{len(held)} file(s) of trial {number} did not reach Drive yet, first "
                     f"{held[0]}"
                 )
-            if outcome.problems:
-                missing[number] = [str(problem) for problem in outcome.problems]
-        return missing
+        return {number: [str(p) for p in found] for number, found in problems.items()}
+
+
+def _trial_of(rel: str, prefixes: dict[str, int]) -> int | None:
+    """The trial whose folder holds ``rel``."""
+    parts = rel.split("/")
+    for depth in range(len(parts), 0, -1):
+        number = prefixes.get("/".join(parts[:depth]))
+        if number is not None:
+            return number
+    return None
+
+
+def _numbers(folders: dict[int, Path]) -> str:
+    shown = ", ".join(str(number) for number in sorted(folders)[:5])
+    return shown + (", ..." if len(folders) > 5 else "")
 
 
 def _changing(problem: EntryProblem) -> bool:
