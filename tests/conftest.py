@@ -2,7 +2,8 @@
 
 ``drive``: a DriveStore over a simulated Drive (faults changed with ``drive.set_faults``);
 ``private_worker``: a backup worker of the test's own; and, for every test, the
-process-wide default worker closed and forgotten afterwards, so none leaks into the next.
+process-wide default worker closed and forgotten afterwards, so none leaks into the next;
+``postgres_server`` and ``postgres_database``: a PostgreSQL server the tests start themselves.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from pathlib import Path
 import pytest
 
 from drive_support import DriveSetup, simulated_drive
+from postgres_support import postgres_database, postgres_server
 from sweep_support import own_worker
 from sweepsafe.testing import reset_default_worker
 from sweepsafe.worker import BackupWorker
+
+__all__ = ["postgres_database", "postgres_server"]
 
 
 @pytest.fixture

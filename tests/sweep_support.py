@@ -47,8 +47,13 @@ class CountingStore:
     async def ahistory(self, path: Any) -> list[GenerationInfo]:
         return await self.store.ahistory(path)
 
-    async def aacquire(self, study_dir: Any, *, takeover: bool = False) -> None:
-        await self.store.aacquire(study_dir, takeover=takeover)
+    async def aacquire(
+        self, study_dir: Any, *, takeover: bool = False, shared: bool = False
+    ) -> None:
+        await self.store.aacquire(study_dir, takeover=takeover, shared=shared)
+
+    async def aholds(self, study_dir: Any, *, take: bool = False) -> bool:
+        return await self.store.aholds(study_dir, take=take)
 
     async def arenew(self) -> None:
         await self.store.arenew()

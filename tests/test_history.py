@@ -28,8 +28,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from optuna.trial import Trial, TrialState
 
-from drive_support import temp_files
-from sweep_support import finished_trials, integrity, private_worker, slow_drive, wait_for
+from drive_support import simulated_drive, temp_files
+from sweep_support import finished_trials, integrity, own_worker, wait_for
 from sweepsafe.drive import DriveStore
 from sweepsafe.drive._pages import PageDelta, decode_patch, encode_patch
 from sweepsafe.sweep import run_sweep, study_dir_for, trial_dir
@@ -39,6 +39,13 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 PATCH_MAGIC = b"\x89SSPD\r\n\x1a"
 SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+@contextmanager
+def stand_in(tmp_path: Path, **store_kwargs: Any) -> Iterator[tuple[DriveStore, Path, Path]]:
+    """A store over ``tmp_path/local`` -> ``tmp_path/drive``: (store, plan file, local root)."""
+    with simulated_drive(tmp_path, **store_kwargs) as setup:
+        yield setup.store, setup.plan_path, setup.local
 
 
 def history_folder(drive_db: Path) -> Path:
@@ -107,7 +114,7 @@ def sweep(local: Path, store: Any, worker: Any, n_trials: int, **options: Any) -
 
 
 def test_run_sweep_resumes_from_a_chosen_generation_and_drive_follows_it(tmp_path: Path) -> None:
-    with slow_drive(tmp_path) as (store, _, local), private_worker() as worker:
+    with stand_in(tmp_path) as (store, _, local), own_worker() as worker:
         first = sweep(local, store, worker, 3)
         database = first.study_dir / "study.db"
         chosen = store.history(database)[0]
@@ -146,7 +153,7 @@ def test_run_sweep_resumes_from_a_chosen_generation_and_drive_follows_it(tmp_pat
 def test_a_new_study_over_the_drive_copy_is_refused_and_the_old_one_comes_back(
     tmp_path: Path,
 ) -> None:
-    with slow_drive(tmp_path) as (store, _, local), private_worker() as worker:
+    with stand_in(tmp_path) as (store, _, local), own_worker() as worker:
         first = sweep(local, store, worker, 4)
         database = first.study_dir / "study.db"
         kept = finished_trials(database)
@@ -177,8 +184,8 @@ def test_a_new_study_over_the_drive_copy_is_refused_and_the_old_one_comes_back(
 def test_a_bad_write_that_reached_drive_is_undone_by_restoring_before_it(tmp_path: Path) -> None:
     now = [1_800_000_000.0]
     with (
-        slow_drive(tmp_path, clock=lambda: now[0]) as (store, _, local),
-        private_worker() as worker,
+        stand_in(tmp_path, clock=lambda: now[0]) as (store, _, local),
+        own_worker() as worker,
     ):
         first = sweep(local, store, worker, 4)
         database = first.study_dir / "study.db"
@@ -228,7 +235,7 @@ def base_records(folder: Path) -> dict[int, dict[str, Any]]:
 
 def test_thinning_keeps_the_newest_and_a_day_and_a_week_old_generation(tmp_path: Path) -> None:
     now = [1_800_000_000.0]
-    with slow_drive(tmp_path, keep_generations=10, compact_fraction=0.0, clock=lambda: now[0]) as (
+    with stand_in(tmp_path, keep_generations=10, compact_fraction=0.0, clock=lambda: now[0]) as (
         store,
         _,
         local,
@@ -361,7 +368,7 @@ def test_every_generation_restores_to_the_local_study_of_its_moment(
 ) -> None:
     with tempfile.TemporaryDirectory(dir=tmp_path) as scratch:
         root = Path(scratch)
-        with slow_drive(root) as (store, _, local):
+        with stand_in(root) as (store, _, local):
             database = local / "study-1" / "study.db"
             database.parent.mkdir(parents=True)
             shutil.copyfile(empty_study, database)
@@ -397,7 +404,7 @@ def test_every_generation_restores_to_the_local_study_of_its_moment(
 @contextmanager
 def five_generations(tmp_path: Path) -> Iterator[tuple[DriveStore, Path, Path, dict[int, int]]]:
     """A study backed up as generation 1 (a base) and patches 2 to 5."""
-    with slow_drive(tmp_path) as (store, _, local):
+    with stand_in(tmp_path) as (store, _, local):
         database = local / "study-1" / "study.db"
         database.parent.mkdir(parents=True)
         study = optuna.create_study(storage=f"sqlite:///{database}", study_name="s")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -372,3 +374,40 @@ def test_a_killed_runtime_never_leaves_finished_trials_without_their_files(
             assert f"trial-{number:05d}/metrics.json" in files
     finally:
         observer.close()
+
+
+def test_a_study_killed_mid_transaction_resumes_on_the_same_disk(tmp_path: Path) -> None:
+    local = tmp_path / "local"
+    with simulated_store(local, tmp_path / "drive", FaultPlan()) as store:
+        first = run_sweep(
+            lambda t: t.suggest_float("x", 0, 1),
+            output_dir=local / "out",
+            study_key=KEY,
+            n_trials=3,
+            backup_to_drive=store,
+        )
+        database = first.study_dir / "study.db"
+        # A runtime killed while SQLite was writing leaves a hot journal behind.
+        writer = (
+            "import os, signal, sqlite3, sys\n"
+            "c = sqlite3.connect(sys.argv[1]); c.execute('PRAGMA cache_size=1')\n"
+            "c.execute('BEGIN IMMEDIATE')\n"
+            "c.execute('CREATE TABLE scratch (x)')\n"
+            "c.executemany('INSERT INTO scratch VALUES (?)', [(b'x' * 4000,)] * 500)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n"
+        )
+        subprocess.run([sys.executable, "-c", writer, str(database)], check=False)
+        journal = database.with_name("study.db-journal")
+        assert journal.stat().st_size > 0
+
+        again = run_sweep(
+            lambda t: t.suggest_float("x", 0, 1),
+            output_dir=local / "out",
+            study_key=KEY,
+            n_trials=5,
+            backup_to_drive=store,
+        )
+
+        assert again.resumed_trials == 3
+        assert len(finished_numbers(again.study)) == 5
+        assert again.backup_ok, again.backup_report

@@ -23,7 +23,7 @@ import optuna
 import pytest
 
 from cli_support import run_cli
-from sweep_support import private_worker, wait_for
+from sweep_support import own_worker, wait_for
 from sweepsafe import DriveStore, backup_hpo_study_to_drive, create_trial_backup_callback
 from sweepsafe.testing import FaultPlan, simulated_store
 
@@ -477,7 +477,7 @@ def study_with_links(tmp_path: Path, study_dir: Path) -> None:
 def test_links_follow_one_rule_at_the_top_of_the_study_folder_and_inside_trials(
     tmp_path: Path,
 ) -> None:
-    with stand_in_drive(tmp_path) as setup, private_worker() as worker:
+    with stand_in_drive(tmp_path) as setup, own_worker() as worker:
         study_dir = setup.local / "study-links"
         study_dir.mkdir()
         study = optuna.create_study(storage=f"sqlite:///{study_dir / 'study.db'}")
@@ -629,7 +629,7 @@ def test_a_sweep_scans_each_trial_folder_a_bounded_number_of_times(
             write(folder / name, b"%d" % trial.number)
         return trial.suggest_float("x", 0, 1)
 
-    with stand_in_drive(tmp_path) as setup, private_worker() as worker:
+    with stand_in_drive(tmp_path) as setup, own_worker() as worker:
         result = run_sweep(
             objective,
             output_dir=output,
@@ -647,7 +647,7 @@ def test_a_sweep_scans_each_trial_folder_a_bounded_number_of_times(
 
 
 def test_a_trial_folder_backup_appends_its_files_to_the_manifest(tmp_path: Path) -> None:
-    with stand_in_drive(tmp_path) as setup, private_worker() as worker:
+    with stand_in_drive(tmp_path) as setup, own_worker() as worker:
         study_dir = setup.local / "study-journal"
         for number in range(50):
             for name in ("metrics.json", "log.txt"):

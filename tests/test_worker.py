@@ -400,13 +400,21 @@ def test_failures_reach_handlers_on_the_sweepsafe_logger(rig: WorkerRig, tmp_pat
 # -- threads ------------------------------------------------------------------------------
 
 
-def test_calls_from_the_worker_loop_thread_are_refused(rig: WorkerRig, tmp_path: Path) -> None:
+def test_a_job_may_submit_another_but_may_not_wait_on_its_own_loop(
+    rig: WorkerRig, tmp_path: Path
+) -> None:
     worker = rig.worker()
     refused: list[str] = []
+    ran: list[Path] = []
+
+    async def follow_up(path: Path, is_directory: bool) -> bool:
+        ran.append(path)
+        return True
 
     async def reentrant_backup(path: Path, is_directory: bool) -> bool:
         await asyncio.sleep(0)
-        for call in (lambda: worker.submit(path, reentrant_backup), lambda: worker.flush(1)):
+        worker.submit(tmp_path / "follow-up", follow_up)  # schedules, never waits
+        for call in (lambda: worker.flush(1), lambda: worker.close(1)):
             try:
                 call()
             except RuntimeError as exc:
@@ -414,7 +422,9 @@ def test_calls_from_the_worker_loop_thread_are_refused(rig: WorkerRig, tmp_path:
         return True
 
     worker.submit(tmp_path / "study.db", reentrant_backup)
-    assert worker.flush(timeout=30).ok
+    worker.flush(timeout=30)  # the follow-up was submitted before this returned...
+    assert worker.flush(timeout=30).ok  # ...so this one waits for it
+    assert ran == [tmp_path / "follow-up"]
     assert len(refused) == 2
     assert all("event loop" in message for message in refused)
 

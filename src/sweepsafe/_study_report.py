@@ -119,6 +119,9 @@ class StudyBackupReport:
 
 def _describe_target(target: TargetReport) -> str:
     result = target.last_result
+    if target.ok and isinstance(result, BackupResult) and result.kind == "skipped":
+        why = "; ".join(result.notes) or "nothing to copy"
+        return f"{target.target} not copied by this runtime: {why}"
     if target.ok:
         detail = ""
         if isinstance(result, BackupResult):

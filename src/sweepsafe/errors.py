@@ -7,6 +7,7 @@ __all__ = [
     "DriveNotMountedError",
     "DrivePathError",
     "LeaseHeldError",
+    "StorageError",
     "StudyConflictError",
     "StudyNotFoundError",
     "SweepsafeError",
@@ -43,3 +44,8 @@ class StudyConflictError(SweepsafeError):
     The Drive copy has finished trials the local study lacks (a stale or second runtime
     wrote it), or the two have diverged. The message says which trials and what to do.
     """
+
+
+class StorageError(SweepsafeError):
+    """A database server given as a shared study's storage cannot be used: a URL of an
+    unsupported kind, a driver not installed, a server that cannot be reached."""

@@ -15,6 +15,13 @@ import optuna
 from optuna.trial import TrialState
 
 from sweepsafe._blocking import run_blocking
+from sweepsafe._shared import (
+    Exporter,
+    SharedSettings,
+    final_shared_backup,
+    open_shared_study,
+    shared_backup_callbacks,
+)
 from sweepsafe.backup import (
     STUDY_DB_NAME,
     TRIALS_DIR_NAME,
@@ -30,7 +37,7 @@ from sweepsafe.backup import (
     trial_folder_name,
 )
 from sweepsafe.drive import BackupBackend
-from sweepsafe.drive._sqlite import SnapshotError, read_content
+from sweepsafe.drive._sqlite import SnapshotError, read_content, recover_hot_journal
 from sweepsafe.errors import LeaseHeldError, StudyConflictError, SweepsafeError
 from sweepsafe.paths import is_drive_path
 from sweepsafe.worker import BackupWorker, get_default_worker
@@ -218,6 +225,7 @@ def _refuse_foreign_database(database: Path) -> None:
     """A local ``study.db`` must be an Optuna study (or absent) before Optuna opens it."""
     if not os.path.lexists(database):
         return
+    recover_hot_journal(database)
     try:
         content = read_content(database, check="quick")
     except SnapshotError as exc:
@@ -365,6 +373,11 @@ def run_sweep(
     flush_timeout: float = 300.0,
     worker: BackupWorker | None = None,
     progress: BackupProgress | None = None,
+    storage: str | None = None,
+    heartbeat_interval: int = 60,
+    grace_period: int | None = None,
+    max_retry: int = 3,
+    export_interval: float = 300.0,
 ) -> SweepResult:
     """Run an Optuna sweep on local disk, backed up to Drive, resuming where it stopped.
 
@@ -387,6 +400,15 @@ def run_sweep(
     after a crash finishes the sweep instead of starting ``n_trials`` more. Trials that
     fail do not count, but do use up this run's budget; run again to fill the gap.
 
+    With ``storage`` (a database URL, ``postgresql://user@host/db``), this runs one
+    worker of a sweep shared by several runtimes: the study lives in the server, a trial
+    whose worker died is found by Optuna's heartbeat (``heartbeat_interval``,
+    ``grace_period``) and retried up to ``max_retry`` times, ``n_trials`` counts the
+    finished trials of every worker (each worker stops at it; they may overshoot by one
+    trial each), each worker backs up its own trial folders, and the worker holding the
+    study's lease exports the study to Drive as ``study.db`` every ``export_interval``
+    seconds and at its end.
+
     Raises:
         LeaseHeldError: another runtime is backing this study up.
         StudyConflictError: the local study and its Drive copy diverged.
@@ -396,6 +418,30 @@ def run_sweep(
     """
     study_dir = study_dir_for(output_dir, study_key)
     storage_path = study_dir / STUDY_DB_NAME
+    if not backup_enabled:
+        backup_to_drive = None
+    if storage is not None:
+        shared = SharedSettings(
+            storage, heartbeat_interval, grace_period, max_retry, export_interval
+        )
+        return _run_shared(
+            objective,
+            shared,
+            study_dir=study_dir,
+            study_name=study_name or study_dir.name,
+            n_trials=n_trials,
+            timeout=timeout,
+            direction=direction,
+            directions=directions,
+            sampler=sampler,
+            pruner=pruner,
+            n_jobs=n_jobs,
+            callbacks=callbacks,
+            backup_to_drive=backup_to_drive,
+            flush_timeout=flush_timeout,
+            worker=worker,
+            progress=progress,
+        )
     if is_drive_path(study_dir):
         logger.warning(
             "%s is on Google Drive: SQLite on a Drive mount is slow and can corrupt the "
@@ -403,8 +449,6 @@ def run_sweep(
             "backup_to_drive=DriveStore.for_colab(...). Running without backups.",
             study_dir,
         )
-        backup_to_drive = None
-    if not backup_enabled:
         backup_to_drive = None
     if backup_to_drive is not None:
         worker = worker or get_default_worker()
@@ -466,6 +510,71 @@ def run_sweep(
         backup_report=report,
         resumed_trials=opened.resumed,
         restored_from_drive=opened.restored,
+    )
+
+
+def _run_shared(
+    objective: Callable[[Trial], Any],
+    shared: SharedSettings,
+    *,
+    study_dir: Path,
+    study_name: str,
+    n_trials: int | None,
+    timeout: float | None,
+    direction: Direction | None,
+    directions: Sequence[Direction] | None,
+    sampler: BaseSampler | None,
+    pruner: BasePruner | None,
+    n_jobs: int,
+    callbacks: Sequence[OptunaCallback],
+    backup_to_drive: BackupToDrive | None,
+    flush_timeout: float,
+    worker: BackupWorker | None,
+    progress: BackupProgress | None,
+) -> SweepResult:
+    """One worker of a shared study (see :func:`run_sweep`'s ``storage``)."""
+    study = open_shared_study(
+        shared,
+        study_name=study_name,
+        direction=direction,
+        directions=directions,
+        sampler=sampler,
+        pruner=pruner,
+    )
+    store = backup_to_drive if isinstance(backup_to_drive, BackupBackend) else None
+    study_dir.mkdir(parents=True, exist_ok=True)
+    exporter: Exporter | None = None
+    backup_callbacks: list[OptunaCallback] = []
+    if store is not None:
+        worker = worker or get_default_worker()
+        run_blocking(lambda: store.aacquire(study_dir, shared=True))
+        exporter = Exporter(store, shared, study.study_name, study_dir, worker, progress)
+        backup_callbacks = shared_backup_callbacks(
+            study_dir, store, exporter, worker, shared.export_interval
+        )
+    finished = len(study.get_trials(deepcopy=False, states=_FINISHED))
+    report: StudyBackupReport | None = None
+    try:
+        if n_trials is None or finished < n_trials:
+            all_callbacks: list[OptunaCallback] = [*callbacks, *backup_callbacks]
+            if n_trials is not None:
+                # Every worker stops once the study holds n_trials finished trials.
+                all_callbacks.insert(0, optuna.study.MaxTrialsCallback(n_trials, states=_FINISHED))
+            study.optimize(
+                objective,
+                n_trials=None if n_trials is None else n_trials - finished,
+                timeout=timeout,
+                n_jobs=n_jobs,
+                callbacks=all_callbacks,
+            )
+    finally:
+        if store is not None and exporter is not None and worker is not None:
+            report = final_shared_backup(store, exporter, study_dir, worker, flush_timeout)
+            (logger.info if report.ok else logger.warning)(
+                "%s", report, extra={"sweepsafe_report": True}
+            )
+    return SweepResult(
+        study=study, study_dir=study_dir, backup_report=report, resumed_trials=finished
     )
 
 

@@ -6,6 +6,10 @@ import argparse
 from datetime import datetime, timezone
 from typing import TextIO
 
+import sqlalchemy
+
+from sweepsafe._export import load_into_server
+from sweepsafe._shared import describe_server_error, hide_password
 from sweepsafe.cli._common import (
     add_drive_timeout_option,
     check_timeout,
@@ -47,6 +51,12 @@ def register(
         help="the newest generation published at or before TIME: ISO 8601 in UTC, as "
         "sweepsafe history prints it (e.g. 2026-11-29T14:00), or with an offset (+01:00)",
     )
+    restore.add_argument(
+        "--into",
+        metavar="URL",
+        help="then load the restored study into this empty database server "
+        "(postgresql://user@host/db), to share it between workers",
+    )
     add_drive_timeout_option(restore)
     restore.set_defaults(command_function=restore_command)
 
@@ -74,4 +84,16 @@ def restore_command(args: argparse.Namespace, out: TextIO) -> int:
         )
     if result.reason == "no-copy":
         raise CommandError(result.error or f"Google Drive holds no copy of {path}", EXIT_BAD_INPUT)
-    return report_copy("Restored", result, out)
+    status = report_copy("Restored", result, out)
+    if args.into is not None:
+        if result.kind != "sqlite":
+            raise CommandError(f"--into loads a study database; {path} is not one")
+        try:
+            names = load_into_server(path, args.into)
+        except (ValueError, ImportError, sqlalchemy.exc.SQLAlchemyError) as exc:
+            message = (
+                str(exc) if isinstance(exc, ValueError) else describe_server_error(args.into, exc)
+            )
+            raise CommandError(f"{message} ({args.into})", EXIT_BAD_INPUT) from None
+        out.write(f"Loaded {', '.join(names)} into {hide_password(args.into)}\n")
+    return status

@@ -35,7 +35,7 @@ from sweepsafe.cli._errors import (
 from sweepsafe.cli._objective import WatchedObjective, explain_sweep_failure, load_objective
 from sweepsafe.cli._progress import SweepProgressBar
 from sweepsafe.drive import DriveStore
-from sweepsafe.errors import LeaseHeldError, StudyConflictError, SweepsafeError
+from sweepsafe.errors import LeaseHeldError, StorageError, StudyConflictError, SweepsafeError
 from sweepsafe.paths import COLAB_DRIVE_MOUNT
 from sweepsafe.sweep import SweepResult, run_sweep, study_dir_for
 from sweepsafe.worker import BackupWorker, FlushReport
@@ -117,6 +117,33 @@ def register(
         type=positive_int,
         default=16,
         help="files copied to Drive at once (default 16)",
+    )
+    shared = run.add_argument_group("a sweep shared by several workers through a database server")
+    shared.add_argument(
+        "--storage",
+        metavar="URL",
+        help="the study lives in this database (postgresql://user@host/db); run the same "
+        "command on every worker",
+    )
+    shared.add_argument(
+        "--heartbeat-interval",
+        type=positive_int,
+        default=60,
+        help="seconds between a running trial's heartbeats (default 60)",
+    )
+    shared.add_argument(
+        "--grace-period",
+        type=positive_int,
+        help="a trial silent this long is stale, failed and retried (default: 2 heartbeats)",
+    )
+    shared.add_argument(
+        "--max-retry", type=int, default=3, help="retries of a trial whose worker died"
+    )
+    shared.add_argument(
+        "--export-interval",
+        type=positive_float,
+        default=300.0,
+        help="seconds between exports of the study to Drive (default 300)",
     )
     add_drive_timeout_option(run)
     add_progress_options(run)
@@ -220,8 +247,13 @@ def run_command(args: argparse.Namespace, out: TextIO) -> int:
             flush_timeout=args.flush_timeout,
             worker=worker,
             progress=progress,
+            storage=args.storage,
+            heartbeat_interval=args.heartbeat_interval,
+            grace_period=args.grace_period,
+            max_retry=args.max_retry,
+            export_interval=args.export_interval,
         )
-    except (LeaseHeldError, StudyConflictError) as exc:
+    except (LeaseHeldError, StudyConflictError, StorageError) as exc:
         raise CommandError(str(exc), EXIT_BAD_INPUT) from None
     except SweepsafeError:
         raise

@@ -15,7 +15,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
+import sqlalchemy
+
 from sweepsafe._blocking import run_blocking
+from sweepsafe._shared import describe_server_error, hide_password, workers_seen
 from sweepsafe.cli._common import (
     DRIVE_READ_TIMEOUT_S,
     add_drive_timeout_option,
@@ -49,6 +52,17 @@ def register(
     )
     status.add_argument("directory", metavar="DIR", help="an output or Drive folder, or a file")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.add_argument(
+        "--storage",
+        metavar="URL",
+        help="the database server of a shared study: also say how many workers are alive",
+    )
+    status.add_argument(
+        "--grace-period",
+        type=float,
+        default=120.0,
+        help="with --storage: a worker silent this long is not counted (default 120 s)",
+    )
     add_drive_timeout_option(status)
     status.set_defaults(command_function=status_command)
 
@@ -142,8 +156,12 @@ def status_command(args: argparse.Namespace, out: TextIO) -> int:
     timeout = read_timeout(args)
     results = [check(path, timeout) for path in find_databases(base, check_timeout(args))]
     results = [r for r in results if r.exists or r.error is not None]
+    workers = _workers(args)
     if args.json:
-        json.dump({"root": str(base), "databases": [as_json(r) for r in results]}, out, indent=2)
+        body: dict[str, Any] = {"root": str(base), "databases": [as_json(r) for r in results]}
+        if workers is not None:
+            body["workers_seen"] = workers
+        json.dump(body, out, indent=2)
         out.write("\n")
     else:
         out.write(_table(base, results))
@@ -152,7 +170,23 @@ def status_command(args: argparse.Namespace, out: TextIO) -> int:
                 out.write(f"{result.error}\n")
             elif result.exists and not result.is_sqlite:
                 out.write(f"{result.path} {NOT_SQLITE}\n")
+        if workers is not None:
+            seen = ", ".join(f"{n} in {name}" for name, n in sorted(workers.items())) or "none"
+            out.write(
+                f"Workers seen by heartbeat in the last {args.grace_period:g} s "
+                f"({hide_password(args.storage)}): {seen}\n"
+            )
     return EXIT_OK if all(sound(result) for result in results) else EXIT_UNSOUND
+
+
+def _workers(args: argparse.Namespace) -> dict[str, int] | None:
+    """Live workers per study in the server given by ``--storage``, if it was given."""
+    if args.storage is None:
+        return None
+    try:
+        return workers_seen(args.storage, args.grace_period)
+    except (ImportError, sqlalchemy.exc.SQLAlchemyError) as exc:
+        raise CommandError(describe_server_error(args.storage, exc)) from None
 
 
 def _table(base: Path, results: Sequence[VerifyResult]) -> str:

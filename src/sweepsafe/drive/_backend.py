@@ -52,8 +52,13 @@ class BackupBackend(Protocol):
     async def ahistory(self, path: StrPath) -> list[GenerationInfo]:
         """The kept generations of a database, newest first."""
 
-    async def aacquire(self, study_dir: StrPath, *, takeover: bool = False) -> None:
+    async def aacquire(
+        self, study_dir: StrPath, *, takeover: bool = False, shared: bool = False
+    ) -> None:
         """Become the one writer of a study's copy, or raise LeaseHeldError."""
+
+    async def aholds(self, study_dir: StrPath, *, take: bool = False) -> bool:
+        """Whether this runtime holds the study's lease (trying to take it with ``take``)."""
 
     async def arenew(self) -> None:
         """Renew the leases held; never raises."""

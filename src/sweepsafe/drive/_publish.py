@@ -114,7 +114,7 @@ async def _ship_plain(unit: StudyUnit, snapshot: Path, rel: str) -> Published:
     settings = unit.settings
     size = (await anyio.to_thread.run_sync(os.stat, snapshot)).st_size
     async with settings.pool.session() as helper:
-        await unit.prepare(helper)
+        await unit.prepare(helper, for_database=False)
         copied = await helper.put_file(
             snapshot, unit.drive / rel, settings.timeout, size=size, chunk=COPY_CHUNK
         )
@@ -292,6 +292,9 @@ async def _write_generation(
                 return Published(
                     "unchanged", parent.generation, 0, content.finished_count, _frozen(missing)
                 )
+        # A patch chains only onto the generation just before it: one that follows an
+        # older generation (later ones on Drive are damaged or missing) starts afresh.
+        if delta is not None and parent.generation + 1 == generation:
             patch = encode_patch(
                 delta,
                 generation=generation,

@@ -31,6 +31,7 @@ __all__ = [
     "SnapshotError",
     "is_sqlite_file",
     "read_content",
+    "recover_hot_journal",
     "snapshot_sqlite",
 ]
 
@@ -81,6 +82,26 @@ def snapshot_sqlite(source: Path, target: Path) -> None:
         raise SnapshotError(str(exc)) from exc
     if problem is not None:
         raise SnapshotError(f"the snapshot failed: {problem}")
+
+
+def recover_hot_journal(database: Path) -> None:
+    """Let SQLite roll back a transaction a killed writer left in a ``-journal``.
+
+    A hot journal can only be rolled back by a connection that may write; until then a
+    read-only connection fails ("attempt to write a readonly database"). Only for a
+    database this process owns (a local study before Optuna opens it): never a Drive copy.
+    """
+    journal = database.with_name(database.name + "-journal")
+    if not journal.exists() or journal.stat().st_size == 0:
+        return
+    try:
+        connection = sqlite3.connect(database, timeout=BUSY_TIMEOUT_S)
+        try:
+            connection.execute("SELECT COUNT(*) FROM sqlite_master").fetchall()
+        finally:
+            connection.close()
+    except sqlite3.DatabaseError:
+        return  # the check that follows says what is wrong with it
 
 
 def _is_disk_full(exc: sqlite3.DatabaseError) -> bool:

@@ -315,8 +315,9 @@ class DriveStore:
         exclude: Sequence[str],
     ) -> BackupResult:
         async with self._pool.session() as helper:
-            await unit.prepare(helper)
-        await _database_first(unit, source)
+            await unit.prepare(helper, for_database=False)
+        if not unit.shared:
+            await _database_first(unit, source)
 
         async def publish_inner(database: Path) -> EntryProblem | None:
             result = await self._backup_database(
@@ -523,19 +524,52 @@ class DriveStore:
         return await generations_of(self._pool, remote, self.drive_timeout)
 
     # -- the lease --------------------------------------------------------------------------
-    async def aacquire(self, study_dir: StrPath, *, takeover: bool = False) -> None:
+    async def aacquire(
+        self, study_dir: StrPath, *, takeover: bool = False, shared: bool = False
+    ) -> None:
         """Make this runtime the one writer of a study's Drive copy (see ``lease_timeout``).
 
+        ``shared``: the study is shared by several workers through a database server.
+        Each copies its own trials' files without the lease; the lease only says who
+        exports the database. Taking it is then tried, and a live holder is not an error.
+
         Raises:
-            LeaseHeldError: another runtime holds a live lease (and not ``takeover``).
+            LeaseHeldError: another runtime holds a live lease (not ``shared``, not
+                ``takeover``).
             OSError, DriveTimeout: Drive failed or did not answer.
         """
         unit = self._unit(
             Path(os.path.abspath(study_dir)).relative_to(self.local_root).as_posix(), register=True
         )
+        unit.shared = unit.shared or shared
         await unit.load()
         async with self._pool.session() as helper:
-            await unit.ensure_lease(helper, takeover=takeover)
+            try:
+                await unit.ensure_lease(helper, takeover=takeover)
+            except LeaseHeldError:
+                if not shared:
+                    raise
+
+    async def aholds(self, study_dir: StrPath, *, take: bool = False) -> bool:
+        """Whether this runtime holds the study's lease; with ``take``, try to take it first.
+
+        Never raises for a lease another runtime holds; Drive failing is logged and read
+        as not holding it.
+        """
+        unit = self._unit(
+            Path(os.path.abspath(study_dir)).relative_to(self.local_root).as_posix(), register=True
+        )
+        if take:
+            await unit.load()
+            try:
+                async with self._pool.session() as helper:
+                    await unit.ensure_lease(helper)
+            except LeaseHeldError:
+                return False
+            except (OSError, DriveTimeout) as exc:
+                logger.warning("Could not take the lease on %s: %s", unit.drive, exc)
+                return False
+        return unit.holds_lease
 
     async def arenew(self) -> None:
         """Renew every lease this store holds; called periodically by the backup worker.
@@ -549,7 +583,13 @@ class DriveStore:
             try:
                 async with self._pool.session() as helper:
                     await unit.ensure_lease(helper)
-            except (LeaseHeldError, OSError, DriveTimeout) as exc:
+            except LeaseHeldError as exc:
+                # Expected in a shared study (another worker exports now); said once
+                # where a single runtime was taken over.
+                (logger.info if unit.shared else logger.warning)(
+                    "Could not renew the lease on %s: %s", unit.drive, exc
+                )
+            except (OSError, DriveTimeout) as exc:
                 logger.warning("Could not renew the lease on %s: %s", unit.drive, exc)
 
     async def arelease(self, study_dir: StrPath | None = None) -> None:

@@ -117,6 +117,8 @@ class StudyUnit:
         self.conflicts: dict[str, tuple[int, frozenset[str], str]] = {}
         """Per database: the Drive head a refused publish met, and the refusal."""
         self._cleaned = False
+        self.shared = False
+        """Several workers share this study (a database server): see :meth:`prepare`."""
         self.registered = False
         """This folder is known to be a study (a lease, or a database of it)."""
         self.locks = _LoopLocks()
@@ -156,17 +158,20 @@ class StudyUnit:
             self._state, self._manifest = state, manifest
 
     # -- identity and lease, checked before every backup ------------------------------------
-    async def prepare(self, helper: DriveHelper) -> None:
+    async def prepare(self, helper: DriveHelper, *, for_database: bool = True) -> None:
         """Check the study folder on Drive is the one recorded and this runtime owns it.
 
         A folder deleted or replaced on Drive starts the records afresh, so everything is
-        copied there again (and databases are compared with what Drive holds).
+        copied there again (and databases are compared with what Drive holds). In a study
+        shared by several workers, a worker copies its own trials' files without the
+        lease; only the database (the export) needs it (``for_database``).
 
         Raises:
             LeaseHeldError: another runtime owns it, or took it over from this one.
         """
         await self.load()
-        if self.lost is not None:
+        needs_lease = for_database or not self.shared
+        if self.lost is not None and needs_lease:
             raise LeaseHeldError(self.lost)
         timeout = self.settings.timeout
         state = self.state
@@ -181,13 +186,16 @@ class StudyUnit:
                 what,
             )
             self.forget_drive_copy()
-        await self.ensure_lease(helper)
+        if needs_lease:
+            await self.ensure_lease(helper)
         if drive_id is None:
             drive_id = await write_identity(helper, self.drive, timeout, self.settings.clock)
         if state.unit_id != drive_id:
             state.unit_id = drive_id
             self.manifest.reset(drive_id)
             await state.asave()
+        if not self.holds_lease:
+            return  # another worker of a shared study may have copies in flight here
         if state.strays:
             # Left by a runtime that died mid-copy; this runtime owns the folder now.
             await helper.remove([self.drive / rel for rel in state.strays], timeout)
@@ -230,6 +238,11 @@ class StudyUnit:
         if self._lease is not None and not takeover:
             current = await read_lease(helper, self.drive, settings.timeout)
             if current is not None and not current.owner.is_same_process(this_runtime()):
+                if self.shared:
+                    # Another worker of a shared study exports now; this one may take
+                    # the lease again when that one's lease lapses.
+                    self._lease = None
+                    raise LeaseHeldError(f"another worker holds the lease on {self.drive}")
                 self.lost = (
                     f"another runtime ({current.owner.describe(settings.clock)}) took over "
                     f"{self.drive} on Google Drive, so this runtime stopped backing it up "

@@ -109,6 +109,7 @@ class BackupWorker:
         )
         self._closed = False
         self._warned_closed = False
+        self._given_up_at = -1
 
     def __repr__(self) -> str:
         return f"<BackupWorker {self._name!r}>"
@@ -144,12 +145,8 @@ class BackupWorker:
         in :meth:`flush` reports and in the log). When a job for ``target`` is already
         waiting, this call is coalesced into it, and the waiting job will use this call's
         ``backup``. After :meth:`close` the job is dropped, with one warning in the log.
-
-        Raises:
-            RuntimeError: called from the worker loop's own thread.
+        A job running on the worker's loop (a periodic one, say) may submit others.
         """
-        if self._loop.is_loop_thread():
-            raise RuntimeError(_LOOP_THREAD_MESSAGE.format(method="submit"))
         key = os.path.abspath(os.fspath(target))
         job = Job(backup, is_directory)
         with self._ledger.lock:
@@ -208,9 +205,17 @@ class BackupWorker:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         timed_out = True
+                        # Someone already waited for these and gave up: the exit hook
+                        # must not make them wait a second time.
+                        self._given_up_at = ledger.seq
                         break
                     ledger.job_finished.wait(remaining)
             return ledger.report_locked(timed_out, time.monotonic() - started)
+
+    def waited_for_everything(self) -> bool:
+        """A flush timed out after the newest submit: nothing new was asked for since."""
+        with self._ledger.lock:
+            return self._given_up_at == self._ledger.seq and self._ledger.seq > 0
 
     def close(self, timeout: float | None = 30.0) -> FlushReport:
         """Flush for up to ``timeout`` seconds, then stop the loop; idempotent.
@@ -324,6 +329,10 @@ def _close_default_worker_at_exit() -> None:
         timeout = _exit_timeout_s
     if worker is None:
         return
+    if worker.waited_for_everything():
+        # The sweep's final flush already waited its timeout for what is still pending
+        # and said so; waiting again would make the exit take twice as long.
+        timeout = 0.0
     report = worker.close(timeout)
     if not report.ok:
         logger.warning("At exit, %s", report)

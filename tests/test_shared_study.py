@@ -1,0 +1,316 @@
+"""A sweep shared by several workers through a real PostgreSQL server, backed up to Drive.
+
+Four worker processes run one study in a server the tests start themselves; one is
+killed mid-trial, another while it exports. Only the Drive is simulated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import sqlalchemy
+
+from replica_support import DriveObserver, finished_numbers
+from sweepsafe import run_sweep, study_dir_for
+from sweepsafe.errors import SweepsafeError
+from sweepsafe.testing import FaultPlan
+
+WORKER = Path(__file__).with_name("shared_worker.py")
+WAIT_S = 120.0
+KEY = "shared"
+
+
+class Worker:
+    """``shared_worker.py`` in a session of its own; its events as they come."""
+
+    def __init__(
+        self, tmp_path: Path, name: str, url: str, plan: Path, trials: int, seconds: float = 0.4
+    ) -> None:
+        self.name = name
+        self.local = tmp_path / name
+        self.events: list[dict[str, Any]] = []
+        self._changed = threading.Condition()
+        command = [sys.executable, str(WORKER), "--url", url, "--local", str(self.local)]
+        command += ["--drive", str(tmp_path / "drive"), "--plan", str(plan)]
+        command += ["--trials", str(trials), "--name", name, "--trial-seconds", str(seconds)]
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        self.stderr = ""
+        self._threads = [
+            threading.Thread(target=self._read, daemon=True),
+            threading.Thread(target=self._read_stderr, daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with self._changed:
+                self.events.append(json.loads(line))
+                self._changed.notify_all()
+
+    def _read_stderr(self) -> None:
+        assert self.process.stderr is not None
+        self.stderr = self.process.stderr.read()
+
+    def wait_for(self, event: str) -> dict[str, Any] | None:
+        with self._changed:
+            self._changed.wait_for(
+                lambda: (
+                    any(e["event"] == event for e in self.events) or self.process.poll() is not None
+                ),
+                WAIT_S,
+            )
+            return next((e for e in self.events if e["event"] == event), None)
+
+    def kill(self) -> None:
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.finish()
+
+    def finish(self) -> int:
+        code = self.process.wait(timeout=WAIT_S)
+        for thread in self._threads:
+            thread.join(timeout=WAIT_S)
+        for stream in (self.process.stdout, self.process.stderr):
+            if stream is not None:
+                stream.close()
+        return code
+
+
+def plan(tmp_path: Path, latency: float = 0.0) -> Path:
+    path = tmp_path / "plan.json"
+    FaultPlan(latency_s=latency).write(path)
+    return path
+
+
+def drive_study(tmp_path: Path) -> Path:
+    return tmp_path / "drive" / "out" / study_dir_for(Path("/x"), KEY).name
+
+
+def has_heartbeat(url: str, number: int) -> bool:
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            found = connection.execute(
+                sqlalchemy.text(
+                    "SELECT COUNT(*) FROM trial_heartbeats AS h JOIN trials AS t "
+                    "ON h.trial_id = t.trial_id WHERE t.number = :number"
+                ),
+                {"number": number},
+            ).scalar()
+    finally:
+        engine.dispose()
+    return bool(found)
+
+
+def server_trials(url: str) -> list[optuna.trial.FrozenTrial]:
+    storage = optuna.storages.RDBStorage(url)
+    try:
+        (summary,) = optuna.get_all_study_summaries(storage)
+        return optuna.load_study(study_name=summary.study_name, storage=storage).get_trials()
+    finally:
+        storage.engine.dispose()
+
+
+@pytest.mark.timeout(300)
+def test_four_workers_one_killed_mid_trial_finish_the_sweep_and_drive_holds_it(
+    tmp_path: Path, postgres_database: str
+) -> None:
+    # Long enough that the others start trials after the grace period, when they find
+    # the dead worker's trial stale.
+    n_trials = 30
+    workers = [
+        Worker(tmp_path, f"w{i}", postgres_database, plan(tmp_path), n_trials) for i in range(4)
+    ]
+    victim = workers[1]
+    started = victim.wait_for("trial_started")
+    assert started is not None, victim.stderr
+    # Optuna finds a stale trial by its heartbeat, recorded just after the trial starts
+    # (a worker killed before its first heartbeat leaves a trial it never sees as stale).
+    while not has_heartbeat(postgres_database, started["trial"]):
+        assert victim.process.poll() is None, victim.stderr
+    victim.kill()  # mid-trial: its trial is left RUNNING in the server
+    codes = [worker.finish() for worker in workers if worker is not victim]
+    assert codes == [0, 0, 0], [w.stderr for w in workers]
+
+    trials = server_trials(postgres_database)
+    by_number = {t.number: t for t in trials}
+    killed = by_number[started["trial"]]
+    assert killed.state == optuna.trial.TrialState.FAIL  # found stale by its heartbeat
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert retried  # and retried by another worker
+    assert [t.number for t in trials if t.state == optuna.trial.TrialState.FAIL] == [
+        killed.number
+    ]  # no live worker's trial was ever failed
+    finished = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert n_trials <= len(finished) <= n_trials + 3  # each worker may overshoot by one
+
+    # Every finished trial's folder is on Drive, backed up by the worker that ran it.
+    for trial in finished:
+        model = drive_study(tmp_path) / "trials" / f"trial-{trial.number:05d}" / "model.txt"
+        assert model.read_text().split()[1] == str(trial.number)
+    # The export on Drive is a sound SQLite study holding every finished trial.
+    observer = DriveObserver(tmp_path, tmp_path / "drive")
+    try:
+        study = observer.restored_study(drive_study(tmp_path), tmp_path / "check")
+        assert finished_numbers(study) == sorted(t.number for t in finished)
+    finally:
+        observer.close()
+
+
+@pytest.mark.timeout(300)
+def test_an_exporter_killed_while_it_exports_leaves_the_previous_export_and_another_exports(
+    tmp_path: Path, postgres_database: str
+) -> None:
+    # Drive takes a while per file, so a kill while exporting lands mid-copy.
+    fault_plan = plan(tmp_path, latency=0.4)
+    # Enough trials that the others are still sweeping when the exporter dies.
+    workers = [Worker(tmp_path, f"w{i}", postgres_database, fault_plan, 60) for i in range(3)]
+    exporter = None
+    while exporter is None:
+        for worker in workers:
+            # The second export: the first one left a sound export on Drive to fall back on.
+            if sum(e["event"] == "exporting" for e in worker.events) >= 2:
+                exporter = worker
+        assert any(w.process.poll() is None for w in workers), [w.stderr for w in workers]
+        threading.Event().wait(0.02)
+    exporter.kill()
+    observer = DriveObserver(tmp_path, tmp_path / "drive")
+    try:
+        after_kill = observer.restored_study(drive_study(tmp_path), tmp_path / "after-kill")
+        assert after_kill.get_trials()  # sound and loads: the previous export
+        others = [w for w in workers if w is not exporter]
+        assert [w.finish() for w in others] == [0, 0], [w.stderr for w in others]
+        exported = [any(e["event"] == "exporting" for e in w.events) for w in others]
+        # Another worker took the lease over and exported.
+        assert any(exported), [(w.name, w.stderr[-1500:]) for w in others]
+        final = observer.restored_study(drive_study(tmp_path), tmp_path / "final")
+        complete = [
+            t.number
+            for t in server_trials(postgres_database)
+            if t.state == optuna.trial.TrialState.COMPLETE
+        ]
+        assert finished_numbers(final) == sorted(complete)
+    finally:
+        observer.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("mongodb://localhost/sweeps", "not a database URL"),
+        ("postgresql+pg8000://u@localhost/sweeps", "pip install pg8000"),
+        ("postgresql+psycopg://u@127.0.0.1:1/sweeps", "could not reach the database server"),
+    ],
+    ids=["unsupported kind", "driver missing", "server unreachable"],
+)
+def test_a_storage_that_cannot_be_used_is_one_clear_sentence(
+    tmp_path: Path, url: str, words: str
+) -> None:
+    with pytest.raises(SweepsafeError, match=words) as raised:
+        run_sweep(
+            lambda t: t.suggest_float("x", 0, 1),
+            output_dir=tmp_path / "out",
+            study_key=KEY,
+            n_trials=1,
+            storage=url,
+        )
+    assert "\n" not in str(raised.value)
+
+
+def test_a_study_restored_from_drive_into_a_fresh_server_continues_as_a_shared_sweep(
+    tmp_path: Path, postgres_database: str
+) -> None:
+    from cli_support import run_cli
+    from sweepsafe.testing import simulated_store
+
+    local, drive = tmp_path / "local", tmp_path / "drive"
+    with simulated_store(local, drive, FaultPlan()) as store:
+        single = run_sweep(
+            lambda t: t.suggest_float("x", 0, 1),
+            output_dir=local / "out",
+            study_key=KEY,
+            n_trials=6,
+            backup_to_drive=store,
+        )
+    database = single.study_dir / "study.db"
+    fresh = tmp_path / "fresh"
+    restored = fresh / "out" / single.study_dir.name / "study.db"
+    command = run_cli(
+        "restore",
+        restored,
+        "--local-root",
+        fresh,
+        "--drive-root",
+        drive,
+        "--into",
+        postgres_database,
+    )
+    assert command.returncode == 0, command.stderr
+    assert f"Loaded {single.study.study_name}" in command.stdout
+    again = run_cli(  # the server is no longer empty: loading twice is refused
+        "restore",
+        restored,
+        "--local-root",
+        fresh,
+        "--drive-root",
+        drive,
+        "--into",
+        postgres_database,
+    )
+    assert again.returncode == 2
+    assert "already holds 1 study" in again.stderr
+
+    shared = run_sweep(
+        lambda t: t.suggest_float("x", 0, 1),
+        output_dir=tmp_path / "worker" / "out",
+        study_key=KEY,
+        study_name=single.study.study_name,
+        n_trials=9,
+        storage=postgres_database,
+        heartbeat_interval=1,
+    )
+    numbers = finished_numbers(shared.study)
+    assert numbers == list(range(9))  # the six restored trials, then three new ones
+    assert database.exists()
+
+
+@pytest.mark.timeout(180)
+def test_status_with_the_server_counts_the_live_workers(
+    tmp_path: Path, postgres_database: str
+) -> None:
+    from cli_support import run_cli
+
+    worker = Worker(tmp_path, "w0", postgres_database, plan(tmp_path), 3, seconds=30.0)
+    try:
+        started = worker.wait_for("trial_started")
+        assert started is not None, worker.stderr
+        while not has_heartbeat(postgres_database, started["trial"]):
+            assert worker.process.poll() is None, worker.stderr
+        result = run_cli(
+            "status",
+            worker.local / "out",
+            "--storage",
+            postgres_database,
+            "--grace-period",
+            "10",
+        )
+        assert "Workers seen by heartbeat in the last 10 s" in result.stdout, result.stderr
+        assert "1 in study-" in result.stdout
+    finally:
+        worker.kill()
