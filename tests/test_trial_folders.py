@@ -19,12 +19,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 import optuna
 import pytest
 
 from cli_support import run_cli
 from sweep_support import own_worker, wait_for
-from sweepsafe import DriveStore, backup_hpo_study_to_drive, create_trial_backup_callback
+from sweepsafe import (
+    BackupResult,
+    DriveStore,
+    backup_hpo_study_to_drive,
+    create_trial_backup_callback,
+)
 from sweepsafe.testing import FaultPlan, simulated_store
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -569,6 +575,41 @@ def test_small_files_overlap_drive_latency_many_at_once(tmp_path: Path) -> None:
     assert elapsed["one-at-a-time"] >= count * latency
     # 16 at once by default: two rounds of Drive's latency instead of 32.
     assert elapsed["default"] <= elapsed["one-at-a-time"] / 6, elapsed
+
+
+def test_overlapping_folder_backups_at_once_copy_each_file_once(tmp_path: Path) -> None:
+    # A trial's own backup and an end-of-sweep walk of ``trials/`` can run at the same
+    # time; a file one of them copied is not copied again by the other while the first
+    # has yet to make its Drive folder durable.
+    count = 48
+    with stand_in_drive(tmp_path) as setup:
+        trials = setup.local / "study" / "trials"
+        write(trials / "warm.json", b"{}")
+        assert setup.store.backup(trials, is_directory=True).ok
+        trial = trials / "trial-00001"
+        for index in range(count):
+            write(trial / f"step-{index:03d}.json", b'{"loss": %d}' % index)
+        setup.set_faults(FaultPlan(latency_s=0.02))
+
+        async def both() -> list[BackupResult]:
+            results: list[BackupResult] = []
+
+            async def one(folder: Path) -> None:
+                results.append(await setup.store.abackup(folder, is_directory=True))
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(one, trial)
+                group.start_soon(one, trials)
+            return results
+
+        results = anyio.run(both)
+        assert all(r.ok for r in results), [r.error for r in results]
+        assert sum(r.files_copied for r in results) == count
+        walk = setup.store.backup(trials, is_directory=True)
+        assert (walk.files_copied, walk.files_unchanged) == (0, count + 1)
+        for index in range(count):
+            local = trial / f"step-{index:03d}.json"
+            assert setup.store.drive_path_for(local).read_bytes() == local.read_bytes()
 
 
 def test_a_database_backup_copies_its_new_trials_folders_many_at_once(tmp_path: Path) -> None:

@@ -141,6 +141,8 @@ class FolderJob:
     publish_database: PublishDatabase | None = None
     file_lock: Callable[[str], anyio.Lock] | None = None
     """One lock per file of the study: two jobs never copy the same file at once."""
+    landing: dict[str, Signature] | None = None
+    """Files of the study on Drive whose folder is not yet synced, shared by its jobs."""
 
 
 def scan_local(unit_local: Path, folder: Path, exclude: Sequence[str]) -> _Scan:
@@ -265,8 +267,15 @@ class _Copier:
             await self._copy_unlocked(helper, rel)
             return
         async with self.job.file_lock(rel):
-            if self.job.manifest.get(rel) == self.scan.files[rel].signature:
+            signature = self.scan.files[rel].signature
+            if self.job.manifest.get(rel) == signature:
                 self.unchanged_meanwhile += 1  # another job copied this very version
+                return
+            if self.job.landing is not None and self.job.landing.get(rel) == signature:
+                # Another job copied it and has yet to sync its folder: sync it here
+                # too rather than copy it again, so this job's record is as durable.
+                self.unchanged_meanwhile += 1
+                self._landed.append((rel, signature))
                 return
             await self._copy_unlocked(helper, rel)
 
@@ -327,6 +336,8 @@ class _Copier:
                 job.manifest.forget(stale)
         self._forget_file_ancestors(rel)
         self._landed.append((rel, signature))
+        if job.landing is not None:
+            job.landing[rel] = signature
 
     def _forget_file_ancestors(self, rel: str) -> None:
         # A file that became a folder was replaced on Drive by the folder.
@@ -381,6 +392,8 @@ class _Copier:
         await helper.sync_folders([Path(folder) for folder in folders], self.job.timeout)
         for rel, signature in landed:
             self.job.manifest.record(rel, signature)
+            if self.job.landing is not None and self.job.landing.get(rel) == signature:
+                self.job.landing.pop(rel, None)
 
 
 def _snapshot_with_signature(source: Path, snapshot: Path) -> Signature:

@@ -32,7 +32,7 @@ from sweepsafe.drive._folders import (
 )
 from sweepsafe.drive._helper_client import folders_with_abandoned
 from sweepsafe.drive._helper_process import STATE_DIR_NAME
-from sweepsafe.drive._local_state import Manifest, UnitState, unit_state_dir
+from sweepsafe.drive._local_state import Manifest, Signature, UnitState, unit_state_dir
 from sweepsafe.drive._replica import (
     Lease,
     acquire_lease,
@@ -121,6 +121,8 @@ class StudyUnit:
         """Several workers share this study (a database server): see :meth:`prepare`."""
         self.registered = False
         """This folder is known to be a study (a lease, or a database of it)."""
+        self.landing: dict[str, Signature] = {}
+        """Files copied to Drive whose folder a job has yet to sync (see ``FolderJob``)."""
         self.locks = _LoopLocks()
         self._load_guard = _LoopLocks()
 
@@ -193,6 +195,7 @@ class StudyUnit:
         if state.unit_id != drive_id:
             state.unit_id = drive_id
             self.manifest.reset(drive_id)
+            self.landing.clear()
             await state.asave()
         if not self.holds_lease:
             return  # another worker of a shared study may have copies in flight here
@@ -223,6 +226,7 @@ class StudyUnit:
     def forget_drive_copy(self) -> None:
         """Forget what was known to be on Drive: it is gone or not ours."""
         self.manifest.reset(None)
+        self.landing.clear()
         self.state.unit_id = None
         self.state.databases.clear()
         self.parent_content.clear()
@@ -292,6 +296,7 @@ class StudyUnit:
             concurrency=settings.file_concurrency,
             publish_database=publish,
             file_lock=lambda rel: self.locks.get(("file", rel)),
+            landing=self.landing,
         )
 
     async def sync(
