@@ -24,13 +24,20 @@ from typing import TypeVar
 import anyio
 
 from sweepsafe._blocking import run_blocking
-from sweepsafe.drive._folders import EntryProblem, FolderOutcome, restore_folder, sync_file
 from sweepsafe.drive._helper_client import DriveTimeout, HelperPool
 from sweepsafe.drive._helper_process import STATE_DIR_NAME, is_sqlite_file
-from sweepsafe.drive._messages import explain_failure, source_problem, summarize_problems
-from sweepsafe.drive._publish import publish_database
+from sweepsafe.drive._messages import explain_failure, source_problem
+from sweepsafe.drive._operations import (
+    adopt_drive_identity,
+    backup_database,
+    backup_files,
+    restore_database_result,
+    restore_file_result,
+    restore_folder_result,
+    with_duration,
+)
 from sweepsafe.drive._reading import generations_of, path_kind, verify_database
-from sweepsafe.drive._restore import RestoreRefused, restore_database
+from sweepsafe.drive._restore import RestoreRefused
 from sweepsafe.drive._results import BackupResult, GenerationInfo, Kind, VerifyResult
 from sweepsafe.drive._sqlite import SnapshotError
 from sweepsafe.drive._unit import StoreSettings, StudyUnit, TrialFilesHeldBack
@@ -274,65 +281,21 @@ class DriveStore:
         try:
             if is_database:
                 kind = "sqlite"
-                result = await self._backup_database(unit, source, destination, final)
+                result = await backup_database(unit, source, destination, final)
             elif is_directory and source == self.local_root:
                 result = await self._backup_root(exclude, final)
             else:
-                result = await self._backup_files(unit, source, destination, is_directory, exclude)
+                result = await backup_files(
+                    unit, source, destination, is_directory, exclude, self.mirror
+                )
         except _EXPECTED as exc:
             error, retryable = explain_failure(exc, source, "writing", destination)
             result = BackupResult(
                 False, source, destination, kind, error=error, retryable=retryable
             )
-        result = _with_duration(result, time.monotonic() - started)
+        result = with_duration(result, time.monotonic() - started)
         logger.debug("Backed up %s to %s: %s", source, destination, result)
         return result
-
-    async def _backup_database(
-        self, unit: StudyUnit, source: Path, destination: Path, final: bool
-    ) -> BackupResult:
-        published = await publish_database(unit, source, final=final)
-        return BackupResult(
-            True,
-            source,
-            destination,
-            "sqlite",
-            bytes_copied=published.bytes_copied,
-            files_copied=0 if published.kind == "unchanged" else 1,
-            files_unchanged=1 if published.kind == "unchanged" else 0,
-            generation=published.generation,
-            finished_trials=published.finished_trials,
-            missing_files=published.missing_files,
-            notes=published.notes,
-        )
-
-    async def _backup_files(
-        self,
-        unit: StudyUnit,
-        source: Path,
-        destination: Path,
-        is_directory: bool,
-        exclude: Sequence[str],
-    ) -> BackupResult:
-        async with self._pool.session() as helper:
-            await unit.prepare(helper, for_database=False)
-        if not unit.shared:
-            await _database_first(unit, source)
-
-        async def publish_inner(database: Path) -> EntryProblem | None:
-            result = await self._backup_database(
-                unit, database, self.drive_path_for(database), False
-            )
-            return (
-                None if result.ok else EntryProblem(unit.rel_of(database), result.error or "", True)
-            )
-
-        job = unit.folder_job(publish_inner)
-        if is_directory:
-            outcome = await unit.sync(source, exclude=exclude, mirror=self.mirror, job=job)
-        else:
-            outcome = await sync_file(job, source)
-        return _folder_result(outcome, source, destination, "directory" if is_directory else "file")
 
     async def _backup_root(self, exclude: Sequence[str], final: bool) -> BackupResult:
         """The whole local root: each study folder, and the files beside them."""
@@ -393,19 +356,19 @@ class DriveStore:
         try:
             await unit.load()
             async with self._pool.session() as helper:
-                await _adopt_drive_identity(unit, helper)
+                await adopt_drive_identity(unit, helper)
                 info = await helper.stat(remote, self.drive_timeout)
             if is_directory:
-                result = await self._restore_folder(unit, remote, target)
+                result = await restore_folder_result(unit, remote, target)
             elif (
                 generation is not None
                 or before is not None
                 or not info["exists"]
-                or (info.get("kind") == "file" and await self._is_database_copy(remote))
+                or (info.get("kind") == "file" and remote.suffix in (".db", ".sqlite", ".sqlite3"))
             ):
-                result = await self._restore_database(unit, remote, target, generation, before)
+                result = await restore_database_result(unit, remote, target, generation, before)
             else:
-                result = await self._restore_file(unit, remote, target)
+                result = await restore_file_result(unit, remote, target)
         except RestoreRefused as exc:
             result = BackupResult(
                 False,
@@ -418,81 +381,7 @@ class DriveStore:
         except _EXPECTED as exc:
             error, retryable = explain_failure(exc, target, "reading", remote)
             result = BackupResult(False, remote, target, kind, error=error, retryable=retryable)
-        return _with_duration(result, time.monotonic() - started)
-
-    async def _is_database_copy(self, remote: Path) -> bool:
-        return remote.suffix in (".db", ".sqlite", ".sqlite3")
-
-    async def _restore_database(
-        self,
-        unit: StudyUnit,
-        remote: Path,
-        target: Path,
-        generation: int | None,
-        before: float | None,
-    ) -> BackupResult:
-        restored = await restore_database(unit, target, generation=generation, before=before)
-        if restored is None:
-            return BackupResult(
-                False,
-                remote,
-                target,
-                "sqlite",
-                error=_no_copy(target, remote),
-                reason="no-copy",
-            )
-        notes = list(restored.notes)
-        if restored.kept_local:
-            notes.append(
-                f"kept the local {target.name}: it holds every finished trial of the Drive copy"
-            )
-        if restored.set_aside is not None:
-            notes.append(f"the local database was set aside as {restored.set_aside}")
-        return BackupResult(
-            True,
-            remote,
-            target,
-            "sqlite",
-            bytes_copied=restored.bytes_copied,
-            files_copied=0 if restored.unchanged else 1,
-            files_unchanged=1 if restored.unchanged else 0,
-            generation=restored.generation,
-            finished_trials=restored.finished_trials,
-            notes=tuple(notes),
-        )
-
-    async def _restore_folder(self, unit: StudyUnit, remote: Path, target: Path) -> BackupResult:
-        outcome = await restore_folder(unit.folder_job(), remote, target)
-        if outcome is None:
-            return BackupResult(
-                False,
-                remote,
-                target,
-                "directory",
-                error=_no_copy(target, remote),
-                reason="no-copy",
-            )
-        if outcome.strays:
-            unit.state.strays = sorted({*unit.state.strays, *outcome.strays})
-            await unit.state.asave()
-        return _folder_result(outcome, remote, target, "directory", action="reading")
-
-    async def _restore_file(self, unit: StudyUnit, remote: Path, target: Path) -> BackupResult:
-        parent = remote.parent
-        outcome = await restore_folder(unit.folder_job(), parent, target.parent, only=remote.name)
-        if outcome is None or (
-            outcome.files_copied + outcome.files_unchanged + len(outcome.kept_local) == 0
-            and not outcome.problems
-        ):
-            return BackupResult(
-                False,
-                remote,
-                target,
-                "file",
-                error=_no_copy(target, remote),
-                reason="no-copy",
-            )
-        return _folder_result(outcome, remote, target, "file", action="reading")
+        return with_duration(result, time.monotonic() - started)
 
     # -- verify, history --------------------------------------------------------------------
     async def averify(self, path: StrPath) -> VerifyResult:
@@ -697,86 +586,3 @@ def _check_roots(local_root: Path, drive_root: Path) -> None:
             f"the Drive folder {drive_root} and the local folder {local_root} overlap; the "
             "Drive copy must be outside the folder it backs up, and the other way round."
         )
-
-
-async def _adopt_drive_identity(unit: StudyUnit, helper: object) -> None:
-    """Before a restore: records of another Drive copy than this one are dropped."""
-    from sweepsafe.drive._helper_client import DriveHelper
-    from sweepsafe.drive._replica import read_identity
-
-    assert isinstance(helper, DriveHelper)
-    drive_id = await read_identity(helper, unit.drive, unit.settings.timeout)
-    if drive_id is not None and drive_id != unit.state.unit_id:
-        unit.forget_drive_copy()
-        unit.state.unit_id = drive_id
-        unit.manifest.reset(drive_id)
-        await unit.state.asave()
-
-
-async def _database_first(unit: StudyUnit, source: Path) -> None:
-    """A study's trial files go to Drive only where its database may go.
-
-    A study the Drive copy is ahead of (a new one started over it, a stale runtime) must
-    not replace that copy's trial files either, so before this runtime's first copy of
-    a study's trial files its database is published, which checks it against Drive's.
-
-    Raises:
-        StudyConflictError: Drive holds finished trials the local study lacks.
-    """
-    if not is_within(source, unit.local / Path(unit.settings.trial_folder).parts[0]):
-        return
-    for _head, _tags, message in list(unit.conflicts.values()):
-        raise StudyConflictError(message)
-    database = unit.local / STUDY_DB_NAME
-    if unit.rel_of(database) in unit.state.databases:
-        return
-    if await anyio.to_thread.run_sync(_is_database, database):
-        await publish_database(unit, database, final=False)
-
-
-def _is_database(path: Path) -> bool:
-    return path.is_file() and is_sqlite_file(str(path))
-
-
-def _folder_result(
-    outcome: FolderOutcome, source: Path, destination: Path, kind: Kind, *, action: str = "writing"
-) -> BackupResult:
-    error: str | None = None
-    retryable = False
-    if outcome.stopped is not None:
-        local = source if action == "writing" else destination
-        remote = destination if action == "writing" else source
-        error, retryable = explain_failure(outcome.stopped, local, action, remote)
-        if outcome.files_copied:
-            error += f" {outcome.files_copied} other file(s) were copied and recorded."
-    elif len(outcome.problems) == 1 and kind == "file" and outcome.problems[0].error is not None:
-        local = source if action == "writing" else destination
-        remote = destination if action == "writing" else source
-        error, retryable = explain_failure(outcome.problems[0].error, local, action, remote)
-    elif outcome.problems:
-        total = outcome.files_copied + outcome.files_unchanged + len(outcome.problems)
-        error, retryable = summarize_problems(outcome.problems, source, destination, total)
-    return BackupResult(
-        error is None,
-        source,
-        destination,
-        kind,
-        bytes_copied=outcome.bytes_copied,
-        files_copied=outcome.files_copied,
-        files_unchanged=outcome.files_unchanged,
-        error=error,
-        retryable=retryable,
-        problems=tuple(str(p) for p in outcome.problems),
-        skipped=outcome.skipped,
-        kept_local=outcome.kept_local,
-    )
-
-
-def _with_duration(result: BackupResult, duration: float) -> BackupResult:
-    from dataclasses import replace
-
-    return replace(result, duration_s=duration)
-
-
-def _no_copy(target: Path, remote: Path) -> str:
-    return f"Google Drive holds no copy of {target} (looked for {remote}); nothing was restored."
