@@ -20,6 +20,7 @@ import pytest
 import sqlalchemy
 
 from replica_support import DriveObserver, finished_numbers
+from sweep_support import wait_while_running
 from sweepsafe import run_sweep, study_dir_for
 from sweepsafe.errors import SweepsafeError
 from sweepsafe.testing import FaultPlan
@@ -60,6 +61,8 @@ class Worker:
     def _read(self) -> None:
         assert self.process.stdout is not None
         for line in self.process.stdout:
+            if not line.endswith("\n"):
+                break  # the worker was killed in the middle of writing this line
             with self._changed:
                 self.events.append(json.loads(line))
                 self._changed.notify_all()
@@ -118,6 +121,22 @@ def has_heartbeat(url: str, number: int) -> bool:
     return bool(found)
 
 
+def other_sessions(url: str) -> int:
+    """How many sessions other than this query's are connected to the database at ``url``."""
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            count = connection.execute(
+                sqlalchemy.text(
+                    "SELECT COUNT(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ).scalar()
+    finally:
+        engine.dispose()
+    return int(count or 0)
+
+
 def server_trials(url: str) -> list[optuna.trial.FrozenTrial]:
     storage = optuna.storages.RDBStorage(url)
     try:
@@ -142,8 +161,12 @@ def test_four_workers_one_killed_mid_trial_finish_the_sweep_and_drive_holds_it(
     assert started is not None, victim.stderr
     # Optuna finds a stale trial by its heartbeat, recorded just after the trial starts
     # (a worker killed before its first heartbeat leaves a trial it never sees as stale).
-    while not has_heartbeat(postgres_database, started["trial"]):
-        assert victim.process.poll() is None, victim.stderr
+    wait_while_running(
+        victim.process,
+        lambda: has_heartbeat(postgres_database, started["trial"]),
+        "the trial's first heartbeat",
+        lambda: victim.stderr,
+    )
     victim.kill()  # mid-trial: its trial is left RUNNING in the server
     codes = [worker.finish() for worker in workers if worker is not victim]
     assert codes == [0, 0, 0], [w.stderr for w in workers]
@@ -285,8 +308,11 @@ def test_a_study_restored_from_drive_into_a_fresh_server_continues_as_a_shared_s
         storage=postgres_database,
         heartbeat_interval=1,
     )
-    numbers = finished_numbers(shared.study)
+    # A notebook that runs sweep after sweep must not pile up connections to the server.
+    assert other_sessions(postgres_database) == 0
+    numbers = [t.number for t in server_trials(postgres_database) if t.state.is_finished()]
     assert numbers == list(range(9))  # the six restored trials, then three new ones
+    assert shared.study.study_name == single.study.study_name
     assert database.exists()
 
 
@@ -300,8 +326,12 @@ def test_status_with_the_server_counts_the_live_workers(
     try:
         started = worker.wait_for("trial_started")
         assert started is not None, worker.stderr
-        while not has_heartbeat(postgres_database, started["trial"]):
-            assert worker.process.poll() is None, worker.stderr
+        wait_while_running(
+            worker.process,
+            lambda: has_heartbeat(postgres_database, started["trial"]),
+            "the trial's first heartbeat",
+            lambda: worker.stderr,
+        )
         result = run_cli(
             "status",
             worker.local / "out",

@@ -123,13 +123,17 @@ def open_shared_study(
     directions: Sequence[Any] | None,
     sampler: Any,
     pruner: Any,
-) -> Study:
-    """Create or load the shared study in the server.
+) -> tuple[Study, optuna.storages.RDBStorage]:
+    """Create or load the shared study in the server, with the storage that holds it.
+
+    The caller disposes of the storage's engine when the sweep ends, so that no pooled
+    connection to the server outlives it.
 
     Raises:
         StorageError: the URL is not usable (kind, driver, server), said in one sentence.
     """
     for attempt in range(_CREATE_ATTEMPTS):
+        storage: optuna.storages.RDBStorage | None = None
         try:
             storage = server_storage(
                 settings.url,
@@ -137,7 +141,7 @@ def open_shared_study(
                 grace_period=settings.grace_period,
                 max_retry=settings.max_retry,
             )
-            return optuna.create_study(
+            study = optuna.create_study(
                 storage=storage,
                 study_name=study_name,
                 direction=direction,
@@ -146,13 +150,18 @@ def open_shared_study(
                 pruner=pruner,
                 load_if_exists=True,
             )
+            return study, storage
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
+            if storage is not None:
+                storage.engine.dispose()
             # Workers starting at once race to create Optuna's tables (or the study);
             # the one that loses finds them made a moment later.
             if attempt + 1 == _CREATE_ATTEMPTS:
                 raise StorageError(describe_server_error(settings.url, exc)) from exc
             threading.Event().wait(0.2 * (attempt + 1))
         except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
+            if storage is not None:
+                storage.engine.dispose()
             raise StorageError(describe_server_error(settings.url, exc)) from exc
     raise AssertionError("unreachable")
 

@@ -533,7 +533,7 @@ def _run_shared(
     progress: BackupProgress | None,
 ) -> SweepResult:
     """One worker of a shared study (see :func:`run_sweep`'s ``storage``)."""
-    study = open_shared_study(
+    study, storage = open_shared_study(
         shared,
         study_name=study_name,
         direction=direction,
@@ -541,6 +541,45 @@ def _run_shared(
         sampler=sampler,
         pruner=pruner,
     )
+    try:
+        report, finished = _shared_sweep(
+            study,
+            objective,
+            shared,
+            study_dir=study_dir,
+            n_trials=n_trials,
+            timeout=timeout,
+            n_jobs=n_jobs,
+            callbacks=callbacks,
+            backup_to_drive=backup_to_drive,
+            flush_timeout=flush_timeout,
+            worker=worker,
+            progress=progress,
+        )
+    finally:
+        # The returned study stays usable: the engine opens new connections on demand.
+        storage.engine.dispose()
+    return SweepResult(
+        study=study, study_dir=study_dir, backup_report=report, resumed_trials=finished
+    )
+
+
+def _shared_sweep(
+    study: Study,
+    objective: Callable[[Trial], Any],
+    shared: SharedSettings,
+    *,
+    study_dir: Path,
+    n_trials: int | None,
+    timeout: float | None,
+    n_jobs: int,
+    callbacks: Sequence[OptunaCallback],
+    backup_to_drive: BackupToDrive | None,
+    flush_timeout: float,
+    worker: BackupWorker | None,
+    progress: BackupProgress | None,
+) -> tuple[StudyBackupReport | None, int]:
+    """Optimize the opened shared study with its backups; its final report and resumed count."""
     store = backup_to_drive if isinstance(backup_to_drive, BackupBackend) else None
     study_dir.mkdir(parents=True, exist_ok=True)
     exporter: Exporter | None = None
@@ -573,9 +612,7 @@ def _run_shared(
             (logger.info if report.ok else logger.warning)(
                 "%s", report, extra={"sweepsafe_report": True}
             )
-    return SweepResult(
-        study=study, study_dir=study_dir, backup_report=report, resumed_trials=finished
-    )
+    return report, finished
 
 
 def _final_backup(
