@@ -60,6 +60,8 @@ class RuntimeProcess:
     def _read_events(self) -> None:
         assert self.process.stdout is not None
         for line in self.process.stdout:
+            if not line.endswith("\n"):
+                break  # the writer was killed in the middle of writing this line
             with self._changed:
                 self.events.append(json.loads(line))
                 self._changed.notify_all()

@@ -105,6 +105,27 @@ def integrity(database: Path) -> str:
         connection.close()
 
 
+def wait_while_running(
+    process: Any,
+    condition: Any,
+    what: str,
+    output: Any = lambda: "",
+    timeout: float = 120.0,
+) -> None:
+    """Wait until ``condition()`` is true while ``process`` (a Popen) still runs.
+
+    Fails at once if the process ends first (with its ``output()``), or after ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"the process ended before {what}: {output()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        pause.wait(0.02)
+
+
 def wait_for(condition: object, timeout: float = 20.0, what: str = "condition") -> None:
     """Wait until ``condition()`` is true, checking on a short period, up to ``timeout``."""
     deadline = time.monotonic() + timeout

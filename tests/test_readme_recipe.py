@@ -12,6 +12,7 @@ from pathlib import Path
 import optuna
 
 from replica_support import DriveObserver, finished_numbers, sampling
+from sweep_support import wait_while_running
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 # Instrumentation the test adds to the recipe: trial 2 of the first runtime hangs until
@@ -67,8 +68,11 @@ def test_the_readme_recipe_resumes_on_a_second_runtime_without_losing_or_adding_
         for line in first.stdout:
             if line == "trial 2 started\n":
                 break
-        while (observer.newest_finished(drive_db) or 0) < 2:
-            assert first.poll() is None
+        wait_while_running(
+            first,
+            lambda: (observer.newest_finished(drive_db) or 0) >= 2,
+            "Drive listed two finished trials",
+        )
         os.killpg(first.pid, signal.SIGKILL)
         first.communicate(timeout=60)
 

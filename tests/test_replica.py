@@ -25,6 +25,7 @@ from replica_support import (
     plan_file,
     sampling,
 )
+from sweep_support import wait_while_running
 from sweepsafe import DriveStore, run_sweep, study_dir_for
 from sweepsafe.errors import SweepsafeError
 from sweepsafe.testing import FaultPlan, simulated_store
@@ -145,8 +146,12 @@ def test_takeover_stops_the_old_runtime_and_the_drive_copy_never_goes_backwards(
     try:
         a.wait_for("holding")  # A is mid-sweep, alive, holding its lease...
         db = drive_study(drive) / "study.db"
-        while (observer.newest_finished(db) or 0) < 3:
-            assert a.process.poll() is None, a.stderr
+        wait_while_running(
+            a.process,
+            lambda: (observer.newest_finished(db) or 0) >= 3,
+            "Drive listed three finished trials",
+            lambda: a.stderr,
+        )
         with sampling(lambda: observer.newest_finished(db)) as seen:
             # ...and a second tab takes the study over (its user says A is gone).
             b = RuntimeProcess(tmp_path, "b", drive, plan, KEY, 5, "--takeover")
@@ -362,8 +367,12 @@ def test_a_killed_runtime_never_leaves_finished_trials_without_their_files(
         a = RuntimeProcess(tmp_path, "a", drive, plan, KEY, 40)
         db = drive_study(drive) / "study.db"
         a.wait_for("trial", trial=0)
-        while (observer.newest_finished(db) or 0) < 3:
-            assert a.process.poll() is None, a.stderr
+        wait_while_running(
+            a.process,
+            lambda: (observer.newest_finished(db) or 0) >= 3,
+            "Drive listed three finished trials",
+            lambda: a.stderr,
+        )
         a.kill()  # the runtime dies as soon as Drive lists 3 finished trials
         study = observer.restored_study(drive_study(drive), tmp_path / "fresh")
         finished = finished_numbers(study)
