@@ -6,9 +6,6 @@ Figures (each with its reference and the ratio):
   ``mv`` over the previous copy and ``sync`` of the folder (the same atomic, durable
   replace the store makes), and
   vs plain ``cp`` (no fsync: not the same guarantee); goal >= 0.9x the throughput;
-* the same file streamed through the helper's pipe, read locally with
-  ``anyio.to_thread`` or with aiofiles: the alternatives to the helper reading the
-  local file itself (``copy_file_range``), which the store uses;
 * snapshot + ship of a ~200 MiB Optuna study.db vs the same coreutils copy of the file;
 * a second backup of an unchanged 10,000-file folder vs ``rsync -a`` of the same folder
   (also a second run); goal: faster than rsync;
@@ -39,14 +36,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import aiofiles
-import anyio
-
 from sweepsafe.drive import DriveStore
-from sweepsafe.drive._files import COPY_CHUNK, ship_file
-from sweepsafe.drive._helper_client import HelperPool
-from sweepsafe.drive._helper_process import fsync_directory
-from sweepsafe.testing._simulated import FaultPlan, simulated_store
+from sweepsafe.drive._files import COPY_CHUNK
+from sweepsafe.testing import FaultPlan, simulated_store
 
 Row = dict[str, object]
 MIB = 1 << 20
@@ -137,38 +129,15 @@ def measure_big_file(work: Path, size: int, repeats: int) -> list[Row]:
     megabytes = size / MIB
     with DriveStore(local, drive) as store:
         _require_ok(store.backup(source))  # warm: page cache, helper started
-        pool = HelperPool()
-
-        async def streamed() -> None:
-            async with pool.session() as helper:
-                await ship_file(
-                    helper, source, drive / "streamed.bin", 60.0, clean_strays=True, stream=True
-                )
-
-        async def streamed_with_aiofiles() -> None:
-            target = str(drive / "aiofiles.bin")
-            async with pool.session() as helper:
-                handle = helper.new_handle()
-                await helper.call("open", target, 60.0, handle=handle, token="b", clean=True)
-                async with aiofiles.open(source, "rb") as reader:
-                    while chunk := await reader.read(COPY_CHUNK):
-                        await helper.call("write", target, 60.0, chunk, handle=handle)
-                await helper.call("commit", target, 60.0, handle=handle)
-
         times = _interleaved(
             {
                 "ours": lambda: _require_ok(store.backup(source)),
                 "cp_durable": lambda: _cp(source, reference_target, durable=True),
                 "cp_plain": lambda: _cp(source, reference_target, durable=False),
-                "streamed": lambda: anyio.run(streamed),
-                "aiofiles": lambda: anyio.run(streamed_with_aiofiles),
             },
             repeats,
         )
-        pool.close()
     ours, cp_durable, cp_plain = times["ours"], times["cp_durable"], times["cp_plain"]
-    stream_time = times["streamed"]
-    aiofiles_time = times["aiofiles"]
     reference_target.unlink(missing_ok=True)
     rows = [
         _row(
@@ -188,25 +157,6 @@ def measure_big_file(work: Path, size: int, repeats: int) -> list[Row]:
             cp_plain / ours,
             ">= 0.9x",
             cp_plain / ours >= 0.9,
-        ),
-        _row(
-            "same file streamed through the pipe, MiB/s (ref: helper reads it)",
-            megabytes / stream_time,
-            "MiB/s",
-            megabytes / ours,
-            ours / stream_time,
-            "informative",
-            None,
-        ),
-        _row(
-            "same file streamed through the pipe, read with aiofiles, MiB/s "
-            "(ref: read with anyio.to_thread)",
-            megabytes / aiofiles_time,
-            "MiB/s",
-            megabytes / stream_time,
-            stream_time / aiofiles_time,
-            "informative",
-            None,
         ),
     ]
     return rows
@@ -434,7 +384,11 @@ def measure_small_files(work: Path, count: int) -> list[Row]:
             writer.flush()
             os.fsync(writer.fileno())
         os.replace(temp, direct_target)
-        fsync_directory(str(direct_target.parent))
+        folder = os.open(direct_target.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
     reference = _timed(in_process, count)
     started = time.perf_counter()

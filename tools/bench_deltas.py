@@ -319,7 +319,7 @@ def print_table(rows: list[dict[str, Any]], n_trials: int) -> None:
     )
 
 
-def measure(
+def measure_sizes(
     cache: Path,
     sizes: list[int],
     n_trials: int,
@@ -334,6 +334,47 @@ def measure(
     return rows
 
 
+def measure(quick: bool = False) -> list[dict[str, Any]]:
+    """The rows of ``tools/bench.py``: Drive bytes per trial against the pages changed and
+    against Litestream. The studies are cached under ``SWEEPSAFE_BENCH_CACHE`` (default: a
+    folder in the temporary directory)."""
+    cache = Path(os.environ.get("SWEEPSAFE_BENCH_CACHE", tempfile.gettempdir()))
+    cache = cache / "sweepsafe-bench-studies"
+    cache.mkdir(parents=True, exist_ok=True)
+    if quick:
+        sizes, n_trials, latencies = [1000], 40, [0.05]
+    else:
+        sizes, n_trials, latencies = [5000, 20000], 200, [0.05, 0.5]
+    rows: list[dict[str, Any]] = []
+    for row in measure_sizes(cache, sizes, n_trials, latencies):
+        where = f"{row['study']}, Drive {row['latency']:g} s/file"
+        rows.append(
+            {
+                "name": f"Drive kB per trial, {where} (ref: the pages a trial changes)",
+                "value": round(row["per_trial"] / 1000, 2),
+                "unit": "kB",
+                "reference": round(row["changed"] / 1000, 2),
+                "ratio": round(row["shipped_changed"], 3),
+                "goal": "<= 2x",
+                "met": row["ok"] and row["shipped_changed"] <= 2,
+            }
+        )
+        if row["litestream"]:
+            versus = row["per_trial"] / row["litestream"]
+            rows.append(
+                {
+                    "name": f"Drive kB per trial, {where} (ref: Litestream, file replica)",
+                    "value": round(row["per_trial"] / 1000, 2),
+                    "unit": "kB",
+                    "reference": round(row["litestream"] / 1000, 2),
+                    "ratio": round(versus, 3),
+                    "goal": "<= 2x",
+                    "met": versus <= 2,
+                }
+            )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cache", type=Path, help="folder that keeps the built studies")
@@ -341,7 +382,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=200, help="trials each sweep adds")
     parser.add_argument("--latencies", type=float, nargs="+", default=[0.05, 0.5])
     args = parser.parse_args()
-    rows = measure(args.cache, args.sizes, args.trials, args.latencies)
+    rows = measure_sizes(args.cache, args.sizes, args.trials, args.latencies)
     print_table(rows, args.trials)
 
 

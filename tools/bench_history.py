@@ -281,6 +281,86 @@ def print_restore(restore: dict[str, Any]) -> None:
     print("\nGoal: <= 1.2x a plain copy.")
 
 
+def _row(
+    name: str, value: float, unit: str, reference: float, goal: str, met: bool | None
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "value": round(value, 3),
+        "unit": unit,
+        "reference": round(reference, 3),
+        "ratio": round(value / reference, 3) if reference else None,
+        "goal": goal,
+        "met": met,
+    }
+
+
+def measure(quick: bool = False) -> list[dict[str, Any]]:
+    """The rows of ``tools/bench.py``: lag, same-disk overhead and restore of a long chain.
+
+    The 20,000-trial study is cached under ``SWEEPSAFE_BENCH_CACHE`` (default: a folder in
+    the temporary directory), which should be on the study's disk, as for ``main``.
+    """
+    cache = Path(os.environ.get("SWEEPSAFE_BENCH_CACHE", tempfile.gettempdir()))
+    cache = cache / "sweepsafe-bench-studies"
+    cache.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("sweepsafe").setLevel(logging.ERROR)
+    trials, same_trials, repeats, patches = (60, 40, 1, 20) if quick else (200, 120, 3, 200)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="sweepsafe-bench-history-", dir=cache) as tmp:
+        root = Path(tmp)
+        lag = measure_lag(root, trials, 0.5)
+        rows.append(
+            _row(
+                f"backup lag, median finished trials the Drive copy is behind, {trials} trials "
+                f"of {TRIAL_SECONDS * 1000:.0f} ms, Drive 0.5 s/file (ref: trials ending during "
+                "one Drive write)",
+                lag["median"],
+                "trials",
+                lag["per_write"],
+                "<= 1x",
+                lag["ok"] and lag["median"] <= lag["per_write"],
+            )
+        )
+        same = measure_same_disk(root, same_trials, 0.5, repeats)
+        if "skipped" not in same:
+            rows.append(
+                _row(
+                    f"sweep of {same_trials} trials, Drive stand-in (FUSE, 0.5 s/file) on the "
+                    "study's own disk, s (ref: no backup)",
+                    same["safe_s"],
+                    "s",
+                    same["plain_s"],
+                    "<= 1.02x",
+                    same["ok"] and same["ratio"] <= 1.02,
+                )
+            )
+        restore = measure_restore(cache, root, patches, repeats)
+        rows.append(
+            _row(
+                f"restore of a 20,000-trial study from a base and {patches} patches, s "
+                "(ref: plain copy of the Drive study.db)",
+                restore["restore_s"],
+                "s",
+                restore["copy_s"],
+                "<= 1.2x",
+                restore["vs_copy"] <= 1.2,
+            )
+        )
+        rows.append(
+            _row(
+                "the same restore, s (ref: plain copy + PRAGMA integrity_check)",
+                restore["restore_s"],
+                "s",
+                restore["checked_s"],
+                "informative",
+                None,
+            )
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cache", type=Path, help="folder that keeps the built studies")

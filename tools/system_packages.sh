@@ -2,6 +2,7 @@
 # Installs the Debian packages some tests need, when they are missing and we may:
 #   fuse3 and libfuse2  for the tests on a real FUSE mount (a Drive that blocks in the kernel)
 #   postgresql          for the tests of a sweep shared through a database server
+#   rsync               the reference of the folder benchmarks (tools/bench_copy.py)
 # Without them those tests skip, saying what is missing. Run as root or with sudo.
 set -euo pipefail
 
@@ -35,6 +36,7 @@ postgres_missing() {
 packages=()
 if fuse_missing; then packages+=(fuse3 libfuse2); fi
 if postgres_missing; then packages+=(postgresql); fi
+if ! command -v rsync >/dev/null 2>&1; then packages+=(rsync); fi
 [ ${#packages[@]} -eq 0 ] && exit 0
 
 install=("${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}")
