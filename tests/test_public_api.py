@@ -22,6 +22,7 @@ PUBLIC_MODULES = (
     "sweepsafe.backup",
     "sweepsafe.sweep",
     "sweepsafe.paths",
+    "sweepsafe.export",
 )
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -36,8 +36,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sweepsafe.drive import DriveStore
-from sweepsafe.drive._files import COPY_CHUNK
+from sweepsafe.drive import COPY_CHUNK, DriveStore
 from sweepsafe.testing import FaultPlan, simulated_store
 
 Row = dict[str, object]

@@ -29,7 +29,7 @@ from typing import Any
 
 import optuna
 
-from sweepsafe._export import export_study, load_into_server
+from sweepsafe.export import export_study, load_into_server
 from tools.bench_studies import STUDY_NAME, build_study
 
 REPO = Path(__file__).resolve().parent.parent

@@ -26,7 +26,6 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 from sweepsafe._blocking import run_blocking
-from sweepsafe._export import export_study, server_storage
 from sweepsafe._study_report import StudyBackupReport
 from sweepsafe.backup import (
     STUDY_DB_NAME,
@@ -37,6 +36,7 @@ from sweepsafe.backup import (
 )
 from sweepsafe.drive import BackupBackend, BackupResult
 from sweepsafe.errors import StorageError
+from sweepsafe.export import export_study, server_storage
 
 if TYPE_CHECKING:
     from optuna.study import Study

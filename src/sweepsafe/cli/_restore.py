@@ -8,7 +8,6 @@ from typing import TextIO
 
 import sqlalchemy
 
-from sweepsafe._export import load_into_server
 from sweepsafe._shared import describe_server_error, hide_password
 from sweepsafe.cli._common import (
     add_drive_timeout_option,
@@ -18,6 +17,7 @@ from sweepsafe.cli._common import (
     report_copy,
 )
 from sweepsafe.cli._errors import EXIT_BAD_INPUT, CommandError
+from sweepsafe.export import load_into_server
 
 __all__ = ["register"]
 

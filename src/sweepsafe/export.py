@@ -6,6 +6,9 @@ rows instead, table by table, from one consistent read of the server into a file
 schema Optuna itself created: seconds, and the same study. The tables are discovered by
 reflecting the server's schema with SQLAlchemy; nothing private of Optuna is used. The
 result opens with ``optuna.load_study`` and with optuna-dashboard as is.
+
+``run_sweep(storage=URL)`` exports the shared study to Drive with these; they are public
+for a user who wants a portable copy of a study in a server, or to load one into it.
 """
 
 from __future__ import annotations
