@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from sweepsafe.testing import FaultPlan
-from sweepsafe.testing import _fuse as fuse_module
-from sweepsafe.testing._fuse import FuseDrive, fuse_unavailable_reason, mounted_fuse_drives
+from sweepsafe.testing import _fuse_drive as fuse_module
+from sweepsafe.testing._fuse_drive import FuseDrive, fuse_unavailable_reason, mounted_fuse_drives
 
 # Mounts a FuseDrive, prints its daemon's pid and its temporary state folder, and dies
 # without unmounting. Loads the module by file path, as a script that does not import

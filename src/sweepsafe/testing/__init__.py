@@ -23,7 +23,7 @@ Example:
 
 from __future__ import annotations
 
-from sweepsafe.testing._fuse import FuseDrive, fuse_unavailable_reason
+from sweepsafe.testing._fuse_drive import FuseDrive, fuse_unavailable_reason
 from sweepsafe.testing._simulated import FaultPlan, helper_argv, simulated_store
 from sweepsafe.worker._worker import reset_default_worker
 
