@@ -4,7 +4,8 @@ Every published snapshot of a database is a *generation*, numbered from 1. In th
 folder's ``.sweepsafe/history/<database>/`` on Drive:
 
 - ``00000042-<tag>.patch``: generation 42 as the pages that changed since generation 41,
-  compressed and checksummed (see ``_pages``); ``<tag>`` names the runtime that wrote it.
+  compressed and checksummed (see ``_patch_format``); ``<tag>`` names the runtime that
+  wrote it.
 - ``00000040-<tag>.json``: a *base*: generation 40 is stored whole, in the plain
   ``study.db`` beside the study (``"where": "plain"``, until the next base replaces it)
   or archived as ``00000040-<tag>.db``, a plain SQLite file (``"where": "archive"``).
@@ -33,15 +34,9 @@ import anyio
 from sweepsafe.drive._files import remove_quietly, scratch_path
 from sweepsafe.drive._helper_client import DriveOSError
 from sweepsafe.drive._helper_process import STATE_DIR_NAME
-from sweepsafe.drive._pages import (
-    Patch,
-    PatchError,
-    apply_patch,
-    apply_patch_in_place,
-    decode_patch,
-    read_patch_header,
-    sha256_file,
-)
+from sweepsafe.drive._page_diff import PatchError, sha256_file
+from sweepsafe.drive._patch_apply import apply_patch, apply_patch_in_place
+from sweepsafe.drive._patch_format import Patch, decode_patch, read_patch_header
 
 if TYPE_CHECKING:
     from sweepsafe.drive._helper_client import DriveHelper, DriveListing

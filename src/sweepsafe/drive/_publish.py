@@ -39,7 +39,8 @@ from sweepsafe.drive._history import (
     write_base_record,
 )
 from sweepsafe.drive._local_state import DatabaseRecord
-from sweepsafe.drive._pages import PageSizeMismatch, diff_files, encode_patch, sha256_file
+from sweepsafe.drive._page_diff import PageSizeMismatch, diff_files, sha256_file
+from sweepsafe.drive._patch_format import encode_patch
 from sweepsafe.drive._replica import this_runtime
 from sweepsafe.drive._sqlite import DatabaseContent, SnapshotError, read_content, snapshot_sqlite
 from sweepsafe.errors import StudyConflictError

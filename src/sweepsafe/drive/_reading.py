@@ -21,7 +21,8 @@ from sweepsafe.drive._history import (
     read_details,
 )
 from sweepsafe.drive._messages import explain_failure
-from sweepsafe.drive._pages import PatchError, read_patch_header
+from sweepsafe.drive._page_diff import PatchError
+from sweepsafe.drive._patch_format import read_patch_header
 from sweepsafe.drive._results import GenerationInfo, StudySummary, VerifyResult
 
 if TYPE_CHECKING:

@@ -30,7 +30,7 @@ from sweepsafe.drive._history import (
     rebuild,
 )
 from sweepsafe.drive._local_state import DatabaseRecord
-from sweepsafe.drive._pages import sha256_file
+from sweepsafe.drive._page_diff import sha256_file
 from sweepsafe.drive._publish import publish_rollback
 from sweepsafe.drive._sqlite import SIDECAR_SUFFIXES, DatabaseContent, SnapshotError, read_content
 
