@@ -31,7 +31,8 @@ from optuna.trial import Trial, TrialState
 from drive_support import simulated_drive, temp_files
 from sweep_support import finished_trials, integrity, own_worker, wait_for
 from sweepsafe.drive import DriveStore
-from sweepsafe.drive._pages import PageDelta, decode_patch, encode_patch
+from sweepsafe.drive._page_diff import PageDelta
+from sweepsafe.drive._patch_format import decode_patch, encode_patch
 from sweepsafe.sweep import run_sweep, study_dir_for, trial_dir
 from sweepsafe.testing import FaultPlan, simulated_store
 

@@ -23,23 +23,23 @@ from hypothesis import strategies as st
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from sweepsafe.drive._pages import (
+from sweepsafe.drive._page_diff import (
     CHUNK_BYTES,
-    FORMAT_VERSION,
-    PATCH_MAGIC,
     DeltaTooLarge,
     PageSizeMismatch,
-    Patch,
     PatchError,
-    apply_chain,
-    apply_patch,
-    apply_patch_in_place,
-    decode_patch,
     diff_files,
-    encode_patch,
     page_size_of,
-    read_patch_header,
     sha256_file,
+)
+from sweepsafe.drive._patch_apply import apply_chain, apply_patch, apply_patch_in_place
+from sweepsafe.drive._patch_format import (
+    FORMAT_VERSION,
+    PATCH_MAGIC,
+    Patch,
+    decode_patch,
+    encode_patch,
+    read_patch_header,
 )
 from sweepsafe.drive._sqlite import snapshot_sqlite
 

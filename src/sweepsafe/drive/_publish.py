@@ -28,19 +28,19 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 
 from sweepsafe.drive._files import COPY_CHUNK, remove_quietly, scratch_path
-from sweepsafe.drive._history import (
+from sweepsafe.drive._generations import (
     BaseRecord,
     History,
-    NoUsableBase,
     history_dir,
     list_history,
-    rebuild,
-    thin_history,
     write_base_record,
 )
 from sweepsafe.drive._local_state import DatabaseRecord
-from sweepsafe.drive._pages import PageSizeMismatch, diff_files, encode_patch, sha256_file
+from sweepsafe.drive._page_diff import PageSizeMismatch, diff_files, sha256_file
+from sweepsafe.drive._patch_format import encode_patch
+from sweepsafe.drive._rebuild import NoUsableBase, rebuild
 from sweepsafe.drive._replica import this_runtime
+from sweepsafe.drive._retention import thin_history
 from sweepsafe.drive._sqlite import DatabaseContent, SnapshotError, read_content, snapshot_sqlite
 from sweepsafe.errors import StudyConflictError
 

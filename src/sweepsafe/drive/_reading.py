@@ -11,17 +11,18 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from sweepsafe.drive._helper_client import DriveTimeout, HelperPool
-from sweepsafe.drive._helper_process import STATE_DIR_NAME
-from sweepsafe.drive._history import (
+from sweepsafe.drive._generations import (
     BaseRecord,
     History,
     history_dir,
     list_history,
     read_details,
 )
+from sweepsafe.drive._helper_client import DriveTimeout, HelperPool
+from sweepsafe.drive._helper_process import STATE_DIR_NAME
 from sweepsafe.drive._messages import explain_failure
-from sweepsafe.drive._pages import PatchError, read_patch_header
+from sweepsafe.drive._page_diff import PatchError
+from sweepsafe.drive._patch_format import read_patch_header
 from sweepsafe.drive._results import GenerationInfo, StudySummary, VerifyResult
 
 if TYPE_CHECKING:

@@ -19,19 +19,18 @@ from typing import TYPE_CHECKING
 import anyio
 
 from sweepsafe.drive._files import remove_quietly, scratch_path
-from sweepsafe.drive._helper_process import fsync_directory, is_sqlite_file
-from sweepsafe.drive._history import (
+from sweepsafe.drive._generations import (
     GenerationDetails,
     History,
-    NoUsableBase,
     history_dir,
     list_history,
     read_details,
-    rebuild,
 )
+from sweepsafe.drive._helper_process import fsync_directory, is_sqlite_file
 from sweepsafe.drive._local_state import DatabaseRecord
-from sweepsafe.drive._pages import sha256_file
+from sweepsafe.drive._page_diff import sha256_file
 from sweepsafe.drive._publish import publish_rollback
+from sweepsafe.drive._rebuild import NoUsableBase, rebuild
 from sweepsafe.drive._sqlite import SIDECAR_SUFFIXES, DatabaseContent, SnapshotError, read_content
 
 if TYPE_CHECKING:

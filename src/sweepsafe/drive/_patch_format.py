@@ -1,12 +1,10 @@
-"""Page deltas between two SQLite snapshots, and the patch files that carry them to Drive.
+"""The patch file that carries a page delta to Drive: encoding, header and decoding.
 
-A snapshot taken after a trial differs from the previous one in a handful of pages, so
-shipping those pages instead of the whole database keeps each backup small. This module
-finds the changed pages, packs them into a versioned, compressed and checksummed patch,
-and applies patches to rebuild a snapshot byte for byte.
+A patch is a :class:`~sweepsafe.drive._page_diff.PageDelta` packed into a versioned,
+compressed and checksummed file, with a header that says which generation it makes and
+from what. ``_patch_apply`` applies decoded patches.
 
-Standard library only, and nothing from sweepsafe: the module is meant to move into a
-subpackage on its own.
+Standard library only, and nothing from sweepsafe besides its sibling page modules.
 
 Patch format, version 1 (integers big-endian)::
 
@@ -28,44 +26,26 @@ SHA-256 trailer covers the whole patch and is what :func:`decode_patch` checks.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import struct
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import IO, Any, Final, TypeAlias
+from typing import IO, Any, Final
+
+from sweepsafe.drive._page_diff import PageDelta, PatchError, StrPath, _is_valid_page_size
 
 __all__ = [
-    "CHUNK_BYTES",
     "FORMAT_VERSION",
     "PATCH_MAGIC",
-    "DeltaTooLarge",
-    "PageDelta",
-    "PageSizeMismatch",
     "Patch",
-    "PatchError",
     "PatchHeader",
-    "apply_chain",
-    "apply_patch",
-    "apply_patch_in_place",
     "decode_patch",
-    "diff_files",
     "encode_patch",
-    "page_size_of",
     "read_patch_header",
-    "sha256_file",
 ]
-
-StrPath: TypeAlias = "str | os.PathLike[str]"
-
-SQLITE_MAGIC: Final = b"SQLite format 3\x00"
-SQLITE_HEADER_BYTES: Final = 100
-
-CHUNK_BYTES: Final = 1 << 20
-"""Read size for diffs and hashes: a multiple of every SQLite page size (at most 64 KiB)."""
 
 # The first byte is not ASCII so the file is never taken for text; CR LF and ^Z catch a
 # transfer that rewrote line endings or stopped at an end-of-file character.
@@ -79,45 +59,6 @@ _DIGEST_BYTES: Final = 32
 # Real headers are a few hundred bytes; the cap stops a damaged length from asking for
 # gigabytes before the CRC could reject it.
 MAX_HEADER_BYTES: Final = 1 << 20
-_SHOWN_HASH_CHARS: Final = 16
-
-
-class PatchError(Exception):
-    """A patch or a database file cannot be used: damaged, mismatched or not what it claims."""
-
-
-class PageSizeMismatch(PatchError):
-    """The two databases use different page sizes; ship a full copy instead of a patch."""
-
-    def __init__(self, old_page_size: int, new_page_size: int) -> None:
-        super().__init__(
-            f"page size changed from {old_page_size} to {new_page_size} bytes; "
-            "a page delta cannot express that, ship the whole database"
-        )
-        self.old_page_size = old_page_size
-        self.new_page_size = new_page_size
-
-
-class DeltaTooLarge(PatchError):
-    """More pages changed than the caller's limit; a full copy is the better choice."""
-
-
-@dataclass(frozen=True)
-class PageDelta:
-    """The pages of a new snapshot that differ from the old one, and the new file's hash."""
-
-    page_size: int
-    page_count: int
-    """Pages in the new file: its size is ``page_count * page_size``."""
-    sha256: str
-    """SHA-256 of the whole new file, hex."""
-    pages: tuple[tuple[int, bytes], ...]
-    """``(page_number, content)`` in ascending order; page numbers start at 1, as SQLite's."""
-
-    @property
-    def changed_bytes(self) -> int:
-        """Bytes of page content the delta carries (before compression)."""
-        return len(self.pages) * self.page_size
 
 
 @dataclass(frozen=True)
@@ -150,95 +91,6 @@ class Patch:
     header: PatchHeader
     pages: tuple[tuple[int, bytes], ...]
     """``(page_number, content)`` in ascending order."""
-
-
-def sha256_file(path: StrPath) -> str:
-    """SHA-256 of a file's content, hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def page_size_of(path: StrPath) -> int:
-    """The page size an SQLite database file declares in its header.
-
-    Raises :class:`PatchError` when the file does not start with a sound SQLite header.
-    """
-    with open(path, "rb") as file:
-        return _page_size_from_header(file.read(SQLITE_HEADER_BYTES), path)
-
-
-def _page_size_from_header(head: bytes, path: StrPath) -> int:
-    if len(head) < SQLITE_HEADER_BYTES or not head.startswith(SQLITE_MAGIC):
-        raise PatchError(f"{os.fspath(path)} is not an SQLite database (no SQLite header)")
-    raw = int.from_bytes(head[16:18], "big")
-    # 65536 does not fit in the u16 field; SQLite stores it as 1.
-    page_size = 65536 if raw == 1 else raw
-    if not _is_valid_page_size(page_size):
-        raise PatchError(f"{os.fspath(path)} declares an invalid SQLite page size ({raw})")
-    return page_size
-
-
-def _is_valid_page_size(page_size: int) -> bool:
-    return 512 <= page_size <= 65536 and page_size & (page_size - 1) == 0
-
-
-def diff_files(
-    old: StrPath,
-    new: StrPath,
-    *,
-    chunk_bytes: int = CHUNK_BYTES,
-    max_changed_bytes: int | None = None,
-) -> PageDelta:
-    """The pages of ``new`` that differ from ``old``, and the SHA-256 of ``new``, in one pass.
-
-    Pages past the end of ``old`` count as changed; pages of ``old`` past the end of
-    ``new`` are dropped by truncation when the patch is applied. Memory stays at two
-    chunks plus the changed pages; ``max_changed_bytes`` bounds the latter by raising
-    :class:`DeltaTooLarge` after the first chunk that exceeds it. Raises :class:`PageSizeMismatch`
-    when the page sizes differ and :class:`PatchError` when either file is not an SQLite
-    database or ``new`` is not a whole number of pages. ``chunk_bytes`` must be a
-    multiple of the page size.
-    """
-    with open(old, "rb") as old_file, open(new, "rb") as new_file:
-        old_page_size = _page_size_from_header(old_file.read(SQLITE_HEADER_BYTES), old)
-        page_size = _page_size_from_header(new_file.read(SQLITE_HEADER_BYTES), new)
-        if old_page_size != page_size:
-            raise PageSizeMismatch(old_page_size, page_size)
-        if chunk_bytes <= 0 or chunk_bytes % page_size:
-            raise ValueError(f"chunk_bytes={chunk_bytes} is not a multiple of {page_size}")
-        old_file.seek(0)
-        new_file.seek(0)
-        digest = hashlib.sha256()
-        pages: list[tuple[int, bytes]] = []
-        offset = 0
-        while new_chunk := new_file.read(chunk_bytes):
-            digest.update(new_chunk)
-            old_chunk = old_file.read(chunk_bytes)
-            # One memcmp settles the common case: nothing in this chunk changed.
-            if new_chunk != old_chunk:
-                for start in range(0, len(new_chunk), page_size):
-                    page = new_chunk[start : start + page_size]
-                    if page != old_chunk[start : start + page_size]:
-                        pages.append(((offset + start) // page_size + 1, page))
-                if max_changed_bytes is not None and len(pages) * page_size > max_changed_bytes:
-                    raise DeltaTooLarge(
-                        f"more than {max_changed_bytes} bytes of pages changed "
-                        f"({len(pages)} pages by byte {offset + len(new_chunk)})"
-                    )
-            offset += len(new_chunk)
-    if offset % page_size:
-        raise PatchError(
-            f"{os.fspath(new)} is {offset} bytes, not a whole number of {page_size}-byte pages"
-        )
-    return PageDelta(
-        page_size=page_size,
-        page_count=offset // page_size,
-        sha256=digest.hexdigest(),
-        pages=tuple(pages),
-    )
 
 
 def encode_patch(
@@ -503,164 +355,3 @@ def _decode_body(body: memoryview, header: PatchHeader) -> tuple[tuple[int, byte
         pages.append((page_no, raw[start + _PAGE_NO.size : start + record]))
         previous = page_no
     return tuple(pages)
-
-
-def apply_patch(base: StrPath, patch: Patch, out: StrPath) -> None:
-    """Write ``base`` with ``patch`` applied to the new file ``out``, in one pass over ``base``.
-
-    Checks that ``base`` hashes to the patch's parent and that the result hashes to its
-    ``result_sha256``; on any failure ``out`` is removed and :class:`PatchError` raised.
-    ``out`` must not exist (so it can never be ``base``).
-    """
-    with open(out, "xb") as target:
-        try:
-            _write_patched(base, patch, target)
-        except BaseException:
-            target.close()
-            os.remove(out)
-            raise
-
-
-def _write_patched(base: StrPath, patch: Patch, target: IO[bytes]) -> None:
-    header = patch.header
-    page_size = header.page_size
-    end = header.page_count * page_size
-    parent = hashlib.sha256()
-    result = hashlib.sha256()
-    pages = patch.pages
-    index = 0
-    offset = 0
-    written = 0
-    with open(base, "rb") as source:
-        while chunk := source.read(CHUNK_BYTES):
-            parent.update(chunk)
-            if offset < end:
-                # Slicing bytes to their full length copies nothing.
-                piece: bytes | bytearray = chunk[: end - offset]
-                limit = offset + len(piece)
-                if index < len(pages) and (pages[index][0] - 1) * page_size < limit:
-                    # Only chunks that patched pages land in are copied to be changed.
-                    patched = bytearray(piece)
-                    while index < len(pages) and (pages[index][0] - 1) * page_size < limit:
-                        at = (pages[index][0] - 1) * page_size - offset
-                        # A page straddling the base's end extends the piece; only the
-                        # last chunk can be short, so nothing follows it.
-                        patched[at : at + page_size] = pages[index][1]
-                        index += 1
-                    piece = patched
-                target.write(piece)
-                result.update(piece)
-                written += len(piece)
-            offset += len(chunk)
-    _check_parent(parent.hexdigest(), header, f"base {os.fspath(base)}")
-    for page_no, page in pages[index:]:
-        if (page_no - 1) * page_size != written:
-            raise PatchError(
-                f"patch does not define byte {written} of the result (next page is {page_no})"
-            )
-        target.write(page)
-        result.update(page)
-        written += page_size
-    if written != end:
-        raise PatchError(f"patch leaves the result at {written} bytes, not {end}")
-    _check_result(result.hexdigest(), header, "the result")
-
-
-def _check_parent(actual: str, header: PatchHeader, what: str) -> None:
-    if actual != header.parent_sha256:
-        raise PatchError(
-            f"{what} does not match the patch's parent: its SHA-256 is "
-            f"{actual[:_SHOWN_HASH_CHARS]}…, patch generation {header.generation} expects "
-            f"generation {header.parent_generation} with "
-            f"{header.parent_sha256[:_SHOWN_HASH_CHARS]}…"
-        )
-
-
-def _check_result(actual: str, header: PatchHeader, what: str) -> None:
-    if actual != header.result_sha256:
-        raise PatchError(
-            f"{what} of patch generation {header.generation} does not match its "
-            f"result_sha256: {actual[:_SHOWN_HASH_CHARS]}…, expected "
-            f"{header.result_sha256[:_SHOWN_HASH_CHARS]}…"
-        )
-
-
-def apply_patch_in_place(
-    path: StrPath,
-    patch: Patch,
-    *,
-    current_sha256: str | None = None,
-    verify: bool = True,
-) -> None:
-    """Apply ``patch`` to the file at ``path`` itself, for applying chains to one working copy.
-
-    The file must hash to the patch's parent: pass ``current_sha256`` when it is already
-    known (say, the previous patch's ``result_sha256``), else the file is hashed first.
-    A mismatch raises :class:`PatchError` before anything is written. With ``verify``,
-    the result is hashed afterwards; a mismatch then raises and the file is left damaged,
-    so work on a copy. ``verify=False`` saves a full read per patch when the caller checks
-    the end of the chain itself, as :func:`apply_chain` does.
-    """
-    header = patch.header
-    actual = current_sha256 if current_sha256 is not None else sha256_file(path)
-    _check_parent(actual, header, os.fspath(path))
-    page_size = header.page_size
-    with open(path, "r+b") as file:
-        size = os.fstat(file.fileno()).st_size
-        present = {page_no for page_no, _ in patch.pages}
-        first_beyond = -(-size // page_size) + 1
-        for page_no in range(first_beyond, header.page_count + 1):
-            if page_no not in present:
-                raise PatchError(
-                    f"patch grows {os.fspath(path)} to {header.page_count} pages but lacks "
-                    f"page {page_no}"
-                )
-        for page_no, page in patch.pages:
-            file.seek((page_no - 1) * page_size)
-            file.write(page)
-        file.truncate(header.page_count * page_size)
-    if verify:
-        _check_result(sha256_file(path), header, f"{os.fspath(path)} (now damaged)")
-
-
-def apply_chain(base: StrPath, patches: Sequence[Patch], out: StrPath) -> None:
-    """Write ``base`` with every patch of ``patches`` applied, in order, to the new file ``out``.
-
-    Checks that each patch's parent is its predecessor's result before writing anything,
-    that ``base`` is the first parent, and that ``out`` ends as the last result; the
-    intermediate results are not hashed, since only the end of the chain is kept. On any
-    failure ``out`` is removed. With no patches, ``out`` is a plain copy of ``base``.
-    """
-    for before, after in itertools.pairwise(patches):
-        if after.header.parent_sha256 != before.header.result_sha256:
-            raise PatchError(
-                f"patch generation {after.header.generation} does not follow generation "
-                f"{before.header.generation}: its parent SHA-256 is "
-                f"{after.header.parent_sha256[:_SHOWN_HASH_CHARS]}…, generation "
-                f"{before.header.generation} makes "
-                f"{before.header.result_sha256[:_SHOWN_HASH_CHARS]}…"
-            )
-    if not patches:
-        with open(base, "rb") as source, open(out, "xb") as target:
-            try:
-                while chunk := source.read(CHUNK_BYTES):
-                    target.write(chunk)
-            except BaseException:
-                target.close()
-                os.remove(out)
-                raise
-        return
-    apply_patch(base, patches[0], out)
-    try:
-        for patch in patches[1:]:
-            # The parent hash is known from the link check above; no need to hash the file.
-            apply_patch_in_place(
-                out, patch, current_sha256=patch.header.parent_sha256, verify=False
-            )
-        if len(patches) > 1:
-            _check_result(
-                sha256_file(out), patches[-1].header, f"the chain's end ({os.fspath(out)})"
-            )
-    except BaseException:
-        os.remove(out)
-        raise

@@ -1,0 +1,256 @@
+"""Rebuilding any generation of a database from a base and the patches after it.
+
+A generation is rebuilt from the newest usable base at or below it plus the patches
+after it, each checked against its predecessor's hash. A missing or damaged patch ends
+the chain at the last good generation, and the rebuild says which. The folder's layout
+is described in ``_generations``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from sweepsafe.drive._files import remove_quietly, scratch_path
+from sweepsafe.drive._generations import History, _read_record, list_history
+from sweepsafe.drive._helper_client import DriveOSError
+from sweepsafe.drive._page_diff import PatchError, sha256_file
+from sweepsafe.drive._patch_apply import apply_patch, apply_patch_in_place
+from sweepsafe.drive._patch_format import Patch, decode_patch
+
+if TYPE_CHECKING:
+    from sweepsafe.drive._helper_client import DriveHelper
+
+__all__ = [
+    "NoUsableBase",
+    "Rebuilt",
+    "rebuild",
+]
+
+_PATCH_READ = 512 << 20
+
+
+class NoUsableBase(Exception):
+    """No generation can be rebuilt: every base at or below it is missing or damaged."""
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    """A generation rebuilt into a local file."""
+
+    path: Path
+    generation: int
+    tag: str
+    sha256: str
+    meta: Mapping[str, Any]
+    notes: tuple[str, ...] = ()
+    """What was passed over on the way: a damaged base, a missing or damaged patch."""
+    patched: bool = False
+    """Patches were applied to the base."""
+
+
+async def rebuild(
+    helper: DriveHelper,
+    folder: Path,
+    plain: Path,
+    scratch: Path,
+    timeout: float,
+    *,
+    history: History | None = None,
+    target: int | None = None,
+) -> Rebuilt:
+    """Rebuild generation ``target`` (default: the newest) into a new file under ``scratch``.
+
+    Starts from the newest usable base at or below it; a missing or damaged patch ends
+    the chain at the last good generation (named in ``notes``). The patches are applied
+    in place and the result hashed once at the end; only if it is not what the chain
+    promised is the chain rebuilt again, a patch at a time, to find the last good one.
+
+    Raises:
+        NoUsableBase: no base at or below ``target`` is whole (the reasons are named).
+    """
+    history = history if history is not None else await list_history(helper, folder, timeout)
+    rebuilt = await _rebuild(helper, folder, plain, scratch, timeout, history, target, False)
+    if not rebuilt.patched:
+        return rebuilt  # the base alone, hashed as it was pulled
+    actual = await anyio.to_thread.run_sync(sha256_file, rebuilt.path)
+    if actual == rebuilt.sha256:
+        return rebuilt
+    await anyio.to_thread.run_sync(remove_quietly, rebuilt.path)
+    return await _rebuild(helper, folder, plain, scratch, timeout, history, target, True)
+
+
+async def _rebuild(
+    helper: DriveHelper,
+    folder: Path,
+    plain: Path,
+    scratch: Path,
+    timeout: float,
+    history: History,
+    target: int | None,
+    verify_each: bool,
+) -> Rebuilt:
+    goal = history.head if target is None else target
+    notes: list[str] = []
+    pulled_plain: tuple[Path, str] | None = None
+    try:
+        for number in sorted((n for n in history.bases if n <= goal), reverse=True):
+            for base in history.bases[number]:
+                record = await _read_record(helper, folder, base, timeout)
+                if record is None:
+                    notes.append(f"the record of base generation {number} is unreadable")
+                    continue
+                if record.where == "plain":
+                    if pulled_plain is None:
+                        pulled_plain = await _pull_plain(helper, plain, scratch, timeout)
+                    if pulled_plain[1] != record.sha256:
+                        continue  # the plain copy has moved on to a newer base since
+                    (work, sha), pulled_plain = pulled_plain, None
+                elif base.archived:
+                    source = folder / f"{number:08d}-{base.tag}.db"
+                    work = scratch_path(scratch, "rebuild", ".db")
+                    sha = await _pull_to(helper, source, work, timeout)
+                    if sha != record.sha256:
+                        await anyio.to_thread.run_sync(remove_quietly, work)
+                        notes.append(
+                            f"base generation {number} is damaged on Drive ({source.name})"
+                        )
+                        continue
+                else:
+                    continue
+                start = (number, base.tag, sha, record.meta)
+                return await _apply_patches(
+                    helper, folder, history, work, start, goal, notes, timeout, verify_each
+                )
+    finally:
+        if pulled_plain is not None:
+            await anyio.to_thread.run_sync(remove_quietly, pulled_plain[0])
+    if not notes:
+        notes.append("it keeps no base at or below that generation")
+    raise NoUsableBase(f"{folder}: " + "; ".join(notes))
+
+
+async def _pull_plain(
+    helper: DriveHelper, plain: Path, scratch: Path, timeout: float
+) -> tuple[Path, str]:
+    """The plain copy pulled into a scratch file, and its SHA-256 ("" when it is missing)."""
+    work = scratch_path(scratch, "plain", ".db")
+    try:
+        return work, await _pull_to(helper, plain, work, timeout)
+    except DriveOSError as exc:
+        if exc.errno == 2:  # ENOENT: no plain copy
+            return work, ""
+        raise
+
+
+async def _apply_patches(
+    helper: DriveHelper,
+    folder: Path,
+    history: History,
+    work: Path,
+    start: tuple[int, str, str, Mapping[str, Any]],
+    goal: int,
+    notes: list[str],
+    timeout: float,
+    verify_each: bool,
+) -> Rebuilt:
+    current, tag, sha, meta = start
+    try:
+        while current < goal:
+            found = await _next_patch(helper, folder, history, current + 1, sha, timeout, notes)
+            if found is None:
+                notes.append(
+                    f"generation {current + 1} is missing or damaged on Drive; stopped at "
+                    f"generation {current}"
+                )
+                break
+            patch_tag, patch = found
+            try:
+                work = await _apply_one(work, patch, sha, verify_each)
+            except PatchError as exc:
+                notes.append(
+                    f"{current + 1:08d}-{patch_tag}.patch does not make generation "
+                    f"{current + 1} ({exc}); stopped at generation {current}"
+                )
+                break
+            current, tag, sha, meta = (
+                current + 1,
+                patch_tag,
+                patch.header.result_sha256,
+                patch.header.meta,
+            )
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(remove_quietly, work)
+        raise
+    return Rebuilt(work, current, tag, sha, meta, tuple(notes), current > start[0])
+
+
+async def _apply_one(work: Path, patch: Patch, sha: str, verify_each: bool) -> Path:
+    """Apply ``patch`` to ``work`` (holding ``sha``); the file now holding the result.
+
+    Quick: in place, unchecked (the caller hashes the end of the chain). Checked: into a
+    new file, hashed, so that a patch that does not make its result leaves ``work``
+    whole and the chain can stop there.
+    """
+    if not verify_each:
+        await anyio.to_thread.run_sync(
+            functools.partial(apply_patch_in_place, work, patch, current_sha256=sha, verify=False)
+        )
+        return work
+    out = work.with_name(work.stem + "-next.db")
+    await anyio.to_thread.run_sync(remove_quietly, out)
+    await anyio.to_thread.run_sync(apply_patch, work, patch, out)
+    await anyio.to_thread.run_sync(os.replace, out, work)
+    return work
+
+
+async def _next_patch(
+    helper: DriveHelper,
+    folder: Path,
+    history: History,
+    number: int,
+    parent_sha: str,
+    timeout: float,
+    notes: list[str],
+) -> tuple[str, Patch] | None:
+    for candidate in history.patches.get(number, ()):
+        try:
+            raw = await helper.read(folder / candidate.name, timeout, limit=_PATCH_READ)
+        except DriveOSError as exc:
+            notes.append(f"{candidate.name} cannot be read ({exc.strerror})")
+            continue
+        if raw is None:
+            continue
+        try:
+            patch = await anyio.to_thread.run_sync(decode_patch, raw)
+        except PatchError as exc:
+            notes.append(f"{candidate.name} is damaged ({exc})")
+            continue
+        header = patch.header
+        if header.parent_generation == number - 1 and header.parent_sha256 == parent_sha:
+            return candidate.tag, patch
+    return None
+
+
+async def _pull_to(helper: DriveHelper, source: Path, target: Path, timeout: float) -> str:
+    await anyio.to_thread.run_sync(_create_empty, target)
+    try:
+        await helper.pull(source, target, timeout)
+        return await anyio.to_thread.run_sync(sha256_file, target)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(remove_quietly, target)
+        raise
+
+
+def _create_empty(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    os.close(fd)
