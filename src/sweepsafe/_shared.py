@@ -26,14 +26,15 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 from sweepsafe._blocking import run_blocking
-from sweepsafe._study_report import StudyBackupReport
-from sweepsafe.backup import (
+from sweepsafe._callbacks import (
     STUDY_DB_NAME,
     TRIALS_DIR_NAME,
     BackupProgress,
+    backup_job,
     create_trial_backup_callback,
     keep_leases_alive,
 )
+from sweepsafe._study_report import StudyBackupReport
 from sweepsafe.drive import BackupBackend, BackupResult
 from sweepsafe.errors import StorageError
 from sweepsafe.export import export_study, server_storage
@@ -261,8 +262,6 @@ def final_shared_backup(
     timeout: float,
 ) -> StudyBackupReport:
     """This worker's end of sweep: its trial folders, and the export if it holds the lease."""
-    from sweepsafe.backup import backup_job
-
     started = time.monotonic()
     trials = study_dir / TRIALS_DIR_NAME
     exporter.stop_ticking()

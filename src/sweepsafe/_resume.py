@@ -1,0 +1,271 @@
+"""Opening a sweep's study the safe way: the lease, the restore from Drive, stale trials.
+
+:func:`resume_study` (and ``run_sweep`` through ``_open_study``) makes this runtime
+the study's one writer on Drive, brings the study back from Drive when the local
+``study.db`` is missing or older, marks the trials a dead runtime left RUNNING as FAIL,
+creates or loads the study, and schedules its first backup.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Union
+
+import optuna
+from optuna.trial import TrialState
+
+from sweepsafe._blocking import run_blocking
+from sweepsafe._callbacks import (
+    STUDY_DB_NAME,
+    TRIALS_DIR_NAME,
+    BackupProgress,
+    BackupToDrive,
+    keep_leases_alive,
+    submit_initial_backup,
+)
+from sweepsafe.drive import BackupBackend
+from sweepsafe.drive._sqlite import SnapshotError, read_content, recover_hot_journal
+from sweepsafe.errors import LeaseHeldError, StudyConflictError, SweepsafeError
+from sweepsafe.worker import BackupWorker, get_default_worker
+
+if TYPE_CHECKING:
+    from optuna.pruners import BasePruner
+    from optuna.samplers import BaseSampler
+    from optuna.study import Study, StudyDirection
+
+__all__ = ["Direction", "resume_study"]
+
+logger = logging.getLogger("sweepsafe.sweep")
+
+Direction = Union[Literal["minimize", "maximize"], "StudyDirection"]
+
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+@dataclass(frozen=True)
+class _Opened:
+    study: Study
+    restored: bool
+    resumed: int
+    stale: int
+
+
+def resume_study(
+    study_dir: str | os.PathLike[str],
+    backup_to_drive: BackupToDrive | None,
+    *,
+    study_name: str | None = None,
+    direction: Direction | None = None,
+    directions: Sequence[Direction] | None = None,
+    sampler: BaseSampler | None = None,
+    pruner: BasePruner | None = None,
+    restore: bool = True,
+    takeover: bool = False,
+    worker: BackupWorker | None = None,
+) -> Study:
+    """Open the study in ``study_dir/study.db`` the safe way, for your own ``study.optimize``.
+
+    In order: this runtime becomes the study's one writer on Drive (its lease); the
+    study comes back from Drive if the local one is missing or older (checked, never
+    over newer local work); trials a dead runtime left RUNNING are marked FAIL; the
+    study is created or loaded; and its first backup is scheduled. Pair it with
+    :func:`remaining_trials`, the backup callbacks, and :func:`backup_hpo_study_to_drive`
+    at the end (see the README).
+
+    Raises:
+        LeaseHeldError: another runtime is backing this study up (``takeover=True`` if
+            it is gone).
+        StudyConflictError: the local study and the Drive copy diverged.
+        SweepsafeError: Drive holds a copy that cannot be restored, or the local
+            ``study.db`` is not an Optuna study.
+    """
+    return _open_study(
+        Path(os.path.abspath(study_dir)),
+        backup_to_drive,
+        study_name=study_name,
+        direction=direction,
+        directions=directions,
+        sampler=sampler,
+        pruner=pruner,
+        restore=restore,
+        takeover=takeover,
+        worker=worker,
+        progress=None,
+    ).study
+
+
+def _open_study(
+    study_dir: Path,
+    backup_to_drive: BackupToDrive | None,
+    *,
+    study_name: str | None,
+    direction: Direction | None,
+    directions: Sequence[Direction] | None,
+    sampler: BaseSampler | None,
+    pruner: BasePruner | None,
+    restore: bool,
+    takeover: bool,
+    worker: BackupWorker | None,
+    progress: BackupProgress | None,
+) -> _Opened:
+    storage_path = study_dir / STUDY_DB_NAME
+    _refuse_foreign_database(storage_path)
+    store = backup_to_drive if isinstance(backup_to_drive, BackupBackend) else None
+    restored = False
+    if store is not None:
+        _acquire(store, study_dir, takeover, needed=not storage_path.exists() and restore)
+        if restore:
+            restored = _reconcile_with_drive(store, study_dir)
+    elif restore and backup_to_drive is not None and not storage_path.exists():
+        logger.info(
+            "No local %s and backup_to_drive is not a DriveStore, so nothing can be "
+            "restored; starting a new study.",
+            storage_path,
+        )
+    study_dir.mkdir(parents=True, exist_ok=True)
+    (study_dir / TRIALS_DIR_NAME).mkdir(exist_ok=True)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{storage_path}")
+    study = optuna.create_study(
+        storage=storage,
+        study_name=study_name or study_dir.name,
+        direction=direction,
+        directions=directions,
+        sampler=sampler,
+        pruner=pruner,
+        load_if_exists=True,
+    )
+    stale = _fail_stale_trials(storage, study)
+    finished = len(study.get_trials(deepcopy=False, states=_FINISHED))
+    if finished or stale:
+        logger.info(
+            "Resuming study %s with %d finished trials%s%s.",
+            study.study_name,
+            finished,
+            " restored from Drive" if restored else "",
+            f"; {stale} trials left RUNNING by a dead runtime marked FAIL" if stale else "",
+        )
+    if backup_to_drive is not None:
+        worker = worker or get_default_worker()
+        if progress is not None:
+            # A restored database holds every trial it had; a local one may be ahead.
+            progress._start(trials_finished=finished, trials_backed_up=finished if restored else 0)
+        keep_leases_alive(backup_to_drive, worker)
+        submit_initial_backup(storage_path, backup_to_drive, worker=worker, progress=progress)
+    return _Opened(study, restored, finished, stale)
+
+
+def _refuse_foreign_database(database: Path) -> None:
+    """A local ``study.db`` must be an Optuna study (or absent) before Optuna opens it."""
+    if not os.path.lexists(database):
+        return
+    recover_hot_journal(database)
+    try:
+        content = read_content(database, check="quick")
+    except SnapshotError as exc:
+        raise SweepsafeError(
+            f"{exc}; sweepsafe will not open it: move it away and run again to restore the "
+            "study from Drive, or to start a new one."
+        ) from exc
+    if not content.is_optuna and os.path.getsize(database) > 0 and _has_tables(database):
+        raise SweepsafeError(
+            f"{database} is an SQLite database but not an Optuna study; sweepsafe will not add "
+            "Optuna's tables to it. Move it away, or choose another output folder."
+        )
+
+
+def _has_tables(database: Path) -> bool:
+    import sqlite3
+
+    connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    try:
+        return bool(connection.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0])
+    finally:
+        connection.close()
+
+
+def _acquire(store: BackupBackend, study_dir: Path, takeover: bool, *, needed: bool) -> None:
+    """Take the study's lease; a Drive that cannot be reached is fatal only if needed."""
+
+    async def acquire() -> None:
+        await store.aacquire(study_dir, takeover=takeover)
+
+    try:
+        run_blocking(acquire)
+    except LeaseHeldError:
+        raise
+    except Exception as exc:
+        if needed:
+            raise SweepsafeError(
+                f"Could not reach the Drive copy of {study_dir}: {exc}. Fix the Drive mount "
+                "and run again; pass restore=False only to start a new study."
+            ) from exc
+        logger.warning("Could not take the lease on the Drive copy of %s: %s", study_dir, exc)
+
+
+def _reconcile_with_drive(store: BackupBackend, study_dir: Path) -> bool:
+    """Bring the study back from Drive when the local one is missing or older; True if so."""
+    database = study_dir / STUDY_DB_NAME
+    existed = database.exists()
+    result = run_blocking(lambda: store.arestore(database))
+    if not result.ok:
+        if result.reason == "no-copy":
+            return False
+        if result.reason == "diverged":
+            raise StudyConflictError(result.error or "")
+        if existed:
+            logger.warning("Could not compare %s with its Drive copy: %s", database, result.error)
+            return False
+        raise SweepsafeError(
+            f"Google Drive holds a copy of {database} but it could not be restored: "
+            f"{(result.error or 'unknown error').rstrip('.')}. Fix the cause and run again; pass "
+            "restore=False only to start a new study (its backups then stop, since the Drive "
+            "copy is not replaced by a worse one)."
+        )
+    if result.files_unchanged:
+        return False  # the local study holds everything the Drive copy holds
+    trials = run_blocking(lambda: store.arestore(study_dir / TRIALS_DIR_NAME, is_directory=True))
+    if not trials.ok and trials.reason != "no-copy":
+        logger.warning("The study was restored, but not all its trial files: %s", trials.error)
+    if trials.kept_local:
+        logger.warning(
+            "Kept %d local trial file(s) changed since their last backup instead of the Drive "
+            "copies, first %s.",
+            len(trials.kept_local),
+            trials.kept_local[0],
+        )
+    verification = run_blocking(lambda: store.averify(database))
+    if verification.missing_files:
+        numbers = ", ".join(str(n) for n in sorted(verification.missing_files)[:10])
+        logger.warning(
+            "Finished trials %s of the restored study have files that never reached Drive; "
+            "they are not rerun (Optuna counts them finished).",
+            numbers,
+        )
+    logger.info(
+        "Restored %s from Google Drive (generation %s, %d trial files, %.1f MB).",
+        study_dir,
+        result.generation,
+        trials.files_copied,
+        (result.bytes_copied + trials.bytes_copied) / 1e6,
+    )
+    return True
+
+
+def _fail_stale_trials(storage: optuna.storages.RDBStorage, study: Study) -> int:
+    """Mark trials left RUNNING by a runtime that died as FAIL; return how many.
+
+    Only called by the study's one writer (it holds the lease, or has no Drive copy), so
+    no live runtime's trial is failed.
+    """
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if not stale:
+        return 0
+    study_id = storage.get_study_id_from_name(study.study_name)
+    for trial in stale:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    return len(stale)

@@ -1,0 +1,87 @@
+"""The optimize loop of one worker of a shared study, with this worker's backups.
+
+The study is already open in the database server (see :mod:`sweepsafe._shared`): this
+worker takes a shared lease on the study's Drive folder, backs up its own trials'
+folders, exports the study to Drive while it holds the study's lease, and ends with its
+final backup whatever stops the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+
+from sweepsafe._blocking import run_blocking
+from sweepsafe._shared import (
+    _FINISHED,
+    Exporter,
+    SharedSettings,
+    final_shared_backup,
+    shared_backup_callbacks,
+)
+from sweepsafe.drive import BackupBackend
+from sweepsafe.worker import BackupWorker, get_default_worker
+
+if TYPE_CHECKING:
+    from optuna.study import Study
+    from optuna.trial import Trial
+
+    from sweepsafe._callbacks import BackupProgress, BackupToDrive, OptunaCallback
+    from sweepsafe._study_report import StudyBackupReport
+
+logger = logging.getLogger("sweepsafe.sweep")
+
+
+def _shared_sweep(
+    study: Study,
+    objective: Callable[[Trial], Any],
+    shared: SharedSettings,
+    *,
+    study_dir: Path,
+    n_trials: int | None,
+    timeout: float | None,
+    n_jobs: int,
+    callbacks: Sequence[OptunaCallback],
+    backup_to_drive: BackupToDrive | None,
+    flush_timeout: float,
+    worker: BackupWorker | None,
+    progress: BackupProgress | None,
+) -> tuple[StudyBackupReport | None, int]:
+    """Optimize the opened shared study with its backups; its final report and resumed count."""
+    store = backup_to_drive if isinstance(backup_to_drive, BackupBackend) else None
+    study_dir.mkdir(parents=True, exist_ok=True)
+    exporter: Exporter | None = None
+    backup_callbacks: list[OptunaCallback] = []
+    if store is not None:
+        worker = worker or get_default_worker()
+        run_blocking(lambda: store.aacquire(study_dir, shared=True))
+        exporter = Exporter(store, shared, study.study_name, study_dir, worker, progress)
+        backup_callbacks = shared_backup_callbacks(
+            study_dir, store, exporter, worker, shared.export_interval
+        )
+    finished = len(study.get_trials(deepcopy=False, states=_FINISHED))
+    report: StudyBackupReport | None = None
+    try:
+        if n_trials is None or finished < n_trials:
+            all_callbacks: list[OptunaCallback] = [*callbacks, *backup_callbacks]
+            if n_trials is not None:
+                # Every worker stops once the study holds n_trials finished trials.
+                all_callbacks.insert(0, optuna.study.MaxTrialsCallback(n_trials, states=_FINISHED))
+            study.optimize(
+                objective,
+                n_trials=None if n_trials is None else n_trials - finished,
+                timeout=timeout,
+                n_jobs=n_jobs,
+                callbacks=all_callbacks,
+            )
+    finally:
+        if store is not None and exporter is not None and worker is not None:
+            report = final_shared_backup(store, exporter, study_dir, worker, flush_timeout)
+            (logger.info if report.ok else logger.warning)(
+                "%s", report, extra={"sweepsafe_report": True}
+            )
+    return report, finished
