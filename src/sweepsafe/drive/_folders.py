@@ -38,9 +38,10 @@ from sweepsafe.drive._files import (
     scratch_path,
 )
 from sweepsafe.drive._helper_client import DriveHelper, DriveOSError, DriveTimeout, HelperGone
-from sweepsafe.drive._helper_process import STATE_DIR_NAME, is_sqlite_file, is_temp_name
 from sweepsafe.drive._local_state import Signature, file_signature
+from sweepsafe.drive._reserved_names import STATE_DIR_NAME, is_temp_name
 from sweepsafe.drive._sqlite import SIDECAR_SUFFIXES, SnapshotError, snapshot_sqlite
+from sweepsafe.drive._sqlite_inspect import is_sqlite_file
 from sweepsafe.paths import is_within, safe_relative_path
 
 if TYPE_CHECKING:

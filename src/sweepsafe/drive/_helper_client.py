@@ -34,8 +34,9 @@ from typing import Any
 
 import anyio
 
-from sweepsafe.drive import _helper_process
-from sweepsafe.drive._helper_process import FRAME_PREFIX, encode_frame, temp_name
+from sweepsafe.drive import _helper_process, _reserved_names
+from sweepsafe.drive._helper_wire import FRAME_PREFIX, encode_frame
+from sweepsafe.drive._reserved_names import temp_name
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def process_tag() -> str:
 
 def new_token() -> str:
     """A random token for a temporary name, starting with this process's tag."""
-    return _helper_process.new_token(_process_tag)
+    return _reserved_names.new_token(_process_tag)
 
 
 def _remember_abandoned(destination: Path, token: str) -> None:

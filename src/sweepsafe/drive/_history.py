@@ -32,7 +32,6 @@ import anyio
 
 from sweepsafe.drive._files import remove_quietly, scratch_path
 from sweepsafe.drive._helper_client import DriveOSError
-from sweepsafe.drive._helper_process import STATE_DIR_NAME
 from sweepsafe.drive._pages import (
     Patch,
     PatchError,
@@ -42,6 +41,7 @@ from sweepsafe.drive._pages import (
     read_patch_header,
     sha256_file,
 )
+from sweepsafe.drive._reserved_names import STATE_DIR_NAME
 
 if TYPE_CHECKING:
     from sweepsafe.drive._helper_client import DriveHelper, DriveListing

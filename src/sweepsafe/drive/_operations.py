@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 import anyio
 
 from sweepsafe.drive._folders import EntryProblem, FolderOutcome, restore_folder, sync_file
-from sweepsafe.drive._helper_process import is_sqlite_file
 from sweepsafe.drive._messages import explain_failure, summarize_problems
 from sweepsafe.drive._publish import publish_database
 from sweepsafe.drive._replica import read_identity
 from sweepsafe.drive._restore import restore_database
 from sweepsafe.drive._results import BackupResult, Kind
+from sweepsafe.drive._sqlite_inspect import is_sqlite_file
 from sweepsafe.errors import StudyConflictError
 from sweepsafe.paths import is_within
 

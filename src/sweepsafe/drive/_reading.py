@@ -12,7 +12,6 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from sweepsafe.drive._helper_client import DriveTimeout, HelperPool
-from sweepsafe.drive._helper_process import STATE_DIR_NAME
 from sweepsafe.drive._history import (
     BaseRecord,
     History,
@@ -22,6 +21,7 @@ from sweepsafe.drive._history import (
 )
 from sweepsafe.drive._messages import explain_failure
 from sweepsafe.drive._pages import PatchError, read_patch_header
+from sweepsafe.drive._reserved_names import STATE_DIR_NAME
 from sweepsafe.drive._results import GenerationInfo, StudySummary, VerifyResult
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sweepsafe.drive._helper_client import process_tag
-from sweepsafe.drive._helper_process import STATE_DIR_NAME
+from sweepsafe.drive._reserved_names import STATE_DIR_NAME
 from sweepsafe.errors import LeaseHeldError
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from sweepsafe.drive._files import remove_quietly, scratch_path
-from sweepsafe.drive._helper_process import fsync_directory, is_sqlite_file
+from sweepsafe.drive._fs_primitives import fsync_directory
 from sweepsafe.drive._history import (
     GenerationDetails,
     History,
@@ -33,6 +33,7 @@ from sweepsafe.drive._local_state import DatabaseRecord
 from sweepsafe.drive._pages import sha256_file
 from sweepsafe.drive._publish import publish_rollback
 from sweepsafe.drive._sqlite import SIDECAR_SUFFIXES, DatabaseContent, SnapshotError, read_content
+from sweepsafe.drive._sqlite_inspect import is_sqlite_file
 
 if TYPE_CHECKING:
     from sweepsafe.drive._helper_client import DriveHelper

@@ -31,7 +31,6 @@ from sweepsafe.drive._folders import (
     sync_folders,
 )
 from sweepsafe.drive._helper_client import folders_with_abandoned
-from sweepsafe.drive._helper_process import STATE_DIR_NAME
 from sweepsafe.drive._local_state import Manifest, Signature, UnitState, unit_state_dir
 from sweepsafe.drive._replica import (
     Lease,
@@ -42,6 +41,7 @@ from sweepsafe.drive._replica import (
     this_runtime,
     write_identity,
 )
+from sweepsafe.drive._reserved_names import STATE_DIR_NAME
 from sweepsafe.errors import LeaseHeldError
 from sweepsafe.paths import is_within
 
