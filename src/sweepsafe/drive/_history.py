@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
+from sweepsafe.drive._drive_errors import DriveOSError
 from sweepsafe.drive._files import remove_quietly, scratch_path
-from sweepsafe.drive._helper_client import DriveOSError
 from sweepsafe.drive._pages import (
     Patch,
     PatchError,
@@ -44,7 +44,7 @@ from sweepsafe.drive._pages import (
 from sweepsafe.drive._reserved_names import STATE_DIR_NAME
 
 if TYPE_CHECKING:
-    from sweepsafe.drive._helper_client import DriveHelper, DriveListing
+    from sweepsafe.drive._drive_helper import DriveHelper, DriveListing
 
 __all__ = [
     "BaseRecord",

@@ -25,7 +25,7 @@ from sweepsafe.paths import is_within
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from sweepsafe.drive._helper_client import DriveHelper
+    from sweepsafe.drive._drive_helper import DriveHelper
     from sweepsafe.drive._unit import StudyUnit
 
 __all__ = [
@@ -166,7 +166,7 @@ async def restore_file_result(unit: StudyUnit, remote: Path, target: Path) -> Ba
 
 async def adopt_drive_identity(unit: StudyUnit, helper: DriveHelper) -> None:
     """Before a restore: records of another Drive copy than this one are dropped."""
-    from sweepsafe.drive._helper_client import DriveHelper
+    from sweepsafe.drive._drive_helper import DriveHelper
 
     assert isinstance(helper, DriveHelper)
     drive_id = await read_identity(helper, unit.drive, unit.settings.timeout)

@@ -11,7 +11,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from sweepsafe.drive._helper_client import DriveTimeout, HelperPool
+from sweepsafe.drive._drive_errors import DriveTimeout
+from sweepsafe.drive._helper_client import HelperPool
 from sweepsafe.drive._history import (
     BaseRecord,
     History,
@@ -25,7 +26,7 @@ from sweepsafe.drive._reserved_names import STATE_DIR_NAME
 from sweepsafe.drive._results import GenerationInfo, StudySummary, VerifyResult
 
 if TYPE_CHECKING:
-    from sweepsafe.drive._helper_client import DriveHelper
+    from sweepsafe.drive._drive_helper import DriveHelper
 
 __all__ = [
     "check_database",

@@ -36,7 +36,7 @@ from sweepsafe.drive._sqlite import SIDECAR_SUFFIXES, DatabaseContent, SnapshotE
 from sweepsafe.drive._sqlite_inspect import is_sqlite_file
 
 if TYPE_CHECKING:
-    from sweepsafe.drive._helper_client import DriveHelper
+    from sweepsafe.drive._drive_helper import DriveHelper
     from sweepsafe.drive._unit import StudyUnit
 
 __all__ = ["RestoreRefused", "Restored", "restore_database"]

@@ -24,7 +24,8 @@ from typing import TypeVar
 import anyio
 
 from sweepsafe._blocking import run_blocking
-from sweepsafe.drive._helper_client import DriveTimeout, HelperPool
+from sweepsafe.drive._drive_errors import DriveTimeout
+from sweepsafe.drive._helper_client import HelperPool
 from sweepsafe.drive._messages import explain_failure, source_problem
 from sweepsafe.drive._operations import (
     adopt_drive_identity,
