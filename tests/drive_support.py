@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 
 from sweepsafe.drive import DriveStore
-from sweepsafe.drive._helper_process import is_temp_name
+from sweepsafe.drive._reserved_names import is_temp_name
 from sweepsafe.testing import FaultPlan, simulated_store
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

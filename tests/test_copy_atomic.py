@@ -10,7 +10,7 @@ import pytest
 
 from drive_support import simulated_drive, temp_files, write_bytes
 from sweepsafe.drive._files import COPY_CHUNK
-from sweepsafe.drive._helper_process import temp_name
+from sweepsafe.drive._reserved_names import temp_name
 from sweepsafe.testing import FaultPlan, simulated_store
 
 pytestmark = pytest.mark.asyncio

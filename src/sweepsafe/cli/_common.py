@@ -17,7 +17,7 @@ from typing import TextIO, TypeVar
 from sweepsafe._blocking import run_blocking
 from sweepsafe.cli._errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNSOUND, CommandError
 from sweepsafe.drive import BackupResult, DriveStore, path_kind
-from sweepsafe.drive._helper_client import DriveTimeout
+from sweepsafe.drive._drive_errors import DriveTimeout
 from sweepsafe.errors import DriveNotMountedError
 from sweepsafe.paths import COLAB_DRIVE_MOUNT, configured_drive_roots, is_within
 

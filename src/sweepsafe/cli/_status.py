@@ -30,7 +30,7 @@ from sweepsafe.cli._common import (
 )
 from sweepsafe.cli._errors import EXIT_OK, EXIT_UNSOUND, CommandError
 from sweepsafe.drive import VerifyResult, check_database, folder_entries
-from sweepsafe.drive._helper_client import DriveTimeout
+from sweepsafe.drive._drive_errors import DriveTimeout
 
 __all__ = ["as_json", "check", "check_word", "human_size", "iso_time", "register"]
 

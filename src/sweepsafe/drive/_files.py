@@ -27,19 +27,15 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from sweepsafe.drive._helper_client import new_token
-from sweepsafe.drive._helper_process import (
-    SQLITE_HEADER,
-    fsync_directory,
-    is_sqlite_file,
-    temp_name,
-    transfer,
-)
+from sweepsafe.drive._fs_primitives import fsync_directory, transfer
 from sweepsafe.drive._local_state import Signature, file_signature
+from sweepsafe.drive._reserved_names import temp_name
+from sweepsafe.drive._runtime_temps import new_token
 from sweepsafe.drive._sqlite import read_content
+from sweepsafe.drive._sqlite_inspect import SQLITE_HEADER, is_sqlite_file
 
 if TYPE_CHECKING:
-    from sweepsafe.drive._helper_client import DriveHelper
+    from sweepsafe.drive._drive_helper import DriveHelper
 
 __all__ = [
     "COPY_CHUNK",

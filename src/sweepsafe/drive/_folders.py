@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from sweepsafe.drive._drive_errors import DriveOSError, DriveTimeout, HelperGone
 from sweepsafe.drive._files import (
     COPY_CHUNK,
     Captured,
@@ -37,13 +38,14 @@ from sweepsafe.drive._files import (
     remove_quietly,
     scratch_path,
 )
-from sweepsafe.drive._helper_client import DriveHelper, DriveOSError, DriveTimeout, HelperGone
-from sweepsafe.drive._helper_process import STATE_DIR_NAME, is_sqlite_file, is_temp_name
 from sweepsafe.drive._local_state import Signature, file_signature
+from sweepsafe.drive._reserved_names import STATE_DIR_NAME, is_temp_name
 from sweepsafe.drive._sqlite import SIDECAR_SUFFIXES, SnapshotError, snapshot_sqlite
+from sweepsafe.drive._sqlite_inspect import is_sqlite_file
 from sweepsafe.paths import is_within, safe_relative_path
 
 if TYPE_CHECKING:
+    from sweepsafe.drive._drive_helper import DriveHelper
     from sweepsafe.drive._helper_client import HelperPool
     from sweepsafe.drive._local_state import Manifest
 

@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from sweepsafe.drive._helper_process import STATE_DIR_NAME
 from sweepsafe.drive._page_diff import PatchError
 from sweepsafe.drive._patch_format import read_patch_header
+from sweepsafe.drive._reserved_names import STATE_DIR_NAME
 
 if TYPE_CHECKING:
-    from sweepsafe.drive._helper_client import DriveHelper, DriveListing
+    from sweepsafe.drive._drive_helper import DriveHelper, DriveListing
 
 __all__ = [
     "BaseRecord",

@@ -7,223 +7,64 @@ deadline, and abandons (SIGKILLs, never waits for) a helper that misses one.
 
 This file imports only the standard library and is started by file path
 (``python -I _helper_process.py``), so a new helper costs one bare interpreter start and
-never imports sweepsafe or Optuna. It also owns the few primitives both sides share:
-the wire format, temporary names, the SQLite header, and reading an Optuna database.
+never imports sweepsafe or Optuna. What both sides share lives in modules beside it,
+also standard library only: the wire format (``_helper_wire``), reserved names
+(``_reserved_names``), reading a database (``_sqlite_inspect``) and copying bytes
+(``_fs_primitives``). Run by path, this file imports them from its own folder.
 
-Protocol: each message is a frame ``>II`` (header length, payload length), a JSON header
-and raw payload bytes. The store sends one request and reads one reply. A reply header
-has ``"ok": true`` and the result fields, or ``"ok": false`` with ``errno``, ``error``
-and ``path``.
+Protocol: see ``_helper_wire``. A request header names its ``op``; each op is a
+``DriveServer.op_*`` method.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
-import secrets
 import signal
 import sqlite3
 import stat as stat_module
-import struct
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
-FRAME_PREFIX = struct.Struct(">II")
-SQLITE_HEADER = b"SQLite format 3\x00"
-TEMP_PREFIX = ".sweepsafe-tmp-"
-"""Every temporary file sweepsafe writes is named ``.sweepsafe-tmp-{token}``: a fixed
-length (35 bytes), so a temporary never makes a legal name too long."""
-STATE_DIR_NAME = ".sweepsafe"
-"""sweepsafe's own folder, locally and in every study folder on Drive; never copied."""
-FINISHED_STATES = ("COMPLETE", "PRUNED")
-"""Optuna trial states that count as finished."""
+if TYPE_CHECKING or __package__:
+    # Imported as sweepsafe.drive._helper_process (the client needs this file's path).
+    from sweepsafe.drive._fs_primitives import (
+        _clear_way,
+        _kind,
+        _make_folder,
+        _remove_entry,
+        _remove_quietly,
+        _sha256_of,
+        fsync_directory,
+        transfer,
+        write_all,
+    )
+    from sweepsafe.drive._helper_wire import FRAME_PREFIX, Header, _read_exactly, encode_frame
+    from sweepsafe.drive._reserved_names import STATE_DIR_NAME, TEMP_PREFIX, is_temp_name, temp_name
+    from sweepsafe.drive._sqlite_inspect import inspect_sqlite, is_sqlite_file
+else:
+    # Run by file path in an isolated interpreter (``-I``), whose sys.path does not hold
+    # the script's folder: the siblings are imported from it as top-level modules.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _fs_primitives import (
+        _clear_way,
+        _kind,
+        _make_folder,
+        _remove_entry,
+        _remove_quietly,
+        _sha256_of,
+        fsync_directory,
+        transfer,
+        write_all,
+    )
+    from _helper_wire import FRAME_PREFIX, Header, _read_exactly, encode_frame
+    from _reserved_names import STATE_DIR_NAME, TEMP_PREFIX, is_temp_name, temp_name
+    from _sqlite_inspect import inspect_sqlite, is_sqlite_file
 
-_CHUNK = 8 << 20
 _SMALL_READ_LIMIT = 4 << 20
-
-Header = dict[str, Any]
-
-
-def encode_frame(header: Header, payload: bytes = b"") -> bytes:
-    """One protocol frame: length prefix, JSON header, payload."""
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    return FRAME_PREFIX.pack(len(raw), len(payload)) + raw + payload
-
-
-def temp_name(token: str) -> str:
-    """The name of a temporary written before it replaces its target in the same folder."""
-    return TEMP_PREFIX + token
-
-
-def is_temp_name(name: str) -> bool:
-    """True for a sweepsafe temporary (left behind by a killed or failed copy)."""
-    return name.startswith(TEMP_PREFIX)
-
-
-def new_token(tag: str) -> str:
-    """A random temporary-name token that starts with the writing runtime's ``tag``."""
-    return tag + secrets.token_hex(6)
-
-
-# -- reading SQLite and Optuna databases --------------------------------------------------
-def is_sqlite_file(path: str) -> bool:
-    """True when the file starts with the SQLite header (whatever its name)."""
-    try:
-        with open(path, "rb") as file:
-            return file.read(len(SQLITE_HEADER)) == SQLITE_HEADER
-    except (IsADirectoryError, PermissionError):
-        return False
-
-
-def connect_read_only(path: str, timeout: float = 30.0) -> sqlite3.Connection:
-    """A read-only connection that never creates or changes the file."""
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout)
-
-
-def integrity_problem(connection: sqlite3.Connection, *, quick: bool = False) -> str | None:
-    """None when ``PRAGMA integrity_check`` (or ``quick_check``) says ok, else what it found."""
-    pragma = "quick_check" if quick else "integrity_check"
-    rows = [str(row[0]) for row in connection.execute(f"PRAGMA {pragma}").fetchall()]
-    if rows == ["ok"]:
-        return None
-    more = f" (and {len(rows) - 1} more problems)" if len(rows) > 1 else ""
-    return f"PRAGMA {pragma} found: {rows[0] if rows else 'no answer'}{more}"
-
-
-def is_optuna_schema(connection: sqlite3.Connection) -> bool:
-    """The database has Optuna's core tables."""
-    tables = {
-        str(row[0])
-        for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-    }
-    return {"studies", "trials", "study_directions", "trial_values"} <= tables
-
-
-def read_studies(connection: sqlite3.Connection) -> list[Header]:
-    """Every Optuna study: name, directions, trial counts by state, best value."""
-    studies: list[Header] = []
-    for study_id, name in connection.execute(
-        "SELECT study_id, study_name FROM studies ORDER BY study_id"
-    ).fetchall():
-        directions = [
-            str(direction).lower()
-            for (direction,) in connection.execute(
-                "SELECT direction FROM study_directions WHERE study_id = ? ORDER BY objective",
-                (study_id,),
-            )
-        ]
-        counts = {
-            str(state): int(count)
-            for state, count in connection.execute(
-                "SELECT state, COUNT(*) FROM trials WHERE study_id = ? GROUP BY state",
-                (study_id,),
-            )
-        }
-        best: float | None = None
-        if len(directions) == 1 and directions[0] in ("minimize", "maximize"):
-            aggregate = "MIN" if directions[0] == "minimize" else "MAX"
-            (value,) = connection.execute(
-                f"SELECT {aggregate}(v.value) FROM trial_values AS v "
-                "JOIN trials AS t ON v.trial_id = t.trial_id "
-                "WHERE t.study_id = ? AND t.state = 'COMPLETE' AND v.objective = 0",
-                (study_id,),
-            ).fetchone()
-            best = None if value is None else float(value)
-        studies.append(
-            {"name": str(name), "directions": directions, "trial_counts": counts, "best": best}
-        )
-    return studies
-
-
-def finished_trials(connection: sqlite3.Connection) -> set[tuple[str, int, str]]:
-    """(study name, trial number, start time) of every finished trial."""
-    rows = connection.execute(
-        "SELECT s.study_name, t.number, COALESCE(t.datetime_start, '') FROM trials AS t "
-        "JOIN studies AS s ON s.study_id = t.study_id WHERE t.state IN (?, ?)",
-        FINISHED_STATES,
-    ).fetchall()
-    return {(str(name), int(number), str(start)) for name, number, start in rows}
-
-
-def inspect_sqlite(path: str, *, quick: bool = False) -> Header:
-    """Integrity and, for an Optuna database, its studies; never changes the file."""
-    connection = connect_read_only(path)
-    try:
-        problem = integrity_problem(connection, quick=quick)
-        optuna = problem is None and is_optuna_schema(connection)
-        studies = read_studies(connection) if optuna else []
-    finally:
-        connection.close()
-    return {"integrity_problem": problem, "is_optuna": optuna, "studies": studies}
-
-
-# -- copying bytes ------------------------------------------------------------------------
-def transfer(source_fd: int, destination_fd: int, offset: int, length: int) -> int:
-    """Append ``length`` bytes from ``offset`` of one file to the current end of another.
-
-    Uses ``copy_file_range`` or ``sendfile`` where the kernel offers them across these
-    two file systems, else reads and writes in chunks. Returns the bytes copied (fewer
-    if the source is shorter).
-    """
-    copied = 0
-    while copied < length:
-        wanted = min(_CHUNK, length - copied)
-        done = _copy_range(source_fd, destination_fd, offset + copied, wanted)
-        if done == 0:
-            break
-        copied += done
-    return copied
-
-
-_fast_copy_works = {"copy_file_range": hasattr(os, "copy_file_range"), "sendfile": True}
-
-
-def _copy_range(source_fd: int, destination_fd: int, offset: int, count: int) -> int:
-    if _fast_copy_works["copy_file_range"]:
-        try:
-            return os.copy_file_range(source_fd, destination_fd, count, offset)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-            _fast_copy_works["copy_file_range"] = False
-    if _fast_copy_works["sendfile"]:
-        try:
-            return os.sendfile(destination_fd, source_fd, offset, count)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-            _fast_copy_works["sendfile"] = False
-    data = os.pread(source_fd, count, offset)
-    write_all(destination_fd, data)
-    return len(data)
-
-
-def write_all(fd: int, data: bytes | memoryview) -> None:
-    """Write every byte of ``data``."""
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def fsync_directory(path: str) -> None:
-    """Make renames in ``path`` durable, where the file system allows it."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        # FUSE mounts and some network file systems refuse fsync on a directory.
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EROFS):
-            raise
-    finally:
-        os.close(fd)
 
 
 class FaultHooks:
@@ -510,14 +351,6 @@ class DriveServer:
         return reply, b""
 
 
-def _sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _walk(root: str) -> Iterator[tuple[str, str, os.stat_result]]:
     """(relative POSIX path, name, lstat) of every entry under ``root``, depth first."""
     pending = [(root, "")]
@@ -539,84 +372,6 @@ def _walk(root: str) -> Iterator[tuple[str, str, os.stat_result]]:
                     pending.append((entry.path, rel + "/"))
                 continue
             yield rel, entry.name, info
-
-
-def _kind(mode: int) -> str:
-    if stat_module.S_ISREG(mode):
-        return "file"
-    if stat_module.S_ISDIR(mode):
-        return "dir"
-    return "other"
-
-
-def _clear_way(destination: str) -> None:
-    """Remove a folder (or other non-file) where a file is about to be committed."""
-    try:
-        info = os.lstat(destination)
-    except FileNotFoundError:
-        return
-    if not stat_module.S_ISREG(info.st_mode):
-        _remove_entry(destination)
-
-
-def _make_folder(folder: str, anchor: object) -> None:
-    """Create ``folder`` and its parents, but never above the existing folder ``anchor``.
-
-    When Drive is not mounted its mount point is an ordinary local folder; creating the
-    missing ``MyDrive/...`` there would silently put the "backup" on local disk. A file
-    standing where a folder is needed (a local file that became a folder) is replaced.
-    """
-    if os.path.isdir(folder):
-        return
-    if isinstance(anchor, str) and not os.path.isdir(anchor):
-        raise FileNotFoundError(
-            errno.ENOENT, "the Drive folder is missing; is Google Drive mounted?", anchor
-        )
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        # Some ancestor is a file: the local side turned that file into a folder.
-        probe = folder
-        while probe and not os.path.lexists(probe):
-            probe = os.path.dirname(probe)
-        if probe and not os.path.isdir(probe):
-            _remove_entry(probe)
-        os.makedirs(folder, exist_ok=True)
-
-
-def _remove_entry(path: str) -> None:
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat_module.S_ISDIR(info.st_mode):
-        _remove_quietly(path)
-        return
-    for folder, dirs, names in os.walk(path, topdown=False):
-        for name in names:
-            _remove_quietly(os.path.join(folder, name))
-        for name in dirs:
-            if os.path.islink(os.path.join(folder, name)):
-                _remove_quietly(os.path.join(folder, name))
-        with contextlib.suppress(FileNotFoundError):
-            os.rmdir(folder)
-
-
-def _remove_quietly(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
-
-
-def _read_exactly(fd: int, count: int) -> bytes | None:
-    parts: list[bytes] = []
-    remaining = count
-    while remaining:
-        part = os.read(fd, remaining)
-        if not part:
-            return None
-        parts.append(part)
-        remaining -= len(part)
-    return b"".join(parts)
 
 
 def serve(hooks: FaultHooks | None = None) -> int:

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import aiofiles
 import aiofiles.os
 
-from sweepsafe.drive._helper_process import STATE_DIR_NAME, temp_name
+from sweepsafe.drive._reserved_names import STATE_DIR_NAME, temp_name
 from sweepsafe.paths import safe_relative_path
 
 __all__ = [

@@ -12,9 +12,9 @@ import stat as stat_module
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sweepsafe.drive._drive_errors import DriveOSError, DriveTimeout, HelperGone
 from sweepsafe.drive._files import NotARegularFile
-from sweepsafe.drive._helper_client import DriveOSError, DriveTimeout, HelperGone
-from sweepsafe.drive._helper_process import TEMP_PREFIX
+from sweepsafe.drive._reserved_names import TEMP_PREFIX
 from sweepsafe.drive._sqlite import SnapshotError
 from sweepsafe.drive._unit import TrialFilesHeldBack
 from sweepsafe.errors import LeaseHeldError, StudyConflictError

@@ -13,19 +13,19 @@ from typing import TYPE_CHECKING
 import anyio
 
 from sweepsafe.drive._folders import EntryProblem, FolderOutcome, restore_folder, sync_file
-from sweepsafe.drive._helper_process import is_sqlite_file
 from sweepsafe.drive._messages import explain_failure, summarize_problems
 from sweepsafe.drive._publish import publish_database
 from sweepsafe.drive._replica import read_identity
 from sweepsafe.drive._restore import restore_database
 from sweepsafe.drive._results import BackupResult, Kind
+from sweepsafe.drive._sqlite_inspect import is_sqlite_file
 from sweepsafe.errors import StudyConflictError
 from sweepsafe.paths import is_within
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from sweepsafe.drive._helper_client import DriveHelper
+    from sweepsafe.drive._drive_helper import DriveHelper
     from sweepsafe.drive._unit import StudyUnit
 
 __all__ = [
@@ -166,7 +166,7 @@ async def restore_file_result(unit: StudyUnit, remote: Path, target: Path) -> Ba
 
 async def adopt_drive_identity(unit: StudyUnit, helper: DriveHelper) -> None:
     """Before a restore: records of another Drive copy than this one are dropped."""
-    from sweepsafe.drive._helper_client import DriveHelper
+    from sweepsafe.drive._drive_helper import DriveHelper
 
     assert isinstance(helper, DriveHelper)
     drive_id = await read_identity(helper, unit.drive, unit.settings.timeout)

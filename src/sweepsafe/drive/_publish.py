@@ -45,7 +45,7 @@ from sweepsafe.drive._sqlite import DatabaseContent, SnapshotError, read_content
 from sweepsafe.errors import StudyConflictError
 
 if TYPE_CHECKING:
-    from sweepsafe.drive._helper_client import DriveHelper
+    from sweepsafe.drive._drive_helper import DriveHelper
     from sweepsafe.drive._unit import StudyUnit
 
 __all__ = ["Published", "publish_database", "publish_rollback"]

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from sweepsafe.drive._drive_errors import DriveTimeout
 from sweepsafe.drive._generations import (
     BaseRecord,
     History,
@@ -18,15 +19,15 @@ from sweepsafe.drive._generations import (
     list_history,
     read_details,
 )
-from sweepsafe.drive._helper_client import DriveTimeout, HelperPool
-from sweepsafe.drive._helper_process import STATE_DIR_NAME
+from sweepsafe.drive._helper_client import HelperPool
 from sweepsafe.drive._messages import explain_failure
 from sweepsafe.drive._page_diff import PatchError
 from sweepsafe.drive._patch_format import read_patch_header
+from sweepsafe.drive._reserved_names import STATE_DIR_NAME
 from sweepsafe.drive._results import GenerationInfo, StudySummary, VerifyResult
 
 if TYPE_CHECKING:
-    from sweepsafe.drive._helper_client import DriveHelper
+    from sweepsafe.drive._drive_helper import DriveHelper
 
 __all__ = [
     "check_database",

@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from sweepsafe.drive._drive_errors import DriveOSError
 from sweepsafe.drive._files import remove_quietly, scratch_path
 from sweepsafe.drive._generations import History, _read_record, list_history
-from sweepsafe.drive._helper_client import DriveOSError
 from sweepsafe.drive._page_diff import PatchError, sha256_file
 from sweepsafe.drive._patch_apply import apply_patch, apply_patch_in_place
 from sweepsafe.drive._patch_format import Patch, decode_patch
 
 if TYPE_CHECKING:
-    from sweepsafe.drive._helper_client import DriveHelper
+    from sweepsafe.drive._drive_helper import DriveHelper
 
 __all__ = [
     "NoUsableBase",

@@ -18,12 +18,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sweepsafe.drive._helper_client import process_tag
-from sweepsafe.drive._helper_process import STATE_DIR_NAME
+from sweepsafe.drive._reserved_names import STATE_DIR_NAME
+from sweepsafe.drive._runtime_temps import process_tag
 from sweepsafe.errors import LeaseHeldError
 
 if TYPE_CHECKING:
-    from sweepsafe.drive._helper_client import DriveHelper
+    from sweepsafe.drive._drive_helper import DriveHelper
 
 __all__ = [
     "IDENTITY_NAME",

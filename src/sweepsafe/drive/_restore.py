@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from sweepsafe.drive._files import remove_quietly, scratch_path
+from sweepsafe.drive._fs_primitives import fsync_directory
 from sweepsafe.drive._generations import (
     GenerationDetails,
     History,
@@ -26,15 +27,15 @@ from sweepsafe.drive._generations import (
     list_history,
     read_details,
 )
-from sweepsafe.drive._helper_process import fsync_directory, is_sqlite_file
 from sweepsafe.drive._local_state import DatabaseRecord
 from sweepsafe.drive._page_diff import sha256_file
 from sweepsafe.drive._publish import publish_rollback
 from sweepsafe.drive._rebuild import NoUsableBase, rebuild
 from sweepsafe.drive._sqlite import SIDECAR_SUFFIXES, DatabaseContent, SnapshotError, read_content
+from sweepsafe.drive._sqlite_inspect import is_sqlite_file
 
 if TYPE_CHECKING:
-    from sweepsafe.drive._helper_client import DriveHelper
+    from sweepsafe.drive._drive_helper import DriveHelper
     from sweepsafe.drive._unit import StudyUnit
 
 __all__ = ["RestoreRefused", "Restored", "restore_database"]

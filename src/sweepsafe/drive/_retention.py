@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from sweepsafe.drive._generations import BaseRecord, Generation, History, _read_record
 
 if TYPE_CHECKING:
-    from sweepsafe.drive._helper_client import DriveHelper
+    from sweepsafe.drive._drive_helper import DriveHelper
 
 __all__ = [
     "thin_history",

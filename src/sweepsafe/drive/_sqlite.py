@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sweepsafe.drive._helper_process import (
+from sweepsafe.drive._sqlite_inspect import (
     connect_read_only,
     finished_trials,
     integrity_problem,

@@ -24,8 +24,8 @@ from typing import TypeVar
 import anyio
 
 from sweepsafe._blocking import run_blocking
-from sweepsafe.drive._helper_client import DriveTimeout, HelperPool
-from sweepsafe.drive._helper_process import STATE_DIR_NAME, is_sqlite_file
+from sweepsafe.drive._drive_errors import DriveTimeout
+from sweepsafe.drive._helper_client import HelperPool
 from sweepsafe.drive._messages import explain_failure, source_problem
 from sweepsafe.drive._operations import (
     adopt_drive_identity,
@@ -37,9 +37,11 @@ from sweepsafe.drive._operations import (
     with_duration,
 )
 from sweepsafe.drive._reading import generations_of, path_kind, verify_database
+from sweepsafe.drive._reserved_names import STATE_DIR_NAME
 from sweepsafe.drive._restore import RestoreRefused
 from sweepsafe.drive._results import BackupResult, GenerationInfo, Kind, VerifyResult
 from sweepsafe.drive._sqlite import SnapshotError
+from sweepsafe.drive._sqlite_inspect import is_sqlite_file
 from sweepsafe.drive._unit import StoreSettings, StudyUnit, TrialFilesHeldBack
 from sweepsafe.errors import (
     DriveNotMountedError,

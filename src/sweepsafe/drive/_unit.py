@@ -30,8 +30,6 @@ from sweepsafe.drive._folders import (
     sync_folder,
     sync_folders,
 )
-from sweepsafe.drive._helper_client import folders_with_abandoned
-from sweepsafe.drive._helper_process import STATE_DIR_NAME
 from sweepsafe.drive._local_state import Manifest, Signature, UnitState, unit_state_dir
 from sweepsafe.drive._replica import (
     Lease,
@@ -42,11 +40,14 @@ from sweepsafe.drive._replica import (
     this_runtime,
     write_identity,
 )
+from sweepsafe.drive._reserved_names import STATE_DIR_NAME
+from sweepsafe.drive._runtime_temps import folders_with_abandoned
 from sweepsafe.errors import LeaseHeldError
 from sweepsafe.paths import is_within
 
 if TYPE_CHECKING:
-    from sweepsafe.drive._helper_client import DriveHelper, HelperPool
+    from sweepsafe.drive._drive_helper import DriveHelper
+    from sweepsafe.drive._helper_client import HelperPool
     from sweepsafe.drive._sqlite import DatabaseContent
 
 __all__ = ["StoreSettings", "StudyUnit", "TrialFilesHeldBack"]
