@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from sweepsafe.drive._folders import EntryProblem, FolderOutcome, restore_folder, sync_file
+from sweepsafe.drive._folder_job import EntryProblem, FolderOutcome
+from sweepsafe.drive._folder_restore import restore_folder
+from sweepsafe.drive._folders import sync_file
 from sweepsafe.drive._helper_process import is_sqlite_file
 from sweepsafe.drive._messages import explain_failure, summarize_problems
 from sweepsafe.drive._publish import publish_database
