@@ -31,7 +31,7 @@ from sweepsafe.drive._history import (
 )
 from sweepsafe.drive._local_state import DatabaseRecord
 from sweepsafe.drive._pages import sha256_file
-from sweepsafe.drive._publish import publish_rollback
+from sweepsafe.drive._publish_write import publish_rollback
 from sweepsafe.drive._sqlite import SIDECAR_SUFFIXES, DatabaseContent, SnapshotError, read_content
 
 if TYPE_CHECKING:
