@@ -20,7 +20,7 @@ from sweepsafe.drive._unit import TrialFilesHeldBack
 from sweepsafe.errors import LeaseHeldError, StudyConflictError
 
 if TYPE_CHECKING:
-    from sweepsafe.drive._folders import EntryProblem
+    from sweepsafe.drive._folder_job import EntryProblem
 
 __all__ = ["explain_failure", "source_problem", "summarize_problems"]
 

@@ -1,7 +1,8 @@
 """What one backup or restore of a path does, turned into a BackupResult.
 
-The :class:`~sweepsafe.drive.DriveStore` methods choose the operation; these do it for
-one study folder (a :class:`StudyUnit`) and say what happened in a result.
+The :class:`~sweepsafe.drive.DriveStore` methods find the study folder (a
+:class:`StudyUnit`) and the Drive copy of a path; these do the operation for that study
+folder and say what happened in a result.
 """
 
 from __future__ import annotations
@@ -12,33 +13,49 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from sweepsafe.drive._folders import EntryProblem, FolderOutcome, restore_folder, sync_file
+from sweepsafe.drive._drive_errors import DriveTimeout
+from sweepsafe.drive._folder_job import EntryProblem, FolderOutcome
+from sweepsafe.drive._folder_restore import restore_folder
+from sweepsafe.drive._folders import sync_file
 from sweepsafe.drive._messages import explain_failure, summarize_problems
 from sweepsafe.drive._publish import publish_database
 from sweepsafe.drive._replica import read_identity
-from sweepsafe.drive._restore import restore_database
+from sweepsafe.drive._restore import RestoreRefused, restore_database
 from sweepsafe.drive._results import BackupResult, Kind
+from sweepsafe.drive._sqlite import SnapshotError
 from sweepsafe.drive._sqlite_inspect import is_sqlite_file
-from sweepsafe.errors import StudyConflictError
+from sweepsafe.drive._unit import TrialFilesHeldBack
+from sweepsafe.errors import LeaseHeldError, StudyConflictError
 from sweepsafe.paths import is_within
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from sweepsafe.drive._drive_helper import DriveHelper
+    from sweepsafe.drive._helper_client import HelperPool
     from sweepsafe.drive._unit import StudyUnit
 
 __all__ = [
     "adopt_drive_identity",
     "backup_database",
     "backup_files",
+    "combined_result",
     "restore_database_result",
     "restore_file_result",
     "restore_folder_result",
+    "restore_path",
     "with_duration",
 ]
 
 STUDY_DB_NAME = "study.db"
+_EXPECTED = (
+    OSError,
+    DriveTimeout,
+    SnapshotError,
+    LeaseHeldError,
+    StudyConflictError,
+    TrialFilesHeldBack,
+)
 
 
 async def backup_database(
@@ -86,6 +103,70 @@ async def backup_files(
     else:
         outcome = await sync_file(job, source)
     return folder_result(outcome, source, destination, "directory" if is_directory else "file")
+
+
+def combined_result(
+    results: Sequence[BackupResult], source: Path, destination: Path
+) -> BackupResult:
+    """What the backups of the entries of one folder came to, as one result."""
+    failed = [r for r in results if not r.ok and r.kind != "skipped"]
+    return BackupResult(
+        not failed,
+        source,
+        destination,
+        "directory",
+        bytes_copied=sum(r.bytes_copied for r in results),
+        files_copied=sum(r.files_copied for r in results),
+        files_unchanged=sum(r.files_unchanged for r in results),
+        error="; ".join(r.error or "" for r in failed) or None,
+        retryable=any(r.retryable for r in failed),
+        problems=tuple(p for r in results for p in r.problems),
+        skipped=tuple(s for r in results for s in r.skipped),
+    )
+
+
+async def restore_path(
+    unit: StudyUnit,
+    pool: HelperPool,
+    timeout: float,
+    remote: Path,
+    target: Path,
+    is_directory: bool,
+    generation: int | None,
+    before: float | None,
+) -> BackupResult:
+    """Restore ``target`` as what Drive holds at ``remote``: a folder, a database or a file.
+
+    A refused restore and the expected failures come back as a result.
+    """
+    kind: Kind = "directory" if is_directory else "file"
+    try:
+        await unit.load()
+        async with pool.session() as helper:
+            await adopt_drive_identity(unit, helper)
+            info = await helper.stat(remote, timeout)
+        if is_directory:
+            return await restore_folder_result(unit, remote, target)
+        if (
+            generation is not None
+            or before is not None
+            or not info["exists"]
+            or (info.get("kind") == "file" and remote.suffix in (".db", ".sqlite", ".sqlite3"))
+        ):
+            return await restore_database_result(unit, remote, target, generation, before)
+        return await restore_file_result(unit, remote, target)
+    except RestoreRefused as exc:
+        return BackupResult(
+            False,
+            remote,
+            target,
+            kind,
+            error=f"{exc}; nothing local was replaced.",
+            reason="diverged" if exc.diverged else "refused",
+        )
+    except _EXPECTED as exc:
+        error, retryable = explain_failure(exc, target, "reading", remote)
+        return BackupResult(False, remote, target, kind, error=error, retryable=retryable)
 
 
 async def restore_database_result(

@@ -29,7 +29,7 @@ from sweepsafe.drive._generations import (
 )
 from sweepsafe.drive._local_state import DatabaseRecord
 from sweepsafe.drive._page_diff import sha256_file
-from sweepsafe.drive._publish import publish_rollback
+from sweepsafe.drive._publish_write import publish_rollback
 from sweepsafe.drive._rebuild import NoUsableBase, rebuild
 from sweepsafe.drive._sqlite import SIDECAR_SUFFIXES, DatabaseContent, SnapshotError, read_content
 from sweepsafe.drive._sqlite_inspect import is_sqlite_file

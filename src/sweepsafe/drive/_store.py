@@ -10,45 +10,42 @@ from exiting.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
 
 import anyio
 
-from sweepsafe._blocking import run_blocking
-from sweepsafe.drive._drive_errors import DriveTimeout
 from sweepsafe.drive._helper_client import HelperPool
 from sweepsafe.drive._messages import explain_failure, source_problem
 from sweepsafe.drive._operations import (
-    adopt_drive_identity,
+    _EXPECTED,
     backup_database,
     backup_files,
-    restore_database_result,
-    restore_file_result,
-    restore_folder_result,
+    combined_result,
+    restore_path,
     with_duration,
 )
-from sweepsafe.drive._reading import generations_of, path_kind, verify_database
+from sweepsafe.drive._reading import generations_of, verify_database
 from sweepsafe.drive._reserved_names import STATE_DIR_NAME
-from sweepsafe.drive._restore import RestoreRefused
 from sweepsafe.drive._results import BackupResult, GenerationInfo, Kind, VerifyResult
-from sweepsafe.drive._sqlite import SnapshotError
 from sweepsafe.drive._sqlite_inspect import is_sqlite_file
-from sweepsafe.drive._unit import StoreSettings, StudyUnit, TrialFilesHeldBack
-from sweepsafe.errors import (
-    DriveNotMountedError,
-    DrivePathError,
-    LeaseHeldError,
-    StudyConflictError,
+from sweepsafe.drive._store_config import _check_roots, check_drive_mounted, check_options
+from sweepsafe.drive._store_sync import BlockingFaces
+from sweepsafe.drive._store_units import (
+    StudyFolders,
+    release_leases,
+    renew_leases,
+    take_lease,
+    try_lease,
 )
+from sweepsafe.drive._unit import StoreSettings, StudyUnit
+from sweepsafe.errors import DrivePathError
 from sweepsafe.paths import COLAB_DRIVE_MOUNT, is_drive_path, is_within
 
 __all__ = ["DriveStore"]
@@ -56,19 +53,9 @@ __all__ = ["DriveStore"]
 logger = logging.getLogger("sweepsafe.drive")
 
 StrPath = str | os.PathLike[str]
-T = TypeVar("T")
-STUDY_DB_NAME = "study.db"
-_EXPECTED = (
-    OSError,
-    DriveTimeout,
-    SnapshotError,
-    LeaseHeldError,
-    StudyConflictError,
-    TrialFilesHeldBack,
-)
 
 
-class DriveStore:
+class DriveStore(StudyFolders, BlockingFaces):
     """Copies the studies under ``local_root`` to the same place under ``drive_root``, and back.
 
     Thread-safe and usable from any event loop: the async methods may run concurrently
@@ -120,10 +107,7 @@ class DriveStore:
         self.local_root = Path(os.path.abspath(local_root))
         self.drive_root = Path(os.path.abspath(drive_root))
         _check_roots(self.local_root, self.drive_root)
-        if file_concurrency < 1:
-            raise ValueError(f"file_concurrency must be at least 1, not {file_concurrency}")
-        if keep_generations < 1:
-            raise ValueError(f"keep_generations must be at least 1, not {keep_generations}")
+        check_options(file_concurrency, keep_generations)
         self.drive_timeout = drive_timeout
         self.lease_timeout = lease_timeout
         self.mirror = mirror
@@ -165,20 +149,7 @@ class DriveStore:
         """
         my_drive = Path(os.path.abspath(mount_point)) / "MyDrive"
         timeout = float(options.get("drive_timeout", 120.0))  # type: ignore[arg-type]
-        try:
-            # Asked of a helper: a stalled mount must not hang the notebook cell.
-            kind = run_blocking(lambda: path_kind(my_drive, timeout=min(timeout, 30.0)))
-        except DriveTimeout as exc:
-            raise DriveNotMountedError(
-                f"Google Drive does not answer: {my_drive} could not be read within "
-                f"{exc.timeout:g} s. Remount it with drive.mount('{mount_point}', "
-                "force_remount=True)."
-            ) from None
-        if kind != "dir":
-            raise DriveNotMountedError(
-                f"Google Drive is not mounted: {my_drive} is not a folder. In Colab run "
-                f"`from google.colab import drive; drive.mount('{mount_point}')` first."
-            )
+        check_drive_mounted(my_drive, mount_point, timeout)
         store = cls(local_root, my_drive / drive_subdir, **options)  # type: ignore[arg-type]
         store._pool.anchor = str(my_drive)
         return store
@@ -205,40 +176,6 @@ class DriveStore:
                 "paths under it, or use a DriveStore whose local_root contains it."
             )
         return self.drive_root / local.relative_to(self.local_root)
-
-    def _unit_for(self, path: Path, is_directory: bool, *, study: bool = False) -> StudyUnit:
-        """The study folder ``path`` belongs to (``study``: ``path`` is one).
-
-        A study folder is one this store was told of (a lease taken on it, a database
-        backed up or restored in it), else the nearest folder holding a ``study.db``, else
-        the folder directly under the local root (the root itself for files in it).
-        Blocking: it may ``stat`` a few local folders.
-        """
-        if study:
-            return self._unit(path.relative_to(self.local_root).as_posix())
-        with self._units_lock:
-            known = [rel for rel in self._units if self._units[rel].registered]
-        start = path if is_directory else path.parent
-        for folder in (start, *start.parents):
-            if not is_within(folder, self.local_root):
-                break
-            rel = folder.relative_to(self.local_root).as_posix()
-            rel = "" if rel == "." else rel
-            if rel in known or (folder / STUDY_DB_NAME).is_file():
-                return self._unit(rel)
-            if folder == self.local_root:
-                break
-        parts = path.relative_to(self.local_root).parts
-        return self._unit(parts[0] if len(parts) > 1 or (parts and is_directory) else "")
-
-    def _unit(self, rel: str, *, register: bool = False) -> StudyUnit:
-        rel = "" if rel == "." else rel
-        with self._units_lock:
-            unit = self._units.get(rel)
-            if unit is None:
-                unit = self._units[rel] = StudyUnit(self._settings, rel)
-            unit.registered = unit.registered or register
-            return unit
 
     # -- backup -----------------------------------------------------------------------------
     async def abackup(
@@ -307,20 +244,7 @@ class DriveStore:
             if entry.name == STATE_DIR_NAME:
                 continue
             results.append(await self.abackup(entry, entry.is_dir(), exclude=exclude, final=final))
-        failed = [r for r in results if not r.ok and r.kind != "skipped"]
-        return BackupResult(
-            not failed,
-            self.local_root,
-            self.drive_root,
-            "directory",
-            bytes_copied=sum(r.bytes_copied for r in results),
-            files_copied=sum(r.files_copied for r in results),
-            files_unchanged=sum(r.files_unchanged for r in results),
-            error="; ".join(r.error or "" for r in failed) or None,
-            retryable=any(r.retryable for r in failed),
-            problems=tuple(p for r in results for p in r.problems),
-            skipped=tuple(s for r in results for s in r.skipped),
-        )
+        return combined_result(results, self.local_root, self.drive_root)
 
     # -- restore ----------------------------------------------------------------------------
     async def arestore(
@@ -355,34 +279,9 @@ class DriveStore:
         except ValueError as exc:
             return BackupResult(False, target, target, kind, error=str(exc))
         unit = await anyio.to_thread.run_sync(self._unit_for, target, is_directory)
-        try:
-            await unit.load()
-            async with self._pool.session() as helper:
-                await adopt_drive_identity(unit, helper)
-                info = await helper.stat(remote, self.drive_timeout)
-            if is_directory:
-                result = await restore_folder_result(unit, remote, target)
-            elif (
-                generation is not None
-                or before is not None
-                or not info["exists"]
-                or (info.get("kind") == "file" and remote.suffix in (".db", ".sqlite", ".sqlite3"))
-            ):
-                result = await restore_database_result(unit, remote, target, generation, before)
-            else:
-                result = await restore_file_result(unit, remote, target)
-        except RestoreRefused as exc:
-            result = BackupResult(
-                False,
-                remote,
-                target,
-                kind,
-                error=f"{exc}; nothing local was replaced.",
-                reason="diverged" if exc.diverged else "refused",
-            )
-        except _EXPECTED as exc:
-            error, retryable = explain_failure(exc, target, "reading", remote)
-            result = BackupResult(False, remote, target, kind, error=error, retryable=retryable)
+        result = await restore_path(
+            unit, self._pool, self.drive_timeout, remote, target, is_directory, generation, before
+        )
         return with_duration(result, time.monotonic() - started)
 
     # -- verify, history --------------------------------------------------------------------
@@ -432,14 +331,7 @@ class DriveStore:
         unit = self._unit(
             Path(os.path.abspath(study_dir)).relative_to(self.local_root).as_posix(), register=True
         )
-        unit.shared = unit.shared or shared
-        await unit.load()
-        async with self._pool.session() as helper:
-            try:
-                await unit.ensure_lease(helper, takeover=takeover)
-            except LeaseHeldError:
-                if not shared:
-                    raise
+        await take_lease(unit, self._pool, takeover=takeover, shared=shared)
 
     async def aholds(self, study_dir: StrPath, *, take: bool = False) -> bool:
         """Whether this runtime holds the study's lease; with ``take``, try to take it first.
@@ -450,16 +342,8 @@ class DriveStore:
         unit = self._unit(
             Path(os.path.abspath(study_dir)).relative_to(self.local_root).as_posix(), register=True
         )
-        if take:
-            await unit.load()
-            try:
-                async with self._pool.session() as helper:
-                    await unit.ensure_lease(helper)
-            except LeaseHeldError:
-                return False
-            except (OSError, DriveTimeout) as exc:
-                logger.warning("Could not take the lease on %s: %s", unit.drive, exc)
-                return False
+        if take and not await try_lease(unit, self._pool):
+            return False
         return unit.holds_lease
 
     async def arenew(self) -> None:
@@ -468,20 +352,7 @@ class DriveStore:
         A lease another runtime took over is marked lost: that study's backups stop with
         a sentence naming the other runtime. Never raises.
         """
-        for unit in list(self._units.values()):
-            if not unit.holds_lease:
-                continue
-            try:
-                async with self._pool.session() as helper:
-                    await unit.ensure_lease(helper)
-            except LeaseHeldError as exc:
-                # Expected in a shared study (another worker exports now); said once
-                # where a single runtime was taken over.
-                (logger.info if unit.shared else logger.warning)(
-                    "Could not renew the lease on %s: %s", unit.drive, exc
-                )
-            except (OSError, DriveTimeout) as exc:
-                logger.warning("Could not renew the lease on %s: %s", unit.drive, exc)
+        await renew_leases(list(self._units.values()), self._pool)
 
     async def arelease(self, study_dir: StrPath | None = None) -> None:
         """Give back this runtime's lease on a study (or on every study), so that the next
@@ -491,62 +362,13 @@ class DriveStore:
             if study_dir is None
             else [self._unit_for(Path(os.path.abspath(study_dir)), True, study=True)]
         )
-        for unit in units:
-            try:
-                async with self._pool.session() as helper:
-                    await unit.release(helper)
-            except (OSError, DriveTimeout) as exc:
-                logger.warning("Could not release the lease on %s: %s", unit.drive, exc)
+        await release_leases(units, self._pool)
 
     def study_folder_of(self, path: StrPath, is_directory: bool = False) -> Path:
         """The study folder ``path`` belongs to: the one whose identity and lease it shares."""
         return self._unit_for(Path(os.path.abspath(path)), is_directory).local
 
-    # -- sync faces -------------------------------------------------------------------------
-    def acquire(self, study_dir: StrPath, *, takeover: bool = False) -> None:
-        """Blocking :meth:`aacquire`."""
-        _run(functools.partial(self.aacquire, study_dir, takeover=takeover))
-
-    def release(self, study_dir: StrPath | None = None) -> None:
-        """Blocking :meth:`arelease`."""
-        _run(functools.partial(self.arelease, study_dir))
-
-    def backup(
-        self,
-        path: StrPath,
-        is_directory: bool = False,
-        *,
-        exclude: Sequence[str] = (),
-        final: bool = False,
-    ) -> BackupResult:
-        """Blocking :meth:`abackup`; also works in a notebook cell (a running event loop)."""
-        return _run(
-            functools.partial(self.abackup, path, is_directory, exclude=exclude, final=final)
-        )
-
-    def restore(
-        self,
-        path: StrPath,
-        is_directory: bool = False,
-        *,
-        generation: int | None = None,
-        before: float | None = None,
-    ) -> BackupResult:
-        """Blocking :meth:`arestore`; also works in a notebook cell (a running event loop)."""
-        return _run(
-            functools.partial(
-                self.arestore, path, is_directory, generation=generation, before=before
-            )
-        )
-
-    def verify(self, path: StrPath) -> VerifyResult:
-        """Blocking :meth:`averify`; also works in a notebook cell (a running event loop)."""
-        return _run(functools.partial(self.averify, path))
-
-    def history(self, path: StrPath) -> list[GenerationInfo]:
-        """Blocking :meth:`ahistory`."""
-        return _run(functools.partial(self.ahistory, path))
-
+    # -- sync faces: the store as a callable (the others come from BlockingFaces) -----------
     def __call__(self, path: StrPath, is_directory: bool = False) -> BackupResult:
         """Same as :meth:`backup`: a store is a ``backup_to_drive(path, is_directory)``."""
         return self.backup(path, is_directory)
@@ -570,21 +392,3 @@ class DriveStore:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def _run(func: Callable[[], Awaitable[T]]) -> T:
-    return run_blocking(func)
-
-
-def _check_roots(local_root: Path, drive_root: Path) -> None:
-    if is_drive_path(local_root):
-        raise DrivePathError(
-            f"local_root {local_root} is on Google Drive; SQLite on a Drive mount is slow and "
-            "unsafe (no reliable locking), so keep the sweep on local disk (e.g. /content/out) "
-            "and give the Drive folder as drive_root."
-        )
-    if is_within(drive_root, local_root) or is_within(local_root, drive_root):
-        raise DrivePathError(
-            f"the Drive folder {drive_root} and the local folder {local_root} overlap; the "
-            "Drive copy must be outside the folder it backs up, and the other way round."
-        )

@@ -22,14 +22,8 @@ from typing import TYPE_CHECKING
 import anyio
 
 from sweepsafe.drive._files import remove_orphans
-from sweepsafe.drive._folders import (
-    EntryProblem,
-    FolderJob,
-    FolderOutcome,
-    PublishDatabase,
-    sync_folder,
-    sync_folders,
-)
+from sweepsafe.drive._folder_job import EntryProblem, FolderJob, FolderOutcome, PublishDatabase
+from sweepsafe.drive._folders import sync_folder, sync_folders
 from sweepsafe.drive._local_state import Manifest, Signature, UnitState, unit_state_dir
 from sweepsafe.drive._replica import (
     Lease,

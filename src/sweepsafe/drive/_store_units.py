@@ -1,0 +1,133 @@
+"""The study folders of a store: which one a path belongs to, and their leases.
+
+Each study folder (a :class:`~sweepsafe.drive._unit.StudyUnit`) has its own identity
+and lease on Drive. A store keeps one unit per folder it met; the lease functions walk
+the ones it asks about, and log what a failing Drive cost instead of raising where the
+store's face promises not to raise.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sweepsafe.drive._drive_errors import DriveTimeout
+from sweepsafe.drive._unit import StudyUnit
+from sweepsafe.errors import LeaseHeldError
+from sweepsafe.paths import is_within
+
+if TYPE_CHECKING:
+    from sweepsafe.drive._helper_client import HelperPool
+    from sweepsafe.drive._unit import StoreSettings
+
+__all__ = ["StudyFolders", "release_leases", "renew_leases", "take_lease", "try_lease"]
+
+logger = logging.getLogger("sweepsafe.drive")
+
+STUDY_DB_NAME = "study.db"
+
+
+class StudyFolders:
+    """The study folders a store met, one :class:`StudyUnit` each, found by path."""
+
+    local_root: Path
+    _settings: StoreSettings
+    _units: dict[str, StudyUnit]
+    _units_lock: threading.Lock
+
+    def _unit_for(self, path: Path, is_directory: bool, *, study: bool = False) -> StudyUnit:
+        """The study folder ``path`` belongs to (``study``: ``path`` is one).
+
+        A study folder is one this store was told of (a lease taken on it, a database
+        backed up or restored in it), else the nearest folder holding a ``study.db``, else
+        the folder directly under the local root (the root itself for files in it).
+        Blocking: it may ``stat`` a few local folders.
+        """
+        if study:
+            return self._unit(path.relative_to(self.local_root).as_posix())
+        with self._units_lock:
+            known = [rel for rel in self._units if self._units[rel].registered]
+        start = path if is_directory else path.parent
+        for folder in (start, *start.parents):
+            if not is_within(folder, self.local_root):
+                break
+            rel = folder.relative_to(self.local_root).as_posix()
+            rel = "" if rel == "." else rel
+            if rel in known or (folder / STUDY_DB_NAME).is_file():
+                return self._unit(rel)
+            if folder == self.local_root:
+                break
+        parts = path.relative_to(self.local_root).parts
+        return self._unit(parts[0] if len(parts) > 1 or (parts and is_directory) else "")
+
+    def _unit(self, rel: str, *, register: bool = False) -> StudyUnit:
+        rel = "" if rel == "." else rel
+        with self._units_lock:
+            unit = self._units.get(rel)
+            if unit is None:
+                unit = self._units[rel] = StudyUnit(self._settings, rel)
+            unit.registered = unit.registered or register
+            return unit
+
+
+async def take_lease(unit: StudyUnit, pool: HelperPool, *, takeover: bool, shared: bool) -> None:
+    """Take ``unit``'s lease; another runtime's live lease is no error in a shared study.
+
+    Raises:
+        LeaseHeldError: another runtime holds a live lease (not ``shared``, not
+            ``takeover``).
+        OSError, DriveTimeout: Drive failed or did not answer.
+    """
+    unit.shared = unit.shared or shared
+    await unit.load()
+    async with pool.session() as helper:
+        try:
+            await unit.ensure_lease(helper, takeover=takeover)
+        except LeaseHeldError:
+            if not shared:
+                raise
+
+
+async def try_lease(unit: StudyUnit, pool: HelperPool) -> bool:
+    """Try to take ``unit``'s lease; False if another runtime holds it or Drive failed."""
+    await unit.load()
+    try:
+        async with pool.session() as helper:
+            await unit.ensure_lease(helper)
+    except LeaseHeldError:
+        return False
+    except (OSError, DriveTimeout) as exc:
+        logger.warning("Could not take the lease on %s: %s", unit.drive, exc)
+        return False
+    return True
+
+
+async def renew_leases(units: Iterable[StudyUnit], pool: HelperPool) -> None:
+    """Renew the leases held among ``units``; never raises."""
+    for unit in units:
+        if not unit.holds_lease:
+            continue
+        try:
+            async with pool.session() as helper:
+                await unit.ensure_lease(helper)
+        except LeaseHeldError as exc:
+            # Expected in a shared study (another worker exports now); said once
+            # where a single runtime was taken over.
+            (logger.info if unit.shared else logger.warning)(
+                "Could not renew the lease on %s: %s", unit.drive, exc
+            )
+        except (OSError, DriveTimeout) as exc:
+            logger.warning("Could not renew the lease on %s: %s", unit.drive, exc)
+
+
+async def release_leases(units: Iterable[StudyUnit], pool: HelperPool) -> None:
+    """Give back the leases of ``units``; never raises."""
+    for unit in units:
+        try:
+            async with pool.session() as helper:
+                await unit.release(helper)
+        except (OSError, DriveTimeout) as exc:
+            logger.warning("Could not release the lease on %s: %s", unit.drive, exc)
