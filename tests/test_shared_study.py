@@ -344,3 +344,33 @@ def test_status_with_the_server_counts_the_live_workers(
         assert "1 in study-" in result.stdout
     finally:
         worker.kill()
+
+
+def test_restore_into_an_unreachable_server_never_prints_the_password(tmp_path: Path) -> None:
+    from cli_support import run_cli
+    from sweepsafe.testing import simulated_store
+
+    local, drive = tmp_path / "local", tmp_path / "drive"
+    with simulated_store(local, drive, FaultPlan()) as store:
+        single = run_sweep(
+            lambda t: t.suggest_float("x", 0, 1),
+            output_dir=local / "out",
+            study_key=KEY,
+            n_trials=2,
+            backup_to_drive=store,
+        )
+    fresh = tmp_path / "fresh"
+    command = run_cli(
+        "restore",
+        fresh / "out" / single.study_dir.name / "study.db",
+        "--local-root",
+        fresh,
+        "--drive-root",
+        drive,
+        "--into",
+        "postgresql+psycopg://sweeper:hunter2@127.0.0.1:1/sweeps",
+    )
+    assert command.returncode == 2, command.stderr
+    assert "could not reach the database server" in command.stderr
+    assert "sweeper:***@127.0.0.1" in command.stderr
+    assert "hunter2" not in command.stdout + command.stderr

@@ -8,6 +8,7 @@ instead of hanging it.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -252,3 +253,17 @@ def report_copy(verb: str, result: BackupResult, out: TextIO) -> int:
     for kept in result.kept_local:
         out.write(f"  kept the local {kept}: it changed since its last backup\n")
     return EXIT_OK
+
+
+def quiet_optuna() -> None:
+    """Stop Optuna's own log handler, which would print every trial a second time.
+
+    Called by the commands that run a sweep, once they import Optuna: the others never
+    import it, so that they start at once.
+    """
+    level = logging.getLogger("sweepsafe").getEffectiveLevel()
+    import optuna
+
+    optuna.logging.disable_default_handler()
+    # Optuna sets its logger to INFO when it is first imported; the command's level stands.
+    logging.getLogger("optuna").setLevel(level)

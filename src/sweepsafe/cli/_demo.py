@@ -18,19 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-import optuna
-
-from sweepsafe.backup import STUDY_DB_NAME, TRIALS_DIR_NAME, BackupProgress
 from sweepsafe.cli._common import (
     add_progress_options,
     non_negative_float,
     positive_int,
+    quiet_optuna,
     show_progress,
 )
 from sweepsafe.cli._errors import EXIT_OK, EXIT_UNSOUND, CommandError
 from sweepsafe.cli._progress import SweepProgressBar
 from sweepsafe.cli._status import check, sound
-from sweepsafe.sweep import run_sweep, study_dir_for, trial_dir
 from sweepsafe.testing import FaultPlan, simulated_store
 from sweepsafe.worker import BackupWorker
 
@@ -61,6 +58,7 @@ class _TimedSweep:
 
 def quadratic_objective(study_dir: Path, trial_seconds: float) -> Callable[[Trial], float]:
     """A 2-D quadratic with its minimum 0 at (1, -2); each trial sleeps and writes a file."""
+    from sweepsafe.sweep import trial_dir
 
     def objective(trial: Trial) -> float:
         x = trial.suggest_float("x", -5.0, 5.0)
@@ -108,6 +106,7 @@ def register(
 
 def demo_command(args: argparse.Namespace, out: TextIO) -> int:
     """Run the demo; 1 if the final Drive copy is incomplete."""
+    quiet_optuna()
     workdir, remove_after = _prepare_workdir(args.workdir, keep=args.keep)
     try:
         return _run_demo(args, workdir, remove_after, out, show_progress=show_progress(args))
@@ -132,6 +131,9 @@ def _prepare_workdir(workdir: str | None, *, keep: bool) -> tuple[Path, bool]:
 def _run_demo(
     args: argparse.Namespace, workdir: Path, remove_after: bool, out: TextIO, *, show_progress: bool
 ) -> int:
+    from sweepsafe.backup import STUDY_DB_NAME, TRIALS_DIR_NAME
+    from sweepsafe.sweep import study_dir_for
+
     trials: int = args.trials
     # The first sweep in a process pays one-off costs (creating the SQLite schema,
     # warming imports); an untimed one-trial sweep takes them so both timings are fair.
@@ -189,6 +191,11 @@ def _timed_sweep(
     worker: BackupWorker | None,
     show_progress: bool,
 ) -> _TimedSweep:
+    import optuna
+
+    from sweepsafe.backup import BackupProgress
+    from sweepsafe.sweep import run_sweep, study_dir_for
+
     progress = BackupProgress()
     bar = SweepProgressBar(
         total=trials,

@@ -14,8 +14,6 @@ import traceback
 from collections.abc import Sequence
 from typing import NoReturn
 
-import optuna
-
 from sweepsafe.cli import _backup, _demo, _history, _restore, _run, _status, _verify
 from sweepsafe.cli._errors import (
     EXIT_BAD_INPUT,
@@ -99,8 +97,6 @@ def _configure_logging(*, verbose: bool) -> None:
         logger.addHandler(handler)
         logger.setLevel(level)
         logger.propagate = False
-    # Optuna's own handler would log every trial a second time.
-    optuna.logging.disable_default_handler()
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -6,9 +6,6 @@ import argparse
 from datetime import datetime, timezone
 from typing import TextIO
 
-import sqlalchemy
-
-from sweepsafe._shared import describe_server_error, hide_password
 from sweepsafe.cli._common import (
     add_drive_timeout_option,
     check_timeout,
@@ -17,7 +14,6 @@ from sweepsafe.cli._common import (
     report_copy,
 )
 from sweepsafe.cli._errors import EXIT_BAD_INPUT, CommandError
-from sweepsafe.export import load_into_server
 
 __all__ = ["register"]
 
@@ -88,12 +84,18 @@ def restore_command(args: argparse.Namespace, out: TextIO) -> int:
     if args.into is not None:
         if result.kind != "sqlite":
             raise CommandError(f"--into loads a study database; {path} is not one")
+        # Imported only here: a plain restore needs neither SQLAlchemy nor Optuna.
+        import sqlalchemy
+
+        from sweepsafe._shared import describe_server_error, hide_password
+        from sweepsafe.export import load_into_server
+
         try:
             names = load_into_server(path, args.into)
         except (ValueError, ImportError, sqlalchemy.exc.SQLAlchemyError) as exc:
             message = (
                 str(exc) if isinstance(exc, ValueError) else describe_server_error(args.into, exc)
             )
-            raise CommandError(f"{message} ({args.into})", EXIT_BAD_INPUT) from None
+            raise CommandError(f"{message} ({hide_password(args.into)})", EXIT_BAD_INPUT) from None
         out.write(f"Loaded {', '.join(names)} into {hide_password(args.into)}\n")
     return status

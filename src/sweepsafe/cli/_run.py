@@ -9,9 +9,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-import optuna
-
-from sweepsafe.backup import TRIALS_DIR_NAME, BackupProgress, trial_folder_name
 from sweepsafe.cli._common import (
     add_drive_timeout_option,
     add_progress_options,
@@ -22,6 +19,7 @@ from sweepsafe.cli._common import (
     non_negative_float,
     positive_float,
     positive_int,
+    quiet_optuna,
     read_timeout,
     show_progress,
 )
@@ -37,12 +35,14 @@ from sweepsafe.cli._progress import SweepProgressBar
 from sweepsafe.drive import DriveStore
 from sweepsafe.errors import LeaseHeldError, StorageError, StudyConflictError, SweepsafeError
 from sweepsafe.paths import COLAB_DRIVE_MOUNT
-from sweepsafe.sweep import SweepResult, run_sweep, study_dir_for
-from sweepsafe.worker import BackupWorker, FlushReport
+from sweepsafe.worker import BackupWorker
 
 if TYPE_CHECKING:
     from optuna.pruners import BasePruner
     from optuna.samplers import BaseSampler
+
+    from sweepsafe.sweep import SweepResult
+    from sweepsafe.worker import FlushReport
 
 __all__ = ["STUDY_DIR_ENV", "register"]
 
@@ -178,6 +178,8 @@ def _on_colab() -> bool:
 
 
 def _sampler(args: argparse.Namespace) -> BaseSampler:
+    import optuna
+
     seed: int | None = args.seed
     samplers = optuna.samplers
     if args.sampler == "random":
@@ -192,6 +194,8 @@ def _sampler(args: argparse.Namespace) -> BaseSampler:
 
 
 def _pruner(args: argparse.Namespace) -> BasePruner:
+    import optuna
+
     pruners = optuna.pruners
     if args.pruner == "hyperband":
         return pruners.HyperbandPruner()
@@ -211,6 +215,11 @@ class _ReportPrintedHere(logging.Filter):
 
 def run_command(args: argparse.Namespace, out: TextIO) -> int:
     """Run the user's objective with backups to Drive; 1 if the Drive copy is incomplete."""
+    # Imported here: the other commands, and a bad option, need neither Optuna nor these.
+    from sweepsafe.backup import BackupProgress
+    from sweepsafe.sweep import run_sweep, study_dir_for
+
+    quiet_optuna()
     output_dir = local_folder(args.output_dir, "--output-dir")
     store = None if args.no_backup else _store_for_run(output_dir, args)
     objective = WatchedObjective(load_objective(args.objective))
@@ -320,6 +329,8 @@ def _trial_files_line(study_dir: Path, finished: list[int], final: FlushReport) 
     A trial's files are on Drive once its own folder copy succeeded, or once the final
     copy of the whole ``trials/`` folder did.
     """
+    from sweepsafe.backup import TRIALS_DIR_NAME, trial_folder_name
+
     trials = study_dir / TRIALS_DIR_NAME
     folders = {r.target.name: r for r in final.targets if r.target.parent == trials}
     whole = next((r for r in final.targets if r.target == trials), None)

@@ -15,10 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
-import sqlalchemy
-
 from sweepsafe._blocking import run_blocking
-from sweepsafe._shared import describe_server_error, hide_password, workers_seen
 from sweepsafe.cli._common import (
     DRIVE_READ_TIMEOUT_S,
     add_drive_timeout_option,
@@ -171,6 +168,8 @@ def status_command(args: argparse.Namespace, out: TextIO) -> int:
             elif result.exists and not result.is_sqlite:
                 out.write(f"{result.path} {NOT_SQLITE}\n")
         if workers is not None:
+            from sweepsafe._shared import hide_password
+
             seen = ", ".join(f"{n} in {name}" for name, n in sorted(workers.items())) or "none"
             out.write(
                 f"Workers seen by heartbeat in the last {args.grace_period:g} s "
@@ -183,6 +182,11 @@ def _workers(args: argparse.Namespace) -> dict[str, int] | None:
     """Live workers per study in the server given by ``--storage``, if it was given."""
     if args.storage is None:
         return None
+    # Imported only here: without --storage, status needs neither SQLAlchemy nor Optuna.
+    import sqlalchemy
+
+    from sweepsafe._shared import describe_server_error, workers_seen
+
     try:
         return workers_seen(args.storage, args.grace_period)
     except (ImportError, sqlalchemy.exc.SQLAlchemyError) as exc:
