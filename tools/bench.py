@@ -119,12 +119,14 @@ def run_module(module: str, quick: bool, kill_runs: int | None) -> ModuleRun:
         rows = json.loads(lines[-1][len(RESULT_MARK) :])
     except ValueError as exc:
         return ModuleRun(module, "failed", detail=f"unreadable rows: {exc}", duration_s=duration)
-    malformed = [row for row in rows if not all(key in row for key in ROW_KEYS)]
+    malformed = [
+        row for row in rows if not isinstance(row, dict) or not all(key in row for key in ROW_KEYS)
+    ]
     if malformed:
         return ModuleRun(
             module,
             "failed",
-            rows=rows,
+            rows=[row for row in rows if row not in malformed],
             detail=f"{len(malformed)} row(s) lack some of {ROW_KEYS}",
             duration_s=duration,
         )
@@ -264,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         run = run_module(module, args.quick, args.kill_runs)
         print(f"{module}: {run.status} in {run.duration_s:.0f} s", flush=True)
         for row in run.rows:
+            if not isinstance(row, dict):
+                continue
             print(
                 f"  {row.get('name')}: {row.get('value')} {row.get('unit') or ''}"
                 f" ratio {row.get('ratio')} met {row.get('met')}",
@@ -272,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         if run.status != "ok":
             print(f"  {run.detail}", flush=True)
         runs.append(run)
-    args.output.write_text(render(runs, command.strip(), started, args.quick))
+        # Written after every module, so that a failure later keeps what was measured.
+        args.output.write_text(render(runs, command.strip(), started, args.quick))
     print(f"wrote {args.output.name}", flush=True)
     return 0 if all(run.status == "ok" for run in runs) else 1
 

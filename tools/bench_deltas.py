@@ -14,8 +14,8 @@ short trials continues the study, side by side in one run:
   dependency of sweepsafe), Litestream replicating the same sweep to a file replica on
   local disk, its bytes counted as the replica's new files (every level).
 
-    python tools/bench_deltas.py CACHE_DIR                        # 5,000 and 20,000 trials
-    python tools/bench_deltas.py CACHE_DIR --sizes 5000 --trials 60 --latencies 0.05
+    python -m tools.bench_deltas CACHE_DIR                        # 5,000 and 20,000 trials
+    python -m tools.bench_deltas CACHE_DIR --sizes 5000 --trials 60 --latencies 0.05
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
-from bench_studies import STUDY_NAME, build_study, objective
 from sweepsafe.sweep import run_sweep, study_dir_for
 from sweepsafe.testing import FaultPlan, simulated_store
 from sweepsafe.worker import BackupWorker
+from tools.bench_studies import STUDY_NAME, build_study, objective
 
 if TYPE_CHECKING:
     from sweepsafe.drive import BackupResult, DriveStore, GenerationInfo, VerifyResult

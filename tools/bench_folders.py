@@ -572,7 +572,7 @@ def print_table(rows: list[Row]) -> None:
         )
 
 
-def measure(quick: bool) -> list[Row]:
+def measure_rows(quick: bool) -> list[Row]:
     concurrencies = (4, 8, 16, 32)
     steps: list[tuple[str, Callable[[Scratch], list[Row]]]] = [
         (
@@ -603,11 +603,27 @@ def measure(quick: bool) -> list[Row]:
     return rows
 
 
+def measure(quick: bool = False) -> list[dict[str, object]]:
+    """The rows of ``tools/bench.py`` (the reference's name goes into the row's name)."""
+    return [
+        {
+            "name": f"{row.name} (ref: {row.reference_name})" if row.reference_name else row.name,
+            "value": row.value,
+            "unit": row.unit,
+            "reference": row.reference,
+            "ratio": row.ratio,
+            "goal": row.goal,
+            "met": row.met,
+        }
+        for row in measure_rows(quick)
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, about a minute")
     args = parser.parse_args()
-    rows = measure(args.quick)
+    rows = measure_rows(args.quick)
     print()
     print_table(rows)
 

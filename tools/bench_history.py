@@ -14,8 +14,8 @@ Three measurements, each side by side with its reference in the same run:
    a plain copy of the Drive ``study.db`` file, and vs that copy plus
    ``PRAGMA integrity_check``; medians of three.
 
-    python tools/bench_history.py CACHE_DIR                 # all three
-    python tools/bench_history.py CACHE_DIR --parts restore
+    python -m tools.bench_history CACHE_DIR                 # all three
+    python -m tools.bench_history CACHE_DIR --parts restore
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ from typing import Any
 
 import optuna
 
-from bench_studies import STUDY_NAME, build_study
 from sweepsafe.backup import BackupProgress
 from sweepsafe.drive import DriveStore
 from sweepsafe.sweep import run_sweep, study_dir_for
 from sweepsafe.testing import FaultPlan, FuseDrive, fuse_unavailable_reason, simulated_store
 from sweepsafe.worker import BackupWorker
+from tools.bench_studies import STUDY_NAME, build_study
 
 TRIAL_SECONDS = 0.02
 

@@ -8,11 +8,11 @@ Two figures, each beside its reference in the same run, against one throwaway se
   ``run_sweep(storage=URL)``, backed up to a simulated Drive (0.5 s per file) with the
   lease holder exporting the study every second, against the same four workers with no
   backup: the time to the end of the sweep, per trial (alternated, medians);
-* the export of a 5,000-trial study from the server to a SQLite file, against
+* the export of a 2,000-trial study from the server to a SQLite file, against
   ``optuna.copy_study`` between the same two storages: time and file size.
 
-    python tools/bench_shared.py            # 4 x 200 trials, a 5,000-trial export
-    python tools/bench_shared.py --quick    # 4 x 40 trials, a 500-trial export
+    python -m tools.bench_shared            # 4 x 200 trials, a 2,000-trial export
+    python -m tools.bench_shared --quick    # 4 x 40 trials, a 500-trial export
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ def measure(quick: bool = False) -> list[dict[str, Any]]:
     cache = Path(os.environ.get("SWEEPSAFE_BENCH_CACHE", tempfile.gettempdir()))
     cache = cache / "sweepsafe-bench-studies"
     cache.mkdir(parents=True, exist_ok=True)
-    n_trials, repeats, export_trials = (40, 1, 500) if quick else (200, 3, 5000)
+    n_trials, repeats, export_trials = (40, 1, 500) if quick else (200, 3, 2000)
     base = Path(tempfile.mkdtemp(prefix="sweepsafe-bench-shared-", dir="/tmp"))
     base.chmod(0o755)  # the server's unprivileged user must get through
     rows: list[dict[str, Any]] = []
