@@ -642,6 +642,11 @@ def _stale_comes_back(
     rather than replace either. Either way the Drive copy loses nothing (the sampler).
     """
     more = run.n_trials + 2
+    # Drive is newer than the stale disk unless nothing ran since the kill (a kill after
+    # the sweep returned leaves both with every trial): only a newer copy comes back.
+    stale_count = check_database(stale_disk / relative / "study.db").count
+    drive_count = newest_on_drive(drive, relative, run_dir / "before-stale").count
+    newer_on_drive = drive_count > stale_count
     child = ChildSweep(
         _sweep_args(stale_disk, drive, plan, run, seed + 300_000, max_kib, None, n_trials=more),
         stderr_path=run_dir / "child-stale.stderr",
@@ -658,8 +663,11 @@ def _stale_comes_back(
     if code != 0 or returned is None:
         run.failures.append(f"the stale runtime failed (exit {code}): {child.stderr_text()[-800:]}")
         return
-    if not returned.get("restored_from_drive"):
-        run.failures.append("the stale runtime did not take the newer Drive copy")
+    if bool(returned.get("restored_from_drive")) != newer_on_drive:
+        run.failures.append(
+            f"the stale runtime restored_from_drive={returned.get('restored_from_drive')} "
+            f"with {drive_count} finished trials on Drive and {stale_count} on its disk"
+        )
     drive_check = newest_on_drive(drive, relative, run_dir / "after-stale")
     if drive_check.count != more:
         run.failures.append(f"after the stale runtime Drive holds {drive_check.count} of {more}")
