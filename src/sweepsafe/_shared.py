@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import optuna
 import sqlalchemy
-from optuna.trial import TrialState
 
 from sweepsafe._blocking import run_blocking
 from sweepsafe._callbacks import (
@@ -34,6 +33,7 @@ from sweepsafe._callbacks import (
     create_trial_backup_callback,
     keep_leases_alive,
 )
+from sweepsafe._resume import _FINISHED
 from sweepsafe._study_report import StudyBackupReport
 from sweepsafe.drive import BackupBackend, BackupResult
 from sweepsafe.errors import StorageError
@@ -57,7 +57,6 @@ __all__ = [
 
 logger = logging.getLogger("sweepsafe.sweep")
 
-_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 _CREATE_ATTEMPTS = 5
 _DRIVERS = {
     "postgresql": ("psycopg", "pip install 'sweepsafe[postgres]'"),

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import optuna
 
 from sweepsafe._blocking import run_blocking
+from sweepsafe._resume import _FINISHED
 from sweepsafe._shared import (
-    _FINISHED,
     Exporter,
     SharedSettings,
     final_shared_backup,
