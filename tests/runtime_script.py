@@ -22,9 +22,15 @@ from sweepsafe import run_sweep, study_dir_for, trial_dir
 from sweepsafe.errors import LeaseHeldError, StudyConflictError, SweepsafeError
 from sweepsafe.testing import simulated_store
 
+_EMITTING = threading.Lock()
+
 
 def emit(event: str, **fields: object) -> None:
-    print(json.dumps({"event": event, "pid": os.getpid(), **fields}), flush=True)
+    # One write per line under a lock, so that no two events ever share a line.
+    line = json.dumps({"event": event, "pid": os.getpid(), **fields}) + "\n"
+    with _EMITTING:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 def main() -> int:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,8 +25,16 @@ from sweepsafe.testing import simulated_store
 KEY = "shared"
 
 
+_EMITTING = threading.Lock()
+
+
 def emit(event: str, **fields: object) -> None:
-    print(json.dumps({"event": event, "pid": os.getpid(), **fields}), flush=True)
+    # One write per line under a lock: the worker thread logs "exporting" while the trial
+    # thread reports trials, and print() writes the text and its newline separately.
+    line = json.dumps({"event": event, "pid": os.getpid(), **fields}) + "\n"
+    with _EMITTING:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 class Events(logging.Handler):
