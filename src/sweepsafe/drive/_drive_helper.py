@@ -106,6 +106,29 @@ class DriveHelper:
         reply = await self._call("read", path, timeout, limit=limit, head=head)
         return bytes(reply.get("payload", b"")) if reply["exists"] else None
 
+    async def read_many(
+        self, paths: Sequence[Path], timeout: float, *, limit: int = 1 << 20
+    ) -> list[bytes | None]:
+        """The contents of several small Drive files in one request (None: missing).
+
+        Any file larger than ``limit`` fails the whole request (EFBIG).
+        """
+        if not paths:
+            return []
+        reply = await self._call(
+            "read_many", paths[0], timeout, paths=[str(p) for p in paths], limit=limit
+        )
+        data = memoryview(bytes(reply.get("payload", b"")))
+        found: list[bytes | None] = []
+        offset = 0
+        for size in reply["sizes"]:
+            if size < 0:
+                found.append(None)
+                continue
+            found.append(bytes(data[offset : offset + size]))
+            offset += size
+        return found
+
     async def listdir(self, path: Path, timeout: float) -> DriveListing:
         """The entries of one Drive folder."""
         reply = await self._call("listdir", path, timeout)

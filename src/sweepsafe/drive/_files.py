@@ -83,6 +83,13 @@ class Captured:
     """The whole version, for a small file (no copy on disk then)."""
 
 
+def create_empty(path: Path) -> None:
+    """Create ``path`` (and its folder) as an empty file, private to this user."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    os.close(fd)
+
+
 def scratch_path(scratch: Path, kind: str, suffix: str = "") -> Path:
     """A new file name under ``scratch``, named by this process so orphans can be found."""
     return scratch / f"{kind}-{os.getpid()}-{new_token()}{suffix}"

@@ -13,8 +13,9 @@ import errno
 import hashlib
 import os
 import stat as stat_module
+from collections.abc import Iterator
 
-__all__ = ["fsync_directory", "transfer", "write_all"]
+__all__ = ["fsync_directory", "transfer", "walk_files", "write_all"]
 
 _CHUNK = 8 << 20
 
@@ -155,3 +156,29 @@ def _remove_entry(path: str) -> None:
 def _remove_quietly(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.remove(path)
+
+
+def walk_files(root: str, *, skip: str) -> Iterator[tuple[str, str, os.stat_result]]:
+    """(relative POSIX path, name, lstat) of every non-folder under ``root``, depth first.
+
+    Folders named ``skip`` are not entered.
+    """
+    pending = [(root, "")]
+    while pending:
+        folder, prefix = pending.pop()
+        try:
+            with os.scandir(folder) as entries:
+                found = list(entries)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in found:
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            rel = prefix + entry.name
+            if stat_module.S_ISDIR(info.st_mode):
+                if entry.name != skip:
+                    pending.append((entry.path, rel + "/"))
+                continue
+            yield rel, entry.name, info

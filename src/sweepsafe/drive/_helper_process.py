@@ -26,7 +26,7 @@ import signal
 import sqlite3
 import stat as stat_module
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING or __package__:
@@ -40,9 +40,16 @@ if TYPE_CHECKING or __package__:
         _sha256_of,
         fsync_directory,
         transfer,
+        walk_files,
         write_all,
     )
-    from sweepsafe.drive._helper_wire import FRAME_PREFIX, Header, _read_exactly, encode_frame
+    from sweepsafe.drive._helper_wire import (
+        FRAME_PREFIX,
+        SMALL_READ_LIMIT,
+        Header,
+        _read_exactly,
+        encode_frame,
+    )
     from sweepsafe.drive._reserved_names import STATE_DIR_NAME, TEMP_PREFIX, is_temp_name, temp_name
     from sweepsafe.drive._sqlite_inspect import inspect_sqlite, is_sqlite_file
 else:
@@ -58,13 +65,12 @@ else:
         _sha256_of,
         fsync_directory,
         transfer,
+        walk_files,
         write_all,
     )
-    from _helper_wire import FRAME_PREFIX, Header, _read_exactly, encode_frame
+    from _helper_wire import FRAME_PREFIX, SMALL_READ_LIMIT, Header, _read_exactly, encode_frame
     from _reserved_names import STATE_DIR_NAME, TEMP_PREFIX, is_temp_name, temp_name
     from _sqlite_inspect import inspect_sqlite, is_sqlite_file
-
-_SMALL_READ_LIMIT = 4 << 20
 
 
 class FaultHooks:
@@ -238,18 +244,29 @@ class DriveServer:
     def op_read(self, header: Header, payload: bytes) -> tuple[Header, bytes]:
         """The content of a small Drive file, or that it does not exist."""
         path = str(header["path"])
+        limit = min(int(header.get("limit", SMALL_READ_LIMIT)), SMALL_READ_LIMIT)
+        data = self._read_small(path, limit, bool(header.get("head")))
+        return ({"exists": False}, b"") if data is None else ({"exists": True}, data)
+
+    def op_read_many(self, header: Header, payload: bytes) -> tuple[Header, bytes]:
+        """Several small Drive files in one round trip: their sizes (-1: missing), bytes."""
+        limit = min(int(header.get("limit", SMALL_READ_LIMIT)), SMALL_READ_LIMIT)
+        found = [self._read_small(str(path), limit, False) for path in header["paths"]]
+        sizes = [-1 if data is None else len(data) for data in found]
+        return {"sizes": sizes}, b"".join(data for data in found if data is not None)
+
+    def _read_small(self, path: str, limit: int, head: bool) -> bytes | None:
         self._hooks.before("read", path)
-        limit = min(int(header.get("limit", _SMALL_READ_LIMIT)), _SMALL_READ_LIMIT)
         try:
             with open(path, "rb") as file:
                 data = file.read(limit + 1)
         except (FileNotFoundError, NotADirectoryError):
-            return {"exists": False}, b""
+            return None
         if len(data) > limit:
-            if not header.get("head"):
+            if not head:
                 raise OSError(errno.EFBIG, f"larger than the {limit} bytes expected", path)
             data = data[:limit]
-        return {"exists": True}, data
+        return data
 
     def op_stat(self, header: Header, payload: bytes) -> tuple[Header, bytes]:
         """Whether ``path`` exists, what it is, its size and modification time."""
@@ -298,7 +315,7 @@ class DriveServer:
             return {"exists": False, "files": [], "temps": []}, b""
         files: list[list[object]] = []
         temps: list[str] = []
-        for rel, name, info in _walk(root):
+        for rel, name, info in walk_files(root, skip=STATE_DIR_NAME):
             if is_temp_name(name):
                 temps.append(rel)
             elif stat_module.S_ISREG(info.st_mode):
@@ -349,29 +366,6 @@ class DriveServer:
             except sqlite3.DatabaseError as exc:
                 reply["integrity_problem"] = f"it cannot be read as a database ({exc})"
         return reply, b""
-
-
-def _walk(root: str) -> Iterator[tuple[str, str, os.stat_result]]:
-    """(relative POSIX path, name, lstat) of every entry under ``root``, depth first."""
-    pending = [(root, "")]
-    while pending:
-        folder, prefix = pending.pop()
-        try:
-            with os.scandir(folder) as entries:
-                found = list(entries)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        for entry in found:
-            try:
-                info = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            rel = prefix + entry.name
-            if stat_module.S_ISDIR(info.st_mode):
-                if entry.name != STATE_DIR_NAME:
-                    pending.append((entry.path, rel + "/"))
-                continue
-            yield rel, entry.name, info
 
 
 def serve(hooks: FaultHooks | None = None) -> int:

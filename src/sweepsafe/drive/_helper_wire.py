@@ -16,9 +16,12 @@ import os
 import struct
 from typing import Any
 
-__all__ = ["FRAME_PREFIX", "Header", "encode_frame"]
+__all__ = ["FRAME_PREFIX", "SMALL_READ_LIMIT", "Header", "encode_frame"]
 
 FRAME_PREFIX = struct.Struct(">II")
+
+SMALL_READ_LIMIT = 4 << 20
+"""The most a ``read`` or ``read_many`` request returns per file; larger files are pulled."""
 
 Header = dict[str, Any]
 

@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from sweepsafe.drive._drive_errors import DriveOSError
-from sweepsafe.drive._files import remove_quietly, scratch_path
+from sweepsafe.drive._files import create_empty, remove_quietly, scratch_path
 from sweepsafe.drive._generations import History, _read_record, list_history
 from sweepsafe.drive._page_diff import PatchError, sha256_file
 from sweepsafe.drive._patch_apply import apply_patch, apply_patch_in_place
+from sweepsafe.drive._patch_fetch import PatchFetcher
 from sweepsafe.drive._patch_format import Patch, decode_patch
 
 if TYPE_CHECKING:
@@ -32,8 +33,6 @@ __all__ = [
     "Rebuilt",
     "rebuild",
 ]
-
-_PATCH_READ = 512 << 20
 
 
 class NoUsableBase(Exception):
@@ -125,9 +124,8 @@ async def _rebuild(
                 else:
                     continue
                 start = (number, base.tag, sha, record.meta)
-                return await _apply_patches(
-                    helper, folder, history, work, start, goal, notes, timeout, verify_each
-                )
+                patches = PatchFetcher(helper, folder, history, scratch, timeout)
+                return await _apply_patches(patches, history, work, start, goal, notes, verify_each)
     finally:
         if pulled_plain is not None:
             await anyio.to_thread.run_sync(remove_quietly, pulled_plain[0])
@@ -150,20 +148,18 @@ async def _pull_plain(
 
 
 async def _apply_patches(
-    helper: DriveHelper,
-    folder: Path,
+    patches: PatchFetcher,
     history: History,
     work: Path,
     start: tuple[int, str, str, Mapping[str, Any]],
     goal: int,
     notes: list[str],
-    timeout: float,
     verify_each: bool,
 ) -> Rebuilt:
     current, tag, sha, meta = start
     try:
         while current < goal:
-            found = await _next_patch(helper, folder, history, current + 1, sha, timeout, notes)
+            found = await _next_patch(patches, history, current + 1, sha, notes)
             if found is None:
                 notes.append(
                     f"generation {current + 1} is missing or damaged on Drive; stopped at "
@@ -212,19 +208,16 @@ async def _apply_one(work: Path, patch: Patch, sha: str, verify_each: bool) -> P
 
 
 async def _next_patch(
-    helper: DriveHelper,
-    folder: Path,
+    patches: PatchFetcher,
     history: History,
     number: int,
     parent_sha: str,
-    timeout: float,
     notes: list[str],
 ) -> tuple[str, Patch] | None:
     for candidate in history.patches.get(number, ()):
-        try:
-            raw = await helper.read(folder / candidate.name, timeout, limit=_PATCH_READ)
-        except DriveOSError as exc:
-            notes.append(f"{candidate.name} cannot be read ({exc.strerror})")
+        raw = await patches.fetch(candidate)
+        if isinstance(raw, DriveOSError):
+            notes.append(f"{candidate.name} cannot be read ({raw.strerror})")
             continue
         if raw is None:
             continue
@@ -240,7 +233,7 @@ async def _next_patch(
 
 
 async def _pull_to(helper: DriveHelper, source: Path, target: Path, timeout: float) -> str:
-    await anyio.to_thread.run_sync(_create_empty, target)
+    await anyio.to_thread.run_sync(create_empty, target)
     try:
         await helper.pull(source, target, timeout)
         return await anyio.to_thread.run_sync(sha256_file, target)
@@ -248,9 +241,3 @@ async def _pull_to(helper: DriveHelper, source: Path, target: Path, timeout: flo
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(remove_quietly, target)
         raise
-
-
-def _create_empty(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    os.close(fd)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from sweepsafe.drive._files import remove_quietly, scratch_path
+from sweepsafe.drive._files import create_empty, remove_quietly, scratch_path
 from sweepsafe.drive._fs_primitives import fsync_directory
 from sweepsafe.drive._generations import (
     GenerationDetails,
@@ -171,7 +171,7 @@ async def _pull_plain(
     if info["kind"] != "file":
         raise RestoreRefused(f"{plain} on Google Drive is not a file")
     work = scratch_path(scratch, "rebuild", ".db")
-    await anyio.to_thread.run_sync(_create_empty, work)
+    await anyio.to_thread.run_sync(create_empty, work)
     try:
         await helper.pull(plain, work, timeout)
     except BaseException:
@@ -179,11 +179,6 @@ async def _pull_plain(
             await anyio.to_thread.run_sync(remove_quietly, work)
         raise
     return work
-
-
-def _create_empty(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"")
 
 
 async def _install(

@@ -51,6 +51,9 @@ class FaultPlan:
     fail_paths: tuple[tuple[str, str], ...] = ()
     """``(pattern, errno name)`` pairs: committing a Drive file whose path matches the
     ``fnmatch`` pattern fails with that error (``"EIO"``, ``"ENAMETOOLONG"``...)."""
+    fail_read_paths: tuple[tuple[str, str], ...] = ()
+    """``(pattern, errno name)`` pairs: reading a Drive file whose path matches fails
+    with that error, as a Drive file that cannot be downloaded does (``"EIO"``)."""
     hang: bool = False
     """Every operation blocks forever, like a stalled FUSE mount."""
     pause_fifo: str = ""
@@ -77,8 +80,9 @@ class FaultPlan:
             return cls()
         names = {f.name for f in dataclasses.fields(cls)}
         fields = {key: value for key, value in data.items() if key in names}
-        if "fail_paths" in fields:
-            fields["fail_paths"] = tuple(tuple(pair) for pair in fields["fail_paths"])
+        for pairs in ("fail_paths", "fail_read_paths"):
+            if pairs in fields:
+                fields[pairs] = tuple(tuple(pair) for pair in fields[pairs])
         return cls(**fields)
 
 
@@ -135,7 +139,9 @@ def _serve(plan_path: str) -> int:
             return plan
 
         def before(self, op: str, path: str) -> None:
-            self._plan()
+            plan = self._plan()
+            if op == "read":
+                _fail_if_listed(plan.fail_read_paths, path)
 
         def on_write(self, path: str, nbytes: int) -> None:
             plan = self._plan()
@@ -149,10 +155,7 @@ def _serve(plan_path: str) -> int:
 
         def on_commit(self, path: str) -> None:
             plan = self._plan()
-            for pattern, name in plan.fail_paths:
-                if fnmatch.fnmatch(path, pattern):
-                    code = getattr(errno, name)
-                    raise OSError(code, os.strerror(code), path)
+            _fail_if_listed(plan.fail_paths, path)
             if plan.latency_s:
                 time.sleep(plan.latency_s)
             if plan.pause_fifo:
@@ -161,6 +164,13 @@ def _serve(plan_path: str) -> int:
 
     result: int = drive_helper.serve(PlannedFaults())
     return result
+
+
+def _fail_if_listed(failing: tuple[tuple[str, str], ...], path: str) -> None:
+    for pattern, name in failing:
+        if fnmatch.fnmatch(path, pattern):
+            code = getattr(errno, name)
+            raise OSError(code, os.strerror(code), path)
 
 
 if __name__ == "__main__":
