@@ -54,14 +54,15 @@ COPY_CHUNK = 8 << 20
 """Bytes per copy request: the granularity of cancellation and of per-step deadlines."""
 
 _FICLONE = 0x40049409  # linux/fs.h: share the source's blocks (btrfs, XFS, bcachefs)
-_CAPTURE_ATTEMPTS = 4
+_CAPTURE_PATIENCE_S = 4.0  # how long a capture waits for a file to stay unchanged
 _SETTLE_S = 0.05
+_SETTLE_LOOK_S = 0.03  # how often a changing file is looked at again
 _SETTLE_BYTES_PER_S = 1 << 30  # a writer producing a big file pauses longer between pieces
 _SETTLE_MAX_EXTRA_S = 0.2
 
 
 class SourceChanging(Exception):
-    """A file changed during each of several captures; no stable version could be taken."""
+    """A file kept changing for seconds; no unchanged version could be taken."""
 
 
 class NotARegularFile(Exception):
@@ -124,34 +125,40 @@ def capture_file(source: Path, target: Path, *, in_memory_up_to: int = 0) -> Cap
     """Take one unchanged version of ``source``: its bytes if it is no larger than
     ``in_memory_up_to``, else a copy in the new local file ``target``.
 
-    Blocking. A source that changed during a capture is captured again, a few times,
-    after a pause for its writer; a rename over the source during a capture is harmless
-    (the open file is the version captured). Returns None for an SQLite database, which
-    is captured with ``snapshot_sqlite`` instead. ``target`` exists afterwards only when
+    Blocking. A source being written is captured once it has stayed unchanged for a
+    moment, and again if it changed during the capture, for a few seconds; a rename
+    over the source during a capture is harmless (the open file is the version
+    captured). Returns None for an SQLite database, which is captured with
+    ``snapshot_sqlite`` instead. ``target`` exists afterwards only when
     a version was copied there.
 
     Raises:
-        SourceChanging: it changed during every attempt.
+        SourceChanging: it never stayed unchanged for as long as a capture took.
         NotARegularFile: it is not a regular file.
         FileNotFoundError, PermissionError: it vanished, or cannot be read.
     """
+    deadline = time.monotonic() + _CAPTURE_PATIENCE_S
     try:
-        for attempt in range(_CAPTURE_ATTEMPTS):
+        first = True
+        while True:
             fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
             try:
                 before = os.fstat(fd)
                 if not stat_module.S_ISREG(before.st_mode):
                     raise NotARegularFile(f"{source} is not a regular file")
-                if attempt == 0 and os.pread(fd, len(SQLITE_HEADER), 0) == SQLITE_HEADER:
+                if first and os.pread(fd, len(SQLITE_HEADER), 0) == SQLITE_HEADER:
                     return None
-                captured = _settled(fd, before) and _capture_unchanged(
-                    fd, before, target, in_memory=before.st_size <= in_memory_up_to
+                first = False
+                settled = _wait_until_settled(fd, deadline)
+                captured = settled is not None and _capture_unchanged(
+                    fd, settled, target, in_memory=settled.st_size <= in_memory_up_to
                 )
             finally:
                 os.close(fd)
             if captured:
                 return captured
-            time.sleep(_SETTLE_S * 2**attempt)
+            if time.monotonic() >= deadline:
+                break
     except BaseException:
         remove_quietly(target)
         raise
@@ -159,26 +166,32 @@ def capture_file(source: Path, target: Path, *, in_memory_up_to: int = 0) -> Cap
     raise SourceChanging(f"{source} kept changing while it was captured")
 
 
-def _settled(fd: int, before: os.stat_result) -> bool:
-    """The file has not changed for a while, waiting that long if it just did.
+def _wait_until_settled(fd: int, deadline: float) -> os.stat_result | None:
+    """The open file's status once it has stayed unchanged for a while; None at ``deadline``.
 
     A writer between two writes (``torch.save`` truncates, then writes tensor after
     tensor) leaves the file unchanged only for a moment: a copy taken then would be a
     torn version that looks whole. A file left unchanged for longer than such pauses
-    last is between versions; the pause allowed grows a little with the file.
+    last is between versions; the pause allowed grows a little with the file. While the
+    file keeps changing it is looked at again every few hundredths of a second (no
+    system call says that a writer has finished), so that a capture starts as soon as
+    a version is complete and has the whole pause before the next one to copy it.
     """
-    settle = _SETTLE_S + min(_SETTLE_MAX_EXTRA_S, before.st_size / _SETTLE_BYTES_PER_S)
-    if before.st_size == 0 and before.st_blocks > 0:
-        # Emptied, its blocks not freed yet: a truncation for a rewrite, waiting for the
-        # old version to reach the disk first (ext4 does), which can take seconds.
-        time.sleep(settle)
-        return False
-    changed_ns = max(before.st_mtime_ns, before.st_ctime_ns)
-    quiet = time.time() - changed_ns / 1e9
-    if quiet >= settle:
-        return True
-    time.sleep(settle - max(0.0, quiet))
-    return file_signature(os.fstat(fd)) == file_signature(before)
+    while True:
+        info = os.fstat(fd)
+        settle = _SETTLE_S + min(_SETTLE_MAX_EXTRA_S, info.st_size / _SETTLE_BYTES_PER_S)
+        if info.st_size == 0 and info.st_blocks > 0:
+            # Emptied, its blocks not freed yet: a truncation for a rewrite, waiting for
+            # the old version to reach the disk first (ext4 does), which can take seconds.
+            quiet = 0.0
+        else:
+            quiet = time.time() - max(info.st_mtime_ns, info.st_ctime_ns) / 1e9
+            if quiet >= settle:
+                return info
+        wait = min(settle - max(0.0, quiet), _SETTLE_LOOK_S)
+        if time.monotonic() + wait >= deadline:
+            return None
+        time.sleep(wait)
 
 
 def _capture_unchanged(
