@@ -73,6 +73,8 @@ async def rebuild(
 
     Raises:
         NoUsableBase: no base at or below ``target`` is whole (the reasons are named).
+        DriveOSError: a patch the chain needs cannot be read from Drive (an I/O error,
+            not damage): the rebuild does not stop short of it.
     """
     history = history if history is not None else await list_history(helper, folder, timeout)
     rebuilt = await _rebuild(helper, folder, plain, scratch, timeout, history, target, False)
@@ -214,10 +216,12 @@ async def _next_patch(
     parent_sha: str,
     notes: list[str],
 ) -> tuple[str, Patch] | None:
+    unreadable: DriveOSError | None = None
     for candidate in history.patches.get(number, ()):
         raw = await patches.fetch(candidate)
         if isinstance(raw, DriveOSError):
             notes.append(f"{candidate.name} cannot be read ({raw.strerror})")
+            unreadable = unreadable or raw
             continue
         if raw is None:
             continue
@@ -229,6 +233,10 @@ async def _next_patch(
         header = patch.header
         if header.parent_generation == number - 1 and header.parent_sha256 == parent_sha:
             return candidate.tag, patch
+    if unreadable is not None:
+        # Drive failed to hand the file over (often for a moment): stopping the chain
+        # here would bring back an older generation and leave the newer ones behind.
+        raise unreadable
     return None
 
 
