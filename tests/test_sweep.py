@@ -140,7 +140,7 @@ def test_resumed_study_is_backed_up_before_its_first_new_trial_ends(
 
 def test_slow_drive_coalesces_copies_and_final_copy_has_every_trial(tmp_path: Path) -> None:
     with (
-        simulated_drive(tmp_path, FaultPlan(latency_s=0.25)) as drive,
+        simulated_drive(tmp_path, FaultPlan(latency_s=0.5)) as drive,
         own_worker() as worker,
     ):
         counting = CountingStore(drive.store)

@@ -138,7 +138,27 @@ while not os.path.exists(stop):
 with open(log, "a") as file:
     file.write(f"{2 - written % 2}\\n")
 """
+# A writer that stalls in the middle of each version, the file open, as a busy machine
+# or a GPU-to-host copy between two tensors makes ``torch.save`` do.
+STALLING_WRITER = """
+import os, sys, time
+stop, path, log = sys.argv[1], sys.argv[2], sys.argv[3]
+size, stall, pause = int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6])
+version = 0
+while not os.path.exists(stop):
+    version += 1
+    data = b"%08d" % version * (size // 8)
+    with open(path, "wb") as file:
+        file.write(data[: size // 2])
+        file.flush()
+        time.sleep(stall)
+        file.write(data[size // 2 :])
+    with open(log, "a") as file:
+        file.write(f"{version}\\n")
+    time.sleep(pause)
+"""
 CHECKPOINT_BYTES = 24 << 20
+CAPTURE_PATIENCE_S = 4.0  # how long a backup waits for a changing file to stay unchanged
 
 
 def checkpoint_version(data: bytes, size: int = CHECKPOINT_BYTES) -> int:
@@ -186,6 +206,30 @@ def test_checkpoint_rewritten_by_a_writer_process_reaches_drive_whole_at_every_b
                 landed = version
 
 
+def test_a_writer_stalled_in_the_middle_of_a_version_is_never_captured_torn(
+    tmp_path: Path,
+) -> None:
+    # Unchanged for half a second, half written: quiet, but its writer holds it open.
+    with stand_in_drive(tmp_path) as setup:
+        folder = setup.local / "study" / "trials" / "trial-00000"
+        folder.mkdir(parents=True)
+        checkpoint, log = folder / "last.pt", tmp_path / "versions.log"
+        on_drive = setup.drive / "study" / "trials" / "trial-00000" / "last.pt"
+        landed: list[int] = []
+        with writer_process(
+            STALLING_WRITER, tmp_path / "stop", checkpoint, log, CHECKPOINT_BYTES, 0.5, 0.5
+        ):
+            wait_for(lambda: versions_written(log) > 0, 30, "a first version")
+            for _ in range(8):
+                result = setup.store.backup(folder, is_directory=True)
+                if result.ok and result.files_copied:
+                    landed.append(checkpoint_version(on_drive.read_bytes()))  # whole, or fails
+                time.sleep(0.37)  # out of step with the writer: backups meet it mid-stall
+
+        assert landed, "no version was captured in the pauses between versions"
+        assert landed == sorted(landed)
+
+
 def test_checkpoint_changing_faster_than_it_can_be_captured_is_named_never_backed_up(
     tmp_path: Path,
 ) -> None:
@@ -211,6 +255,30 @@ def test_checkpoint_changing_faster_than_it_can_be_captured_is_named_never_backe
         assert (after.files_copied, after.files_unchanged) == (1, 1)
         # The writer's last line names the version it wrote last.
         assert checkpoint_version((on_drive / "last.pt").read_bytes()) == versions_written(log)
+
+
+def test_a_backup_waiting_for_a_changing_file_stops_at_once_when_cancelled(
+    tmp_path: Path,
+) -> None:
+    # A capture waits seconds for a file that never stays unchanged; the exit path's
+    # deadline cancels the backup and must not wait for that.
+    with stand_in_drive(tmp_path) as setup:
+        folder = setup.local / "study" / "trials" / "trial-00000"
+        folder.mkdir(parents=True)
+        checkpoint, log = folder / "last.pt", tmp_path / "versions.log"
+        with writer_process(RESTLESS_WRITER, tmp_path / "stop", checkpoint, log, CHECKPOINT_BYTES):
+            wait_for(lambda: versions_written(log) > 0, 30, "a first version")
+
+            async def cancelled_backup() -> None:
+                with anyio.move_on_after(0.3):
+                    await setup.store.abackup(folder, is_directory=True)
+
+            started = time.perf_counter()
+            anyio.run(cancelled_backup)
+            waited = time.perf_counter() - started
+
+        assert waited < CAPTURE_PATIENCE_S / 2, f"the cancelled backup took {waited:.2f} s"
+        assert not list(setup.local.glob(".sweepsafe/**/capture-*"))
 
 
 # -- 2. rotating checkpoint folders ------------------------------------------------------------

@@ -21,6 +21,7 @@ import fcntl
 import os
 import stat as stat_module
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +30,7 @@ import anyio
 
 from sweepsafe.drive._fs_primitives import fsync_directory, transfer
 from sweepsafe.drive._local_state import Signature, file_signature
+from sweepsafe.drive._open_writers import open_for_writing
 from sweepsafe.drive._reserved_names import temp_name
 from sweepsafe.drive._runtime_temps import new_token
 from sweepsafe.drive._sqlite import read_content
@@ -57,6 +59,7 @@ _FICLONE = 0x40049409  # linux/fs.h: share the source's blocks (btrfs, XFS, bcac
 _CAPTURE_PATIENCE_S = 4.0  # how long a capture waits for a file to stay unchanged
 _SETTLE_S = 0.05
 _SETTLE_LOOK_S = 0.03  # how often a changing file is looked at again
+_HELD_OPEN_SETTLE_S = 2.0  # the quiet needed while a writer holds the file open
 _SETTLE_BYTES_PER_S = 1 << 30  # a writer producing a big file pauses longer between pieces
 _SETTLE_MAX_EXTRA_S = 0.2
 
@@ -121,7 +124,13 @@ def remove_quietly(path: Path) -> None:
         os.remove(path)
 
 
-def capture_file(source: Path, target: Path, *, in_memory_up_to: int = 0) -> Captured | None:
+def capture_file(
+    source: Path,
+    target: Path,
+    *,
+    in_memory_up_to: int = 0,
+    check_cancelled: Callable[[], None] = lambda: None,
+) -> Captured | None:
     """Take one unchanged version of ``source``: its bytes if it is no larger than
     ``in_memory_up_to``, else a copy in the new local file ``target``.
 
@@ -130,7 +139,8 @@ def capture_file(source: Path, target: Path, *, in_memory_up_to: int = 0) -> Cap
     over the source during a capture is harmless (the open file is the version
     captured). Returns None for an SQLite database, which is captured with
     ``snapshot_sqlite`` instead. ``target`` exists afterwards only when
-    a version was copied there.
+    a version was copied there. ``check_cancelled`` is called while it waits for the
+    file, and may raise to stop the capture (``anyio.from_thread.check_cancelled``).
 
     Raises:
         SourceChanging: it never stayed unchanged for as long as a capture took.
@@ -149,7 +159,7 @@ def capture_file(source: Path, target: Path, *, in_memory_up_to: int = 0) -> Cap
                 if first and os.pread(fd, len(SQLITE_HEADER), 0) == SQLITE_HEADER:
                     return None
                 first = False
-                settled = _wait_until_settled(fd, deadline)
+                settled = _wait_until_settled(fd, source.name, deadline, check_cancelled)
                 captured = settled is not None and _capture_unchanged(
                     fd, settled, target, in_memory=settled.st_size <= in_memory_up_to
                 )
@@ -166,13 +176,17 @@ def capture_file(source: Path, target: Path, *, in_memory_up_to: int = 0) -> Cap
     raise SourceChanging(f"{source} kept changing while it was captured")
 
 
-def _wait_until_settled(fd: int, deadline: float) -> os.stat_result | None:
+def _wait_until_settled(
+    fd: int, name: str, deadline: float, check_cancelled: Callable[[], None]
+) -> os.stat_result | None:
     """The open file's status once it has stayed unchanged for a while; None at ``deadline``.
 
     A writer between two writes (``torch.save`` truncates, then writes tensor after
     tensor) leaves the file unchanged only for a moment: a copy taken then would be a
     torn version that looks whole. A file left unchanged for longer than such pauses
-    last is between versions; the pause allowed grows a little with the file. While the
+    last is between versions; the pause allowed grows a little with the file, and is
+    seconds long while some process still holds the file open for writing (a writer
+    stalled mid-version, which a busy machine does for a tenth of a second). While the
     file keeps changing it is looked at again every few hundredths of a second (no
     system call says that a writer has finished), so that a capture starts as soon as
     a version is complete and has the whole pause before the next one to copy it.
@@ -187,11 +201,16 @@ def _wait_until_settled(fd: int, deadline: float) -> os.stat_result | None:
         else:
             quiet = time.time() - max(info.st_mtime_ns, info.st_ctime_ns) / 1e9
             if quiet >= settle:
-                return info
+                if quiet >= _HELD_OPEN_SETTLE_S or not open_for_writing(info, name):
+                    return info
+                # Quiet, but a writer still holds it open: it may have stalled in the
+                # middle of a version. Only a long quiet makes that unlikely.
+                settle = _HELD_OPEN_SETTLE_S
         wait = min(settle - max(0.0, quiet), _SETTLE_LOOK_S)
         if time.monotonic() + wait >= deadline:
             return None
         time.sleep(wait)
+        check_cancelled()
 
 
 def _capture_unchanged(

@@ -125,7 +125,15 @@ class _Copier:
         captured: Captured | None = None
         try:
             captured = await anyio.to_thread.run_sync(
-                functools.partial(capture_file, source, capture, in_memory_up_to=_IN_MEMORY)
+                functools.partial(
+                    capture_file,
+                    source,
+                    capture,
+                    in_memory_up_to=_IN_MEMORY,
+                    # A file that keeps changing can hold a capture for seconds: a
+                    # cancelled backup (the exit's deadline) stops it at once.
+                    check_cancelled=anyio.from_thread.check_cancelled,
+                )
             )
             if captured is None:  # an SQLite database
                 if job.publish_database is not None and await _is_optuna(source):
