@@ -2,13 +2,16 @@
 
 A rebuild reads a patch per generation, often hundreds in a row. One request per patch
 would pay a helper round trip each; instead the small patches ahead are read in batches
-of one request. A patch larger than what one read returns (a trial that stored megabytes
+of one request. A batch starts small and grows while Drive answers it in a small part of
+the deadline, which each request must meet whole: a slow Drive gets small batches. A
+patch larger than what one read returns (a trial that stored megabytes
 at once) is pulled into a scratch file, as a base is.
 """
 
 from __future__ import annotations
 
 import errno
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,7 +27,8 @@ if TYPE_CHECKING:
 
 __all__ = ["PatchFetcher"]
 
-_BATCH_FILES = 64
+_FIRST_BATCH_FILES = 4
+_MOST_BATCH_FILES = 64
 _BATCH_BYTES = 32 << 20
 _LARGEST_PATCH = 512 << 20
 
@@ -44,6 +48,7 @@ class PatchFetcher:
         self._scratch = scratch
         self._timeout = timeout
         self._ready: dict[str, Fetched] = {}
+        self._batch_files = _FIRST_BATCH_FILES
 
     async def fetch(self, patch: Generation) -> Fetched:
         """The bytes of ``patch``; DriveOSError or None (missing) when they cannot be had."""
@@ -59,14 +64,20 @@ class PatchFetcher:
         total = 0
         for later in range(number, self._history.head + 1):
             small = [p for p in self._history.patches.get(later, ()) if p.size <= SMALL_READ_LIMIT]
-            if batch and (len(batch) + len(small) > _BATCH_FILES or total > _BATCH_BYTES):
+            if batch and (len(batch) + len(small) > self._batch_files or total > _BATCH_BYTES):
                 break
             batch += small
             total += sum(p.size for p in small)
         paths = [self._folder / p.name for p in batch]
         found: list[Fetched]
+        started = time.monotonic()
         try:
             found = list(await self._helper.read_many(paths, self._timeout, limit=SMALL_READ_LIMIT))
+            took = time.monotonic() - started
+            if took < self._timeout / 8:
+                self._batch_files = min(2 * self._batch_files, _MOST_BATCH_FILES)
+            elif took > self._timeout / 4:
+                self._batch_files = max(1, self._batch_files // 2)
         except DriveOSError:
             # One bad file fails the whole request: read them one by one to say which.
             found = [await self._read_one(path) for path in paths]
