@@ -428,7 +428,7 @@ def flip_middle_byte(path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", ["flipped byte in the newest patch", "missing middle patch"])
-def test_a_broken_chain_restores_the_last_good_generation_and_says_which(
+def test_a_broken_chain_is_named_and_its_last_good_generation_restores_by_name(
     tmp_path: Path, damage: str
 ) -> None:
     with five_generations(tmp_path) as (store, database, folder, finished):
@@ -453,22 +453,40 @@ def test_a_broken_chain_restores_the_last_good_generation_and_says_which(
             assert target.read_bytes() == local_before
             assert any(f"stopped at generation {good}" in n for n in kept.notes), kept.notes
 
-        # A new runtime with no local study gets the last good generation, and is told.
+        # A new runtime with no local study is told, and nothing is restored: a sweep
+        # going on from an older generation would stop its backups at the newer copy.
         with drive_copy(store.drive_root, tmp_path / "new-runtime") as fresh:
             target = fresh.local_root / "study-1" / "study.db"
-            restored = fresh.restore(target)
-            assert restored.ok, restored.error
-            assert restored.generation == good
-            assert len(finished_trials(target)) == finished[good]
-            assert integrity(target) == "ok"
-            assert any(f"generation {broken} is missing or damaged" in n for n in restored.notes)
+            refused = fresh.restore(target)
+            assert not refused.ok
+            assert refused.reason == "refused"
+            error = refused.error or ""
+            assert f"generation {broken} is missing or damaged" in error
+            assert f"generation {good} is the newest that can" in error
+            assert f"--generation {good}" in error
             if damage.startswith("flipped"):
-                assert any("is damaged" in n and patch.name in n for n in restored.notes)
+                assert patch.name in error
+            assert not target.exists()
             # Asked for the broken generation on purpose, it refuses and replaces nothing.
             asked = fresh.restore(target, generation=broken)
             assert not asked.ok
             assert f"generation {broken}" in (asked.error or "")
+            assert not target.exists()
+
+            # Asked for the good one by name, it comes back, becomes the newest on Drive,
+            # and the study's backups go on from it.
+            restored = fresh.restore(target, generation=good)
+            assert restored.ok, restored.error
             assert len(finished_trials(target)) == finished[good]
+            assert integrity(target) == "ok"
+            study = optuna.load_study(storage=f"sqlite:///{target}", study_name="s")
+            study.tell(study.ask(), 2.0)
+            del study
+            backed_up = fresh.backup(target)
+            assert backed_up.ok, backed_up.error
+            newest = fresh.history(target)[0]
+            assert newest.number == backed_up.generation
+            assert newest.finished_trials == finished[good] + 1
 
 
 def test_a_patch_of_several_megabytes_restores_as_the_newest_generation(tmp_path: Path) -> None:
@@ -553,12 +571,15 @@ def test_a_patch_that_does_not_make_its_result_stops_the_chain_before_it(tmp_pat
         )
         with drive_copy(store.drive_root, tmp_path / "new-runtime") as fresh:
             target = fresh.local_root / "study-1" / "study.db"
-            restored = fresh.restore(target)
+            refused = fresh.restore(target)
+            assert not refused.ok
+            assert path.name in (refused.error or "")
+            assert "stopped at generation 4" in (refused.error or "")
+            assert not target.exists()
+            restored = fresh.restore(target, generation=4)
             assert restored.ok, restored.error
-            assert restored.generation == 4
             assert len(finished_trials(target)) == finished[4]
             assert integrity(target) == "ok"
-            assert any(path.name in n and "stopped at generation 4" in n for n in restored.notes)
 
 
 # -- kills ------------------------------------------------------------------------------------

@@ -216,6 +216,17 @@ async def _install(
             return Restored(
                 generation, 0, local.finished_count, notes=notes, unchanged=True, kept_local=True
             )
+    if not chosen and generation is not None and generation < head:
+        # Drive's newest generations cannot be rebuilt. Bringing back an older one
+        # quietly would let a sweep go on from it and then meet the newer Drive copy,
+        # which stops its backups: going back is the user's choice, made by name.
+        raise RestoreRefused(
+            f"the newest generations of {database} on Google Drive cannot be rebuilt "
+            f"({'; '.join(notes)}); generation {generation} is the newest that can. Nothing "
+            f"was restored. To continue from it, restore it by name (`sweepsafe restore "
+            f"--generation {generation}`, or generation={generation}), which makes it the "
+            "newest on Drive again and keeps the others in its history"
+        )
     rollback: int | None = None
     if chosen and generation is not None and generation < head:
         # Drive first: killed before the local copy is replaced, the restore can simply
