@@ -550,6 +550,29 @@ def test_a_patch_drive_fails_to_read_fails_the_restore_instead_of_going_back(
             fresh.close()
 
 
+def test_a_study_folder_below_another_folder_restores_its_newest_generation_on_a_fresh_disk(
+    tmp_path: Path,
+) -> None:
+    # run_sweep's layout: LOCAL/out/study-<hash>/study.db, two levels below the local root.
+    with stand_in(tmp_path) as (store, _, local):
+        database = local / "out" / "study-1" / "study.db"
+        database.parent.mkdir(parents=True)
+        study = optuna.create_study(storage=f"sqlite:///{database}", study_name="s")
+        for _ in range(4):
+            study.tell(study.ask(), 1.0)
+            assert store.backup(database).ok
+        del study
+        newest = store.history(database)[0]
+        assert newest.kind == "patch"  # the plain study.db on Drive is older than this
+
+        with drive_copy(store.drive_root, tmp_path / "fresh") as fresh:
+            target = fresh.local_root / "out" / "study-1" / "study.db"
+            restored = fresh.restore(target)
+            assert restored.ok, restored.error
+            assert restored.generation == newest.number
+            assert len(finished_trials(target)) == 4
+
+
 def test_a_patch_that_does_not_make_its_result_stops_the_chain_before_it(tmp_path: Path) -> None:
     with five_generations(tmp_path) as (store, _database, folder, finished):
         # Checksums intact, pages wrong: what a writer bug would leave. The fast path

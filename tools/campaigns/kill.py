@@ -384,7 +384,9 @@ def _check_at_kill(
     leftovers = temp_files(drive)
     run.temp_files_after_kill = len(leftovers)
     for path in leftovers:
-        run.in_flight.append(f"Drive copy of {path.name.split('.sweepsafe-tmp')[0].lstrip('.')}")
+        # A temporary's name does not carry its target's: say in which folder it was.
+        folder = path.parent.relative_to(drive).as_posix()
+        run.in_flight.append(f"Drive copy into {folder}/")
     # The store snapshots a database into a scratch folder of the local root first.
     snapshots = [
         path
@@ -714,20 +716,22 @@ def _describe_run(run: KillRun) -> str:
     )
 
 
+def _in_flight_kind(item: str) -> str:
+    if item.startswith("local snapshot"):
+        return "a local snapshot of study.db"
+    if "/trials/" in item:
+        return "a Drive copy of a trial file"
+    if "/.sweepsafe/" in item:
+        return "a Drive copy of a generation or a record of the study"
+    return "a Drive copy of study.db"
+
+
 def describe_summary(summary: KillSummary) -> str:
     lost = summary.lost
     restores = summary.restore_times
     landed = _landed_counts(summary)
     in_flight = sum(1 for run in summary.runs if run.in_flight)
-    kinds = Counter(
-        "a local snapshot of study.db"
-        if item.startswith("local snapshot")
-        else "a Drive copy of study.db"
-        if item.endswith("study.db")
-        else "a Drive copy of a trial file"
-        for run in summary.runs
-        for item in set(run.in_flight)
-    )
+    kinds = Counter(_in_flight_kind(item) for run in summary.runs for item in set(run.in_flight))
     lines = [
         f"kill campaign, seed {summary.seed}{' (quick)' if summary.quick else ''}: "
         f"{len(summary.runs)} kills in {summary.duration_s:.0f} s",

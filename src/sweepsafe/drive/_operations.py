@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from sweepsafe.drive._unit import StudyUnit
 
 __all__ = [
+    "DATABASE_SUFFIXES",
     "adopt_drive_identity",
     "backup_database",
     "backup_files",
@@ -56,6 +57,9 @@ _EXPECTED = (
     StudyConflictError,
     TrialFilesHeldBack,
 )
+
+DATABASE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+"""A file restored with one of these names is taken for a database (checked, generations)."""
 
 
 async def backup_database(
@@ -151,7 +155,7 @@ async def restore_path(
             generation is not None
             or before is not None
             or not info["exists"]
-            or (info.get("kind") == "file" and remote.suffix in (".db", ".sqlite", ".sqlite3"))
+            or (info.get("kind") == "file" and remote.suffix in DATABASE_SUFFIXES)
         ):
             return await restore_database_result(unit, remote, target, generation, before)
         return await restore_file_result(unit, remote, target)

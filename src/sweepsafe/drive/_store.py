@@ -278,7 +278,8 @@ class DriveStore(StudyFolders, BlockingFaces):
             )
         except ValueError as exc:
             return BackupResult(False, target, target, kind, error=str(exc))
-        unit = await anyio.to_thread.run_sync(self._unit_for, target, is_directory)
+        database = generation is not None or before is not None
+        unit = await anyio.to_thread.run_sync(self._unit_to_restore, target, is_directory, database)
         result = await restore_path(
             unit, self._pool, self.drive_timeout, remote, target, is_directory, generation, before
         )

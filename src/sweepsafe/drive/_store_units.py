@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sweepsafe.drive._drive_errors import DriveTimeout
+from sweepsafe.drive._operations import DATABASE_SUFFIXES
 from sweepsafe.drive._unit import StudyUnit
 from sweepsafe.errors import LeaseHeldError
 from sweepsafe.paths import is_within
@@ -62,6 +63,17 @@ class StudyFolders:
                 break
         parts = path.relative_to(self.local_root).parts
         return self._unit(parts[0] if len(parts) > 1 or (parts and is_directory) else "")
+
+    def _unit_to_restore(self, target: Path, is_directory: bool, database: bool) -> StudyUnit:
+        """The study folder a restore of ``target`` works in (``database``: it is one).
+
+        A database's folder is its study folder, as when it was backed up; on a fresh
+        disk there is no local ``study.db`` yet to find it by. Blocking, as ``_unit_for``.
+        """
+        if not is_directory and (database or target.suffix in DATABASE_SUFFIXES):
+            rel = target.parent.relative_to(self.local_root).as_posix()
+            return self._unit(rel, register=True)
+        return self._unit_for(target, is_directory)
 
     def _unit(self, rel: str, *, register: bool = False) -> StudyUnit:
         rel = "" if rel == "." else rel
