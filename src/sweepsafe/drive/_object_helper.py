@@ -68,6 +68,7 @@ class ObjectServer(DriveServer):
 
     # -- the file system, opened on the first request ------------------------------------
     def _filesystem(self) -> Any:
+        """The file system, opened (and the bucket checked) on first use."""
         if self._fs is None:
             os.makedirs(self._spool, exist_ok=True)
             _remove_dead_spools(self._spool)
@@ -76,12 +77,11 @@ class ObjectServer(DriveServer):
             if not self._local:
                 _check_bucket(fs, base, self._url)
             self._fs, self._base = fs, base.rstrip("/")
-        else:
-            self._fs.invalidate_cache()
         return self._fs
 
     def _key(self, path: str) -> str:
         """The object key (in fsspec's form, without protocol) of a virtual path."""
+        self._filesystem()
         if path == self._root:
             return self._base
         if not path.startswith(self._root + "/"):
@@ -105,6 +105,9 @@ class ObjectServer(DriveServer):
         if method is None:
             return {"ok": False, "errno": errno.EINVAL, "error": f"unknown op {op!r}"}, b""
         try:
+            if self._fs is not None:
+                # Another process may have written since: never answer from a listing cache.
+                self._fs.invalidate_cache()
             reply, data = method(header, payload)
         except sqlite3.DatabaseError as exc:
             return {"ok": False, "errno": 0, "sqlite": True, "error": str(exc)}, b""
@@ -191,6 +194,7 @@ class ObjectServer(DriveServer):
 
     def op_clean(self, header: Header, payload: bytes) -> tuple[Header, bytes]:
         """Remove the spools of exited helpers (and, in a local folder, stray temporaries)."""
+        self._filesystem()
         removed = _remove_dead_spools(self._spool)
         if self._local:
             local_header = {**header, "path": self._key(str(header["path"]))}

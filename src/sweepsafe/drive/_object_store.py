@@ -76,7 +76,7 @@ class ObjectStore(DriveStore):
 
     Example:
         >>> store = ObjectStore("/kaggle/working/out", "s3://bucket/s")  # doctest: +SKIP
-        >>> run_sweep(f, output_dir=store.local_root, study_key="s", backup_to_drive=store)  # doctest: +SKIP
+        >>> run_sweep(f, output_dir=store.local_root, study_key="s", backup_to_drive=store)
     """
 
     def __init__(
