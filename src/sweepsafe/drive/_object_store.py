@@ -145,6 +145,18 @@ class ObjectStore(DriveStore):
         """The URL of the object that holds the copy of the local ``path``."""
         return self._shown_path(self.drive_path_for(path))
 
+    async def akind(self, path: StrPath) -> str:
+        """What the copy of the local ``path`` is: ``"file"``, ``"dir"`` (a prefix holding
+        objects), ``"other"`` or ``"missing"``.
+
+        Raises:
+            OSError, DriveTimeout: the store failed or did not answer in ``drive_timeout``.
+        """
+        remote = self.drive_path_for(path)
+        async with self._pool.session() as helper:
+            info = await helper.stat(remote, self.drive_timeout)
+        return str(info["kind"]) if info["exists"] else "missing"
+
     def _shown_path(self, virtual: Path) -> str:
         rel = virtual.relative_to(self.drive_root).as_posix()
         return self.url if rel == "." else f"{self.url}/{rel}"
