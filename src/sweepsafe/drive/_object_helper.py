@@ -21,7 +21,6 @@ request arrives. Its settings, credentials included, come in the environment var
 from __future__ import annotations
 
 import contextlib
-import datetime
 import errno
 import json
 import os
@@ -34,21 +33,39 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING or __package__:
     from sweepsafe.drive._fs_primitives import _clear_way, _make_folder, _sha256_of
     from sweepsafe.drive._helper_process import DriveServer, serve
+    from sweepsafe.drive._object_fs import (
+        LOCAL_PROTOCOLS,
+        check_bucket,
+        described,
+        explain,
+        open_filesystem,
+        protocol_of,
+        remove_dead_spools,
+        secret_strings,
+    )
     from sweepsafe.drive._reserved_names import STATE_DIR_NAME, is_temp_name, temp_name
     from sweepsafe.drive._sqlite_inspect import inspect_sqlite, is_sqlite_file
 else:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _fs_primitives import _clear_way, _make_folder, _sha256_of
     from _helper_process import DriveServer, serve
+    from _object_fs import (
+        LOCAL_PROTOCOLS,
+        check_bucket,
+        described,
+        explain,
+        open_filesystem,
+        protocol_of,
+        remove_dead_spools,
+        secret_strings,
+    )
     from _reserved_names import STATE_DIR_NAME, is_temp_name, temp_name
     from _sqlite_inspect import inspect_sqlite, is_sqlite_file
 
 Header = dict[str, Any]
 
 CONFIG_VARIABLE = "SWEEPSAFE_OBJECT_STORE"
-LOCAL_PROTOCOLS = ("file", "local")
 _SMALL_READ_LIMIT = 4 << 20
-_CONNECTION_ERRORS = ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError")
 
 
 class ObjectServer(DriveServer):
@@ -60,7 +77,7 @@ class ObjectServer(DriveServer):
         self._root = str(config["root"]).rstrip("/")
         self._spool = str(config["spool"])
         self._options: dict[str, Any] = dict(config.get("options") or {})
-        self._secrets = _secret_strings(self._options)
+        self._secrets = secret_strings(self._options)
         self._fs: Any = None
         self._base = ""
         self._local = False
@@ -71,11 +88,11 @@ class ObjectServer(DriveServer):
         """The file system, opened (and the bucket checked) on first use."""
         if self._fs is None:
             os.makedirs(self._spool, exist_ok=True)
-            _remove_dead_spools(self._spool)
-            fs, base = _open_filesystem(self._url, self._options)
-            self._local = _protocol_of(fs) in LOCAL_PROTOCOLS
+            remove_dead_spools(self._spool)
+            fs, base = open_filesystem(self._url, self._options)
+            self._local = protocol_of(fs) in LOCAL_PROTOCOLS
             if not self._local:
-                _check_bucket(fs, base, self._url)
+                check_bucket(fs, base, self._url)
             self._fs, self._base = fs, base.rstrip("/")
         return self._fs
 
@@ -114,7 +131,7 @@ class ObjectServer(DriveServer):
         # The implementations raise their own exception types (botocore, aiohttp, gcsfs);
         # each must become one error reply naming the store, not end the helper.
         except Exception as exc:  # noqa: BLE001
-            code, reason = _explain(exc)
+            code, reason = explain(exc)
             where = getattr(exc, "filename", None) or header.get("path")
             return {
                 "ok": False,
@@ -195,7 +212,7 @@ class ObjectServer(DriveServer):
     def op_clean(self, header: Header, payload: bytes) -> tuple[Header, bytes]:
         """Remove the spools of exited helpers (and, in a local folder, stray temporaries)."""
         self._filesystem()
-        removed = _remove_dead_spools(self._spool)
+        removed = remove_dead_spools(self._spool)
         if self._local:
             local_header = {**header, "path": self._key(str(header["path"]))}
             reply, _ = super().op_clean(local_header, payload)
@@ -223,7 +240,7 @@ class ObjectServer(DriveServer):
         info = self._info(str(header["path"]))
         if info is None:
             return {"exists": False}, b""
-        return {"exists": True, **_described(info)}, b""
+        return {"exists": True, **described(info)}, b""
 
     def _info(self, path: str) -> dict[str, Any] | None:
         fs = self._filesystem()
@@ -251,10 +268,10 @@ class ObjectServer(DriveServer):
             if is_temp_name(name):
                 temps.append(name)
                 continue
-            described = _described(info)
+            entry = described(info)
             # A name both an object and a prefix: the folder is what a listing shows.
-            if name not in entries or described["kind"] == "dir":
-                entries[name] = [name, described["kind"], described["size"], described["mtime"]]
+            if name not in entries or entry["kind"] == "dir":
+                entries[name] = [name, entry["kind"], entry["size"], entry["mtime"]]
         return {"exists": True, "entries": list(entries.values()), "temps": temps}, b""
 
     def op_scan(self, header: Header, payload: bytes) -> tuple[Header, bytes]:
@@ -307,7 +324,7 @@ class ObjectServer(DriveServer):
         info = self._info(path)
         if info is None:
             return {"exists": False}, b""
-        reply: Header = {"exists": True, **_described(info)}
+        reply: Header = {"exists": True, **described(info)}
         if reply["kind"] != "file":
             return reply, b""
         os.makedirs(self._spool, exist_ok=True)
@@ -326,121 +343,6 @@ class ObjectServer(DriveServer):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(local)
         return reply, b""
-
-
-def _open_filesystem(url: str, options: dict[str, Any]) -> tuple[Any, str]:
-    try:
-        import fsspec.core
-    except ImportError:
-        raise OSError(errno.ENOSYS, _install_line(url), url) from None
-    try:
-        fs, base = fsspec.core.url_to_fs(url, **options)
-    except ImportError:
-        raise OSError(errno.ENOSYS, _install_line(url), url) from None
-    return fs, str(base)
-
-
-def _install_line(url: str) -> str:
-    extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}.get(url.split("://")[0], "")
-    target = f"sweepsafe[{extra}]" if extra else "fsspec and the package for this URL"
-    return f"the object store's package is not installed; pip install '{target}'"
-
-
-def _protocol_of(fs: Any) -> str:
-    protocol = fs.protocol
-    return str(protocol if isinstance(protocol, str) else protocol[0])
-
-
-def _check_bucket(fs: Any, base: str, url: str) -> None:
-    """Fails at once, in one sentence, when the bucket is missing."""
-    bucket = base.split("/", 1)[0]
-    try:
-        fs.info(bucket)
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            errno.ENOENT,
-            f"the bucket {bucket!r} does not exist; create it, or fix the URL",
-            url,
-        ) from None
-
-
-def _explain(exc: BaseException) -> tuple[int, str]:
-    """The errno and the sentence of a failure of the fsspec implementation."""
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    detail = str(exc) or type(exc).__name__
-    if isinstance(exc, PermissionError) or "NoCredentialsError" in names:
-        return errno.EACCES, (
-            f"access denied ({detail}); check the credentials (storage_options, or the "
-            "environment variables of the store's provider) and their rights on the bucket"
-        )
-    if names.intersection(_CONNECTION_ERRORS) or isinstance(exc, ConnectionError):
-        return errno.ECONNREFUSED, (
-            f"the endpoint cannot be reached ({detail}); check the endpoint URL and the network"
-        )
-    if isinstance(exc, OSError) and exc.errno:
-        return exc.errno, exc.strerror or detail
-    return errno.EIO, f"{type(exc).__name__}: {detail}"
-
-
-def _described(info: dict[str, Any]) -> dict[str, Any]:
-    kind = {"file": "file", "directory": "dir"}.get(str(info.get("type")), "other")
-    return {"kind": kind, "size": int(info.get("size") or 0), "mtime": _mtime(info)}
-
-
-def _mtime(info: dict[str, Any]) -> float:
-    """Seconds since the epoch of an entry's modification, whatever the implementation."""
-    for field in ("mtime", "LastModified", "updated", "last_modified", "created"):
-        value = info.get(field)
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, datetime.datetime):
-            return value.timestamp()
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    return 0.0
-
-
-def _secret_strings(options: dict[str, Any]) -> list[str]:
-    """Every string in the storage options long enough to be a secret."""
-    found: list[str] = []
-    pending: list[object] = [options]
-    while pending:
-        value = pending.pop()
-        if isinstance(value, dict):
-            pending.extend(value.values())
-        elif isinstance(value, (list, tuple)):
-            pending.extend(value)
-        elif isinstance(value, str) and len(value) >= 6:
-            found.append(value)
-    return found
-
-
-def _remove_dead_spools(folder: str) -> int:
-    """Remove the spools whose helper process has exited; how many."""
-    removed = 0
-    try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
-        return 0
-    for name in names:
-        pid_text = name.split("-", 1)[0]
-        if not pid_text.isdigit() or _alive(int(pid_text)):
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(folder, name))
-            removed += 1
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def main() -> int:

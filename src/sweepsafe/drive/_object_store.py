@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sweepsafe.drive import _object_helper
-from sweepsafe.drive._object_helper import CONFIG_VARIABLE, LOCAL_PROTOCOLS
+from sweepsafe.drive._object_fs import LOCAL_PROTOCOLS
+from sweepsafe.drive._object_helper import CONFIG_VARIABLE
 from sweepsafe.drive._reserved_names import STATE_DIR_NAME
 from sweepsafe.drive._results import BackupResult, GenerationInfo, VerifyResult
 from sweepsafe.drive._store import DriveStore
