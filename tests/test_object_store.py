@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -214,6 +215,24 @@ def test_wrong_credentials_are_one_clear_line_that_never_shows_the_secret(
     assert SECRET not in caplog.text
     assert SECRET not in argv
     assert SECRET not in repr(store)
+
+
+def test_an_endpoint_that_cannot_be_reached_is_one_clear_line_naming_it(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    # Nothing listens there now: every connection is refused.
+    local = tmp_path / "local"
+    options = S3Endpoint(endpoint).options()
+    with ObjectStore(local, f"s3://{BUCKET}/gone", options, drive_timeout=60) as store:
+        result = store.backup(make_file(local))
+    assert not result.ok
+    assert result.retryable
+    assert result.error is not None
+    assert "\n" not in result.error
+    assert result.error.startswith(f"s3://{BUCKET}/gone: the endpoint cannot be reached")
+    assert endpoint in result.error
+    assert SECRET not in result.error
 
 
 def test_a_hung_endpoint_is_abandoned_at_its_deadline_naming_the_store(tmp_path: Path) -> None:

@@ -163,6 +163,8 @@ def _explain_object_store_error(
         return f"{where}: {reason}. Trying again will not help until that is fixed.", False
     if exc.errno == errno.ENOENT and "bucket" in reason:
         return f"{place}: {reason}. Nothing was copied.", False
+    if exc.errno == errno.ECONNREFUSED:
+        return f"{place}: {reason}; {hint}.", True
     return f"the object store failed while {action} {where} ({reason}); {hint}.", True
 
 

@@ -102,17 +102,25 @@ def _mtime(info: dict[str, Any]) -> float:
     return 0.0
 
 
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session", "auth")
+
+
 def secret_strings(options: dict[str, Any]) -> list[str]:
-    """Every string in the storage options long enough to be a secret."""
+    """Every string in the storage options under a name that says it is secret (``key``,
+    ``secret``, ``token``...), to be blanked out of messages. Endpoints stay readable."""
     found: list[str] = []
-    pending: list[object] = [options]
+    pending: list[tuple[str, object]] = [("", options)]
     while pending:
-        value = pending.pop()
+        name, value = pending.pop()
         if isinstance(value, dict):
-            pending.extend(value.values())
+            pending.extend((str(key), item) for key, item in value.items())
         elif isinstance(value, (list, tuple)):
-            pending.extend(value)
-        elif isinstance(value, str) and len(value) >= 6:
+            pending.extend((name, item) for item in value)
+        elif (
+            isinstance(value, str)
+            and len(value) >= 4
+            and any(word in name.lower() for word in _SECRET_WORDS)
+        ):
             found.append(value)
     return found
 
