@@ -153,6 +153,20 @@ def test_the_command_runs_and_restores_a_sweep_with_an_object_store_url(tmp_path
     assert (database.parent / "trials" / "trial-00002" / "result.txt").exists()
 
 
+def test_a_spool_left_by_a_killed_helper_is_removed_by_the_next_one(tmp_path: Path) -> None:
+    local = tmp_path / "local"
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    spools = local / ".sweepsafe" / "object-spool"
+    spools.mkdir(parents=True)
+    left = spools / f"{finished.pid}-0123456789abcdef"
+    left.write_bytes(b"half an upload")
+    with ObjectStore(local, f"file://{tmp_path / 'bucket'}") as store:
+        assert store.backup(make_file(local)).ok
+    assert not left.exists()
+    assert list(spools.iterdir()) == []
+
+
 def test_memory_urls_are_refused_with_the_reason(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"memory:// cannot hold the copies.*file:///"):
         ObjectStore(tmp_path / "local", "memory://sweeps")
@@ -249,6 +263,41 @@ def test_a_hung_endpoint_is_abandoned_at_its_deadline_naming_the_store(tmp_path:
     assert result.error.startswith(f"the object store s3://{BUCKET}/hung did not answer within 2 s")
     # Generous: one deadline, plus starting the helper.
     assert elapsed < 30
+
+
+HUNG_CHILD = """
+import sys
+import optuna
+from sweepsafe import ObjectStore, run_sweep
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+local, endpoint = sys.argv[1], sys.argv[2]
+options = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": endpoint}}
+store = ObjectStore(local, "s3://sweeps/hung", options, drive_timeout=2)
+result = run_sweep(lambda t: t.suggest_float("x", 0, 1), output_dir=local, study_key="hung",
+                   n_trials=3, backup_to_drive=store, flush_timeout=5, restore=False)
+print("sweep finished; backed up:", result.backup_ok, flush=True)
+"""
+
+
+def test_a_sweep_against_a_hung_endpoint_finishes_and_its_process_exits_in_time(
+    tmp_path: Path,
+) -> None:
+    with silent_endpoint() as endpoint:
+        started = time.monotonic()
+        child = subprocess.run(
+            [sys.executable, "-c", HUNG_CHILD, str(tmp_path / "local"), endpoint],
+            capture_output=True,
+            text=True,
+            timeout=100,
+            check=False,
+        )
+        elapsed = time.monotonic() - started
+    assert child.returncode == 0, child.stderr
+    assert child.stdout == "sweep finished; backed up: False\n"
+    assert "the object store s3://sweeps/hung did not answer within 2 s" in child.stderr
+    # Generous: the sweep, a 5 s flush and the exit; a hang would reach the timeout.
+    assert elapsed < 60
 
 
 # -- killed mid-backup -----------------------------------------------------------------------

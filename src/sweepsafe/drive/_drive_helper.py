@@ -75,12 +75,15 @@ class DriveHelper:
         *,
         env: Mapping[str, str] | None = None,
         place: str | None = None,
+        place_root: str | None = None,
     ) -> None:
         """``env``: variables added to the helper's environment (an object store's
         settings, kept off its command line); ``place``: the object store's URL, which
-        every error this helper raises carries."""
+        every error this helper raises carries; ``place_root``: the virtual root the
+        store's paths start with, shown as ``place`` in errors."""
         self.anchor = anchor
         self.place = place
+        self.place_root = place_root
         self.process = subprocess.Popen(
             list(argv),
             stdin=subprocess.PIPE,
@@ -273,7 +276,14 @@ class DriveHelper:
         """Send one request and return its reply; raise DriveOSError, DriveTimeout."""
         try:
             return await self._request(op, path, timeout, payload, **fields)
-        except (DriveOSError, DriveTimeout, HelperGone) as exc:
+        except DriveTimeout as exc:
+            if self.place is None or self.place_root is None:
+                raise
+            shown = self.place + str(path)[len(self.place_root) :]
+            timed_out = DriveTimeout(exc.op, shown, exc.timeout)
+            timed_out.place = self.place
+            raise timed_out from None
+        except (DriveOSError, HelperGone) as exc:
             exc.place = self.place
             raise
 

@@ -46,12 +46,14 @@ class HelperPool:
         *,
         env: Mapping[str, str] | None = None,
         place: str | None = None,
+        place_root: str | None = None,
     ) -> None:
         """``anchor``: an existing Drive folder above which no folder is ever created;
-        ``env`` and ``place``: see :class:`DriveHelper`."""
+        ``env``, ``place`` and ``place_root``: see :class:`DriveHelper`."""
         self.anchor = anchor
         self.env = env
         self.place = place
+        self.place_root = place_root
         self.argv = list(argv) if argv is not None else default_helper_argv()
         self._idle: list[DriveHelper] = []
         self._lock = threading.Lock()
@@ -67,7 +69,9 @@ class HelperPool:
             if helper.process.poll() is None:
                 return helper
             helper.end(kill=False)  # it died while idle (OOM killer, kill by hand)
-        return DriveHelper(self.argv, self.anchor, env=self.env, place=self.place)
+        return DriveHelper(
+            self.argv, self.anchor, env=self.env, place=self.place, place_root=self.place_root
+        )
 
     def _give_back(self, helper: DriveHelper) -> None:
         if helper.broken:

@@ -137,6 +137,7 @@ class ObjectStore(DriveStore):
         encoded = json.dumps(config)[:-1] + ', "options": ' + options_json + "}"
         self._pool.env = {CONFIG_VARIABLE: encoded}
         self._pool.place = self.url
+        self._pool.place_root = str(self.drive_root)
         self._pool.anchor = None  # an object store has no folders to create
 
     def __repr__(self) -> str:
