@@ -32,7 +32,7 @@ from object_store_support import (
     silent_endpoint,
 )
 from sweep_support import finished_trials, integrity
-from sweepsafe import ObjectStore, run_sweep, study_dir_for, trial_dir
+from sweepsafe import ObjectStore, SweepsafeError, run_sweep, study_dir_for, trial_dir
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -265,6 +265,32 @@ def test_a_hung_endpoint_is_abandoned_at_its_deadline_naming_the_store(tmp_path:
     assert elapsed < 30
 
 
+def test_a_new_runtime_that_cannot_reach_the_store_refuses_to_start_naming_it(
+    tmp_path: Path,
+) -> None:
+    with silent_endpoint() as endpoint:
+        url = f"s3://{BUCKET}/hung"
+        with (
+            ObjectStore(
+                tmp_path / "local", url, S3Endpoint(endpoint).options(), drive_timeout=2
+            ) as store,
+            pytest.raises(SweepsafeError) as raised,
+        ):
+            run_sweep(
+                lambda trial: trial.suggest_float("x", 0, 1),
+                output_dir=store.local_root,
+                study_key="hung",
+                n_trials=1,
+                backup_to_drive=store,
+            )
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith("Could not reach the copy of ")
+    assert f"in the object store s3://{BUCKET}/hung: " in message
+    assert f"s3://{BUCKET}/hung/" in message  # the object that did not answer
+    assert "restore=False" in message
+
+
 HUNG_CHILD = """
 import sys
 import optuna
@@ -304,7 +330,7 @@ def test_a_sweep_against_a_hung_endpoint_finishes_and_its_process_exits_in_time(
 CHILD = """
 import json, os, sys, time
 import optuna
-from sweepsafe import ObjectStore, run_sweep, study_dir_for, trial_dir
+from sweepsafe import ObjectStore, SweepsafeError, run_sweep, study_dir_for, trial_dir
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 local, url, options = sys.argv[1], sys.argv[2], json.loads(os.environ["STORE_OPTIONS"])
