@@ -19,7 +19,7 @@ if TYPE_CHECKING:
         create_study_db_backup_callback,
         create_trial_backup_callback,
     )
-    from sweepsafe.drive import BackupResult, DriveStore, VerifyResult
+    from sweepsafe.drive import BackupResult, DriveStore, ObjectStore, VerifyResult
     from sweepsafe.errors import SweepsafeError
     from sweepsafe.paths import is_drive_path
     from sweepsafe.sweep import (
@@ -42,6 +42,7 @@ _HOMES = {
     "create_trial_backup_callback": "sweepsafe.backup",
     "BackupResult": "sweepsafe.drive",
     "DriveStore": "sweepsafe.drive",
+    "ObjectStore": "sweepsafe.drive",
     "VerifyResult": "sweepsafe.drive",
     "SweepsafeError": "sweepsafe.errors",
     "is_drive_path": "sweepsafe.paths",
@@ -60,6 +61,7 @@ __all__ = [
     "BackupWorker",
     "DriveStore",
     "FlushReport",
+    "ObjectStore",
     "StudyBackupReport",
     "SweepResult",
     "SweepsafeError",

@@ -198,6 +198,13 @@ def _acquire(store: BackupBackend, study_dir: Path, takeover: bool, *, needed: b
     except LeaseHeldError:
         raise
     except Exception as exc:
+        url = getattr(store, "url", None)  # an ObjectStore's
+        if needed and isinstance(url, str):
+            raise SweepsafeError(
+                f"Could not reach the copy of {study_dir} in the object store {url}: {exc}. "
+                "Check the URL, the credentials and the network, and run again; pass "
+                "restore=False only to start a new study."
+            ) from exc
         if needed:
             raise SweepsafeError(
                 f"Could not reach the Drive copy of {study_dir}: {exc}. Fix the Drive mount "

@@ -30,7 +30,11 @@ def register(
     )
     backup.add_argument("path", metavar="PATH", help="a local path under --local-root")
     backup.add_argument("--local-root", required=True, help="local folder mirrored on Drive")
-    backup.add_argument("--drive-root", required=True, help="its Drive folder")
+    backup.add_argument(
+        "--drive-root",
+        required=True,
+        help="its Drive folder, or an object store URL such as s3://bucket/prefix",
+    )
     backup.add_argument(
         "--takeover",
         action="store_true",

@@ -17,7 +17,7 @@ from typing import TextIO, TypeVar
 
 from sweepsafe._blocking import run_blocking
 from sweepsafe.cli._errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNSOUND, CommandError
-from sweepsafe.drive import BackupResult, DriveStore, path_kind
+from sweepsafe.drive import BackupResult, DriveStore, ObjectStore, path_kind
 from sweepsafe.drive._drive_errors import DriveTimeout
 from sweepsafe.errors import DriveNotMountedError
 from sweepsafe.paths import COLAB_DRIVE_MOUNT, configured_drive_roots, is_within
@@ -34,6 +34,7 @@ __all__ = [
     "kind_of",
     "local_folder",
     "non_negative_float",
+    "object_store_for",
     "positive_float",
     "positive_int",
     "read_timeout",
@@ -207,6 +208,22 @@ def local_folder(path: str, option: str) -> Path:
     return folder
 
 
+def object_store_for(local_root: Path, target: str, **options: object) -> DriveStore | None:
+    """An ObjectStore when ``target`` is a URL (``s3://bucket/prefix``), else None.
+
+    Credentials come from the environment, the way the fsspec implementation finds them.
+
+    Raises:
+        CommandError: the URL cannot be used, or its package is not installed.
+    """
+    if "://" not in target:
+        return None
+    try:
+        return ObjectStore(local_root, target, **options)  # type: ignore[arg-type]
+    except (ValueError, ModuleNotFoundError) as exc:
+        raise CommandError(str(exc)) from None
+
+
 def copy_store(args: argparse.Namespace) -> tuple[DriveStore, Path]:
     """The store and the path of ``backup`` and ``restore`` (``--local-root``, ``--drive-root``).
 
@@ -215,17 +232,20 @@ def copy_store(args: argparse.Namespace) -> tuple[DriveStore, Path]:
         DriveNotMountedError: the Drive mount is missing or stalled.
     """
     local_root = local_folder(args.local_root, "--local-root")
-    drive_root = Path(os.path.abspath(args.drive_root))
     path = Path(os.path.abspath(args.path))
-    check_drive_dir(
-        drive_root, local_root, local_option="--local-root", timeout=check_timeout(args)
-    )
+    store = object_store_for(local_root, args.drive_root, drive_timeout=read_timeout(args))
+    if store is None:
+        drive_root = Path(os.path.abspath(args.drive_root))
+        check_drive_dir(
+            drive_root, local_root, local_option="--local-root", timeout=check_timeout(args)
+        )
+        store = DriveStore(local_root, drive_root, drive_timeout=read_timeout(args))
     if not is_within(path, local_root):
         raise CommandError(
             f"conflicting options: {path} is not inside --local-root {local_root}; give a "
             "path under it"
         )
-    return DriveStore(local_root, drive_root, drive_timeout=read_timeout(args)), path
+    return store, path
 
 
 def report_copy(verb: str, result: BackupResult, out: TextIO) -> int:

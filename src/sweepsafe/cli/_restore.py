@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TextIO
 
+from sweepsafe._blocking import run_blocking
 from sweepsafe.cli._common import (
     add_drive_timeout_option,
     check_timeout,
@@ -14,6 +16,8 @@ from sweepsafe.cli._common import (
     report_copy,
 )
 from sweepsafe.cli._errors import EXIT_BAD_INPUT, CommandError
+from sweepsafe.drive import DriveStore, ObjectStore
+from sweepsafe.drive._drive_errors import DriveTimeout
 
 __all__ = ["register"]
 
@@ -35,7 +39,11 @@ def register(
     )
     restore.add_argument("path", metavar="PATH", help="a local path under --local-root")
     restore.add_argument("--local-root", required=True, help="local folder mirrored on Drive")
-    restore.add_argument("--drive-root", required=True, help="its Drive folder")
+    restore.add_argument(
+        "--drive-root",
+        required=True,
+        help="its Drive folder, or an object store URL such as s3://bucket/prefix",
+    )
     when = restore.add_mutually_exclusive_group()
     when.add_argument(
         "--generation", type=int, metavar="N", help="this generation (see sweepsafe history)"
@@ -70,11 +78,24 @@ def _moment(text: str) -> float:
     return moment.timestamp()
 
 
+def _kind_of_copy(store: DriveStore, path: Path, timeout: float) -> str:
+    """What the copy of ``path`` is, on Drive or in an object store, within ``timeout``."""
+    if not isinstance(store, ObjectStore):
+        return kind_of(store.drive_path_for(path), timeout)
+    try:
+        return run_blocking(lambda: store.akind(path))
+    except (OSError, DriveTimeout) as exc:
+        raise CommandError(
+            f"the object store {store.url} cannot be read ({exc}); check the URL, the "
+            "credentials and the network"
+        ) from None
+
+
 def restore_command(args: argparse.Namespace, out: TextIO) -> int:
     """Copy the Drive copy of one file, folder or database back; 1 if nothing was restored."""
     store, path = copy_store(args)
     with store:
-        kind = kind_of(store.drive_path_for(path), check_timeout(args))
+        kind = _kind_of_copy(store, path, check_timeout(args))
         result = store.restore(
             path, is_directory=kind == "dir", generation=args.generation, before=args.before
         )

@@ -17,6 +17,7 @@ from sweepsafe.cli._common import (
     kind_of,
     local_folder,
     non_negative_float,
+    object_store_for,
     positive_float,
     positive_int,
     quiet_optuna,
@@ -76,7 +77,8 @@ def register(
     run.add_argument("--study-key", required=True, help="names the study; same key, same study")
     run.add_argument(
         "--drive-dir",
-        help="Drive folder for the copies (on Colab: /content/drive/MyDrive/sweepsafe)",
+        help="Drive folder for the copies (on Colab: /content/drive/MyDrive/sweepsafe), or an "
+        "object store URL such as s3://bucket/prefix",
     )
     run.add_argument(
         "--trials", type=positive_int, help="total finished trials the study should have"
@@ -163,6 +165,9 @@ def _store_for_run(output_dir: Path, args: argparse.Namespace) -> DriveStore:
             "--drive-dir is required outside Colab (on Colab it defaults to "
             f"{COLAB_DRIVE_MOUNT}/MyDrive/{COLAB_DEFAULT_SUBDIR}); or run with --no-backup"
         )
+    store = object_store_for(output_dir, args.drive_dir, **options)
+    if store is not None:
+        return store
     drive = Path(os.path.abspath(args.drive_dir))
     check_drive_dir(drive, output_dir, local_option="--output-dir", timeout=check_timeout(args))
     return DriveStore(output_dir, drive, **options)

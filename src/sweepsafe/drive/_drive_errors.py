@@ -12,6 +12,9 @@ __all__ = ["DriveOSError", "DriveTimeout", "HelperGone"]
 class DriveOSError(OSError):
     """A Drive-side system call failed in the helper."""
 
+    place: str | None = None
+    """The object store's URL when the helper served one (None: a Drive folder)."""
+
 
 class DriveTimeout(Exception):
     """A Drive-side step did not finish within its deadline; the helper was abandoned."""
@@ -21,7 +24,11 @@ class DriveTimeout(Exception):
         self.op = op
         self.path = path
         self.timeout = timeout
+        self.place: str | None = None
 
 
 class HelperGone(OSError):
     """The helper process exited or closed its pipes unexpectedly."""
+
+    place: str | None = None
+    """The object store's URL when the helper served one (None: a Drive folder)."""

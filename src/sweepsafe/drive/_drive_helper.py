@@ -18,7 +18,7 @@ import itertools
 import json
 import os
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +68,22 @@ class DriveHelper:
 
     _handles = itertools.count()
 
-    def __init__(self, argv: Sequence[str], anchor: str | None = None) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        anchor: str | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        place: str | None = None,
+        place_root: str | None = None,
+    ) -> None:
+        """``env``: variables added to the helper's environment (an object store's
+        settings, kept off its command line); ``place``: the object store's URL, which
+        every error this helper raises carries; ``place_root``: the virtual root the
+        store's paths start with, shown as ``place`` in errors."""
         self.anchor = anchor
+        self.place = place
+        self.place_root = place_root
         self.process = subprocess.Popen(
             list(argv),
             stdin=subprocess.PIPE,
@@ -78,6 +92,7 @@ class DriveHelper:
             close_fds=True,
             start_new_session=True,
             bufsize=0,
+            env=None if env is None else {**os.environ, **env},
         )
         assert self.process.stdin is not None
         assert self.process.stdout is not None
@@ -282,6 +297,22 @@ class DriveHelper:
         self, op: str, path: Path, timeout: float, payload: bytes = b"", **fields: Any
     ) -> dict[str, Any]:
         """Send one request and return its reply; raise DriveOSError, DriveTimeout."""
+        try:
+            return await self._request(op, path, timeout, payload, **fields)
+        except DriveTimeout as exc:
+            if self.place is None or self.place_root is None:
+                raise
+            shown = self.place + str(path)[len(self.place_root) :]
+            timed_out = DriveTimeout(exc.op, shown, exc.timeout)
+            timed_out.place = self.place
+            raise timed_out from None
+        except (DriveOSError, HelperGone) as exc:
+            exc.place = self.place
+            raise
+
+    async def _request(
+        self, op: str, path: Path, timeout: float, payload: bytes, **fields: Any
+    ) -> dict[str, Any]:
         if self.broken:
             raise HelperGone(errno.EPIPE, "the Drive helper process is no longer usable")
         frame = encode_frame(

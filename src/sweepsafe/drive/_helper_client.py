@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -39,9 +39,21 @@ def default_helper_argv() -> list[str]:
 class HelperPool:
     """Idle helper processes for one store, shared by every thread and event loop."""
 
-    def __init__(self, argv: Sequence[str] | None = None, anchor: str | None = None) -> None:
-        """``anchor``: an existing Drive folder above which no folder is ever created."""
+    def __init__(
+        self,
+        argv: Sequence[str] | None = None,
+        anchor: str | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        place: str | None = None,
+        place_root: str | None = None,
+    ) -> None:
+        """``anchor``: an existing Drive folder above which no folder is ever created;
+        ``env``, ``place`` and ``place_root``: see :class:`DriveHelper`."""
         self.anchor = anchor
+        self.env = env
+        self.place = place
+        self.place_root = place_root
         self.argv = list(argv) if argv is not None else default_helper_argv()
         self._idle: list[DriveHelper] = []
         self._lock = threading.Lock()
@@ -57,7 +69,9 @@ class HelperPool:
             if helper.process.poll() is None:
                 return helper
             helper.end(kill=False)  # it died while idle (OOM killer, kill by hand)
-        return DriveHelper(self.argv, self.anchor)
+        return DriveHelper(
+            self.argv, self.anchor, env=self.env, place=self.place, place_root=self.place_root
+        )
 
     def _give_back(self, helper: DriveHelper) -> None:
         if helper.broken:

@@ -368,12 +368,13 @@ class DriveServer:
         return reply, b""
 
 
-def serve(hooks: FaultHooks | None = None) -> int:
-    """Answer requests on stdin until it closes."""
+def serve(hooks: FaultHooks | DriveServer | None = None) -> int:
+    """Answer requests on stdin until it closes, with a real-file-system server obeying
+    ``hooks``, or with the given server."""
     # Ctrl-C in a notebook or terminal must not kill a helper mid-write; the store
     # decides when a helper ends.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    server = DriveServer(hooks)
+    server = hooks if isinstance(hooks, DriveServer) else DriveServer(hooks)
     inbound, outbound = sys.stdin.fileno(), sys.stdout.fileno()
     while True:
         prefix = _read_exactly(inbound, FRAME_PREFIX.size)

@@ -69,6 +69,9 @@ def explain_failure(exc: BaseException, local: Path, action: str, remote: Path) 
             "never lists a finished trial without its files, and it is tried again.",
             True,
         )
+    place = getattr(exc, "place", None)
+    if place is not None and isinstance(exc, (DriveTimeout, DriveOSError, HelperGone)):
+        return _explain_object_store_error(exc, place, action, remote)
     if isinstance(exc, DriveTimeout):
         return (
             f"Google Drive did not answer within {exc.timeout:g} s while {action} "
@@ -133,6 +136,36 @@ def _explain_drive_error(exc: DriveOSError, action: str, remote: Path) -> tuple[
             False,
         )
     return (f"Google Drive failed while {action} {where} ({reason}); {_RETRY_HINT}.", True)
+
+
+def _explain_object_store_error(
+    exc: DriveTimeout | OSError, place: str, action: str, remote: Path
+) -> tuple[str, bool]:
+    """The sentence of a failure of an object store: the helper already worded the cause
+    (its errors carry the object's URL as their path)."""
+    hint = "the previous copy is unchanged and trying again may succeed"
+    if isinstance(exc, DriveTimeout):
+        return (
+            f"the object store {place} did not answer within {exc.timeout:g} s while "
+            f"{action} {remote.name}; sweepsafe abandoned that attempt ({hint}; check the "
+            "endpoint and the network if it persists).",
+            True,
+        )
+    if isinstance(exc, HelperGone):
+        return (
+            f"the object-store helper process for {place} ended unexpectedly while "
+            f"{action} {remote.name}; {hint}.",
+            True,
+        )
+    where = exc.filename or place
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.ENOSYS):
+        return f"{where}: {reason}. Trying again will not help until that is fixed.", False
+    if exc.errno == errno.ENOENT and "bucket" in reason:
+        return f"{place}: {reason}. Nothing was copied.", False
+    if exc.errno == errno.ECONNREFUSED:
+        return f"{place}: {reason}; {hint}.", True
+    return f"the object store failed while {action} {where} ({reason}); {hint}.", True
 
 
 def _explain_local_error(exc: OSError, local: Path, action: str) -> tuple[str, bool]:

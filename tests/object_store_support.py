@@ -1,0 +1,135 @@
+"""A real S3 endpoint on 127.0.0.1 for the object-store tests: moto in server mode.
+
+The server runs in a child process of its own (its threads and warnings stay out of
+the test's process), creates its buckets, prints its port and serves until its stdin
+closes. With ``enforce_auth`` every request after the buckets' creation is checked
+against moto's IAM, where no key exists: any credentials are wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+_SERVER = """
+import sys
+
+import boto3
+from moto.server import ThreadedMotoServer
+
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+port = server.get_host_and_port()[1]
+client = boto3.client(
+    "s3",
+    endpoint_url=f"http://127.0.0.1:{port}",
+    aws_access_key_id="testing",
+    aws_secret_access_key="testing",
+    region_name="us-east-1",
+)
+for bucket in sys.argv[1:]:
+    client.create_bucket(Bucket=bucket)
+print(port, flush=True)
+sys.stdin.read()
+server.stop()
+"""
+
+KEY = "testing"
+SECRET = "testing-secret-value"
+
+
+@dataclass(frozen=True)
+class S3Endpoint:
+    """A moto S3 server: its URL and the storage options that reach it."""
+
+    endpoint: str
+
+    def options(self, key: str = KEY, secret: str = SECRET) -> dict[str, Any]:
+        """fsspec storage options for this endpoint (JSON, as ObjectStore wants)."""
+        return {
+            "key": key,
+            "secret": secret,
+            "client_kwargs": {"endpoint_url": self.endpoint, "region_name": "us-east-1"},
+        }
+
+
+@contextmanager
+def moto_server(*buckets: str, enforce_auth: bool = False) -> Iterator[S3Endpoint]:
+    """Start a moto S3 server with ``buckets``; stop it on exit."""
+    env = {**os.environ, "AWS_EC2_METADATA_DISABLED": "true"}
+    if enforce_auth:
+        env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(len(buckets))
+    process = subprocess.Popen(
+        [sys.executable, "-c", _SERVER, *buckets],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    assert process.stdin is not None
+    assert process.stdout is not None
+    try:
+        port = int(process.stdout.readline())
+        yield S3Endpoint(f"http://127.0.0.1:{port}")
+    finally:
+        process.stdin.close()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+
+
+@contextmanager
+def silent_endpoint() -> Iterator[str]:
+    """An endpoint URL whose server accepts connections and never answers a byte."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(connection)
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(timeout=10)
+        for connection in accepted:
+            connection.close()
+
+
+def object_names(endpoint: S3Endpoint, prefix: str) -> dict[str, int]:
+    """Every object under ``bucket/prefix``: key -> size, read with s3fs."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, **endpoint.options())
+    return {name: int(info["size"]) for name, info in fs.find(prefix, detail=True).items()}
+
+
+def download(endpoint: S3Endpoint, key: str, target: str) -> None:
+    """Copy one object to a local file with s3fs."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, **endpoint.options())
+    fs.get_file(key, target)

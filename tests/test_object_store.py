@@ -1,0 +1,420 @@
+"""ObjectStore: the store's guarantees on a real S3 endpoint (moto) and on file:// URLs.
+
+Every study here is a real Optuna study in a real SQLite file; the S3 endpoint is a moto
+server on 127.0.0.1 started by the tests, reached over HTTP by the store's helpers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+
+from cli_support import TINY_OBJECTIVE, finished_numbers, run_cli, study_databases
+from object_store_support import (
+    SECRET,
+    S3Endpoint,
+    moto_server,
+    object_names,
+    silent_endpoint,
+)
+from sweep_support import finished_trials, integrity
+from sweepsafe import ObjectStore, SweepsafeError, run_sweep, study_dir_for, trial_dir
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+BUCKET = "sweeps"
+TEMP_MARK = ".sweepsafe-tmp-"
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3Endpoint]:
+    with moto_server(BUCKET) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def prefix(request: pytest.FixtureRequest) -> str:
+    """A prefix of the test's own in the shared bucket."""
+    return f"{BUCKET}/{request.node.name.replace('[', '-').replace(']', '')}"
+
+
+def sweep(store: ObjectStore, n_trials: int) -> tuple[Path, int, bool]:
+    """Run ``n_trials`` more trials; (database, finished trials, restored from the store)."""
+
+    def write_files(trial: optuna.Trial) -> float:
+        folder = trial_dir(study_dir_for(store.local_root, "object-store"), trial)
+        (folder / "weights.bin").write_bytes(trial.number.to_bytes(4, "big") * 1024)
+        return trial.suggest_float("x", -2.0, 2.0) ** 2
+
+    result = run_sweep(
+        write_files,
+        output_dir=store.local_root,
+        study_key="object-store",
+        n_trials=n_trials,
+        backup_to_drive=store,
+        flush_timeout=60,
+    )
+    assert result.backup_report is not None
+    assert result.backup_report.ok, result.backup_report
+    database = result.study_dir / "study.db"
+    return database, len(finished_trials(database)), result.restored_from_drive
+
+
+def test_a_sweep_on_s3_resumes_on_an_empty_disk_with_its_trial_files(
+    tmp_path: Path, s3: S3Endpoint, prefix: str
+) -> None:
+    url = f"s3://{prefix}"
+    with ObjectStore(tmp_path / "first", url, s3.options(), drive_timeout=30) as store:
+        database, finished, restored = sweep(store, 4)
+        assert (finished, restored) == (4, False)
+        verified = store.verify(database)
+        assert verified.ok, verified.error
+        assert verified.integrity_ok
+        assert verified.trial_counts == {"COMPLETE": 4}
+        assert store.url_for(database) == f"{url}/{database.parent.name}/study.db"
+        assert store.verify(store.url_for(database)).trial_counts == {"COMPLETE": 4}
+
+    # A new runtime: nothing on its disk but the code.
+    with ObjectStore(tmp_path / "second", url, s3.options(), drive_timeout=30) as store:
+        database, finished, restored = sweep(store, 6)
+        assert (finished, restored) == (6, True)
+        restored_file = trial_dir(database.parent, 3) / "weights.bin"
+        assert restored_file.read_bytes() == (3).to_bytes(4, "big") * 1024
+        assert store.verify(database).trial_counts == {"COMPLETE": 6}
+
+    names = object_names(s3, prefix)
+    assert not [name for name in names if TEMP_MARK in name]
+    assert f"{prefix}/{database.parent.name}/study.db" in names
+
+
+def test_a_file_url_backs_up_restores_and_verifies_without_leaving_temporaries(
+    tmp_path: Path,
+) -> None:
+    remote = tmp_path / "bucket" / "sweeps"
+    local = tmp_path / "local"
+    study_dir = local / "study-a"
+    study_dir.mkdir(parents=True)
+    study = optuna.create_study(storage=f"sqlite:///{study_dir / 'study.db'}", study_name="a")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    (study_dir / "notes").mkdir()
+    (study_dir / "notes" / "run.txt").write_text("three trials", encoding="utf-8")
+
+    with ObjectStore(local, f"file://{remote}") as store:
+        assert store.backup(study_dir / "study.db").ok
+        assert store.backup(study_dir / "notes", is_directory=True).ok
+        assert store.verify(study_dir / "study.db").trial_counts == {"COMPLETE": 3}
+
+    shutil.rmtree(local)
+    study_dir.mkdir(parents=True)
+    with ObjectStore(local, f"file://{remote}") as store:
+        assert store.restore(study_dir / "study.db").ok
+        assert store.restore(study_dir / "notes", is_directory=True).ok
+    assert [number for number, _ in finished_trials(study_dir / "study.db")] == [0, 1, 2]
+    assert (study_dir / "notes" / "run.txt").read_text(encoding="utf-8") == "three trials"
+    assert not [path for path in remote.rglob("*") if path.name.startswith(TEMP_MARK)]
+    assert list((local / ".sweepsafe" / "object-spool").iterdir()) == []
+
+
+def test_the_command_runs_and_restores_a_sweep_with_an_object_store_url(tmp_path: Path) -> None:
+    (tmp_path / "tinyobj.py").write_text(TINY_OBJECTIVE)
+    url = f"file://{tmp_path / 'bucket' / 'sweeps'}"
+    common = ("--output-dir", "sweeps", "--study-key", "tiny", "--drive-dir", url)
+    ran = run_cli("run", "tinyobj:objective", *common, "--trials", "3", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    (database,) = study_databases(tmp_path / "sweeps")
+    assert finished_numbers(next((tmp_path / "bucket" / "sweeps").glob("*/study.db"))) == [0, 1, 2]
+
+    shutil.rmtree(tmp_path / "sweeps")
+    restored = run_cli(
+        "restore",
+        database.parent,
+        "--local-root",
+        "sweeps",
+        "--drive-root",
+        url,
+        cwd=tmp_path,
+    )
+    assert restored.returncode == 0, restored.stderr
+    assert finished_numbers(database) == [0, 1, 2]
+    assert (database.parent / "trials" / "trial-00002" / "result.txt").exists()
+
+
+def test_a_spool_left_by_a_killed_helper_is_removed_by_the_next_one(tmp_path: Path) -> None:
+    local = tmp_path / "local"
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    spools = local / ".sweepsafe" / "object-spool"
+    spools.mkdir(parents=True)
+    left = spools / f"{finished.pid}-0123456789abcdef"
+    left.write_bytes(b"half an upload")
+    with ObjectStore(local, f"file://{tmp_path / 'bucket'}") as store:
+        assert store.backup(make_file(local)).ok
+    assert not left.exists()
+    assert list(spools.iterdir()) == []
+
+
+def test_memory_urls_are_refused_with_the_reason(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"memory:// cannot hold the copies.*file:///"):
+        ObjectStore(tmp_path / "local", "memory://sweeps")
+
+
+def test_a_url_overlapping_the_local_folder_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="overlap"):
+        ObjectStore(tmp_path / "local", f"file://{tmp_path / 'local' / 'copies'}")
+
+
+def test_a_missing_package_names_the_extra_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_find_spec = importlib.util.find_spec
+
+    def without_s3fs(name: str, package: str | None = None) -> object:
+        return None if name == "s3fs" else real_find_spec(name, package)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_s3fs)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'sweepsafe\[s3\]'"):
+        ObjectStore(tmp_path / "local", "s3://bucket/prefix")
+
+
+def make_file(local: Path) -> Path:
+    local.mkdir(parents=True, exist_ok=True)
+    (local / "config.json").write_text('{"lr": 0.1}', encoding="utf-8")
+    return local / "config.json"
+
+
+def test_a_missing_bucket_is_one_clear_line(tmp_path: Path, s3: S3Endpoint) -> None:
+    local = tmp_path / "local"
+    with ObjectStore(local, "s3://no-such-bucket/sweeps", s3.options(), drive_timeout=30) as store:
+        result = store.backup(make_file(local))
+    assert not result.ok
+    assert result.error is not None
+    assert "\n" not in result.error
+    assert result.error.startswith("s3://no-such-bucket/sweeps: the bucket 'no-such-bucket'")
+    assert "create it" in result.error
+    assert not result.retryable
+
+
+def test_wrong_credentials_are_one_clear_line_that_never_shows_the_secret(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    local = tmp_path / "local"
+    with (
+        moto_server(BUCKET, enforce_auth=True) as guarded,
+        caplog.at_level(logging.DEBUG, logger="sweepsafe"),
+        ObjectStore(local, f"s3://{BUCKET}/x", guarded.options(), drive_timeout=30) as store,
+    ):
+        result = store.backup(make_file(local))
+        argv = " ".join(store._pool.argv)
+    assert not result.ok
+    assert result.error is not None
+    assert "\n" not in result.error
+    assert result.error.startswith(f"s3://{BUCKET}/x")
+    assert "access denied" in result.error
+    assert "credentials" in result.error
+    assert SECRET not in result.error
+    assert SECRET not in caplog.text
+    assert SECRET not in argv
+    assert SECRET not in repr(store)
+
+
+def test_an_endpoint_that_cannot_be_reached_is_one_clear_line_naming_it(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    # Nothing listens there now: every connection is refused.
+    local = tmp_path / "local"
+    options = S3Endpoint(endpoint).options()
+    with ObjectStore(local, f"s3://{BUCKET}/gone", options, drive_timeout=60) as store:
+        result = store.backup(make_file(local))
+    assert not result.ok
+    assert result.retryable
+    assert result.error is not None
+    assert "\n" not in result.error
+    assert result.error.startswith(f"s3://{BUCKET}/gone: the endpoint cannot be reached")
+    assert endpoint in result.error
+    assert SECRET not in result.error
+
+
+def test_a_hung_endpoint_is_abandoned_at_its_deadline_naming_the_store(tmp_path: Path) -> None:
+    local = tmp_path / "local"
+    with silent_endpoint() as endpoint:
+        options = S3Endpoint(endpoint).options()
+        with ObjectStore(local, f"s3://{BUCKET}/hung", options, drive_timeout=2) as store:
+            started = time.monotonic()
+            result = store.backup(make_file(local))
+            elapsed = time.monotonic() - started
+    assert not result.ok
+    assert result.retryable
+    assert result.error is not None
+    assert result.error.startswith(f"the object store s3://{BUCKET}/hung did not answer within 2 s")
+    # Generous: one deadline, plus starting the helper.
+    assert elapsed < 30
+
+
+def test_a_new_runtime_that_cannot_reach_the_store_refuses_to_start_naming_it(
+    tmp_path: Path,
+) -> None:
+    with silent_endpoint() as endpoint:
+        url = f"s3://{BUCKET}/hung"
+        with (
+            ObjectStore(
+                tmp_path / "local", url, S3Endpoint(endpoint).options(), drive_timeout=2
+            ) as store,
+            pytest.raises(SweepsafeError) as raised,
+        ):
+            run_sweep(
+                lambda trial: trial.suggest_float("x", 0, 1),
+                output_dir=store.local_root,
+                study_key="hung",
+                n_trials=1,
+                backup_to_drive=store,
+            )
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith("Could not reach the copy of ")
+    assert f"in the object store s3://{BUCKET}/hung: " in message
+    assert f"s3://{BUCKET}/hung/" in message  # the object that did not answer
+    assert "restore=False" in message
+
+
+HUNG_CHILD = """
+import sys
+import optuna
+from sweepsafe import ObjectStore, run_sweep
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+local, endpoint = sys.argv[1], sys.argv[2]
+options = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": endpoint}}
+store = ObjectStore(local, "s3://sweeps/hung", options, drive_timeout=2)
+result = run_sweep(lambda t: t.suggest_float("x", 0, 1), output_dir=local, study_key="hung",
+                   n_trials=3, backup_to_drive=store, flush_timeout=5, restore=False)
+print("sweep finished; backed up:", result.backup_ok, flush=True)
+"""
+
+
+def test_a_sweep_against_a_hung_endpoint_finishes_and_its_process_exits_in_time(
+    tmp_path: Path,
+) -> None:
+    with silent_endpoint() as endpoint:
+        started = time.monotonic()
+        child = subprocess.run(
+            [sys.executable, "-c", HUNG_CHILD, str(tmp_path / "local"), endpoint],
+            capture_output=True,
+            text=True,
+            timeout=100,
+            check=False,
+        )
+        elapsed = time.monotonic() - started
+    assert child.returncode == 0, child.stderr
+    assert child.stdout == "sweep finished; backed up: False\n"
+    assert "the object store s3://sweeps/hung did not answer within 2 s" in child.stderr
+    # Generous: the sweep, a 5 s flush and the exit; a hang would reach the timeout.
+    assert elapsed < 60
+
+
+# -- killed mid-backup -----------------------------------------------------------------------
+CHILD = """
+import json, os, sys, time
+import optuna
+from sweepsafe import ObjectStore, SweepsafeError, run_sweep, study_dir_for, trial_dir
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+local, url, options = sys.argv[1], sys.argv[2], json.loads(os.environ["STORE_OPTIONS"])
+store = ObjectStore(local, url, options, drive_timeout=30)
+
+
+def objective(trial):
+    folder = trial_dir(os.path.join(local, os.environ["STUDY_NAME"]), trial)
+    (folder / "weights.bin").write_bytes(os.urandom(256 << 10))
+    time.sleep(0.2)  # the trial's training
+    return trial.suggest_float("x", -2.0, 2.0) ** 2
+
+
+def say(study, trial):
+    print("trial", trial.number, flush=True)
+
+
+run_sweep(objective, output_dir=local, study_key="killed", n_trials=200,
+          backup_to_drive=store, callbacks=[say])
+"""
+
+
+def check_copies(s3: S3Endpoint, prefix: str, local_db: Path, scratch: Path) -> int:
+    """No temporary object under ``prefix``, and what a new runtime restores from it is a
+    sound database whose finished trials are a prefix of the local study's. Returns how
+    many finished trials it holds."""
+    assert not [name for name in object_names(s3, prefix) if TEMP_MARK in name]
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    target = scratch / local_db.parent.name / "study.db"
+    target.parent.mkdir(parents=True)
+    with ObjectStore(scratch, f"s3://{prefix}", s3.options(), drive_timeout=30) as store:
+        result = store.restore(target)
+    if result.reason == "no-copy":
+        return 0
+    assert result.ok, result.error
+    assert integrity(target) == "ok"
+    remote_trials = finished_trials(target)
+    assert remote_trials == finished_trials(local_db)[: len(remote_trials)]
+    return len(remote_trials)
+
+
+def test_sigkill_mid_backup_leaves_no_corrupt_and_no_temporary_objects(
+    tmp_path: Path, s3: S3Endpoint, prefix: str
+) -> None:
+    local = tmp_path / "local"
+    url = f"s3://{prefix}"
+    study_dir = study_dir_for(local, "killed")
+    env = {
+        **os.environ,
+        "STORE_OPTIONS": json.dumps(s3.options()),
+        "STUDY_NAME": study_dir.name,
+        "PYTHONPATH": os.pathsep.join(sys.path),
+    }
+    scratch = tmp_path / "scratch"
+    on_store_each_round = []
+    chooser = random.Random(14)
+    on_store = 0
+    for _ in range(5):
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(local), url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        assert child.stdout is not None
+        for _ in range(chooser.randint(2, 5)):
+            assert child.stdout.readline().startswith("trial")
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+        child.stdout.close()
+        now = check_copies(s3, prefix, study_dir / "study.db", scratch)
+        assert now >= on_store
+        on_store = now
+        on_store_each_round.append(now)
+    # The copies moved forward while the sweep was being killed.
+    assert on_store > 0, on_store_each_round
+
+    # The next runtime takes the study over and brings its copy up to date.
+    with ObjectStore(local, url, s3.options(), drive_timeout=30) as store:
+        assert store.backup(study_dir / "study.db", final=True).ok
+        verified = store.verify(study_dir / "study.db")
+    assert verified.ok, verified.error
+    assert check_copies(s3, prefix, study_dir / "study.db", scratch) == len(
+        finished_trials(study_dir / "study.db")
+    )
