@@ -84,6 +84,8 @@ class DriveHelper:
         self.anchor = anchor
         self.place = place
         self.place_root = place_root
+        self.commit_s_per_mib = 0.0
+        """Added to a commit's deadline per MiB written (an object store uploads then)."""
         self.process = subprocess.Popen(
             list(argv),
             stdin=subprocess.PIPE,
@@ -275,8 +277,13 @@ class DriveHelper:
                             errno.EIO, "the local file shrank while it was copied", str(source)
                         )
                     copied += int(reply["copied"])
+                allowance = self.commit_s_per_mib * copied / (1 << 20)
                 await self._call(
-                    "commit", destination, timeout, handle=handle, sync_folder=sync_folder
+                    "commit",
+                    destination,
+                    timeout + allowance,
+                    handle=handle,
+                    sync_folder=sync_folder,
                 )
             except BaseException:
                 if not self.broken:

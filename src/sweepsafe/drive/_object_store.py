@@ -35,6 +35,9 @@ _Result = TypeVar("_Result", BackupResult, VerifyResult)
 
 OBJECT_HELPER_SCRIPT = Path(_object_helper.__file__).resolve()
 
+UPLOAD_S_PER_MIB = 0.5
+"""Added to an upload's deadline per MiB: an upload slower than 2 MiB/s counts as hung."""
+
 # The package that brings each protocol, and the extra of sweepsafe that installs it.
 _EXTRAS = {
     "s3": ("s3fs", "s3"),
@@ -53,9 +56,10 @@ class ObjectStore(DriveStore):
     are first spooled to a local file under ``local_root/.sweepsafe``, then uploaded in
     one request (a single PUT, or a multipart upload completed at once), so no
     temporary object ever appears in the bucket. A hung endpoint is abandoned like a
-    stalled Drive mount, after ``drive_timeout`` seconds per request; since an object
-    is uploaded in one request, ``drive_timeout`` must cover the upload of the largest
-    file.
+    stalled Drive mount, after ``drive_timeout`` seconds per request; an upload, one
+    request for the whole object, is allowed half a second more per MiB (a 2 GiB
+    checkpoint: ``drive_timeout`` plus 1,024 s), so only a store slower than 2 MiB/s
+    counts as hung while it uploads.
 
     Args:
         local_root: local folder whose contents are backed up.
@@ -138,6 +142,8 @@ class ObjectStore(DriveStore):
         self._pool.env = {CONFIG_VARIABLE: encoded}
         self._pool.place = self.url
         self._pool.place_root = str(self.drive_root)
+        # An object is uploaded whole when it is committed: its deadline grows with it.
+        self._pool.commit_s_per_mib = UPLOAD_S_PER_MIB
         self._pool.anchor = None  # an object store has no folders to create
 
     def __repr__(self) -> str:
