@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from sweepsafe.drive._fs_primitives import fsync_directory, transfer
+from sweepsafe.drive._fs_primitives import fsync_directory, process_alive, transfer
 from sweepsafe.drive._local_state import Signature, file_signature
 from sweepsafe.drive._open_writers import open_for_writing
 from sweepsafe.drive._reserved_names import temp_name
@@ -110,12 +110,8 @@ def remove_orphans(scratch: Path) -> None:
             pid = int(name.split("-")[1])
         except (IndexError, ValueError):
             continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not process_alive(pid):
             remove_quietly(scratch / name)
-        except PermissionError:
-            pass  # alive, another user's
 
 
 def remove_quietly(path: Path) -> None:

@@ -15,7 +15,7 @@ import os
 import stat as stat_module
 from collections.abc import Iterator
 
-__all__ = ["fsync_directory", "transfer", "walk_files", "write_all"]
+__all__ = ["fsync_directory", "process_alive", "transfer", "walk_files", "write_all"]
 
 _CHUNK = 8 << 20
 
@@ -182,3 +182,14 @@ def walk_files(root: str, *, skip: str) -> Iterator[tuple[str, str, os.stat_resu
                     pending.append((entry.path, rel + "/"))
                 continue
             yield rel, entry.name, info
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (another user's counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -12,7 +12,13 @@ import contextlib
 import datetime
 import errno
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING or __package__:
+    from sweepsafe.drive._fs_primitives import process_alive
+else:
+    # Imported by the object helper, run by file path with its folder on sys.path.
+    from _fs_primitives import process_alive
 
 __all__ = [
     "LOCAL_PROTOCOLS",
@@ -134,19 +140,9 @@ def remove_dead_spools(folder: str) -> int:
         return 0
     for name in names:
         pid_text = name.split("-", 1)[0]
-        if not pid_text.isdigit() or _alive(int(pid_text)):
+        if not pid_text.isdigit() or process_alive(int(pid_text)):
             continue
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(folder, name))
             removed += 1
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
