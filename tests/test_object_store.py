@@ -152,6 +152,20 @@ def test_the_command_runs_and_restores_a_sweep_with_an_object_store_url(tmp_path
     assert finished_numbers(database) == [0, 1, 2]
     assert (database.parent / "trials" / "trial-00002" / "result.txt").exists()
 
+    # The commands that read a copy take its URL too, and name it.
+    study_url = f"{url}/{database.parent.name}"
+    verified = run_cli("verify", study_url, cwd=tmp_path)
+    assert verified.returncode == 0, verified.stderr
+    assert verified.stdout.startswith(f"{study_url}/study.db: sound")
+    assert "3 trials (3 COMPLETE)" in verified.stdout
+    history = run_cli("history", study_url, "--json", cwd=tmp_path)
+    assert history.returncode == 0, history.stderr
+    generations = json.loads(history.stdout)["generations"]
+    assert generations[0]["finished_trials"] == 3
+    missing = run_cli("verify", f"{url}/no-such-study", cwd=tmp_path)
+    assert missing.returncode == 2
+    assert f"{url}/no-such-study/study.db does not exist" in missing.stderr
+
 
 def test_a_spool_left_by_a_killed_helper_is_removed_by_the_next_one(tmp_path: Path) -> None:
     local = tmp_path / "local"

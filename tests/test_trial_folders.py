@@ -176,54 +176,58 @@ def versions_written(log: Path) -> int:
     return int(lines[-1]) if lines else 0
 
 
+@contextlib.contextmanager
+def checkpoint_writer(
+    tmp_path: Path, setup: Drive, script: str, *args: object
+) -> Iterator[tuple[Path, Path, Path]]:
+    """``script`` rewriting ``trial-00000/last.pt`` in a process of its own, once a first
+    version of it is whole: (the trial folder, its Drive copy, the writer's version log)."""
+    folder = setup.local / "study" / "trials" / "trial-00000"
+    folder.mkdir(parents=True, exist_ok=True)
+    log, stop = tmp_path / "versions.log", tmp_path / "stop"
+    with writer_process(script, stop, folder / "last.pt", log, CHECKPOINT_BYTES, *args):
+        wait_for(lambda: versions_written(log) > 0, 30, "a first version")
+        yield folder, setup.drive / "study" / "trials" / "trial-00000", log
+
+
 def test_checkpoint_rewritten_by_a_writer_process_reaches_drive_whole_at_every_backup(
     tmp_path: Path,
 ) -> None:
     # Shipping 24 MiB takes about 0.6 s, while the writer rewrites it every 0.3 s: a copy
     # made from the live file would be overtaken by the next version every time.
     plan = FaultPlan(latency_s=0.1, latency_per_mib_s=0.02)
-    with stand_in_drive(tmp_path, plan) as setup:
-        folder = setup.local / "study" / "trials" / "trial-00000"
-        folder.mkdir(parents=True)
-        checkpoint, log = folder / "last.pt", tmp_path / "versions.log"
-        on_drive = setup.drive / "study" / "trials" / "trial-00000" / "last.pt"
+    with (
+        stand_in_drive(tmp_path, plan) as setup,
+        checkpoint_writer(tmp_path, setup, CHECKPOINT_WRITER, 0.3) as (folder, drive_folder, log),
+    ):
+        on_drive = drive_folder / "last.pt"
         landed = 0
-        with writer_process(
-            CHECKPOINT_WRITER, tmp_path / "stop", checkpoint, log, CHECKPOINT_BYTES, 0.3
-        ):
-            for _ in range(5):
-                wait_for(lambda seen=landed: versions_written(log) > seen, 30, "a new version")
-                complete_before = versions_written(log)
+        for _ in range(5):
+            wait_for(lambda seen=landed: versions_written(log) > seen, 30, "a new version")
+            complete_before = versions_written(log)
 
-                result = setup.store.backup(folder, is_directory=True)
+            result = setup.store.backup(folder, is_directory=True)
 
-                # Success means a version landed, whole, no older than the newest one
-                # complete when the backup started.
-                assert result.ok, result.error
-                assert result.files_copied == 1
-                version = checkpoint_version(on_drive.read_bytes())
-                assert version >= complete_before > landed
-                landed = version
+            # Success means a version landed, whole, no older than the newest one
+            # complete when the backup started.
+            assert result.ok, result.error
+            assert result.files_copied == 1
+            version = checkpoint_version(on_drive.read_bytes())
+            assert version >= complete_before > landed
+            landed = version
 
 
 def test_a_writer_stalled_in_the_middle_of_a_version_is_never_captured_torn(
     tmp_path: Path,
 ) -> None:
     # Unchanged for half a second, half written: quiet, but its writer holds it open.
+    landed: list[int] = []
     with stand_in_drive(tmp_path) as setup:
-        folder = setup.local / "study" / "trials" / "trial-00000"
-        folder.mkdir(parents=True)
-        checkpoint, log = folder / "last.pt", tmp_path / "versions.log"
-        on_drive = setup.drive / "study" / "trials" / "trial-00000" / "last.pt"
-        landed: list[int] = []
-        with writer_process(
-            STALLING_WRITER, tmp_path / "stop", checkpoint, log, CHECKPOINT_BYTES, 0.5, 0.5
-        ):
-            wait_for(lambda: versions_written(log) > 0, 30, "a first version")
+        with checkpoint_writer(tmp_path, setup, STALLING_WRITER, 0.5, 0.5) as (folder, drive, _):
             for _ in range(8):
                 result = setup.store.backup(folder, is_directory=True)
                 if result.ok and result.files_copied:
-                    landed.append(checkpoint_version(on_drive.read_bytes()))  # whole, or fails
+                    landed.append(checkpoint_version((drive / "last.pt").read_bytes()))
                 time.sleep(0.37)  # out of step with the writer: backups meet it mid-stall
 
         assert landed, "no version was captured in the pauses between versions"
@@ -234,13 +238,8 @@ def test_checkpoint_changing_faster_than_it_can_be_captured_is_named_never_backe
     tmp_path: Path,
 ) -> None:
     with stand_in_drive(tmp_path) as setup:
-        folder = setup.local / "study" / "trials" / "trial-00000"
-        write(folder / "metrics.json", b'{"loss": 0.5}')
-        checkpoint, log = folder / "last.pt", tmp_path / "versions.log"
-        on_drive = setup.drive / "study" / "trials" / "trial-00000"
-        with writer_process(RESTLESS_WRITER, tmp_path / "stop", checkpoint, log, CHECKPOINT_BYTES):
-            wait_for(lambda: versions_written(log) > 0, 30, "a first version")
-
+        write(setup.local / "study" / "trials" / "trial-00000" / "metrics.json", b'{"loss": 0.5}')
+        with checkpoint_writer(tmp_path, setup, RESTLESS_WRITER) as (folder, on_drive, log):
             result = setup.store.backup(folder, is_directory=True)
 
             assert not result.ok
@@ -263,11 +262,7 @@ def test_a_backup_waiting_for_a_changing_file_stops_at_once_when_cancelled(
     # A capture waits seconds for a file that never stays unchanged; the exit path's
     # deadline cancels the backup and must not wait for that.
     with stand_in_drive(tmp_path) as setup:
-        folder = setup.local / "study" / "trials" / "trial-00000"
-        folder.mkdir(parents=True)
-        checkpoint, log = folder / "last.pt", tmp_path / "versions.log"
-        with writer_process(RESTLESS_WRITER, tmp_path / "stop", checkpoint, log, CHECKPOINT_BYTES):
-            wait_for(lambda: versions_written(log) > 0, 30, "a first version")
+        with checkpoint_writer(tmp_path, setup, RESTLESS_WRITER) as (folder, _, _):
 
             async def cancelled_backup() -> None:
                 with anyio.move_on_after(0.3):

@@ -8,10 +8,12 @@ instead of hanging it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable
+import tempfile
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TextIO, TypeVar
 
@@ -19,6 +21,7 @@ from sweepsafe._blocking import run_blocking
 from sweepsafe.cli._errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNSOUND, CommandError
 from sweepsafe.drive import BackupResult, DriveStore, ObjectStore, path_kind
 from sweepsafe.drive._drive_errors import DriveTimeout
+from sweepsafe.drive._operations import DATABASE_SUFFIXES
 from sweepsafe.errors import DriveNotMountedError
 from sweepsafe.paths import COLAB_DRIVE_MOUNT, configured_drive_roots, is_within
 
@@ -34,6 +37,7 @@ __all__ = [
     "kind_of",
     "local_folder",
     "non_negative_float",
+    "object_database",
     "object_store_for",
     "positive_float",
     "positive_int",
@@ -44,6 +48,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+STUDY_DB_NAME = "study.db"
 
 DRIVE_CHECK_TIMEOUT_S = 30.0
 """How long a command waits for Drive to say whether a folder is there (``--drive-timeout``)."""
@@ -222,6 +228,29 @@ def object_store_for(local_root: Path, target: str, **options: object) -> DriveS
         return ObjectStore(local_root, target, **options)  # type: ignore[arg-type]
     except (ValueError, ModuleNotFoundError) as exc:
         raise CommandError(str(exc)) from None
+
+
+@contextlib.contextmanager
+def object_database(url: str, timeout: float) -> Iterator[tuple[ObjectStore, str]]:
+    """An ObjectStore over the study folder of ``url`` (a study folder's URL, or its
+    database's), and the database's URL; for the commands that only read a copy.
+
+    Raises:
+        CommandError: the URL cannot be used, or its package is not installed.
+    """
+    url = url.rstrip("/")
+    folder, database = (
+        (url.rsplit("/", 1)[0], url)
+        if url.endswith(DATABASE_SUFFIXES)
+        else (url, f"{url}/{STUDY_DB_NAME}")
+    )
+    with tempfile.TemporaryDirectory(prefix="sweepsafe-read-") as scratch:
+        store = object_store_for(Path(scratch), folder, drive_timeout=timeout)
+        assert isinstance(store, ObjectStore)
+        try:
+            yield store, database
+        finally:
+            store.close()
 
 
 def copy_store(args: argparse.Namespace) -> tuple[DriveStore, Path]:

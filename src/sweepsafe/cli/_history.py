@@ -6,19 +6,23 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from sweepsafe.cli._common import (
     add_drive_timeout_option,
     ask_drive,
     check_timeout,
     kind_of,
+    object_database,
     read_timeout,
 )
 from sweepsafe.cli._errors import EXIT_BAD_INPUT, EXIT_OK, CommandError
 from sweepsafe.cli._status import human_size, iso_time
 from sweepsafe.drive._helper_client import HelperPool
 from sweepsafe.drive._reading import generations_of
+
+if TYPE_CHECKING:
+    from sweepsafe.drive._results import GenerationInfo
 
 __all__ = ["register"]
 
@@ -37,21 +41,20 @@ def register(
         "was published, its finished trials, best value and size. Bring one back with "
         "sweepsafe restore --generation N (or --before TIME).",
     )
-    history.add_argument("path", metavar="DIR", help="a study folder on Drive, or its study.db")
+    history.add_argument(
+        "path",
+        metavar="DIR",
+        help="a study folder on Drive, or its study.db; or its object store URL (s3://...)",
+    )
     history.add_argument("--json", action="store_true", help="print JSON")
     add_drive_timeout_option(history)
     history.set_defaults(command_function=history_command)
 
 
-def history_command(args: argparse.Namespace, out: TextIO) -> int:
-    """Print the generations of one study's database; 2 if there are none."""
-    target = Path(os.path.abspath(args.path))
-    if kind_of(target, check_timeout(args)) == "dir":
-        target = target / STUDY_DB_NAME
-    timeout = read_timeout(args)
+def _drive_generations(target: Path, timeout: float) -> list[GenerationInfo]:
     pool = HelperPool()
     try:
-        generations = ask_drive(
+        return ask_drive(
             target,
             "listing the history of",
             timeout,
@@ -59,6 +62,20 @@ def history_command(args: argparse.Namespace, out: TextIO) -> int:
         )
     finally:
         pool.close()
+
+
+def history_command(args: argparse.Namespace, out: TextIO) -> int:
+    """Print the generations of one study's database; 2 if there are none."""
+    timeout = read_timeout(args)
+    target: object
+    if "://" in args.path:
+        with object_database(args.path, timeout) as (store, target):
+            generations = store.history(target)
+    else:
+        target = Path(os.path.abspath(args.path))
+        if kind_of(target, check_timeout(args)) == "dir":
+            target = target / STUDY_DB_NAME
+        generations = _drive_generations(target, timeout)
     if not generations:
         raise CommandError(
             f"no generations of {target} are kept (give a study folder on Drive that "

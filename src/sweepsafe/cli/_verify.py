@@ -12,6 +12,7 @@ from sweepsafe.cli._common import (
     add_drive_timeout_option,
     check_timeout,
     kind_of,
+    object_database,
     read_timeout,
 )
 from sweepsafe.cli._errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNSOUND, CommandError
@@ -36,7 +37,11 @@ def register(
         description="Check one database read-only. Exit 0 if it is sound and, for a Drive "
         "copy, no finished trial lacks its files there; 1 if not.",
     )
-    verify.add_argument("path", metavar="PATH", help="a study.db, or a folder holding one")
+    verify.add_argument(
+        "path",
+        metavar="PATH",
+        help="a study.db, or a folder holding one; or its object store URL (s3://...)",
+    )
     verify.add_argument("--json", action="store_true", help="print JSON")
     add_drive_timeout_option(verify)
     verify.set_defaults(command_function=verify_command)
@@ -49,28 +54,34 @@ def verify_command(args: argparse.Namespace, out: TextIO) -> int:
         CommandError: the path does not exist (status 2), or the database is not sound or
             not complete (status 1, after the JSON when ``--json``).
     """
-    target = Path(os.path.abspath(args.path))
-    if kind_of(target, check_timeout(args)) == "dir":
-        target = target / STUDY_DB_NAME
-    result = check(target, read_timeout(args))
+    if "://" in args.path:
+        with object_database(args.path, read_timeout(args)) as (store, url):
+            result = store.verify(url)
+        shown: object = url
+    else:
+        target = Path(os.path.abspath(args.path))
+        if kind_of(target, check_timeout(args)) == "dir":
+            target = target / STUDY_DB_NAME
+        result = check(target, read_timeout(args))
+        shown = target
     if not result.exists and result.error is None:
-        raise CommandError(f"{target} does not exist", EXIT_BAD_INPUT)
+        raise CommandError(f"{shown} does not exist", EXIT_BAD_INPUT)
     if args.json:
         json.dump(as_json(result), out, indent=2)
         out.write("\n")
     if not sound(result) or not result.ok:
         problem = result.error or (
-            f"{target} {NOT_SQLITE}" if not result.is_sqlite else f"{target} is not sound"
+            f"{shown} {NOT_SQLITE}" if not result.is_sqlite else f"{shown} is not sound"
         )
         raise CommandError(problem, EXIT_UNSOUND)
     if not args.json:
-        out.write(_describe(result))
+        out.write(_describe(result, shown))
     return EXIT_OK
 
 
-def _describe(result: VerifyResult) -> str:
+def _describe(result: VerifyResult, shown: object) -> str:
     lines = [
-        f"{result.path}: sound (integrity check ok), {human_size(result.size)}, "
+        f"{shown}: sound (integrity check ok), {human_size(result.size)}, "
         f"modified {iso_time(result.mtime)} UTC"
     ]
     if result.generation is not None:
