@@ -257,3 +257,22 @@ def test_end_of_sweep_backup_reports_a_failing_drive_by_name(tmp_path: Path) -> 
 def _mkparent(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+class HalfMadeBackend:
+    """A user's own backend that forgot most of the protocol."""
+
+    local_root = Path("/tmp")
+
+    async def abackup(self, path: Path, is_directory: bool = False) -> None:
+        raise AssertionError("never called: it is refused when the callback is made")
+
+
+def test_a_backend_lacking_part_of_the_protocol_is_refused_by_name(tmp_path: Path) -> None:
+    with pytest.raises(TypeError) as refused:
+        create_incremental_backup_callback(tmp_path, HalfMadeBackend())  # type: ignore[arg-type]
+    message = str(refused.value)
+    assert "HalfMadeBackend(...) has abackup but lacks" in message
+    assert "arestore, averify, ahistory, aacquire, aholds, arenew, arelease" in message
+    with pytest.raises(TypeError, match="backup_to_drive must be a DriveStore"):
+        create_incremental_backup_callback(tmp_path, "/content/drive")  # type: ignore[arg-type]

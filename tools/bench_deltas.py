@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
+from sweepsafe.drive import BackupBackend
 from sweepsafe.sweep import run_sweep, study_dir_for
 from sweepsafe.testing import FaultPlan, simulated_store
 from sweepsafe.worker import BackupWorker
@@ -59,6 +60,8 @@ class CountingStore:
         self._lock = threading.Lock()
         self.sweep: list[BackupResult] = []
         self.final: list[BackupResult] = []
+        # Anything short of the whole protocol would be run as a plain callable.
+        assert isinstance(self, BackupBackend), "CountingStore must be a BackupBackend"
 
     async def abackup(
         self, path: Any, is_directory: bool = False, *, exclude: Any = (), final: bool = False
@@ -78,8 +81,13 @@ class CountingStore:
     async def ahistory(self, path: Any) -> list[GenerationInfo]:
         return await self.store.ahistory(path)
 
-    async def aacquire(self, study_dir: Any, *, takeover: bool = False) -> None:
-        await self.store.aacquire(study_dir, takeover=takeover)
+    async def aacquire(
+        self, study_dir: Any, *, takeover: bool = False, shared: bool = False
+    ) -> None:
+        await self.store.aacquire(study_dir, takeover=takeover, shared=shared)
+
+    async def aholds(self, study_dir: Any, *, take: bool = False) -> bool:
+        return await self.store.aholds(study_dir, take=take)
 
     async def arenew(self) -> None:
         await self.store.arenew()

@@ -278,6 +278,36 @@ def keep_leases_alive(backup_to_drive: object, worker: BackupWorker) -> None:
         worker.every(("lease", id(backup_to_drive)), interval, backup_to_drive.arenew)
 
 
+_BACKEND_MEMBERS = (
+    "local_root",
+    "abackup",
+    "arestore",
+    "averify",
+    "ahistory",
+    "aacquire",
+    "aholds",
+    "arenew",
+    "arelease",
+)
+
+
+def _check_callable(backup_to_drive: object) -> None:
+    """A half-made backend would be called as a plain callable: say what it lacks."""
+    if hasattr(backup_to_drive, "abackup"):
+        missing = [name for name in _BACKEND_MEMBERS if not hasattr(backup_to_drive, name)]
+        raise TypeError(
+            f"backup_to_drive={type(backup_to_drive).__name__}(...) has abackup but lacks "
+            f"{', '.join(missing)}: a backend needs every member of "
+            "sweepsafe.drive.BackupBackend (or pass a plain callable(path, is_directory))"
+        )
+    if not callable(backup_to_drive):
+        raise TypeError(
+            f"backup_to_drive must be a DriveStore, an ObjectStore, another "
+            f"sweepsafe.drive.BackupBackend or a callable(path, is_directory), not "
+            f"{type(backup_to_drive).__name__}"
+        )
+
+
 def backup_job(
     backup_to_drive: BackupToDrive,
     progress: BackupProgress | None,
@@ -289,6 +319,7 @@ def backup_job(
     """The job the worker runs for ``backup_to_drive``: async for a store, else the
     user's callable as it is (the worker runs a sync one in a thread it can abandon)."""
     if not isinstance(backup_to_drive, BackupBackend):
+        _check_callable(backup_to_drive)
         return backup_to_drive
     store = backup_to_drive
 
