@@ -60,6 +60,7 @@ _CAPTURE_PATIENCE_S = 4.0  # how long a capture waits for a file to stay unchang
 _SETTLE_S = 0.05
 _SETTLE_LOOK_S = 0.03  # how often a changing file is looked at again
 _HELD_OPEN_SETTLE_S = 2.0  # the quiet needed while a writer holds the file open
+_WRITER_LOOK_S = 0.25  # how often /proc is read for a writer, while one holds the file
 _SETTLE_BYTES_PER_S = 1 << 30  # a writer producing a big file pauses longer between pieces
 _SETTLE_MAX_EXTRA_S = 0.2
 
@@ -187,6 +188,7 @@ def _wait_until_settled(
     system call says that a writer has finished), so that a capture starts as soon as
     a version is complete and has the whole pause before the next one to copy it.
     """
+    writer_seen, next_look = False, 0.0
     while True:
         info = os.fstat(fd)
         settle = _SETTLE_S + min(_SETTLE_MAX_EXTRA_S, info.st_size / _SETTLE_BYTES_PER_S)
@@ -197,7 +199,13 @@ def _wait_until_settled(
         else:
             quiet = time.time() - max(info.st_mtime_ns, info.st_ctime_ns) / 1e9
             if quiet >= settle:
-                if quiet >= _HELD_OPEN_SETTLE_S or not open_for_writing(info, name):
+                if quiet >= _HELD_OPEN_SETTLE_S:
+                    return info
+                if time.monotonic() >= next_look:
+                    # /proc is read a few times a second, not at every look at the file.
+                    writer_seen = open_for_writing(info, name)
+                    next_look = time.monotonic() + _WRITER_LOOK_S
+                if not writer_seen:
                     return info
                 # Quiet, but a writer still holds it open: it may have stalled in the
                 # middle of a version. Only a long quiet makes that unlikely.
