@@ -279,15 +279,8 @@ def keep_leases_alive(backup_to_drive: object, worker: BackupWorker) -> None:
 
 
 _BACKEND_MEMBERS = (
-    "local_root",
-    "abackup",
-    "arestore",
-    "averify",
-    "ahistory",
-    "aacquire",
-    "aholds",
-    "arenew",
-    "arelease",
+    *BackupBackend.__annotations__,
+    *(name for name, value in vars(BackupBackend).items() if callable(value) and name[0] != "_"),
 )
 
 
