@@ -41,6 +41,8 @@ from urllib.parse import quote
 
 import pytest
 
+from sweepsafe.drive._fs_primitives import process_alive
+
 SERVER_PACKAGE = "postgresql"  # Debian's package with initdb, pg_ctl and postgres
 DRIVER_MODULE = "psycopg"
 DRIVER_PACKAGE = "psycopg[binary]"
@@ -440,13 +442,7 @@ def process_running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return process_alive(pid)
     # The state follows the parenthesised command name, which may itself hold spaces.
     return stat[stat.rfind(")") + 2 :][:1] not in ("Z", "X")
 

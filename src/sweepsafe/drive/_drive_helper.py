@@ -76,16 +76,17 @@ class DriveHelper:
         env: Mapping[str, str] | None = None,
         place: str | None = None,
         place_root: str | None = None,
+        commit_s_per_mib: float = 0.0,
     ) -> None:
         """``env``: variables added to the helper's environment (an object store's
         settings, kept off its command line); ``place``: the object store's URL, which
         every error this helper raises carries; ``place_root``: the virtual root the
-        store's paths start with, shown as ``place`` in errors."""
+        store's paths start with, shown as ``place`` in errors; ``commit_s_per_mib``:
+        added to a commit's deadline per MiB written (an object store uploads then)."""
         self.anchor = anchor
         self.place = place
         self.place_root = place_root
-        self.commit_s_per_mib = 0.0
-        """Added to a commit's deadline per MiB written (an object store uploads then)."""
+        self.commit_s_per_mib = commit_s_per_mib
         self.process = subprocess.Popen(
             list(argv),
             stdin=subprocess.PIPE,

@@ -55,7 +55,7 @@ class HelperPool:
         self.place = place
         self.place_root = place_root
         self.commit_s_per_mib = 0.0
-        """Added to a commit's deadline per MiB written (an object store uploads then)."""
+        """See :class:`DriveHelper`; an ObjectStore sets it."""
         self.argv = list(argv) if argv is not None else default_helper_argv()
         self._idle: list[DriveHelper] = []
         self._lock = threading.Lock()
@@ -71,11 +71,14 @@ class HelperPool:
             if helper.process.poll() is None:
                 return helper
             helper.end(kill=False)  # it died while idle (OOM killer, kill by hand)
-        helper = DriveHelper(
-            self.argv, self.anchor, env=self.env, place=self.place, place_root=self.place_root
+        return DriveHelper(
+            self.argv,
+            self.anchor,
+            env=self.env,
+            place=self.place,
+            place_root=self.place_root,
+            commit_s_per_mib=self.commit_s_per_mib,
         )
-        helper.commit_s_per_mib = self.commit_s_per_mib
-        return helper
 
     def _give_back(self, helper: DriveHelper) -> None:
         if helper.broken:
