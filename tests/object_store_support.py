@@ -133,3 +133,31 @@ def download(endpoint: S3Endpoint, key: str, target: str) -> None:
 
     fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, **endpoint.options())
     fs.get_file(key, target)
+
+
+def start_upload(endpoint: S3Endpoint, key: str) -> None:
+    """Begin a multipart upload of ``bucket/key`` with one part and leave it unfinished,
+    as a helper killed in the middle of a large upload leaves it."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, **endpoint.options())
+    bucket, _, name = key.partition("/")
+    upload = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=name)
+    fs.call_s3(
+        "upload_part",
+        Bucket=bucket,
+        Key=name,
+        UploadId=upload["UploadId"],
+        PartNumber=1,
+        Body=b"\0" * (5 * 2**20),
+    )
+
+
+def open_uploads(endpoint: S3Endpoint, prefix: str) -> list[str]:
+    """The keys of the multipart uploads begun and not finished under ``bucket/prefix``."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, **endpoint.options())
+    bucket, _, name = prefix.partition("/")
+    listed = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=name)
+    return sorted(f"{bucket}/{upload['Key']}" for upload in listed.get("Uploads", []))

@@ -29,10 +29,19 @@ from object_store_support import (
     S3Endpoint,
     moto_server,
     object_names,
+    open_uploads,
     silent_endpoint,
+    start_upload,
 )
 from sweep_support import finished_trials, integrity
-from sweepsafe import ObjectStore, SweepsafeError, run_sweep, study_dir_for, trial_dir
+from sweepsafe import (
+    ObjectStore,
+    StudyBackupReport,
+    SweepsafeError,
+    run_sweep,
+    study_dir_for,
+    trial_dir,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -50,6 +59,9 @@ def s3() -> Iterator[S3Endpoint]:
 def prefix(request: pytest.FixtureRequest) -> str:
     """A prefix of the test's own in the shared bucket."""
     return f"{BUCKET}/{request.node.name.replace('[', '-').replace(']', '')}"
+
+
+last_report: list[StudyBackupReport] = []
 
 
 def sweep(store: ObjectStore, n_trials: int) -> tuple[Path, int, bool]:
@@ -70,6 +82,7 @@ def sweep(store: ObjectStore, n_trials: int) -> tuple[Path, int, bool]:
     )
     assert result.backup_report is not None
     assert result.backup_report.ok, result.backup_report
+    last_report[:] = [result.backup_report]
     database = result.study_dir / "study.db"
     return database, len(finished_trials(database)), result.restored_from_drive
 
@@ -81,6 +94,12 @@ def test_a_sweep_on_s3_resumes_on_an_empty_disk_with_its_trial_files(
     with ObjectStore(tmp_path / "first", url, s3.options(), drive_timeout=30) as store:
         database, finished, restored = sweep(store, 4)
         assert (finished, restored) == (4, False)
+        # What the user reads names the store and the object's URL, never a local path.
+        backed_up = store.backup(database)
+        assert backed_up.destination == f"{url}/{database.parent.name}/study.db"
+        assert "Drive" not in (report := str(last_report[0]))
+        assert report.startswith("Object store copy complete"), report
+        assert f"{url}/{database.parent.name}/study.db: 4 trials" in report
         verified = store.verify(database)
         assert verified.ok, verified.error
         assert verified.integrity_ok
@@ -121,7 +140,10 @@ def test_a_file_url_backs_up_restores_and_verifies_without_leaving_temporaries(
     shutil.rmtree(local)
     study_dir.mkdir(parents=True)
     with ObjectStore(local, f"file://{remote}") as store:
-        assert store.restore(study_dir / "study.db").ok
+        brought_back = store.restore(study_dir / "study.db")
+        assert brought_back.ok
+        assert brought_back.source == f"file://{remote}/study-a/study.db"
+        assert brought_back.destination == study_dir / "study.db"
         assert store.restore(study_dir / "notes", is_directory=True).ok
     assert [number for number, _ in finished_trials(study_dir / "study.db")] == [0, 1, 2]
     assert (study_dir / "notes" / "run.txt").read_text(encoding="utf-8") == "three trials"
@@ -165,6 +187,17 @@ def test_the_command_runs_and_restores_a_sweep_with_an_object_store_url(tmp_path
     missing = run_cli("verify", f"{url}/no-such-study", cwd=tmp_path)
     assert missing.returncode == 2
     assert f"{url}/no-such-study/study.db does not exist" in missing.stderr
+    status = run_cli("status", url, "--json", cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    (listed,) = json.loads(status.stdout)["databases"]
+    assert listed["path"] == f"{study_url}/study.db"
+    assert (listed["check"], listed["trial_counts"]) == ("ok", {"COMPLETE": 3})
+    table = run_cli("status", url, cwd=tmp_path)
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines()[1].startswith(database.parent.name)
+    empty = run_cli("status", f"{url}/no-such-study", cwd=tmp_path)
+    assert empty.returncode == 2
+    assert f"{url}/no-such-study does not exist" in empty.stderr
 
 
 def test_a_spool_left_by_a_killed_helper_is_removed_by_the_next_one(tmp_path: Path) -> None:
@@ -179,6 +212,28 @@ def test_a_spool_left_by_a_killed_helper_is_removed_by_the_next_one(tmp_path: Pa
         assert store.backup(make_file(local)).ok
     assert not left.exists()
     assert list(spools.iterdir()) == []
+
+
+def test_uploads_left_unfinished_in_a_study_are_aborted_by_its_owner(
+    tmp_path: Path, s3: S3Endpoint, prefix: str
+) -> None:
+    """S3 keeps (and bills) the parts of a multipart upload whose helper was killed; the
+    runtime that owns the study aborts them, and never another study's."""
+    local = tmp_path / "local"
+    study_dir = local / "study-a"
+    study_dir.mkdir(parents=True)
+    study = optuna.create_study(storage=f"sqlite:///{study_dir / 'study.db'}", study_name="a")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    start_upload(s3, f"{prefix}/study-a/trials/trial-00001/last.pt")
+    start_upload(s3, f"{prefix}/study-b/trials/trial-00000/last.pt")
+
+    with ObjectStore(local, f"s3://{prefix}", s3.options(), drive_timeout=30) as store:
+        assert store.backup(study_dir / "study.db").ok
+        assert open_uploads(s3, prefix) == [f"{prefix}/study-b/trials/trial-00000/last.pt"]
+        # One of this runtime's own uploads abandoned at its deadline: gone at release.
+        start_upload(s3, f"{prefix}/study-a/trials/trial-00002/last.pt")
+        store.release(study_dir)
+    assert open_uploads(s3, prefix) == [f"{prefix}/study-b/trials/trial-00000/last.pt"]
 
 
 def test_memory_urls_are_refused_with_the_reason(tmp_path: Path) -> None:
@@ -344,7 +399,14 @@ def test_a_sweep_against_a_hung_endpoint_finishes_and_its_process_exits_in_time(
 CHILD = """
 import json, os, sys, time
 import optuna
-from sweepsafe import ObjectStore, SweepsafeError, run_sweep, study_dir_for, trial_dir
+from sweepsafe import (
+    ObjectStore,
+    StudyBackupReport,
+    SweepsafeError,
+    run_sweep,
+    study_dir_for,
+    trial_dir,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 local, url, options = sys.argv[1], sys.argv[2], json.loads(os.environ["STORE_OPTIONS"])

@@ -35,7 +35,7 @@ from sweepsafe._callbacks import (
 )
 from sweepsafe._resume import _FINISHED
 from sweepsafe._study_report import StudyBackupReport
-from sweepsafe.drive import BackupBackend, BackupResult
+from sweepsafe.drive import BackupBackend, BackupResult, ObjectStore
 from sweepsafe.errors import StorageError
 from sweepsafe.export import export_study, server_storage
 
@@ -272,7 +272,7 @@ def final_shared_backup(
     exported = next((r.last_result for r in reports if r.target == exporter.export_path), None)
     notes: tuple[str, ...] = ()
     if isinstance(exported, BackupResult) and exported.kind == "skipped":
-        notes = ("another worker holds the study's lease: it exports the study to Drive",)
+        notes = ("another worker holds the study's lease: it exports the study",)
     if not flush.timed_out:
         run_blocking(lambda: store.arelease(study_dir))
     return StudyBackupReport(
@@ -282,6 +282,7 @@ def final_shared_backup(
         timed_out=flush.timed_out,
         duration_s=time.monotonic() - started,
         notes=notes,
+        object_store=isinstance(store, ObjectStore),
     )
 
 

@@ -42,6 +42,12 @@ class StudyBackupReport:
     skipped: tuple[str, ...] = ()
     """Entries left out by rule (links out of the study folder...), named once."""
     notes: tuple[str, ...] = field(default_factory=tuple)
+    object_store: bool = False
+    """The copies live in an object store (an :class:`~sweepsafe.ObjectStore`), not on Drive."""
+
+    @property
+    def _copy(self) -> str:
+        return "Object store copy" if self.object_store else "Drive copy"
 
     @property
     def missing_files(self) -> Mapping[int, tuple[str, ...]]:
@@ -92,19 +98,20 @@ class StudyBackupReport:
                 "target(s) still pending; they go on in the background until the process exits."
             )
         if self.verification is not None:
-            lines.append(_describe_verification(self.verification))
+            lines.append(_describe_verification(self.verification, self._copy))
         missing = self.missing_files
         if missing:
             numbers = ", ".join(str(n) for n in sorted(missing)[:10])
             lines.append(
-                f"{len(missing)} finished trial(s) lack files on Drive (trials {numbers}"
+                f"{len(missing)} finished trial(s) lack files "
+                f"{'in the object store' if self.object_store else 'on Drive'} (trials {numbers}"
                 f"{', ...' if len(missing) > 10 else ''}); first: "
                 f"{missing[min(missing)][0]}"
             )
         if self.skipped:
             lines.append(f"Left out by rule ({len(self.skipped)}): " + "; ".join(self.skipped[:5]))
         lines.extend(self.notes)
-        verdict = "Drive copy complete" if self.ok else "Drive copy INCOMPLETE"
+        verdict = f"{self._copy} complete" if self.ok else f"{self._copy} INCOMPLETE"
         return f"{verdict} ({self.duration_s:.1f} s)\n" + "\n".join(f"  {line}" for line in lines)
 
     def raise_for_failures(self) -> None:
@@ -138,11 +145,11 @@ def _describe_target(target: TargetReport) -> str:
     return f"{target.target} NOT backed up: {target.last_error or 'the backup failed'}"
 
 
-def _describe_verification(verification: VerifyResult) -> str:
+def _describe_verification(verification: VerifyResult, copy: str) -> str:
     if not verification.exists:
         if verification.error is not None:
-            return f"Drive copy {verification.path}: {verification.error}"
-        return f"Drive copy {verification.path} does not exist"
+            return f"{copy} {verification.path}: {verification.error}"
+        return f"{copy} {verification.path} does not exist"
     counts = ", ".join(
         f"{count} {state}" for state, count in sorted(verification.trial_counts.items())
     )
@@ -150,7 +157,7 @@ def _describe_verification(verification: VerifyResult) -> str:
     trials = (
         f"{sum(verification.trial_counts.values())} trials ({counts})" if counts else "no trials"
     )
-    line = f"Drive copy {verification.path}: {trials}, {integrity}"
+    line = f"{copy} {verification.path}: {trials}, {integrity}"
     if verification.generation is not None:
         line += f", generation {verification.generation}"
     if verification.error is not None:

@@ -33,7 +33,7 @@ from sweepsafe._callbacks import (
 from sweepsafe._callbacks import BackupToDrive as BackupToDrive
 from sweepsafe._callbacks import OptunaCallback as OptunaCallback
 from sweepsafe._study_report import StudyBackupReport
-from sweepsafe.drive import BackupBackend, BackupResult, VerifyResult, check_database
+from sweepsafe.drive import BackupBackend, BackupResult, ObjectStore, VerifyResult, check_database
 from sweepsafe.errors import StudyNotFoundError
 from sweepsafe.paths import is_drive_path, is_within
 from sweepsafe.worker import BackupWorker, get_default_worker
@@ -159,6 +159,7 @@ def backup_hpo_study_to_drive(
     found = find_study_dir(backbone_output_dir, study_dir)
     database = found / STUDY_DB_NAME
     store = backup_to_drive if isinstance(backup_to_drive, BackupBackend) else None
+    object_store = isinstance(store, ObjectStore)
     if is_drive_path(found):
         return StudyBackupReport(
             study_dir=found,
@@ -179,9 +180,10 @@ def backup_hpo_study_to_drive(
         job = backup_job(backup_to_drive, None, final=target == database)
         worker.submit(target, job, is_directory=is_directory)
     logger.info(
-        "Waiting %s for the backup of %s to reach Drive.",
+        "Waiting %s for the backup of %s to reach %s.",
         "without a time limit" if timeout is None else f"up to {timeout:g} s",
         found,
+        "the object store" if object_store else "Drive",
     )
     flush = worker.flush(timeout)
     wanted = {target for target, _ in targets}
@@ -203,6 +205,7 @@ def backup_hpo_study_to_drive(
         timed_out=flush.timed_out,
         duration_s=time.monotonic() - started,
         skipped=tuple(skipped),
+        object_store=object_store,
     )
 
 
@@ -226,9 +229,10 @@ def _verify(store: BackupBackend | None, database: Path, timeout: float | None) 
 
     verification = run_blocking(verify_bounded)
     if verification is None:
+        place = "The object store" if isinstance(store, ObjectStore) else "Google Drive"
         return VerifyResult(
             path=database,
             exists=False,
-            error=f"Google Drive did not answer within {timeout:.0f} s while checking the copy",
+            error=f"{place} did not answer within {timeout:.0f} s while checking the copy",
         )
     return verification

@@ -231,6 +231,22 @@ def object_store_for(local_root: Path, target: str, **options: object) -> DriveS
 
 
 @contextlib.contextmanager
+def object_root(url: str, timeout: float) -> Iterator[ObjectStore]:
+    """An ObjectStore over ``url``, for the commands that only read copies.
+
+    Raises:
+        CommandError: the URL cannot be used, or its package is not installed.
+    """
+    with tempfile.TemporaryDirectory(prefix="sweepsafe-read-") as scratch:
+        store = object_store_for(Path(scratch), url, drive_timeout=timeout)
+        assert isinstance(store, ObjectStore)
+        try:
+            yield store
+        finally:
+            store.close()
+
+
+@contextlib.contextmanager
 def object_database(url: str, timeout: float) -> Iterator[tuple[ObjectStore, str]]:
     """An ObjectStore over the study folder of ``url`` (a study folder's URL, or its
     database's), and the database's URL; for the commands that only read a copy.
@@ -244,13 +260,8 @@ def object_database(url: str, timeout: float) -> Iterator[tuple[ObjectStore, str
         if url.endswith(DATABASE_SUFFIXES)
         else (url, f"{url}/{STUDY_DB_NAME}")
     )
-    with tempfile.TemporaryDirectory(prefix="sweepsafe-read-") as scratch:
-        store = object_store_for(Path(scratch), folder, drive_timeout=timeout)
-        assert isinstance(store, ObjectStore)
-        try:
-            yield store, database
-        finally:
-            store.close()
+    with object_root(folder, timeout) as store:
+        yield store, database
 
 
 def copy_store(args: argparse.Namespace) -> tuple[DriveStore, Path]:

@@ -22,12 +22,15 @@ from sweepsafe.cli._common import (
     ask_drive,
     check_timeout,
     kind_of,
+    object_database,
+    object_root,
     read_timeout,
     stalled,
 )
 from sweepsafe.cli._errors import EXIT_OK, EXIT_UNSOUND, CommandError
 from sweepsafe.drive import VerifyResult, check_database, folder_entries
 from sweepsafe.drive._drive_errors import DriveTimeout
+from sweepsafe.drive._operations import DATABASE_SUFFIXES
 
 __all__ = ["as_json", "check", "check_word", "human_size", "iso_time", "register"]
 
@@ -47,7 +50,11 @@ def register(
         description="Report every study under DIR (study-*/study.db, or DIR/study.db), "
         "local or on Drive, read-only. Exit 1 if any database is not sound.",
     )
-    status.add_argument("directory", metavar="DIR", help="an output or Drive folder, or a file")
+    status.add_argument(
+        "directory",
+        metavar="DIR",
+        help="an output or Drive folder, a file, or an object store URL (s3://bucket/prefix)",
+    )
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.add_argument(
         "--storage",
@@ -132,11 +139,40 @@ def find_databases(root: Path, timeout: float) -> list[Path]:
     entries = (
         ask_drive(root, "listing", timeout, lambda: folder_entries(root, timeout=timeout)) or []
     )
-    found = [root / STUDY_DB_NAME] if (STUDY_DB_NAME, "file") in entries else []
+    return [Path(found) for found in _study_databases(str(root), entries)]
+
+
+def object_store_results(url: str, timeout: float) -> list[VerifyResult]:
+    """Every database under an object store URL (or the one it names), each checked.
+
+    Raises:
+        CommandError: the URL cannot be used, nothing is stored under it, it holds no
+            study folder, or the store failed or did not answer.
+    """
+    if url.endswith(DATABASE_SUFFIXES):
+        with object_database(url, timeout) as (store, database):
+            return [store.verify(database)]
+    with object_root(url, timeout) as store:
+        try:
+            entries = run_blocking(lambda: store.aentries(url))
+        except DriveTimeout:
+            raise CommandError(
+                f"the object store did not answer within {timeout:g} s while listing {url}; "
+                "check the endpoint and the network, then run again."
+            ) from None
+        except OSError as exc:
+            raise CommandError(f"{url} cannot be listed: {exc.strerror or exc}") from None
+        if entries is None:
+            raise CommandError(f"{url} does not exist (nothing is stored under it)")
+        return [store.verify(database) for database in _study_databases(url, entries)]
+
+
+def _study_databases(root: str, entries: Sequence[tuple[str, str]]) -> list[str]:
+    found = [f"{root}/{STUDY_DB_NAME}"] if (STUDY_DB_NAME, "file") in entries else []
     found.extend(
-        root / name / STUDY_DB_NAME
-        for name, entry_kind in entries
-        if entry_kind == "dir" and name.startswith("study-")
+        f"{root}/{name}/{STUDY_DB_NAME}"
+        for name, kind in entries
+        if kind == "dir" and name.startswith("study-")
     )
     if not found:
         raise CommandError(
@@ -149,9 +185,14 @@ def find_databases(root: Path, timeout: float) -> list[Path]:
 
 def status_command(args: argparse.Namespace, out: TextIO) -> int:
     """Print every database under ``DIR`` as a table (or JSON); 1 if any is unsound."""
-    base = Path(os.path.abspath(args.directory))
     timeout = read_timeout(args)
-    results = [check(path, timeout) for path in find_databases(base, check_timeout(args))]
+    base: Path | str
+    if "://" in args.directory:
+        base = url = args.directory.rstrip("/")
+        results = object_store_results(url, timeout)
+    else:
+        base = Path(os.path.abspath(args.directory))
+        results = [check(path, timeout) for path in find_databases(base, check_timeout(args))]
     results = [r for r in results if r.exists or r.error is not None]
     workers = _workers(args)
     if args.json:
@@ -193,7 +234,7 @@ def _workers(args: argparse.Namespace) -> dict[str, int] | None:
         raise CommandError(describe_server_error(args.storage, exc)) from None
 
 
-def _table(base: Path, results: Sequence[VerifyResult]) -> str:
+def _table(base: Path | str, results: Sequence[VerifyResult]) -> str:
     header = ("STUDY", "NAME", *_STATE_COLUMNS, "BEST", "SIZE", "MODIFIED (UTC)", "GEN", "CHECK")
     rows: list[tuple[str, ...]] = [header]
     for result in results:
@@ -225,15 +266,21 @@ def _table(base: Path, results: Sequence[VerifyResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _display_name(base: Path, path: Path) -> str:
+def _display_name(base: Path | str, path: Path | str) -> str:
+    if isinstance(path, str) or isinstance(base, str):
+        text, root = str(path), str(base)
+        if text == root:
+            return text.rsplit("/", 1)[-1]
+        relative = text[len(root) + 1 :] if text.startswith(root + "/") else text
+        return relative.rsplit("/", 1)[0] if "/" in relative else relative
     try:
-        relative = path.relative_to(base)
+        relative_path = path.relative_to(base)
     except ValueError:
         return str(path)
-    if relative == Path():
+    if relative_path == Path():
         return path.name
-    parent = relative.parent
-    return str(parent) if parent != Path() else str(relative)
+    parent = relative_path.parent
+    return str(parent) if parent != Path() else str(relative_path)
 
 
 def human_size(size: int | None) -> str:

@@ -180,11 +180,12 @@ class DriveHelper:
         if paths:
             await self._call("remove", paths[0], timeout, paths=[str(p) for p in paths])
 
-    async def clean(self, folder: Path, timeout: float) -> int:
-        """Remove stray temporaries (other runtimes', our abandoned ones) from a folder."""
+    async def clean(self, folder: Path, timeout: float, *, uploads: bool = False) -> int:
+        """Remove stray temporaries (other runtimes', our abandoned ones) from a folder;
+        with ``uploads``, also abort the unfinished uploads under it (object stores)."""
         abandoned = abandoned_in(folder)
         reply = await self._call(
-            "clean", folder, timeout, own_tag=process_tag(), abandoned=abandoned
+            "clean", folder, timeout, own_tag=process_tag(), abandoned=abandoned, uploads=uploads
         )
         forget_abandoned(folder, abandoned)
         return int(reply["removed"])

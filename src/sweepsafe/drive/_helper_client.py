@@ -56,6 +56,9 @@ class HelperPool:
         self.place_root = place_root
         self.commit_s_per_mib = 0.0
         """See :class:`DriveHelper`; an ObjectStore sets it."""
+        self.unfinished_uploads = False
+        """A killed helper can leave an upload unfinished (S3's multipart uploads), which
+        the study's owner aborts; an ObjectStore sets it."""
         self.argv = list(argv) if argv is not None else default_helper_argv()
         self._idle: list[DriveHelper] = []
         self._lock = threading.Lock()

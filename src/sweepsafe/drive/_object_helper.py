@@ -209,14 +209,38 @@ class ObjectServer(DriveServer):
         return {"removed": len(paths)}, b""
 
     def op_clean(self, header: Header, payload: bytes) -> tuple[Header, bytes]:
-        """Remove the spools of exited helpers (and, in a local folder, stray temporaries)."""
+        """Remove the spools of exited helpers (and, in a local folder, stray temporaries);
+        with ``uploads``, abort the unfinished multipart uploads under ``path``."""
         self._filesystem()
         removed = remove_dead_spools(self._spool)
+        if header.get("uploads") and protocol_of(self._fs) in ("s3", "s3a"):
+            removed += self._abort_uploads(self._key(str(header["path"])))
         if self._local:
             local_header = {**header, "path": self._key(str(header["path"]))}
             reply, _ = super().op_clean(local_header, payload)
             removed += int(reply["removed"])
         return {"removed": removed}, b""
+
+    def _abort_uploads(self, key: str) -> int:
+        """Abort every multipart upload begun under the prefix ``key``; how many."""
+        bucket, _, prefix = key.partition("/")
+        query: dict[str, str] = {"Bucket": bucket, "Prefix": f"{prefix}/" if prefix else ""}
+        aborted = 0
+        while True:
+            page: dict[str, Any] = self._fs.call_s3("list_multipart_uploads", **query)
+            for upload in page.get("Uploads", []):
+                with contextlib.suppress(FileNotFoundError):  # finished or aborted since
+                    self._fs.call_s3(
+                        "abort_multipart_upload",
+                        Bucket=bucket,
+                        Key=upload["Key"],
+                        UploadId=upload["UploadId"],
+                    )
+                aborted += 1
+            if not page.get("IsTruncated"):
+                return aborted
+            query["KeyMarker"] = page["NextKeyMarker"]
+            query["UploadIdMarker"] = page["NextUploadIdMarker"]
 
     # -- reading ------------------------------------------------------------------------
     def _read_small(self, path: str, limit: int, head: bool) -> bytes | None:

@@ -38,6 +38,9 @@ OBJECT_HELPER_SCRIPT = Path(_object_helper.__file__).resolve()
 UPLOAD_S_PER_MIB = 0.5
 """Added to an upload's deadline per MiB: an upload slower than 2 MiB/s counts as hung."""
 
+# Stores whose large uploads come in parts, kept (and billed) until completed or aborted.
+_MULTIPART_PROTOCOLS = frozenset({"s3", "s3a"})
+
 # The package that brings each protocol, and the extra of sweepsafe that installs it.
 _EXTRAS = {
     "s3": ("s3fs", "s3"),
@@ -145,6 +148,7 @@ class ObjectStore(DriveStore):
         # An object is uploaded whole when it is committed: its deadline grows with it.
         self._pool.commit_s_per_mib = UPLOAD_S_PER_MIB
         self._pool.anchor = None  # an object store has no folders to create
+        self._pool.unfinished_uploads = protocol in _MULTIPART_PROTOCOLS
 
     def __repr__(self) -> str:
         return f"ObjectStore({str(self.local_root)!r}, {self.url!r})"
@@ -165,6 +169,24 @@ class ObjectStore(DriveStore):
             info = await helper.stat(remote, self.drive_timeout)
         return str(info["kind"]) if info["exists"] else "missing"
 
+    async def aentries(self, url: str) -> list[tuple[str, str]] | None:
+        """``(name, kind)`` of each entry directly under ``url`` (this store's URL or one
+        under it), ``kind`` being ``"file"`` or ``"dir"`` (a prefix holding objects);
+        None when nothing is stored under it.
+
+        Raises:
+            ValueError: ``url`` is not under this store's URL.
+            OSError, DriveTimeout: the store failed or did not answer in ``drive_timeout``.
+        """
+        remote = self._virtual(url)
+        if not isinstance(remote, Path):
+            raise ValueError(f"{url} is not under {self.url}")
+        async with self._pool.session() as helper:
+            listing = await helper.listdir(remote, self.drive_timeout)
+        if not listing.exists:
+            return None
+        return sorted((entry.name, entry.kind) for entry in listing.entries)
+
     def _shown_path(self, virtual: Path) -> str:
         rel = virtual.relative_to(self.drive_root).as_posix()
         return self.url if rel == "." else f"{self.url}/{rel}"
@@ -184,12 +206,23 @@ class ObjectStore(DriveStore):
                 value = "The object store" + value[len("Google Drive") :]
             return value.replace("Google Drive", "the object store")
 
+        def where(value: Path | str | None) -> Path | str | None:
+            if isinstance(value, Path) and is_within(value, self.drive_root):
+                return self._shown_path(value)
+            return value
+
         changes: dict[str, Any] = {}
         if result.error:
             changes["error"] = text(result.error)
-        if isinstance(result, BackupResult) and result.notes:
-            changes["notes"] = tuple(text(note) for note in result.notes)
-        return dataclasses.replace(result, **changes) if changes else result
+        if isinstance(result, BackupResult):
+            changes["source"] = where(result.source)
+            changes["destination"] = where(result.destination)
+            for name in ("notes", "problems"):
+                if getattr(result, name):
+                    changes[name] = tuple(text(line) for line in getattr(result, name))
+        else:
+            changes["path"] = where(result.path)
+        return dataclasses.replace(result, **changes)
 
     async def abackup(
         self,

@@ -20,12 +20,13 @@ class BackupResult:
     """The outcome of one backup or restore; truthy when it succeeded.
 
     For a backup ``source`` is the local path and ``destination`` its Drive copy; for a
-    restore ``source`` is the Drive copy and ``destination`` the local path.
+    restore ``source`` is the Drive copy and ``destination`` the local path. A copy in
+    an object store is named by its URL (a ``str``, ``s3://bucket/prefix/...``).
     """
 
     ok: bool
-    source: Path
-    destination: Path | None
+    source: Path | str
+    destination: Path | str | None
     kind: Kind
     bytes_copied: int = 0
     files_copied: int = 0
@@ -75,8 +76,9 @@ class VerifyResult:
     """What a database (its Drive copy, or a file itself) holds; truthy when it is sound
     and complete."""
 
-    path: Path
-    """The file that was checked: the Drive copy, or the path itself."""
+    path: Path | str
+    """The file that was checked: the Drive copy, or the path itself; an object store's
+    copy by its URL (a ``str``)."""
     exists: bool
     size: int | None = None
     mtime: float | None = None

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from sweepsafe.drive._drive_errors import DriveTimeout
 from sweepsafe.drive._files import remove_orphans
 from sweepsafe.drive._folder_job import EntryProblem, FolderJob, FolderOutcome, PublishDatabase
 from sweepsafe.drive._folders import sync_folder, sync_folders
@@ -208,15 +209,27 @@ class StudyUnit:
         and whenever one of this runtime's helpers was abandoned mid-write.
         """
         timeout = self.settings.timeout
-        folders = {f for f in folders_with_abandoned() if is_within(f, self.drive)}
         if not self._cleaned:
-            state = self.drive / STATE_DIR_NAME
-            folders.update({self.drive, state})
-            listing = await helper.listdir(state / "history", timeout)
-            folders.update(state / "history" / e.name for e in listing.entries if e.kind == "dir")
-            self._cleaned = True
+            async with self.locks.get("first clean"):
+                if not self._cleaned:
+                    await self._clean_once(helper)
+                    self._cleaned = True
+        folders = {f for f in folders_with_abandoned() if is_within(f, self.drive)}
         for folder in sorted(folders):
             await helper.clean(folder, timeout)
+
+    async def _clean_once(self, helper: DriveHelper) -> None:
+        """A dead runtime's leftovers: temporaries, and in an object store the uploads it
+        left unfinished under the study. This runtime's other jobs wait for it (the
+        caller holds a lock), so none of its own uploads is in flight yet."""
+        timeout = self.settings.timeout
+        state = self.drive / STATE_DIR_NAME
+        listing = await helper.listdir(state / "history", timeout)
+        folders = {self.drive, state}
+        folders.update(state / "history" / e.name for e in listing.entries if e.kind == "dir")
+        uploads = self.settings.pool.unfinished_uploads
+        for folder in sorted(folders):
+            await helper.clean(folder, timeout, uploads=uploads and folder == self.drive)
 
     def forget_drive_copy(self) -> None:
         """Forget what was known to be on Drive: it is gone or not ours."""
@@ -275,6 +288,14 @@ class StudyUnit:
         if self._lease is None:
             return
         self._lease = None
+        if self.settings.pool.unfinished_uploads:
+            # Called once this runtime's jobs are done: an upload still open under the
+            # study is one of its helpers', abandoned at a deadline. Aborted while the
+            # lease is still held, so never another runtime's.
+            try:
+                await helper.clean(self.drive, self.settings.timeout, uploads=True)
+            except (OSError, DriveTimeout) as exc:
+                logger.warning("Could not abort unfinished uploads in %s: %s", self.drive, exc)
         await release_lease(helper, self.drive, self.settings.timeout, self.settings.clock)
 
     # -- folders ------------------------------------------------------------------------------
