@@ -31,6 +31,7 @@ from sweepsafe.drive._page_diff import (
     diff_files,
     page_size_of,
     sha256_file,
+    xor_bytes,
 )
 from sweepsafe.drive._patch_apply import apply_chain, apply_patch, apply_patch_in_place
 from sweepsafe.drive._patch_format import (
@@ -313,7 +314,15 @@ def test_patch_chain_rebuilds_the_last_snapshot_of_real_optuna_writes(
             assert header.patch_bytes == len(data)
             patch = decode_patch(data)
             assert patch.header == header
-            assert patch.pages == delta.pages
+            assert header.parent_page_count == old.stat().st_size // page_size
+            # A page the parent has travels as its XOR with the old page; the others whole.
+            old_bytes = old.read_bytes()
+            assert [
+                xor_bytes(record, old_bytes[(no - 1) * page_size : no * page_size])
+                if header.is_xor(no)
+                else record
+                for no, record in patch.pages
+            ] == [page for _, page in delta.pages]
             patches.append(patch)
 
         last = snapshots[-1].read_bytes()
@@ -401,6 +410,67 @@ def pair(tmp_path: Path) -> Pair:
         "UPDATE items SET blob = x'00' WHERE id = 3",
         "INSERT INTO items (blob) VALUES (zeroblob(9000))",
     )
+
+
+def test_a_trial_ships_its_changed_bytes_not_its_changed_pages(tmp_path: Path) -> None:
+    """A trial rewrites a few pages, each for a row or two: the patch carries the change."""
+    database = tmp_path / "study.db"
+    study = optuna.create_study(storage=f"sqlite:///{database}", study_name="s")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1) + t.suggest_float("y", 0, 1), 200)
+    old, new = tmp_path / "old.db", tmp_path / "new.db"
+    snapshot_sqlite(database, old)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1) + t.suggest_float("y", 0, 1), 1)
+    snapshot_sqlite(database, new)
+    delta = diff_files(old, new)
+    arguments: dict[str, Any] = {
+        "generation": 2,
+        "parent_generation": 1,
+        "parent_sha256": sha256_file(old),
+        "created": 0.0,
+        "meta": {},
+    }
+    changes = encode_patch(delta, **arguments)
+    whole_pages = encode_patch(dataclasses.replace(delta, parent_page_count=None), **arguments)
+    assert read_patch_header(changes).format_version == FORMAT_VERSION
+    assert read_patch_header(whole_pages).format_version == 1
+    assert len(changes) * 4 < len(whole_pages), (len(changes), len(whole_pages))
+    for data in (changes, whole_pages):
+        out = tmp_path / f"out-{len(data)}.db"
+        apply_patch(old, decode_patch(data), out)
+        assert out.read_bytes() == new.read_bytes()
+
+
+def test_a_chain_of_version_1_and_version_2_patches_still_applies(tmp_path: Path) -> None:
+    """Patches written before version 2 (whole pages) stay on Drive; restores read them."""
+    source = tmp_path / "source.db"
+    make_database(source, 300)
+    snapshots = [tmp_path / "s0.db"]
+    snapshot_sqlite(source, snapshots[0])
+    for step in range(1, 5):
+        write(source, f"UPDATE items SET blob = zeroblob({step * 10}) WHERE id % 7 = {step}")
+        write(source, f"INSERT INTO items (blob) VALUES (zeroblob({step * 3000}))")
+        snapshots.append(tmp_path / f"s{step}.db")
+        snapshot_sqlite(source, snapshots[-1])
+    patches = []
+    for generation, (old, new) in enumerate(itertools.pairwise(snapshots), 1):
+        delta = diff_files(old, new)
+        if generation % 2:
+            delta = dataclasses.replace(delta, parent_page_count=None, parent_pages=())
+        patches.append(
+            decode_patch(
+                encode_patch(
+                    delta,
+                    generation=generation,
+                    parent_generation=generation - 1,
+                    parent_sha256=sha256_file(old),
+                    created=0.0,
+                    meta={},
+                )
+            )
+        )
+    assert [p.header.format_version for p in patches] == [1, 2, 1, 2]
+    apply_chain(snapshots[0], patches, tmp_path / "out.db")
+    assert (tmp_path / "out.db").read_bytes() == snapshots[-1].read_bytes()
 
 
 def test_a_database_larger_than_a_chunk_ships_only_its_changed_pages(tmp_path: Path) -> None:

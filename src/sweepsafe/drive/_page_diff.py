@@ -27,6 +27,7 @@ __all__ = [
     "diff_files",
     "page_size_of",
     "sha256_file",
+    "xor_bytes",
 ]
 
 StrPath: TypeAlias = "str | os.PathLike[str]"
@@ -69,6 +70,12 @@ class PageDelta:
     """SHA-256 of the whole new file, hex."""
     pages: tuple[tuple[int, bytes], ...]
     """``(page_number, content)`` in ascending order; page numbers start at 1, as SQLite's."""
+    parent_page_count: int | None = None
+    """Pages in the old file, when ``parent_pages`` are known."""
+    parent_pages: tuple[bytes, ...] = ()
+    """The old content of each changed page the old file has (those numbered up to
+    ``parent_page_count``), in the order of ``pages``: a patch ships the changed bytes
+    of such a page (its XOR with the old one), which compress to almost nothing."""
 
     @property
     def changed_bytes(self) -> int:
@@ -137,6 +144,7 @@ def diff_files(
         new_file.seek(0)
         digest = hashlib.sha256()
         pages: list[tuple[int, bytes]] = []
+        parent_pages: list[bytes] = []
         offset = 0
         while new_chunk := new_file.read(chunk_bytes):
             digest.update(new_chunk)
@@ -145,14 +153,18 @@ def diff_files(
             if new_chunk != old_chunk:
                 for start in range(0, len(new_chunk), page_size):
                     page = new_chunk[start : start + page_size]
-                    if page != old_chunk[start : start + page_size]:
+                    before = old_chunk[start : start + page_size]
+                    if page != before:
                         pages.append(((offset + start) // page_size + 1, page))
+                        if len(before) == page_size:
+                            parent_pages.append(before)
                 if max_changed_bytes is not None and len(pages) * page_size > max_changed_bytes:
                     raise DeltaTooLarge(
                         f"more than {max_changed_bytes} bytes of pages changed "
                         f"({len(pages)} pages by byte {offset + len(new_chunk)})"
                     )
             offset += len(new_chunk)
+        old_size = os.fstat(old_file.fileno()).st_size
     if offset % page_size:
         raise PatchError(
             f"{os.fspath(new)} is {offset} bytes, not a whole number of {page_size}-byte pages"
@@ -162,4 +174,14 @@ def diff_files(
         page_count=offset // page_size,
         sha256=digest.hexdigest(),
         pages=tuple(pages),
+        parent_page_count=old_size // page_size,
+        parent_pages=tuple(parent_pages),
+    )
+
+
+def xor_bytes(first: bytes, second: bytes) -> bytes:
+    """The byte-wise XOR of two pages of the same length."""
+    size = len(first)
+    return (int.from_bytes(first, "little") ^ int.from_bytes(second, "little")).to_bytes(
+        size, "little"
     )

@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from typing import IO, TYPE_CHECKING, Final
 
-from sweepsafe.drive._page_diff import CHUNK_BYTES, PatchError, StrPath, sha256_file
+from sweepsafe.drive._page_diff import CHUNK_BYTES, PatchError, StrPath, sha256_file, xor_bytes
 
 if TYPE_CHECKING:
     from sweepsafe.drive._patch_format import Patch, PatchHeader
@@ -69,7 +69,10 @@ def _write_patched(base: StrPath, patch: Patch, target: IO[bytes]) -> None:
                         at = (pages[index][0] - 1) * page_size - offset
                         # A page straddling the base's end extends the piece; only the
                         # last chunk can be short, so nothing follows it.
-                        patched[at : at + page_size] = pages[index][1]
+                        page_no, record = pages[index]
+                        if header.is_xor(page_no):
+                            record = xor_bytes(record, bytes(patched[at : at + page_size]))
+                        patched[at : at + page_size] = record
                         index += 1
                     piece = patched
                 target.write(piece)
@@ -78,6 +81,8 @@ def _write_patched(base: StrPath, patch: Patch, target: IO[bytes]) -> None:
             offset += len(chunk)
     _check_parent(parent.hexdigest(), header, f"base {os.fspath(base)}")
     for page_no, page in pages[index:]:
+        if header.is_xor(page_no):
+            raise PatchError(f"patch changes page {page_no}, which its base {base} lacks")
         if (page_no - 1) * page_size != written:
             raise PatchError(
                 f"patch does not define byte {written} of the result (next page is {page_no})"
@@ -139,9 +144,15 @@ def apply_patch_in_place(
                     f"patch grows {os.fspath(path)} to {header.page_count} pages but lacks "
                     f"page {page_no}"
                 )
-        for page_no, page in patch.pages:
+        for page_no, record in patch.pages:
             file.seek((page_no - 1) * page_size)
-            file.write(page)
+            if header.is_xor(page_no):
+                old = file.read(page_size)
+                if len(old) != page_size:
+                    raise PatchError(f"patch changes page {page_no}, which {os.fspath(path)} lacks")
+                file.seek((page_no - 1) * page_size)
+                record = xor_bytes(record, old)
+            file.write(record)
         file.truncate(header.page_count * page_size)
     if verify:
         _check_result(sha256_file(path), header, f"{os.fspath(path)} (now damaged)")

@@ -6,7 +6,7 @@ from what. ``_patch_apply`` applies decoded patches.
 
 Standard library only, and nothing from sweepsafe besides its sibling page modules.
 
-Patch format, version 1 (integers big-endian)::
+Patch format, version 2 (integers big-endian)::
 
     offset   size  content
     0        8     magic b"\\x89SSPD\\r\\n\\x1a"
@@ -18,6 +18,12 @@ Patch format, version 1 (integers big-endian)::
     26+H     B     body: one zlib stream of records, each a u32 page number (1-based)
                    followed by page_size bytes, in ascending page order
     26+H+B   32    SHA-256 of bytes [0, 26+H+B)
+
+In version 2 the header also holds ``parent_page_count``, and the record of a page the
+parent has (numbered up to it) carries the XOR of its new and old content: a trial
+changes a few rows of a page, so that XOR is mostly zeros and compresses to a few
+dozen bytes where the page itself takes a kilobyte or more. Pages past the parent's end
+are carried whole. Version 1 (no ``parent_page_count``, every page whole) is still read.
 
 The CRC lets :func:`read_patch_header` trust a header without reading the body; the
 SHA-256 trailer covers the whole patch and is what :func:`decode_patch` checks.
@@ -35,7 +41,13 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import IO, Any, Final
 
-from sweepsafe.drive._page_diff import PageDelta, PatchError, StrPath, _is_valid_page_size
+from sweepsafe.drive._page_diff import (
+    PageDelta,
+    PatchError,
+    StrPath,
+    _is_valid_page_size,
+    xor_bytes,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -50,7 +62,8 @@ __all__ = [
 # The first byte is not ASCII so the file is never taken for text; CR LF and ^Z catch a
 # transfer that rewrote line endings or stopped at an end-of-file character.
 PATCH_MAGIC: Final = b"\x89SSPD\r\n\x1a"
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
+_READABLE_VERSIONS: Final = (1, 2)
 
 _PREAMBLE = struct.Struct(">8sHI")  # magic, format version, header length
 _HEADER_TAIL = struct.Struct(">QI")  # body length, CRC-32 of everything before it
@@ -82,6 +95,13 @@ class PatchHeader:
     """The caller's JSON object, read-only."""
     patch_bytes: int
     """Length of the whole patch as its header declares it."""
+    parent_page_count: int | None = None
+    """Version 2: pages in the parent; records of pages up to it are XORs with the
+    parent's page. None in version 1, whose records are whole pages."""
+
+    def is_xor(self, page_no: int) -> bool:
+        """Whether the record of ``page_no`` is the XOR of the new and the parent's page."""
+        return self.parent_page_count is not None and page_no <= self.parent_page_count
 
 
 @dataclass(frozen=True)
@@ -90,7 +110,8 @@ class Patch:
 
     header: PatchHeader
     pages: tuple[tuple[int, bytes], ...]
-    """``(page_number, content)`` in ascending order."""
+    """``(page_number, record)`` in ascending order: the page's new content, or its XOR
+    with the parent's page where ``header.is_xor(page_number)``."""
 
 
 def encode_patch(
@@ -112,6 +133,18 @@ def encode_patch(
     for name, value in (("generation", generation), ("parent_generation", parent_generation)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be a whole number >= 0, not {value!r}")
+    parent_count = delta.parent_page_count
+    records = list(delta.pages)
+    if parent_count is not None:
+        known = [index for index, (page_no, _) in enumerate(records) if page_no <= parent_count]
+        if len(known) != len(delta.parent_pages):
+            raise ValueError(
+                f"the delta has {len(delta.parent_pages)} parent pages for {len(known)} "
+                "changed pages of the parent"
+            )
+        for index, old in zip(known, delta.parent_pages, strict=True):
+            page_no, page = records[index]
+            records[index] = (page_no, xor_bytes(page, old))
     header = {
         "generation": generation,
         "parent_generation": parent_generation,
@@ -123,18 +156,21 @@ def encode_patch(
         "created": float(created),
         "meta": dict(meta),
     }
+    if parent_count is not None:
+        header["parent_page_count"] = parent_count
     text = json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False)
     header_json = text.encode("utf-8")
     if len(header_json) > MAX_HEADER_BYTES:
         raise ValueError(f"the patch header is {len(header_json)} bytes; meta is too large")
     compressor = zlib.compressobj(compression_level)
     parts: list[bytes] = []
-    for page_no, page in delta.pages:
+    for page_no, page in records:
         parts.append(compressor.compress(_PAGE_NO.pack(page_no)))
         parts.append(compressor.compress(page))
     parts.append(compressor.flush())
     body = b"".join(parts)
-    head = _PREAMBLE.pack(PATCH_MAGIC, FORMAT_VERSION, len(header_json)) + header_json
+    version = FORMAT_VERSION if parent_count is not None else 1
+    head = _PREAMBLE.pack(PATCH_MAGIC, version, len(header_json)) + header_json
     head += len(body).to_bytes(8, "big")
     head += zlib.crc32(head).to_bytes(4, "big")
     digest = hashlib.sha256(head)
@@ -194,9 +230,10 @@ def _check_magic_and_version(preamble: bytes) -> None:
         raise PatchError(f"not a sweepsafe page patch: bad magic bytes {magic!r}")
     if len(preamble) >= len(PATCH_MAGIC) + 2:
         version = int.from_bytes(preamble[len(PATCH_MAGIC) : len(PATCH_MAGIC) + 2], "big")
-        if version != FORMAT_VERSION:
+        if version not in _READABLE_VERSIONS:
             raise PatchError(
-                f"unsupported patch format version {version} (this reader knows {FORMAT_VERSION})"
+                f"unsupported patch format version {version} (this reader knows versions "
+                f"{_READABLE_VERSIONS[0]} to {_READABLE_VERSIONS[-1]})"
             )
 
 
@@ -219,6 +256,7 @@ def _parse_header_json(raw: bytes, version: int, patch_bytes: int) -> PatchHeade
         created=_float_field(fields, "created"),
         meta=MappingProxyType(_dict_field(fields, "meta")),
         patch_bytes=patch_bytes,
+        parent_page_count=_int_field(fields, "parent_page_count") if version >= 2 else None,
     )
     if not _is_valid_page_size(header.page_size):
         raise PatchError(f"patch header has an invalid page_size ({header.page_size})")
