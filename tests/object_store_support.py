@@ -161,3 +161,19 @@ def open_uploads(endpoint: S3Endpoint, prefix: str) -> list[str]:
     bucket, _, name = prefix.partition("/")
     listed = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=name)
     return sorted(f"{bucket}/{upload['Key']}" for upload in listed.get("Uploads", []))
+
+
+def put_object(endpoint: S3Endpoint, key: str, data: bytes) -> None:
+    """Write one object with s3fs, as another runtime would."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, **endpoint.options())
+    fs.pipe_file(key, data)
+
+
+def read_object(endpoint: S3Endpoint, key: str) -> bytes:
+    """The content of one object, read with s3fs."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, **endpoint.options())
+    return bytes(fs.cat_file(key))

@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -30,6 +31,8 @@ from object_store_support import (
     moto_server,
     object_names,
     open_uploads,
+    put_object,
+    read_object,
     silent_endpoint,
     start_upload,
 )
@@ -42,6 +45,8 @@ from sweepsafe import (
     study_dir_for,
     trial_dir,
 )
+from sweepsafe.drive._replica import Lease, Runtime, acquire_lease
+from sweepsafe.errors import LeaseHeldError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -234,6 +239,62 @@ def test_uploads_left_unfinished_in_a_study_are_aborted_by_its_owner(
         start_upload(s3, f"{prefix}/study-a/trials/trial-00002/last.pt")
         store.release(study_dir)
     assert open_uploads(s3, prefix) == [f"{prefix}/study-b/trials/trial-00000/last.pt"]
+
+
+class LeaseWrittenMeanwhile:
+    """A helper through which another runtime's lease lands on S3 just before this
+    runtime's conditional write: the race two runtimes starting at once can meet."""
+
+    def __init__(self, helper: Any, s3: S3Endpoint, key: str, lease: Lease) -> None:
+        self._helper = helper
+        self._s3 = s3
+        self._key = key
+        self._lease = lease
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._helper, name)
+
+    async def put_bytes_if(
+        self, destination: Path, data: bytes, version: str | None, timeout: float
+    ) -> bool:
+        put_object(self._s3, self._key, self._lease.to_json())
+        written: bool = await self._helper.put_bytes_if(destination, data, version, timeout)
+        return written
+
+
+@pytest.mark.parametrize("lease_before", ["none", "released"])
+@pytest.mark.asyncio
+async def test_a_lease_another_runtime_writes_during_a_take_is_never_overwritten(
+    tmp_path: Path, s3: S3Endpoint, prefix: str, lease_before: str
+) -> None:
+    local = tmp_path / "local"
+    study_dir = local / "study-a"
+    study_dir.mkdir(parents=True)
+    other = Runtime("other", "other-host", 4242, "boot", time.time() - 60)
+    theirs = Lease(other, time.time(), time.time())
+    key = f"{prefix}/study-a/.sweepsafe/lease.json"
+    with ObjectStore(local, f"s3://{prefix}", s3.options(), drive_timeout=30) as store:
+        if lease_before == "released":
+            study = optuna.create_study(storage=f"sqlite:///{study_dir / 'study.db'}")
+            study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+            assert store.backup(study_dir / "study.db").ok
+            store.release(study_dir)
+            released = Lease.from_json(read_object(s3, key))
+            assert released is not None
+            assert released.released
+        async with store._pool.session() as helper:
+            racing = LeaseWrittenMeanwhile(helper, s3, key, theirs)
+            with pytest.raises(LeaseHeldError, match=r"another runtime.*other-host, process 4242"):
+                await acquire_lease(
+                    racing,  # type: ignore[arg-type]
+                    store.drive_path_for(study_dir),
+                    timeout=30,
+                    lease_timeout=120,
+                    takeover=False,
+                    clock=time.time,
+                    conditional=True,
+                )
+    assert Lease.from_json(read_object(s3, key)) == theirs
 
 
 def test_memory_urls_are_refused_with_the_reason(tmp_path: Path) -> None:

@@ -124,6 +124,26 @@ class DriveHelper:
         reply = await self._call("read", path, timeout, limit=limit, head=head)
         return bytes(reply.get("payload", b"")) if reply["exists"] else None
 
+    async def read_versioned(
+        self, path: Path, timeout: float, *, limit: int = 1 << 20
+    ) -> tuple[bytes | None, str | None]:
+        """A small object's content and the version it had when read (for
+        :meth:`put_bytes_if`); ``(None, None)`` if it does not exist. Object stores with
+        conditional writes only (``HelperPool.conditional_writes``)."""
+        reply = await self._call("read_versioned", path, timeout, limit=limit)
+        if not reply["exists"]:
+            return None, None
+        return bytes(reply.get("payload", b"")), str(reply["version"])
+
+    async def put_bytes_if(
+        self, destination: Path, data: bytes, version: str | None, timeout: float
+    ) -> bool:
+        """Write ``data`` whole to ``destination`` only if it is still at ``version`` (as
+        :meth:`read_versioned` gave it), or still absent for None; False if it changed.
+        Object stores with conditional writes only."""
+        reply = await self._call("put_if", destination, timeout, data, version=version)
+        return bool(reply["written"])
+
     async def read_many(
         self, paths: Sequence[Path], timeout: float, *, limit: int = 1 << 20
     ) -> list[bytes | None]:

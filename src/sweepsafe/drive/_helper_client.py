@@ -56,6 +56,9 @@ class HelperPool:
         self.place_root = place_root
         self.commit_s_per_mib = 0.0
         """See :class:`DriveHelper`; an ObjectStore sets it."""
+        self.conditional_writes = False
+        """The store writes an object only if it is still the version read (S3's
+        ``If-Match`` and ``If-None-Match``): the lease is taken with such writes."""
         self.unfinished_uploads = False
         """A killed helper can leave an upload unfinished (S3's multipart uploads), which
         the study's owner aborts; an ObjectStore sets it."""

@@ -38,8 +38,9 @@ OBJECT_HELPER_SCRIPT = Path(_object_helper.__file__).resolve()
 UPLOAD_S_PER_MIB = 0.5
 """Added to an upload's deadline per MiB: an upload slower than 2 MiB/s counts as hung."""
 
-# Stores whose large uploads come in parts, kept (and billed) until completed or aborted.
-_MULTIPART_PROTOCOLS = frozenset({"s3", "s3a"})
+# S3: large uploads come in parts, kept (and billed) until completed or aborted; a write
+# can be made conditional on the version read (If-Match, If-None-Match).
+_S3_PROTOCOLS = frozenset({"s3", "s3a"})
 
 # The package that brings each protocol, and the extra of sweepsafe that installs it.
 _EXTRAS = {
@@ -148,7 +149,8 @@ class ObjectStore(DriveStore):
         # An object is uploaded whole when it is committed: its deadline grows with it.
         self._pool.commit_s_per_mib = UPLOAD_S_PER_MIB
         self._pool.anchor = None  # an object store has no folders to create
-        self._pool.unfinished_uploads = protocol in _MULTIPART_PROTOCOLS
+        self._pool.unfinished_uploads = protocol in _S3_PROTOCOLS
+        self._pool.conditional_writes = protocol in _S3_PROTOCOLS
 
     def __repr__(self) -> str:
         return f"ObjectStore({str(self.local_root)!r}, {self.url!r})"

@@ -189,18 +189,29 @@ async def acquire_lease(
     lease_timeout: float,
     takeover: bool,
     clock: Callable[[], float],
+    conditional: bool = False,
 ) -> Lease:
     """Make this runtime the owner of the study folder on Drive, or refuse.
 
     A lease held by this process, released, expired, or owned by a process known to
     have died on this machine is taken; a live one of another runtime only with
-    ``takeover``. Also renews a lease this runtime holds.
+    ``takeover``. Also renews a lease this runtime holds. With ``conditional`` (an
+    object store that has conditional writes) the lease is written only if it is still
+    the one read, so of two runtimes taking it at once exactly one succeeds, and a
+    renewal never overwrites a takeover that came between its read and its write.
 
     Raises:
-        LeaseHeldError: another runtime holds a live lease (and not ``takeover``).
+        LeaseHeldError: another runtime holds a live lease (and not ``takeover``), or
+            wrote one between this runtime's read and its write.
     """
     me = this_runtime()
-    current = await read_lease(helper, unit_drive, timeout)
+    path = state_dir(unit_drive) / LEASE_NAME
+    version: str | None = None
+    if conditional:
+        raw, version = await helper.read_versioned(path, timeout, limit=64 << 10)
+        current = None if raw is None else Lease.from_json(raw)
+    else:
+        current = await read_lease(helper, unit_drive, timeout)
     if (
         current is not None
         and not takeover
@@ -211,7 +222,15 @@ async def acquire_lease(
     now = clock()
     mine = current is not None and current.owner.is_same_process(me) and not current.released
     lease = Lease(owner=me, acquired=current.acquired if mine and current else now, heartbeat=now)
-    await helper.put_bytes(state_dir(unit_drive) / LEASE_NAME, lease.to_json(), timeout)
+    if conditional and not await helper.put_bytes_if(path, lease.to_json(), version, timeout):
+        landed = await read_lease(helper, unit_drive, timeout)
+        if landed is None:
+            raise LeaseHeldError(
+                f"the lease on {unit_drive} changed while this runtime took it; run again"
+            )
+        raise LeaseHeldError(_held_message(unit_drive, landed, clock, lease_timeout))
+    if not conditional:
+        await helper.put_bytes(path, lease.to_json(), timeout)
     landed = await read_lease(helper, unit_drive, timeout)
     if landed is not None and not landed.owner.is_same_process(me):
         # Another runtime wrote its lease at the same moment and landed last.
@@ -220,14 +239,29 @@ async def acquire_lease(
 
 
 async def release_lease(
-    helper: DriveHelper, unit_drive: Path, timeout: float, clock: Callable[[], float]
+    helper: DriveHelper,
+    unit_drive: Path,
+    timeout: float,
+    clock: Callable[[], float],
+    *,
+    conditional: bool = False,
 ) -> None:
-    """Mark this runtime's lease released, so the next runtime starts at once."""
-    current = await read_lease(helper, unit_drive, timeout)
+    """Mark this runtime's lease released, so the next runtime starts at once. With
+    ``conditional``, a lease another runtime wrote since it was read is left alone."""
+    path = state_dir(unit_drive) / LEASE_NAME
+    version: str | None = None
+    if conditional:
+        raw, version = await helper.read_versioned(path, timeout, limit=64 << 10)
+        current = None if raw is None else Lease.from_json(raw)
+    else:
+        current = await read_lease(helper, unit_drive, timeout)
     if current is None or not current.owner.is_same_process(this_runtime()) or current.released:
         return
     released = Lease(current.owner, current.acquired, clock(), released=True)
-    await helper.put_bytes(state_dir(unit_drive) / LEASE_NAME, released.to_json(), timeout)
+    if conditional:
+        await helper.put_bytes_if(path, released.to_json(), version, timeout)
+    else:
+        await helper.put_bytes(path, released.to_json(), timeout)
 
 
 def _held_message(

@@ -273,6 +273,7 @@ class StudyUnit:
             lease_timeout=settings.lease_timeout,
             takeover=takeover,
             clock=settings.clock,
+            conditional=settings.pool.conditional_writes,
         )
         if takeover:
             self.lost = None
@@ -296,7 +297,13 @@ class StudyUnit:
                 await helper.clean(self.drive, self.settings.timeout, uploads=True)
             except (OSError, DriveTimeout) as exc:
                 logger.warning("Could not abort unfinished uploads in %s: %s", self.drive, exc)
-        await release_lease(helper, self.drive, self.settings.timeout, self.settings.clock)
+        await release_lease(
+            helper,
+            self.drive,
+            self.settings.timeout,
+            self.settings.clock,
+            conditional=self.settings.pool.conditional_writes,
+        )
 
     # -- folders ------------------------------------------------------------------------------
     def folder_job(self, publish: PublishDatabase | None = None) -> FolderJob:
