@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -277,3 +279,61 @@ def test_a_report_summary_names_every_failed_and_pending_target() -> None:
         report.raise_for_failures()
     assert "/x/study.db" in str(caught.value)
     assert "/x/trials" in str(caught.value)
+
+
+# A process whose main thread flushes a job that never ends, while another thread takes a
+# Ctrl-C: the kernel may hand SIGINT to any thread, or the main thread may take it just
+# before its wait begins; either way Python runs the handler only in the main thread,
+# between bytecodes, and a wait that never wakes would never let it.
+_CTRL_C_IN_ANOTHER_THREAD = """
+import signal
+import sys
+import threading
+import time
+
+import anyio
+
+from sweepsafe.worker import BackupWorker
+
+
+async def never_ends(target, is_directory):
+    await anyio.sleep_forever()
+
+
+worker = BackupWorker()
+worker.submit(sys.argv[1], never_ends)
+
+
+def ctrl_c_here():
+    time.sleep(0.5)
+    signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+
+threading.Thread(target=ctrl_c_here).start()
+started = time.monotonic()
+try:
+    worker.flush(None if sys.argv[2] == "none" else float(sys.argv[2]))
+except KeyboardInterrupt:
+    print(f"interrupted after {time.monotonic() - started:.2f} s", flush=True)
+    worker.close(timeout=0)
+    sys.exit(130)
+print("the flush ran to its timeout", flush=True)
+sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("flush_timeout", [None, 60.0])
+def test_ctrl_c_taken_by_another_thread_stops_a_flush_long_before_its_timeout(
+    tmp_path: Path, flush_timeout: float | None
+) -> None:
+    limit = 60.0
+    timeout = "none" if flush_timeout is None else str(flush_timeout)
+    child = subprocess.run(
+        [sys.executable, "-c", _CTRL_C_IN_ANOTHER_THREAD, str(tmp_path / "x"), timeout],
+        capture_output=True,
+        text=True,
+        timeout=limit + 30,
+    )
+    assert child.returncode == 130, child.stdout + child.stderr
+    seconds = float(child.stdout.split()[2])
+    assert seconds < limit / 10, child.stdout

@@ -68,6 +68,11 @@ callable that returns an awaitable has it awaited on the loop.
 # How long close() waits for the loop to stop once it has cancelled what is in flight:
 # cancelling abandons stuck helpers and threads at once, so this is only a safety net.
 _STOP_GRACE_S = 1.0
+# CPython runs a signal's Python handler only between bytecodes: a Ctrl-C that lands after
+# the last such check and before a lock wait begins is acted on only when the wait ends.
+# A flush waits in slices this long, so Ctrl-C stops it within one slice, not at its
+# timeout (a loaded machine preempting the caller in that gap makes it happen for real).
+_SIGNAL_SLICE_S = 0.25
 
 
 class BackupWorker:
@@ -200,7 +205,7 @@ class BackupWorker:
                 if not awaited:
                     break
                 if deadline is None:
-                    ledger.job_finished.wait()
+                    ledger.job_finished.wait(_SIGNAL_SLICE_S)
                 else:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
@@ -209,7 +214,7 @@ class BackupWorker:
                         # must not make them wait a second time.
                         self._given_up_at = ledger.seq
                         break
-                    ledger.job_finished.wait(remaining)
+                    ledger.job_finished.wait(min(remaining, _SIGNAL_SLICE_S))
             return ledger.report_locked(timed_out, time.monotonic() - started)
 
     def waited_for_everything(self) -> bool:
