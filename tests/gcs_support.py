@@ -8,14 +8,14 @@ store's helpers reach it through gcsfs, as they would reach GCS.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+
+from object_store_support import server_in_child
 
 _SERVER = """
 import sys
@@ -57,23 +57,5 @@ class GcsEndpoint:
 @contextmanager
 def gcs_emulator(bucket: str) -> Iterator[GcsEndpoint]:
     """Start an emulated GCS server holding ``bucket``; stop it on exit."""
-    process = subprocess.Popen(
-        [sys.executable, "-c", _SERVER, bucket],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert process.stdin is not None
-    assert process.stdout is not None
-    try:
-        port = int(process.stdout.readline())
+    with server_in_child(_SERVER, bucket) as port:
         yield GcsEndpoint(f"http://127.0.0.1:{port}")
-    finally:
-        process.stdin.close()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        process.stdout.close()

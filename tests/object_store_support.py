@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 _SERVER = """
@@ -66,8 +67,16 @@ def moto_server(*buckets: str, enforce_auth: bool = False) -> Iterator[S3Endpoin
     env = {**os.environ, "AWS_EC2_METADATA_DISABLED": "true"}
     if enforce_auth:
         env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(len(buckets))
+    with server_in_child(_SERVER, *buckets, env=env) as port:
+        yield S3Endpoint(f"http://127.0.0.1:{port}")
+
+
+@contextmanager
+def server_in_child(script: str, *args: str, env: dict[str, str] | None = None) -> Iterator[int]:
+    """Run ``script`` in a child Python that prints its port, then serves until its stdin
+    closes; the port. The child is stopped on exit."""
     process = subprocess.Popen(
-        [sys.executable, "-c", _SERVER, *buckets],
+        [sys.executable, "-c", script, *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -77,8 +86,7 @@ def moto_server(*buckets: str, enforce_auth: bool = False) -> Iterator[S3Endpoin
     assert process.stdin is not None
     assert process.stdout is not None
     try:
-        port = int(process.stdout.readline())
-        yield S3Endpoint(f"http://127.0.0.1:{port}")
+        yield int(process.stdout.readline())
     finally:
         process.stdin.close()
         try:
@@ -87,6 +95,48 @@ def moto_server(*buckets: str, enforce_auth: bool = False) -> Iterator[S3Endpoin
             process.kill()
             process.wait()
         process.stdout.close()
+
+
+@dataclass(frozen=True)
+class SweptToStore:
+    """What a sweep backed up to an object store left."""
+
+    database: Path
+    finished: int
+    restored: bool
+    report: str
+
+
+def sweep_to_store(store: Any, study_key: str, n_trials: int) -> SweptToStore:
+    """Run a real sweep to ``n_trials`` whose trials each write a file, backed up to
+    ``store``; it must end with a complete backup."""
+    import optuna
+
+    from sweep_support import finished_trials
+    from sweepsafe import run_sweep, study_dir_for, trial_dir
+
+    def write_files(trial: optuna.Trial) -> float:
+        folder = trial_dir(study_dir_for(store.local_root, study_key), trial)
+        (folder / "weights.bin").write_bytes(trial.number.to_bytes(4, "big") * 1024)
+        return float(trial.suggest_float("x", -2.0, 2.0) ** 2)
+
+    result = run_sweep(
+        write_files,
+        output_dir=store.local_root,
+        study_key=study_key,
+        n_trials=n_trials,
+        backup_to_drive=store,
+        flush_timeout=60,
+    )
+    assert result.backup_report is not None
+    assert result.backup_report.ok, result.backup_report
+    database = result.study_dir / "study.db"
+    return SweptToStore(
+        database,
+        len(finished_trials(database)),
+        result.restored_from_drive,
+        str(result.backup_report),
+    )
 
 
 @contextmanager

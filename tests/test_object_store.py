@@ -35,16 +35,10 @@ from object_store_support import (
     read_object,
     silent_endpoint,
     start_upload,
+    sweep_to_store,
 )
 from sweep_support import finished_trials, integrity
-from sweepsafe import (
-    ObjectStore,
-    StudyBackupReport,
-    SweepsafeError,
-    run_sweep,
-    study_dir_for,
-    trial_dir,
-)
+from sweepsafe import ObjectStore, SweepsafeError, run_sweep, study_dir_for, trial_dir
 from sweepsafe.drive._replica import Lease, Runtime, acquire_lease
 from sweepsafe.errors import LeaseHeldError
 
@@ -66,45 +60,20 @@ def prefix(request: pytest.FixtureRequest) -> str:
     return f"{BUCKET}/{request.node.name.replace('[', '-').replace(']', '')}"
 
 
-last_report: list[StudyBackupReport] = []
-
-
-def sweep(store: ObjectStore, n_trials: int) -> tuple[Path, int, bool]:
-    """Run ``n_trials`` more trials; (database, finished trials, restored from the store)."""
-
-    def write_files(trial: optuna.Trial) -> float:
-        folder = trial_dir(study_dir_for(store.local_root, "object-store"), trial)
-        (folder / "weights.bin").write_bytes(trial.number.to_bytes(4, "big") * 1024)
-        return trial.suggest_float("x", -2.0, 2.0) ** 2
-
-    result = run_sweep(
-        write_files,
-        output_dir=store.local_root,
-        study_key="object-store",
-        n_trials=n_trials,
-        backup_to_drive=store,
-        flush_timeout=60,
-    )
-    assert result.backup_report is not None
-    assert result.backup_report.ok, result.backup_report
-    last_report[:] = [result.backup_report]
-    database = result.study_dir / "study.db"
-    return database, len(finished_trials(database)), result.restored_from_drive
-
-
 def test_a_sweep_on_s3_resumes_on_an_empty_disk_with_its_trial_files(
     tmp_path: Path, s3: S3Endpoint, prefix: str
 ) -> None:
     url = f"s3://{prefix}"
     with ObjectStore(tmp_path / "first", url, s3.options(), drive_timeout=30) as store:
-        database, finished, restored = sweep(store, 4)
-        assert (finished, restored) == (4, False)
+        first = sweep_to_store(store, "object-store", 4)
+        database = first.database
+        assert (first.finished, first.restored) == (4, False)
         # What the user reads names the store and the object's URL, never a local path.
         backed_up = store.backup(database)
         assert backed_up.destination == f"{url}/{database.parent.name}/study.db"
-        assert "Drive" not in (report := str(last_report[0]))
-        assert report.startswith("Object store copy complete"), report
-        assert f"{url}/{database.parent.name}/study.db: 4 trials" in report
+        assert "Drive" not in first.report
+        assert first.report.startswith("Object store copy complete"), first.report
+        assert f"{url}/{database.parent.name}/study.db: 4 trials" in first.report
         verified = store.verify(database)
         assert verified.ok, verified.error
         assert verified.integrity_ok
@@ -114,11 +83,11 @@ def test_a_sweep_on_s3_resumes_on_an_empty_disk_with_its_trial_files(
 
     # A new runtime: nothing on its disk but the code.
     with ObjectStore(tmp_path / "second", url, s3.options(), drive_timeout=30) as store:
-        database, finished, restored = sweep(store, 6)
-        assert (finished, restored) == (6, True)
-        restored_file = trial_dir(database.parent, 3) / "weights.bin"
+        second = sweep_to_store(store, "object-store", 6)
+        assert (second.finished, second.restored) == (6, True)
+        restored_file = trial_dir(second.database.parent, 3) / "weights.bin"
         assert restored_file.read_bytes() == (3).to_bytes(4, "big") * 1024
-        assert store.verify(database).trial_counts == {"COMPLETE": 6}
+        assert store.verify(second.database).trial_counts == {"COMPLETE": 6}
 
     names = object_names(s3, prefix)
     assert not [name for name in names if TEMP_MARK in name]
@@ -460,14 +429,7 @@ def test_a_sweep_against_a_hung_endpoint_finishes_and_its_process_exits_in_time(
 CHILD = """
 import json, os, sys, time
 import optuna
-from sweepsafe import (
-    ObjectStore,
-    StudyBackupReport,
-    SweepsafeError,
-    run_sweep,
-    study_dir_for,
-    trial_dir,
-)
+from sweepsafe import ObjectStore, SweepsafeError, run_sweep, study_dir_for, trial_dir
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 local, url, options = sys.argv[1], sys.argv[2], json.loads(os.environ["STORE_OPTIONS"])

@@ -16,8 +16,8 @@ import pytest
 
 from cli_support import TINY_OBJECTIVE, finished_numbers, run_cli, study_databases
 from gcs_support import GcsEndpoint, gcs_emulator
-from sweep_support import finished_trials
-from sweepsafe import ObjectStore, run_sweep, study_dir_for, trial_dir
+from object_store_support import sweep_to_store
+from sweepsafe import ObjectStore, trial_dir
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -40,51 +40,25 @@ def plain_gcsfs(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(name, value)
 
 
-def sweep(store: ObjectStore, n_trials: int) -> tuple[Path, int, bool, str]:
-    """Run up to ``n_trials``; (database, finished trials, restored, the report)."""
-
-    def write_files(trial: optuna.Trial) -> float:
-        folder = trial_dir(study_dir_for(store.local_root, "gcs"), trial)
-        (folder / "weights.bin").write_bytes(trial.number.to_bytes(4, "big") * 4096)
-        return trial.suggest_float("x", -2.0, 2.0) ** 2
-
-    result = run_sweep(
-        write_files,
-        output_dir=store.local_root,
-        study_key="gcs",
-        n_trials=n_trials,
-        backup_to_drive=store,
-        flush_timeout=60,
-    )
-    assert result.backup_report is not None
-    assert result.backup_report.ok, result.backup_report
-    database = result.study_dir / "study.db"
-    return (
-        database,
-        len(finished_trials(database)),
-        result.restored_from_drive,
-        str(result.backup_report),
-    )
-
-
 def test_a_sweep_on_gcs_resumes_on_an_empty_disk_with_its_trial_files(
     tmp_path: Path, gcs: GcsEndpoint
 ) -> None:
     url = f"gs://{BUCKET}/resumes"
     with ObjectStore(tmp_path / "first", url, gcs.options(), drive_timeout=30) as store:
-        database, finished, restored, report = sweep(store, 3)
-        assert (finished, restored) == (3, False)
-        study_url = f"{url}/{database.parent.name}"
-        assert report.startswith("Object store copy complete"), report
-        assert f"{study_url}/study.db: 3 trials" in report
+        first = sweep_to_store(store, "gcs", 3)
+        assert (first.finished, first.restored) == (3, False)
+        study_url = f"{url}/{first.database.parent.name}"
+        assert first.report.startswith("Object store copy complete"), first.report
+        assert f"{study_url}/study.db: 3 trials" in first.report
         assert store.verify(f"{study_url}/study.db").trial_counts == {"COMPLETE": 3}
 
     # A new runtime: nothing on its disk but the code.
     with ObjectStore(tmp_path / "second", url, gcs.options(), drive_timeout=30) as store:
-        database, finished, restored, _ = sweep(store, 5)
-        assert (finished, restored) == (5, True)
+        second = sweep_to_store(store, "gcs", 5)
+        database = second.database
+        assert (second.finished, second.restored) == (5, True)
         weights = trial_dir(database.parent, 2) / "weights.bin"
-        assert weights.read_bytes() == (2).to_bytes(4, "big") * 4096
+        assert weights.read_bytes() == (2).to_bytes(4, "big") * 1024
         assert store.verify(database).trial_counts == {"COMPLETE": 5}
 
     names = gcs.object_names(BUCKET, "resumes/")

@@ -181,6 +181,17 @@ async def read_lease(helper: DriveHelper, unit_drive: Path, timeout: float) -> L
     return None if raw is None else Lease.from_json(raw)
 
 
+async def _read_lease_to_replace(
+    helper: DriveHelper, unit_drive: Path, timeout: float, conditional: bool
+) -> tuple[Lease | None, str | None]:
+    """The lease, and with ``conditional`` the version a write replacing it must match."""
+    if not conditional:
+        return await read_lease(helper, unit_drive, timeout), None
+    path = state_dir(unit_drive) / LEASE_NAME
+    raw, version = await helper.read_versioned(path, timeout, limit=64 << 10)
+    return (None if raw is None else Lease.from_json(raw)), version
+
+
 async def acquire_lease(
     helper: DriveHelper,
     unit_drive: Path,
@@ -206,12 +217,7 @@ async def acquire_lease(
     """
     me = this_runtime()
     path = state_dir(unit_drive) / LEASE_NAME
-    version: str | None = None
-    if conditional:
-        raw, version = await helper.read_versioned(path, timeout, limit=64 << 10)
-        current = None if raw is None else Lease.from_json(raw)
-    else:
-        current = await read_lease(helper, unit_drive, timeout)
+    current, version = await _read_lease_to_replace(helper, unit_drive, timeout, conditional)
     if (
         current is not None
         and not takeover
@@ -249,12 +255,7 @@ async def release_lease(
     """Mark this runtime's lease released, so the next runtime starts at once. With
     ``conditional``, a lease another runtime wrote since it was read is left alone."""
     path = state_dir(unit_drive) / LEASE_NAME
-    version: str | None = None
-    if conditional:
-        raw, version = await helper.read_versioned(path, timeout, limit=64 << 10)
-        current = None if raw is None else Lease.from_json(raw)
-    else:
-        current = await read_lease(helper, unit_drive, timeout)
+    current, version = await _read_lease_to_replace(helper, unit_drive, timeout, conditional)
     if current is None or not current.owner.is_same_process(this_runtime()) or current.released:
         return
     released = Lease(current.owner, current.acquired, clock(), released=True)
