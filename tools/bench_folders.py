@@ -196,7 +196,11 @@ def measure_checkpoint(scratch: Scratch, size: int, trial_s: float, trials: int)
     # mean of the copies made then. At most one version per trial, and one per
     # copy-time from the end of the first trial (nothing to copy before); the last one
     # written lands in the final flush.
-    copy_in_sweep_s = sum(entry[3] for entry in store.landed) / max(1, len(store.landed))
+    # Copies that began before the sweep ended: the final flush's copy runs on an idle
+    # machine, after the sweep, and is not one of them.
+    in_sweep = [entry for entry in store.landed if entry[0] - entry[3] < sweep_end]
+    in_sweep = in_sweep or store.landed
+    copy_in_sweep_s = sum(entry[3] for entry in in_sweep) / max(1, len(in_sweep))
     possible = min(trials, 1 + (sweep_s - trial_s) / copy_in_sweep_s)
     per_copy_time = len(landed) / possible
     discarded = max(0.0, 1 - landed_bytes / written) if written else 0.0
