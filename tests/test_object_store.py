@@ -39,6 +39,7 @@ from object_store_support import (
 )
 from sweep_support import finished_trials, integrity
 from sweepsafe import ObjectStore, SweepsafeError, run_sweep, study_dir_for, trial_dir
+from sweepsafe.drive._object_helper import ObjectServer
 from sweepsafe.drive._replica import Lease, Runtime, acquire_lease
 from sweepsafe.errors import LeaseHeldError
 
@@ -517,3 +518,29 @@ def test_sigkill_mid_backup_leaves_no_corrupt_and_no_temporary_objects(
     assert check_copies(s3, prefix, study_dir / "study.db", scratch) == len(
         finished_trials(study_dir / "study.db")
     )
+
+
+class UploadsForbidden:
+    """An S3 file system whose key may not list or abort multipart uploads."""
+
+    protocol = ("s3", "s3a")
+
+    def invalidate_cache(self, path: str | None = None) -> None:
+        return None
+
+    def call_s3(self, method: str, **kwargs: Any) -> dict[str, Any]:
+        raise PermissionError(f"Access Denied ({method})")
+
+
+def test_a_key_that_may_not_abort_uploads_leaves_them_and_backups_go_on(tmp_path: Path) -> None:
+    """Aborting leftover parts is hygiene: a restricted key must not stop every backup."""
+    spool = tmp_path / "spool"
+    server = ObjectServer(
+        {"url": "s3://sweeps/prefix", "root": "/s3:/sweeps/prefix", "spool": str(spool)}
+    )
+    spool.mkdir()
+    server._fs, server._base = UploadsForbidden(), "sweeps/prefix"
+    reply, _ = server.handle(
+        {"op": "clean", "path": "/s3:/sweeps/prefix/study-a", "uploads": True}, b""
+    )
+    assert reply == {"removed": 0, "ok": True}

@@ -214,7 +214,10 @@ class ObjectServer(DriveServer):
         self._filesystem()
         removed = remove_dead_spools(self._spool)
         if header.get("uploads") and protocol_of(self._fs) in ("s3", "s3a"):
-            removed += self._abort_uploads(self._key(str(header["path"])))
+            # A key without s3:ListBucketMultipartUploads or s3:AbortMultipartUpload: the
+            # parts are left to the bucket's lifecycle rule, and backups go on.
+            with contextlib.suppress(PermissionError):
+                removed += self._abort_uploads(self._key(str(header["path"])))
         if self._local:
             local_header = {**header, "path": self._key(str(header["path"]))}
             reply, _ = super().op_clean(local_header, payload)
