@@ -95,6 +95,18 @@ def create_empty(path: Path) -> None:
     os.close(fd)
 
 
+async def pull_new(helper: DriveHelper, source: Path, target: Path, timeout: float) -> None:
+    """Pull the Drive file ``source`` into the new local file ``target`` (and its folder);
+    ``target`` is removed when the pull fails or is cancelled."""
+    await anyio.to_thread.run_sync(create_empty, target)
+    try:
+        await helper.pull(source, target, timeout)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(remove_quietly, target)
+        raise
+
+
 def scratch_path(scratch: Path, kind: str, suffix: str = "") -> Path:
     """A new file name under ``scratch``, named by this process so orphans can be found."""
     return scratch / f"{kind}-{os.getpid()}-{new_token()}{suffix}"

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from sweepsafe.drive._drive_errors import DriveOSError
-from sweepsafe.drive._files import create_empty, remove_quietly, scratch_path
+from sweepsafe.drive._files import pull_new, remove_quietly, scratch_path
 from sweepsafe.drive._helper_wire import SMALL_READ_LIMIT
 
 if TYPE_CHECKING:
@@ -95,11 +95,10 @@ class PatchFetcher:
             return DriveOSError(errno.EFBIG, too_large)
         work = scratch_path(self._scratch, "patch", ".patch")
         try:
-            await anyio.to_thread.run_sync(create_empty, work)
-            try:
-                await self._helper.pull(self._folder / patch.name, work, self._timeout)
-            except DriveOSError as exc:
-                return None if exc.errno == 2 else exc  # ENOENT: gone since the listing
+            await pull_new(self._helper, self._folder / patch.name, work, self._timeout)
+        except DriveOSError as exc:
+            return None if exc.errno == errno.ENOENT else exc  # gone since the listing
+        try:
             return await anyio.to_thread.run_sync(work.read_bytes)
         finally:
             with anyio.CancelScope(shield=True):

@@ -8,6 +8,7 @@ is described in ``_generations``.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 from collections.abc import Mapping
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from sweepsafe.drive._drive_errors import DriveOSError
-from sweepsafe.drive._files import create_empty, remove_quietly, scratch_path
+from sweepsafe.drive._files import pull_new, remove_quietly, scratch_path
 from sweepsafe.drive._generations import History, _read_record, list_history
 from sweepsafe.drive._page_diff import PatchError, sha256_file
 from sweepsafe.drive._patch_apply import apply_patch, apply_patch_in_place
@@ -144,7 +145,7 @@ async def _pull_plain(
     try:
         return work, await _pull_to(helper, plain, work, timeout)
     except DriveOSError as exc:
-        if exc.errno == 2:  # ENOENT: no plain copy
+        if exc.errno == errno.ENOENT:  # no plain copy
             return work, ""
         raise
 
@@ -241,9 +242,8 @@ async def _next_patch(
 
 
 async def _pull_to(helper: DriveHelper, source: Path, target: Path, timeout: float) -> str:
-    await anyio.to_thread.run_sync(create_empty, target)
+    await pull_new(helper, source, target, timeout)
     try:
-        await helper.pull(source, target, timeout)
         return await anyio.to_thread.run_sync(sha256_file, target)
     except BaseException:
         with anyio.CancelScope(shield=True):

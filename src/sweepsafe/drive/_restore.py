@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from sweepsafe.drive._files import create_empty, remove_quietly, scratch_path
+from sweepsafe.drive._files import pull_new, remove_quietly, scratch_path
 from sweepsafe.drive._fs_primitives import fsync_directory
 from sweepsafe.drive._generations import (
     GenerationDetails,
@@ -171,13 +171,7 @@ async def _pull_plain(
     if info["kind"] != "file":
         raise RestoreRefused(f"{plain} on Google Drive is not a file")
     work = scratch_path(scratch, "rebuild", ".db")
-    await anyio.to_thread.run_sync(create_empty, work)
-    try:
-        await helper.pull(plain, work, timeout)
-    except BaseException:
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(remove_quietly, work)
-        raise
+    await pull_new(helper, plain, work, timeout)
     return work
 
 
