@@ -27,7 +27,7 @@ from sweepsafe._callbacks import (
     keep_leases_alive,
     submit_initial_backup,
 )
-from sweepsafe.drive import BackupBackend
+from sweepsafe.drive import BackupBackend, ObjectStore
 from sweepsafe.drive._sqlite import SnapshotError, read_content, recover_hot_journal
 from sweepsafe.errors import LeaseHeldError, StudyConflictError, SweepsafeError
 from sweepsafe.worker import BackupWorker, get_default_worker
@@ -198,10 +198,9 @@ def _acquire(store: BackupBackend, study_dir: Path, takeover: bool, *, needed: b
     except LeaseHeldError:
         raise
     except Exception as exc:
-        url = getattr(store, "url", None)  # an ObjectStore's
-        if needed and isinstance(url, str):
+        if needed and isinstance(store, ObjectStore):
             raise SweepsafeError(
-                f"Could not reach the copy of {study_dir} in the object store {url}: {exc}. "
+                f"Could not reach the copy of {study_dir} in the object store {store.url}: {exc}. "
                 "Check the URL, the credentials and the network, and run again; pass "
                 "restore=False only to start a new study."
             ) from exc

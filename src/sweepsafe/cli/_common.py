@@ -21,13 +21,14 @@ from sweepsafe._blocking import run_blocking
 from sweepsafe.cli._errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNSOUND, CommandError
 from sweepsafe.drive import BackupResult, DriveStore, ObjectStore, path_kind
 from sweepsafe.drive._drive_errors import DriveTimeout
-from sweepsafe.drive._operations import DATABASE_SUFFIXES
+from sweepsafe.drive._operations import DATABASE_SUFFIXES, STUDY_DB_NAME
 from sweepsafe.errors import DriveNotMountedError
 from sweepsafe.paths import COLAB_DRIVE_MOUNT, configured_drive_roots, is_within
 
 __all__ = [
     "DRIVE_CHECK_TIMEOUT_S",
     "DRIVE_READ_TIMEOUT_S",
+    "STUDY_DB_NAME",
     "add_drive_timeout_option",
     "add_progress_options",
     "ask_drive",
@@ -48,8 +49,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-STUDY_DB_NAME = "study.db"
 
 DRIVE_CHECK_TIMEOUT_S = 30.0
 """How long a command waits for Drive to say whether a folder is there (``--drive-timeout``)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from sweepsafe.cli._common import (
+    STUDY_DB_NAME,
     add_drive_timeout_option,
     ask_drive,
     check_timeout,
@@ -25,8 +26,6 @@ if TYPE_CHECKING:
     from sweepsafe.drive._results import GenerationInfo
 
 __all__ = ["register"]
-
-STUDY_DB_NAME = "study.db"
 
 
 def register(

@@ -18,6 +18,7 @@ from typing import Any, TextIO
 from sweepsafe._blocking import run_blocking
 from sweepsafe.cli._common import (
     DRIVE_READ_TIMEOUT_S,
+    STUDY_DB_NAME,
     add_drive_timeout_option,
     ask_drive,
     check_timeout,
@@ -34,7 +35,6 @@ from sweepsafe.drive._operations import DATABASE_SUFFIXES
 
 __all__ = ["as_json", "check", "check_word", "human_size", "iso_time", "register"]
 
-STUDY_DB_NAME = "study.db"
 _STATE_COLUMNS = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
 NOT_SQLITE = "is not an SQLite database (it does not start with the SQLite header)"
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from sweepsafe.cli._common import (
+    STUDY_DB_NAME,
     add_drive_timeout_option,
     check_timeout,
     kind_of,
@@ -22,8 +23,6 @@ if TYPE_CHECKING:
     from sweepsafe.drive import VerifyResult
 
 __all__ = ["register"]
-
-STUDY_DB_NAME = "study.db"
 
 
 def register(

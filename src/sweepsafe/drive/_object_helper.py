@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING or __package__:
     from sweepsafe.drive._fs_primitives import _clear_way, _make_folder, _sha256_of
     from sweepsafe.drive._helper_process import DriveServer, serve
+    from sweepsafe.drive._helper_wire import SMALL_READ_LIMIT
     from sweepsafe.drive._object_fs import (
         LOCAL_PROTOCOLS,
         check_bucket,
@@ -49,6 +50,7 @@ else:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _fs_primitives import _clear_way, _make_folder, _sha256_of
     from _helper_process import DriveServer, serve
+    from _helper_wire import SMALL_READ_LIMIT
     from _object_fs import (
         LOCAL_PROTOCOLS,
         check_bucket,
@@ -233,7 +235,8 @@ class ObjectServer(DriveServer):
             version = str(fs.info(key)["ETag"])
         except (FileNotFoundError, NotADirectoryError, KeyError):
             return {"exists": False}, b""
-        data = self._read_small(str(header["path"]), int(header.get("limit", 1 << 20)), False)
+        limit = min(int(header.get("limit", SMALL_READ_LIMIT)), SMALL_READ_LIMIT)
+        data = self._read_small(str(header["path"]), limit, False)
         if data is None:
             return {"exists": False}, b""
         return {"exists": True, "version": version}, data
