@@ -234,6 +234,145 @@ def test_a_writer_stalled_in_the_middle_of_a_version_is_never_captured_torn(
         assert landed == sorted(landed)
 
 
+# Writes the versions it is told to, each over the time it is told, holding the file
+# open throughout as a training loop saving tensor after tensor does.
+STEERED_WRITER = """
+import sys, time
+path, size = sys.argv[1], int(sys.argv[2])
+for line in sys.stdin:
+    version, seconds = int(line.split()[0]), float(line.split()[1])
+    data = b"%08d" % version * (size // 8)
+    pieces = 16
+    with open(path, "wb") as file:
+        for index in range(pieces):
+            file.write(data[index * size // pieces : (index + 1) * size // pieces])
+            file.flush()
+            time.sleep(seconds / pieces)
+    print(version, flush=True)
+"""
+
+
+@dataclass
+class SteeredWriter:
+    """A writer process of ``last.pt`` in ``folder``, writing the versions it is told to."""
+
+    process: subprocess.Popen[str]
+    folder: Path
+    on_drive: Path
+
+    def write(self, version: int, seconds: float) -> None:
+        """Start writing ``version`` over ``seconds``."""
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"{version} {seconds}\n")
+        self.process.stdin.flush()
+
+    def finished(self) -> int:
+        """Wait for the next version to be finished; its number."""
+        assert self.process.stdout is not None
+        return int(self.process.stdout.readline())
+
+    async def write_during_first_ship(self, *versions: tuple[int, float, float]) -> None:
+        """Once a copy of ``last.pt`` to Drive has begun: wait, then write, each version."""
+        while not list(self.on_drive.parent.glob(".sweepsafe-tmp-*")):
+            await anyio.sleep(0.02)
+        for version, wait, seconds in versions:
+            await anyio.sleep(wait)
+            await anyio.to_thread.run_sync(self.write, version, seconds)
+
+
+@contextlib.contextmanager
+def steered_writer(setup: Drive) -> Iterator[SteeredWriter]:
+    folder = setup.local / "study" / "checkpoints"
+    folder.mkdir(parents=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", STEERED_WRITER, str(folder / "last.pt"), str(CHECKPOINT_BYTES)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    writer = SteeredWriter(process, folder, setup.drive / "study" / "checkpoints" / "last.pt")
+    try:
+        writer.write(1, 0.0)
+        assert writer.finished() == 1
+        yield writer
+    finally:
+        assert process.stdin is not None
+        assert process.stdout is not None
+        process.stdin.close()
+        process.wait(timeout=30)
+        process.stdout.close()
+
+
+def spares_on_disk(setup: Drive) -> int:
+    return len(list(setup.local.glob(".sweepsafe/**/spare-*")))
+
+
+# Shipping 24 MiB takes over a second.
+SLOW_SHIP = FaultPlan(latency_s=0.1, latency_per_mib_s=0.05)
+
+
+def test_a_backup_meeting_a_checkpoint_mid_write_ships_the_version_finished_before_at_once(
+    tmp_path: Path,
+) -> None:
+    """While one version ships, the next finished one is kept: the next backup, finding a
+    third being written, ships that one at once instead of leaving Drive idle until the
+    write ends; the backup after the write ships the newest."""
+    with stand_in_drive(tmp_path, SLOW_SHIP) as setup, steered_writer(setup) as writer:
+        kept: list[int] = []
+
+        async def two_backups() -> tuple[BackupResult, BackupResult, float]:
+            async with anyio.create_task_group() as group:
+                # Version 2 whole during the first ship, then version 3 slowly.
+                group.start_soon(writer.write_during_first_ship, (2, 0.0, 0.0), (3, 0.6, 4.0))
+                first = await setup.store.abackup(writer.folder, is_directory=True)
+            kept.append(spares_on_disk(setup))
+            second = await setup.store.abackup(writer.folder, is_directory=True)
+            return first, second, time.monotonic()
+
+        first, second, second_ended = anyio.run(two_backups)
+        assert first.ok, first.error
+        assert second.ok, second.error
+        assert (first.files_copied, second.files_copied) == (1, 1)
+        assert kept == [1]
+        assert checkpoint_version(writer.on_drive.read_bytes()) == 2
+        assert (writer.finished(), writer.finished()) == (2, 3)
+        assert time.monotonic() - second_ended > 0.5, "version 3 was not being written"
+
+        third = setup.store.backup(writer.folder, is_directory=True)
+        assert third.ok, third.error
+        assert third.files_copied == 1
+        assert checkpoint_version(writer.on_drive.read_bytes()) == 3
+    assert spares_on_disk(setup) == 0
+
+
+def test_a_kept_version_is_not_shipped_once_a_newer_one_may_have_been_finished(
+    tmp_path: Path,
+) -> None:
+    """A kept version is known to be the newest finished one only until its watch ends:
+    later, a backup that finds the file mid-write waits for it, as without one."""
+    with stand_in_drive(tmp_path, SLOW_SHIP) as setup, steered_writer(setup) as writer:
+
+        async def first_backup() -> BackupResult:
+            async with anyio.create_task_group() as group:
+                # Version 2 whole during the first ship, then version 3 over its end.
+                group.start_soon(writer.write_during_first_ship, (2, 0.0, 0.0), (3, 0.6, 1.5))
+                return await setup.store.abackup(writer.folder, is_directory=True)
+
+        first = anyio.run(first_backup)
+        assert first.ok, first.error
+        assert spares_on_disk(setup) == 1
+        assert (writer.finished(), writer.finished()) == (2, 3)  # after the backup ended
+        writer.write(4, 2.0)
+        time.sleep(0.3)
+
+        second = setup.store.backup(writer.folder, is_directory=True)
+        assert second.ok, second.error
+        assert checkpoint_version(writer.on_drive.read_bytes()) == 4
+        assert writer.finished() == 4
+        setup.store.close()
+        assert spares_on_disk(setup) == 0
+
+
 def test_checkpoint_changing_faster_than_it_can_be_captured_is_named_never_backed_up(
     tmp_path: Path,
 ) -> None:

@@ -50,6 +50,7 @@ __all__ = [
     "remove_orphans",
     "remove_quietly",
     "scratch_path",
+    "settled_signature",
 ]
 
 COPY_CHUNK = 8 << 20
@@ -183,6 +184,25 @@ def capture_file(
         raise
     remove_quietly(target)
     raise SourceChanging(f"{source} kept changing while it was captured")
+
+
+def settled_signature(source: Path, check_cancelled: Callable[[], None]) -> Signature:
+    """Wait until the version being written to ``source`` is finished, without copying
+    it, and return its signature. Blocking.
+
+    Raises:
+        SourceChanging: it never stayed unchanged for long enough.
+        FileNotFoundError, PermissionError: it vanished, or cannot be read.
+    """
+    fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        deadline = time.monotonic() + _CAPTURE_PATIENCE_S
+        settled = _wait_until_settled(fd, source.name, deadline, check_cancelled)
+    finally:
+        os.close(fd)
+    if settled is None:
+        raise SourceChanging(f"{source} kept changing")
+    return file_signature(settled)
 
 
 def _wait_until_settled(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -72,6 +73,7 @@ class _Copier:
         self.unchanged_meanwhile = 0
         self._landed: list[tuple[str, Signature]] = []  # renamed on Drive, folder not synced
         self._cleaned: set[str] = set()
+        self._watches: anyio.abc.TaskGroup | None = None
 
     async def copy_all(self, rels: Sequence[str]) -> None:
         """Copy every file of ``rels``, several at once, each worker on its own helper."""
@@ -90,9 +92,12 @@ class _Copier:
             except (OSError, DriveTimeout) as exc:
                 self.stopped = self.stopped or exc
 
-        async with anyio.create_task_group() as group:
-            for _ in range(min(max(1, self.job.concurrency), len(rels))):
-                group.start_soon(worker)
+        async with anyio.create_task_group() as watches:
+            self._watches = watches
+            async with anyio.create_task_group() as group:
+                for _ in range(min(max(1, self.job.concurrency), len(rels))):
+                    group.start_soon(worker)
+            watches.cancel_scope.cancel()
 
     async def _copy_one(self, helper: DriveHelper, rel: str) -> None:
         if self.job.file_lock is None:
@@ -123,18 +128,28 @@ class _Copier:
         source = Path(local.path)
         capture = scratch_path(job.scratch, "capture")
         captured: Captured | None = None
+        spares = job.spares
+        spare = spares.take(rel) if spares is not None else None
         try:
-            captured = await anyio.to_thread.run_sync(
-                functools.partial(
-                    capture_file,
-                    source,
-                    capture,
-                    in_memory_up_to=_IN_MEMORY,
-                    # A file that keeps changing can hold a capture for seconds: a
-                    # cancelled backup (the exit's deadline) stops it at once.
-                    check_cancelled=anyio.from_thread.check_cancelled,
+            if (
+                spares is not None
+                and spare is not None
+                and job.manifest.get(rel) != spare.signature  # not on Drive already
+                and await anyio.to_thread.run_sync(spares.ships, rel, source, spare)
+            ):
+                captured, spare = spare, None
+            else:
+                captured = await anyio.to_thread.run_sync(
+                    functools.partial(
+                        capture_file,
+                        source,
+                        capture,
+                        in_memory_up_to=_IN_MEMORY,
+                        # A file that keeps changing can hold a capture for seconds: a
+                        # cancelled backup (the exit's deadline) stops it at once.
+                        check_cancelled=anyio.from_thread.check_cancelled,
+                    )
                 )
-            )
             if captured is None:  # an SQLite database
                 if job.publish_database is not None and await _is_optuna(source):
                     problem = await job.publish_database(source)
@@ -143,7 +158,9 @@ class _Copier:
                     return
                 shipped, signature = await self._ship_snapshot(helper, source, destination)
             else:
-                shipped, signature = await self._ship_capture(helper, captured, destination)
+                shipped, signature = await self._ship_capture(
+                    helper, rel, source, captured, destination
+                )
         except FileNotFoundError:
             job.manifest.forget(rel)  # deleted since the scan: nothing to copy
             return
@@ -165,10 +182,11 @@ class _Copier:
             self.problems.append(EntryProblem(rel, reason, not refused, exc))
             return
         finally:
-            if captured is None or captured.data is None:
+            with anyio.CancelScope(shield=True):
                 # A copy on the local disk may be there (a small file was read instead).
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(remove_quietly, capture)
+                for leftover in (capture, captured and captured.path, spare and spare.path):
+                    if leftover:
+                        await anyio.to_thread.run_sync(remove_quietly, leftover)
         self.copied += 1
         self.bytes += shipped
         for stale in job.manifest.under(rel):
@@ -186,13 +204,17 @@ class _Copier:
             self.job.manifest.forget("/".join(parts[:depth]))
 
     async def _ship_capture(
-        self, helper: DriveHelper, captured: Captured, destination: Path
+        self, helper: DriveHelper, rel: str, source: Path, captured: Captured, destination: Path
     ) -> tuple[int, Signature]:
         timeout = self.job.timeout
         if captured.data is not None:
             # A small file goes with its bytes in the request: no copy on the local disk.
             await helper.put_bytes(destination, captured.data, timeout, sync_folder=False)
             return len(captured.data), captured.signature
+        spares, started = self.job.spares, time.monotonic()
+        if spares is not None and self._watches is not None:
+            # Until this folder copy ends, keep the next version at hand for the next one.
+            self._watches.start_soon(spares.watch, rel, source, captured.signature, started)
         copied = await helper.put_file(
             captured.path,
             destination,
@@ -201,6 +223,8 @@ class _Copier:
             chunk=COPY_CHUNK,
             sync_folder=False,
         )
+        if spares is not None:
+            spares.record_ship(rel, time.monotonic() - started)
         return copied, captured.signature
 
     async def _ship_snapshot(

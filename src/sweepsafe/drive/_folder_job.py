@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
     from sweepsafe.drive._helper_client import HelperPool
     from sweepsafe.drive._local_state import Manifest, Signature
+    from sweepsafe.drive._spares import Spares
 
 __all__ = ["EntryProblem", "FolderJob", "FolderOutcome", "PublishDatabase"]
 
@@ -74,3 +75,5 @@ class FolderJob:
     """One lock per file of the study: two jobs never copy the same file at once."""
     landing: dict[str, Signature] | None = None
     """Files of the study on Drive whose folder is not yet synced, shared by its jobs."""
+    spares: Spares | None = None
+    """Next versions of the study's large files, captured while the one before ships."""

@@ -376,8 +376,13 @@ class DriveStore(StudyFolders, BlockingFaces):
 
     # -- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:
-        """End idle helper processes (without waiting on them). The store stays usable."""
+        """End idle helper processes (without waiting on them), and remove the spare
+        versions of large files kept on the local disk. The store stays usable."""
         self._pool.close()
+        with self._units_lock:
+            units = list(self._units.values())
+        for unit in units:
+            unit.spares.drop_all()
 
     async def aclose(self) -> None:
         """Same as :meth:`close`; never blocks."""

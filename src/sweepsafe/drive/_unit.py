@@ -37,6 +37,7 @@ from sweepsafe.drive._replica import (
 )
 from sweepsafe.drive._reserved_names import STATE_DIR_NAME
 from sweepsafe.drive._runtime_temps import folders_with_abandoned
+from sweepsafe.drive._spares import Spares
 from sweepsafe.errors import LeaseHeldError
 from sweepsafe.paths import is_within
 
@@ -119,6 +120,7 @@ class StudyUnit:
         """This folder is known to be a study (a lease, or a database of it)."""
         self.landing: dict[str, Signature] = {}
         """Files copied to Drive whose folder a job has yet to sync (see ``FolderJob``)."""
+        self.spares = Spares(settings.scratch)
         self.locks = _LoopLocks()
         self._load_guard = _LoopLocks()
 
@@ -320,6 +322,7 @@ class StudyUnit:
             publish_database=publish,
             file_lock=lambda rel: self.locks.get(("file", rel)),
             landing=self.landing,
+            spares=self.spares,
         )
 
     async def sync(
