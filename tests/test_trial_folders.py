@@ -235,19 +235,30 @@ def test_a_writer_stalled_in_the_middle_of_a_version_is_never_captured_torn(
 
 
 # Writes the versions it is told to, each over the time it is told, holding the file
-# open throughout as a training loop saving tensor after tensor does.
+# open throughout as a training loop saving tensor after tensor does: in place, or (with
+# "atomic") beside it, renamed over it once whole. Prints each version it finished, or
+# the error that stopped it.
 STEERED_WRITER = """
-import sys, time
-path, size = sys.argv[1], int(sys.argv[2])
+import os, sys, time
+path, size, atomic = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "atomic"
 for line in sys.stdin:
     version, seconds = int(line.split()[0]), float(line.split()[1])
     data = b"%08d" % version * (size // 8)
     pieces = 16
-    with open(path, "wb") as file:
-        for index in range(pieces):
-            file.write(data[index * size // pieces : (index + 1) * size // pieces])
-            file.flush()
-            time.sleep(seconds / pieces)
+    target = path + ".part" if atomic else path
+    try:
+        with open(target, "wb") as file:
+            for index in range(pieces):
+                file.write(data[index * size // pieces : (index + 1) * size // pieces])
+                file.flush()
+                time.sleep(seconds / pieces)
+        if atomic:
+            os.replace(target, path)
+    except OSError as exc:
+        print(f"error: {exc}", flush=True)
+        if atomic and os.path.exists(target):
+            os.remove(target)
+        continue
     print(version, flush=True)
 """
 
@@ -269,7 +280,9 @@ class SteeredWriter:
     def finished(self) -> int:
         """Wait for the next version to be finished; its number."""
         assert self.process.stdout is not None
-        return int(self.process.stdout.readline())
+        line = self.process.stdout.readline().strip()
+        assert line.isdigit(), f"the training code's save failed: {line}"
+        return int(line)
 
     async def write_during_first_ship(self, *versions: tuple[int, float, float]) -> None:
         """Once a copy of ``last.pt`` to Drive has begun: wait, then write, each version."""
@@ -281,11 +294,12 @@ class SteeredWriter:
 
 
 @contextlib.contextmanager
-def steered_writer(setup: Drive) -> Iterator[SteeredWriter]:
+def steered_writer(setup: Drive, mode: str = "in-place") -> Iterator[SteeredWriter]:
     folder = setup.local / "study" / "checkpoints"
     folder.mkdir(parents=True)
+    path = folder / "last.pt"
     process = subprocess.Popen(
-        [sys.executable, "-c", STEERED_WRITER, str(folder / "last.pt"), str(CHECKPOINT_BYTES)],
+        [sys.executable, "-c", STEERED_WRITER, str(path), str(CHECKPOINT_BYTES), mode],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -371,6 +385,59 @@ def test_a_kept_version_is_not_shipped_once_a_newer_one_may_have_been_finished(
         assert writer.finished() == 4
         setup.store.close()
         assert spares_on_disk(setup) == 0
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, mib: int) -> Iterator[Path]:
+    """A file system of ``mib`` MiB of its own at ``folder`` (a tmpfs: root only)."""
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"a small disk of its own needs a tmpfs mount: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_kept_version_never_takes_the_room_the_next_save_needs(tmp_path: Path) -> None:
+    """A save that writes the new version beside the old one needs the file's size free:
+    on a disk that holds the checkpoint, the copy being shipped and one more version, a
+    version is not kept when keeping it would leave the next save without room."""
+    # 24 MiB live + 24 MiB being shipped + 24 MiB of the next save fit in 88 MiB; a
+    # kept version on top of them would not.
+    with small_disk(tmp_path / "disk", 88) as disk:
+        plan_path = tmp_path / "plan.json"
+        SLOW_SHIP.write(plan_path)
+        local = disk / "local"
+        local.mkdir()
+        store = simulated_store(local, tmp_path / "drive", plan_path)
+        setup = Drive(store, local, tmp_path / "drive", plan_path)
+        try:
+            with steered_writer(setup, "atomic") as writer:
+
+                async def backup_while_saving() -> BackupResult:
+                    async with anyio.create_task_group() as group:
+                        group.start_soon(
+                            writer.write_during_first_ship, (2, 0.0, 0.0), (3, 0.5, 0.0)
+                        )
+                        return await setup.store.abackup(writer.folder, is_directory=True)
+
+                first = anyio.run(backup_while_saving)
+                assert (writer.finished(), writer.finished()) == (2, 3)
+                assert first.ok, first.error
+                assert spares_on_disk(setup) == 0
+
+                second = setup.store.backup(writer.folder, is_directory=True)
+                assert second.ok, second.error
+                assert checkpoint_version(writer.on_drive.read_bytes()) == 3
+        finally:
+            store.close()
 
 
 def test_checkpoint_changing_faster_than_it_can_be_captured_is_named_never_backed_up(

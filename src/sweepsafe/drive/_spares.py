@@ -15,7 +15,8 @@ Otherwise the backup captures as it would without one.
 
 A spare costs a local copy of the file, so once the file's ship time and rewrite period
 are known, only the last version expected to finish before the ship ends is captured: one
-spare per ship, not one per version.
+spare per ship, not one per version. And none is taken unless the disk keeps room for the
+training code's next version of the file beside it, and a margin.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from sweepsafe.drive._open_writers import open_for_writing
 __all__ = ["Spares"]
 
 _LOOK_S = 0.1  # how often a watched file is looked at for a new version
+_MARGIN_MAX = 1 << 30  # free space kept beyond a spare: 5% of the disk, at most 1 GiB
 _FRESH_S = 0.2  # how long after its watch ended a spare is still known to be the newest
 
 
@@ -136,9 +138,11 @@ class Spares:
             period = None if last_start is None else now - last_start
             last_start = now
             ends = None if expected is None else started + expected
-            if ends is not None and period is not None and now + period < ends:
-                # Another version is expected to finish before this ship ends: let this
-                # one pass without a copy.
+            later = ends is not None and period is not None and now + period < ends
+            size = max(info.st_size, seen[0])
+            if later or not await anyio.to_thread.run_sync(self._room_for, size):
+                # Another version is expected to finish before this ship ends, or the
+                # disk is short of room: let this one pass without a copy.
                 seen = await anyio.to_thread.run_sync(settled_signature, source, check)
                 self.newest[rel] = seen
                 continue
@@ -148,6 +152,17 @@ class Spares:
                 return
             self.put(rel, spare)
             self.newest[rel] = seen = spare.signature
+
+    def _room_for(self, size: int) -> bool:
+        """Whether a spare of ``size`` bytes leaves the local disk room for the training
+        code's next version of the file (written beside the old one by a save that
+        renames into place) and a margin: a spare must never fill the disk under it."""
+        try:
+            disk = os.statvfs(self.scratch)
+        except OSError:
+            return False
+        margin = min(_MARGIN_MAX, disk.f_blocks * disk.f_frsize // 20)
+        return disk.f_bavail * disk.f_frsize >= 2 * size + margin
 
     async def _capture(self, source: Path, check: Callable[[], None]) -> Captured | None:
         target = scratch_path(self.scratch, "spare")
