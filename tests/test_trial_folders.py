@@ -325,6 +325,29 @@ def spares_on_disk(setup: Drive) -> int:
 SLOW_SHIP = FaultPlan(latency_s=0.1, latency_per_mib_s=0.05)
 
 
+def second_backup_meeting_a_rewrite(
+    setup: Drive, writer: SteeredWriter, *, final: bool
+) -> tuple[BackupResult, float]:
+    """Back up once while version 2 is written whole and version 3 begins (slowly), then
+    once more at once, version 3 still being written: the second backup, and when it ended."""
+    kept: list[int] = []
+
+    async def two_backups() -> tuple[BackupResult, BackupResult, float]:
+        async with anyio.create_task_group() as group:
+            group.start_soon(writer.write_during_first_ship, (2, 0.0, 0.0), (3, 0.6, 4.0))
+            first = await setup.store.abackup(writer.folder, is_directory=True)
+        kept.append(spares_on_disk(setup))
+        second = await setup.store.abackup(writer.folder, is_directory=True, final=final)
+        return first, second, time.monotonic()
+
+    first, second, second_ended = anyio.run(two_backups)
+    assert first.ok, first.error
+    assert second.ok, second.error
+    assert (first.files_copied, second.files_copied) == (1, 1)
+    assert kept == [1]  # version 2, kept while version 1 shipped
+    return second, second_ended
+
+
 def test_a_backup_meeting_a_checkpoint_mid_write_ships_the_version_finished_before_at_once(
     tmp_path: Path,
 ) -> None:
@@ -332,22 +355,7 @@ def test_a_backup_meeting_a_checkpoint_mid_write_ships_the_version_finished_befo
     third being written, ships that one at once instead of leaving Drive idle until the
     write ends; the backup after the write ships the newest."""
     with stand_in_drive(tmp_path, SLOW_SHIP) as setup, steered_writer(setup) as writer:
-        kept: list[int] = []
-
-        async def two_backups() -> tuple[BackupResult, BackupResult, float]:
-            async with anyio.create_task_group() as group:
-                # Version 2 whole during the first ship, then version 3 slowly.
-                group.start_soon(writer.write_during_first_ship, (2, 0.0, 0.0), (3, 0.6, 4.0))
-                first = await setup.store.abackup(writer.folder, is_directory=True)
-            kept.append(spares_on_disk(setup))
-            second = await setup.store.abackup(writer.folder, is_directory=True)
-            return first, second, time.monotonic()
-
-        first, second, second_ended = anyio.run(two_backups)
-        assert first.ok, first.error
-        assert second.ok, second.error
-        assert (first.files_copied, second.files_copied) == (1, 1)
-        assert kept == [1]
+        _, second_ended = second_backup_meeting_a_rewrite(setup, writer, final=False)
         assert checkpoint_version(writer.on_drive.read_bytes()) == 2
         assert (writer.finished(), writer.finished()) == (2, 3)
         assert time.monotonic() - second_ended > 0.5, "version 3 was not being written"
@@ -356,6 +364,17 @@ def test_a_backup_meeting_a_checkpoint_mid_write_ships_the_version_finished_befo
         assert third.ok, third.error
         assert third.files_copied == 1
         assert checkpoint_version(writer.on_drive.read_bytes()) == 3
+    assert spares_on_disk(setup) == 0
+
+
+def test_the_final_backup_waits_for_a_rewrite_and_ships_the_newest_version(
+    tmp_path: Path,
+) -> None:
+    """The end of a sweep is no time to ship an older kept version: it waits."""
+    with stand_in_drive(tmp_path, SLOW_SHIP) as setup, steered_writer(setup) as writer:
+        second_backup_meeting_a_rewrite(setup, writer, final=True)
+        assert checkpoint_version(writer.on_drive.read_bytes()) == 3
+        assert (writer.finished(), writer.finished()) == (2, 3)
     assert spares_on_disk(setup) == 0
 
 

@@ -177,7 +177,9 @@ def backup_hpo_study_to_drive(
     worker = worker or get_default_worker()
     targets, skipped = _study_targets(found)
     for target, is_directory in targets:
-        job = backup_job(backup_to_drive, None, final=target == database)
+        # The end of the sweep: the database's plain copy brought up to date, and every
+        # file's newest version shipped (a file still being rewritten is waited for).
+        job = backup_job(backup_to_drive, None, final=True)
         worker.submit(target, job, is_directory=is_directory)
     logger.info(
         "Waiting %s for the backup of %s to reach %s.",

@@ -89,8 +89,12 @@ async def backup_files(
     is_directory: bool,
     exclude: Sequence[str],
     mirror: bool,
+    final: bool = False,
 ) -> BackupResult:
-    """Copy a folder (or one file) of a study to Drive, one bad entry costing one entry."""
+    """Copy a folder (or one file) of a study to Drive, one bad entry costing one entry.
+
+    A ``final`` copy (the end of a sweep) waits for a file being rewritten and ships its
+    newest version, never one kept while an older one shipped."""
     async with unit.settings.pool.session() as helper:
         await unit.prepare(helper, for_database=False)
     if not unit.shared:
@@ -101,7 +105,7 @@ async def backup_files(
         result = await backup_database(unit, database, destination, False)
         return None if result.ok else EntryProblem(unit.rel_of(database), result.error or "", True)
 
-    job = unit.folder_job(publish_inner)
+    job = unit.folder_job(publish_inner, final=final)
     if is_directory:
         outcome = await unit.sync(source, exclude=exclude, mirror=mirror, job=job)
     else:

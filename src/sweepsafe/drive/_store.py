@@ -192,7 +192,8 @@ class DriveStore(StudyFolders, BlockingFaces):
         holding finished trials it lacks, after the files of its new trials; a folder
         only for the files changed since its last backup (``exclude``: fnmatch patterns
         relative to it). ``final`` (the end of a sweep) also brings the plain database
-        copy on Drive up to date. Cancelling leaves the previous Drive copy in place.
+        copy on Drive up to date, and waits for a file being rewritten to ship its newest
+        version. Cancelling leaves the previous Drive copy in place.
         """
         started = time.monotonic()
         source = Path(os.path.abspath(path))
@@ -225,7 +226,7 @@ class DriveStore(StudyFolders, BlockingFaces):
                 result = await self._backup_root(exclude, final)
             else:
                 result = await backup_files(
-                    unit, source, destination, is_directory, exclude, self.mirror
+                    unit, source, destination, is_directory, exclude, self.mirror, final
                 )
         except _EXPECTED as exc:
             error, retryable = explain_failure(exc, source, "writing", destination)

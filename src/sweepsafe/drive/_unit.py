@@ -308,8 +308,11 @@ class StudyUnit:
         )
 
     # -- folders ------------------------------------------------------------------------------
-    def folder_job(self, publish: PublishDatabase | None = None) -> FolderJob:
-        """The context of a folder copy in this study."""
+    def folder_job(
+        self, publish: PublishDatabase | None = None, *, final: bool = False
+    ) -> FolderJob:
+        """The context of a folder copy in this study. A ``final`` one (the end of a sweep)
+        ships no kept version of a file being rewritten: it waits for the newest."""
         settings = self.settings
         return FolderJob(
             pool=settings.pool,
@@ -322,7 +325,7 @@ class StudyUnit:
             publish_database=publish,
             file_lock=lambda rel: self.locks.get(("file", rel)),
             landing=self.landing,
-            spares=self.spares,
+            spares=None if final else self.spares,
         )
 
     async def sync(
