@@ -364,3 +364,56 @@ def test_a_hung_sync_callable_behind_the_public_callback_is_abandoned_at_close(
     warnings = log.messages(logging.WARNING)
     assert any(str(target) in message and "stuck" in message for message in warnings), warnings
     assert len(study.get_trials(states=FINISHED)) == 1
+
+
+# A store's finalizer ends its helper processes wherever the garbage collector runs, which
+# can be in the middle of the reaping of ended helpers (any allocation can start it). Here
+# the first helper's poll stands for that moment: it ends a second helper, as a finalizer
+# would, while the first is being reaped.
+FINALIZER_MID_REAP = """
+import subprocess, sys
+from sweepsafe.drive import _helper_reaping as reaping
+
+def helper():
+    return subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(30)"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+
+second = helper()
+armed = False
+
+class First(subprocess.Popen):
+    def poll(self):
+        global armed
+        if armed:
+            armed = False
+            reaping._abandon(second, kill=True)
+        return super().poll()
+
+first = First(
+    [sys.executable, "-c", "import time; time.sleep(30)"],
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+)
+reaping._abandon(first, kill=True)
+armed = True
+reaping.reap_ended_helpers()
+tracked = [process for process, _ in reaping._unreaped]
+print("second tracked" if any(process is second for process in tracked) else "second lost")
+for process in (first, second):
+    process.wait()
+"""
+
+
+def test_a_store_finalized_while_helpers_are_reaped_neither_hangs_nor_loses_a_helper() -> None:
+    child = subprocess.run(
+        [sys.executable, "-c", FINALIZER_MID_REAP],
+        capture_output=True,
+        text=True,
+        timeout=LIMIT_S,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.split("\n")[0] == "second tracked"

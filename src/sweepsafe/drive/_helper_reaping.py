@@ -7,8 +7,8 @@ one; at exit, helpers that were closed normally get a moment to exit.
 from __future__ import annotations
 
 import atexit
+import collections
 import subprocess
-import threading
 import time
 from contextlib import suppress
 
@@ -19,14 +19,29 @@ _EXIT_GRACE_S = 0.5
 # Helpers that were ended (closed or killed) but have not been reaped yet, with whether
 # they were killed (possibly stuck). Keeping the Popen objects here means none is
 # garbage-collected while running (no ResourceWarning) and none is waited on.
-_unreaped: list[tuple[subprocess.Popen[bytes], bool]] = []
-_unreaped_lock = threading.Lock()
+#
+# No lock guards it: a store's finalizer ends its helpers, and a finalizer runs wherever
+# the garbage collector happens to run, which can be inside any code that allocates,
+# including code holding such a lock; the lock would then be taken twice by one thread,
+# for ever. A deque's append and popleft are atomic, and an entry taken out to be polled
+# is put back unless its process exited, so none is lost to a concurrent reaper.
+_unreaped: collections.deque[tuple[subprocess.Popen[bytes], bool]] = collections.deque()
+
+
+def _take_all() -> list[tuple[subprocess.Popen[bytes], bool]]:
+    taken = []
+    while True:
+        try:
+            taken.append(_unreaped.popleft())
+        except IndexError:
+            return taken
 
 
 def reap_ended_helpers() -> None:
     """Forget ended helpers that have exited; never blocks."""
-    with _unreaped_lock:
-        _unreaped[:] = [entry for entry in _unreaped if entry[0].poll() is None]
+    for entry in _take_all():
+        if entry[0].poll() is None:
+            _unreaped.append(entry)
 
 
 @atexit.register
@@ -36,15 +51,12 @@ def _reap_at_exit() -> None:
     A killed helper may be stuck in the kernel on a stalled mount; it is left to init.
     """
     deadline = time.monotonic() + _EXIT_GRACE_S
-    with _unreaped_lock:
-        entries = list(_unreaped)
-    for process, killed in entries:
-        if killed:
-            process.poll()
-            continue
-        with suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=max(0.0, deadline - time.monotonic()))
-    reap_ended_helpers()
+    for process, killed in _take_all():
+        if not killed:
+            with suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        if process.poll() is None:
+            _unreaped.append((process, killed))
 
 
 def _abandon(process: subprocess.Popen[bytes], *, kill: bool) -> None:
@@ -55,5 +67,4 @@ def _abandon(process: subprocess.Popen[bytes], *, kill: bool) -> None:
         with suppress(ProcessLookupError):
             process.kill()
     if process.poll() is None:
-        with _unreaped_lock:
-            _unreaped.append((process, kill))
+        _unreaped.append((process, kill))
