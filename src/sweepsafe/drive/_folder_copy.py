@@ -182,11 +182,14 @@ class _Copier:
             self.problems.append(EntryProblem(rel, reason, not refused, exc))
             return
         finally:
-            with anyio.CancelScope(shield=True):
-                # A copy on the local disk may be there (a small file was read instead).
-                for leftover in (capture, captured and captured.path, spare and spare.path):
-                    if leftover:
-                        await anyio.to_thread.run_sync(remove_quietly, leftover)
+            # The copy on the local disk, if there may be one (a small file was read
+            # instead), and a kept version that was not shipped.
+            leftovers = [spare.path] if spare is not None else []
+            if captured is None or captured.data is None:
+                leftovers.append(capture if captured is None else captured.path)
+            if leftovers:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(_remove_all, leftovers)
         self.copied += 1
         self.bytes += shipped
         for stale in job.manifest.under(rel):
@@ -258,6 +261,11 @@ class _Copier:
             self.job.manifest.record(rel, signature)
             if self.job.landing is not None and self.job.landing.get(rel) == signature:
                 self.job.landing.pop(rel, None)
+
+
+def _remove_all(paths: Sequence[Path]) -> None:
+    for path in paths:
+        remove_quietly(path)
 
 
 def _snapshot_with_signature(source: Path, snapshot: Path) -> Signature:
