@@ -6,12 +6,13 @@ that write to finish before it can capture anything, and Drive sits idle meanwhi
 while a large file ships, and until its folder copy ends, its newest finished version is
 captured on the local disk (a *spare*). A backup that begins a moment later and finds the
 file in the middle of a write ships the spare at once: it is the newest finished version,
-newer than Drive's. A backup that finds the file finished captures it afresh, so the
-final backup of a sweep always ships the newest version.
+newer than Drive's. A backup that finds the file finished captures it afresh, and the
+final backup of a sweep never ships a spare (its folder job has none).
 
 The spare is used only while it is known to be the newest finished version: taken within
-a moment of the end of the watch that captured it, with no later version seen finished.
-Otherwise the backup captures as it would without one.
+a moment of the end of the watch that captured it, with no later version seen finished,
+while a process still holds the file open for writing. Otherwise the backup captures as
+it would without one.
 
 A spare costs a local copy of the file, so once the file's ship time and rewrite period
 are known, only the last version expected to finish before the ship ends is captured: one
