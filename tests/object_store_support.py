@@ -9,6 +9,7 @@ against moto's IAM, where no key exists: any credentials are wrong.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cli_support import finished_numbers, run_cli
 
 _SERVER = """
 import sys
@@ -137,6 +140,27 @@ def sweep_to_store(store: Any, study_key: str, n_trials: int) -> SweptToStore:
         result.restored_from_drive,
         str(result.backup_report),
     )
+
+
+def restore_with_the_command(
+    tmp_path: Path, database: Path, url: str, env: dict[str, str] | None = None
+) -> None:
+    """Delete the local sweep folder of a 3-trial tiny sweep backed up to ``url``; check
+    that ``sweepsafe restore`` brings back its study and its last trial's files."""
+    shutil.rmtree(tmp_path / "sweeps")
+    restored = run_cli(
+        "restore",
+        database.parent,
+        "--local-root",
+        "sweeps",
+        "--drive-root",
+        url,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert restored.returncode == 0, restored.stderr
+    assert finished_numbers(database) == [0, 1, 2]
+    assert (database.parent / "trials" / "trial-00002" / "result.txt").exists()
 
 
 @contextmanager

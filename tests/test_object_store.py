@@ -33,6 +33,7 @@ from object_store_support import (
     open_uploads,
     put_object,
     read_object,
+    restore_with_the_command,
     silent_endpoint,
     start_upload,
     sweep_to_store,
@@ -135,19 +136,7 @@ def test_the_command_runs_and_restores_a_sweep_with_an_object_store_url(tmp_path
     (database,) = study_databases(tmp_path / "sweeps")
     assert finished_numbers(next((tmp_path / "bucket" / "sweeps").glob("*/study.db"))) == [0, 1, 2]
 
-    shutil.rmtree(tmp_path / "sweeps")
-    restored = run_cli(
-        "restore",
-        database.parent,
-        "--local-root",
-        "sweeps",
-        "--drive-root",
-        url,
-        cwd=tmp_path,
-    )
-    assert restored.returncode == 0, restored.stderr
-    assert finished_numbers(database) == [0, 1, 2]
-    assert (database.parent / "trials" / "trial-00002" / "result.txt").exists()
+    restore_with_the_command(tmp_path, database, url)
 
     # The commands that read a copy take its URL too, and name it.
     study_url = f"{url}/{database.parent.name}"

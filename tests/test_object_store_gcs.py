@@ -7,16 +7,15 @@ tests; the store's helpers reach it through gcsfs exactly as they would reach GC
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import pytest
 
-from cli_support import TINY_OBJECTIVE, finished_numbers, run_cli, study_databases
+from cli_support import TINY_OBJECTIVE, run_cli, study_databases
 from gcs_support import GcsEndpoint, gcs_emulator
-from object_store_support import sweep_to_store
+from object_store_support import restore_with_the_command, sweep_to_store
 from sweepsafe import ObjectStore, trial_dir
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -79,20 +78,7 @@ def test_the_command_backs_up_restores_and_lists_a_sweep_on_gcs(
     assert ran.returncode == 0, ran.stderr
     (database,) = study_databases(tmp_path / "sweeps")
 
-    shutil.rmtree(tmp_path / "sweeps")
-    restored = run_cli(
-        "restore",
-        database.parent,
-        "--local-root",
-        "sweeps",
-        "--drive-root",
-        url,
-        cwd=tmp_path,
-        env=env,
-    )
-    assert restored.returncode == 0, restored.stderr
-    assert finished_numbers(database) == [0, 1, 2]
-    assert (database.parent / "trials" / "trial-00002" / "result.txt").exists()
+    restore_with_the_command(tmp_path, database, url, env)
 
     status = run_cli("status", url, "--json", cwd=tmp_path, env=env)
     assert status.returncode == 0, status.stderr
