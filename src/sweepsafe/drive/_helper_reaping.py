@@ -46,15 +46,16 @@ def reap_ended_helpers() -> None:
 
 @atexit.register
 def _reap_at_exit() -> None:
-    """Give helpers that were closed normally a moment to exit; never wait on killed ones.
+    """Give ended helpers, closed or killed, one shared moment to exit, and reap them.
 
-    A killed helper may be stuck in the kernel on a stalled mount; it is left to init.
+    A killed helper usually dies at once, but on a busy machine not before the next
+    line runs; one stuck in the kernel on a stalled mount never does, and is left to
+    init once the moment is over, so exit never waits longer than that.
     """
     deadline = time.monotonic() + _EXIT_GRACE_S
     for process, killed in _take_all():
-        if not killed:
-            with suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        with suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
         if process.poll() is None:
             _unreaped.append((process, killed))
 
