@@ -9,15 +9,19 @@ Runtimes are real processes (``runtime_script.py``) sharing one stand-in Drive f
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import optuna
 import pytest
 
 from cli_support import run_cli
+from drive_support import simulated_drive, write_bytes
 from replica_support import (
     DriveObserver,
     RuntimeProcess,
@@ -25,9 +29,10 @@ from replica_support import (
     plan_file,
     sampling,
 )
-from sweep_support import wait_while_running
-from sweepsafe import DriveStore, run_sweep, study_dir_for
-from sweepsafe.errors import SweepsafeError
+from sweep_support import own_worker, wait_for, wait_while_running
+from sweepsafe import DriveStore, SweepResult, run_sweep, study_dir_for
+from sweepsafe.drive._replica import Lease, Runtime, this_runtime
+from sweepsafe.errors import LeaseHeldError, SweepsafeError
 from sweepsafe.testing import FaultPlan, simulated_store
 
 KEY = "replica"
@@ -420,3 +425,98 @@ def test_a_study_killed_mid_transaction_resumes_on_the_same_disk(tmp_path: Path)
         assert again.resumed_trials == 3
         assert len(finished_numbers(again.study)) == 5
         assert again.backup_ok, again.backup_report
+
+
+def test_a_sweep_runs_its_trials_while_drive_is_still_writing_its_lease(tmp_path: Path) -> None:
+    """Taking the study is a Drive write: the sweep checks the lease is free and goes on,
+    and the first backup writes the lease before any of the study reaches Drive."""
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    ran: list[int] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        ran.append(trial.number)
+        return trial.suggest_float("x", 0.0, 1.0)
+
+    with (
+        simulated_drive(tmp_path, FaultPlan(pause_fifo=str(gate))) as setup,
+        own_worker() as worker,
+    ):
+        outcome: list[object] = []
+        sweep = threading.Thread(
+            target=lambda: outcome.append(
+                run_sweep(
+                    objective,
+                    output_dir=setup.local / "out",
+                    study_key=KEY,
+                    n_trials=3,
+                    backup_to_drive=setup.store,
+                    worker=worker,
+                    flush_timeout=60,
+                )
+            )
+        )
+        sweep.start()
+        # Every Drive write waits at the gate, the lease's first of all.
+        wait_for(lambda: len(ran) == 3, what="the trials, while no Drive write can land")
+        study_on_drive = setup.drive / "out" / study_dir_for(setup.local / "out", KEY).name
+        assert not (study_on_drive / ".sweepsafe" / "lease.json").exists()
+        assert not (study_on_drive / "study.db").exists()
+        setup.set_faults(FaultPlan())
+        with open(gate, "wb") as writes:  # opens once a write waits at the gate
+            writes.write(b"x" * 64)  # one byte for each write already waiting
+            writes.flush()
+            sweep.join(timeout=60)
+        assert not sweep.is_alive()
+
+    (result,) = outcome
+    assert isinstance(result, SweepResult)
+    assert result.backup_report is not None
+    assert result.backup_report.ok, result.backup_report
+    lease = Lease.from_json((study_on_drive / ".sweepsafe" / "lease.json").read_bytes())
+    assert lease is not None
+    assert lease.owner.is_same_process(this_runtime())
+    copy = optuna.load_study(study_name=None, storage=f"sqlite:///{study_on_drive / 'study.db'}")
+    assert finished_numbers(copy) == [0, 1, 2]
+
+
+def test_a_study_taken_before_the_first_backup_landed_stops_the_sweep(tmp_path: Path) -> None:
+    """The lease was free when the sweep started, but another runtime took the study
+    before this one's lease reached Drive: the sweep stops as if refused at the start."""
+    study_dir = study_dir_for(tmp_path / "local" / "out", KEY)
+    study_on_drive = tmp_path / "drive" / "out" / study_dir.name
+    lease_file = study_on_drive / ".sweepsafe" / "lease.json"
+    other = Runtime("other", "other-host", 4242, "boot", time.time() - 60)
+    ran: list[int] = []
+    plan = FaultPlan(fail_paths=(("*/lease.json", "EIO"),))  # this runtime's lease write fails
+    with simulated_drive(tmp_path, plan) as setup, own_worker(max_attempts=1) as worker:
+
+        def objective(trial: optuna.Trial) -> float:
+            ran.append(trial.number)
+            if trial.number == 0:
+                # Meanwhile another runtime takes the study, and Drive works again.
+                write_bytes(lease_file, Lease(other, time.time(), time.time()).to_json())
+                setup.set_faults(FaultPlan())
+            else:
+                wait_for(lambda: setup.store.lease_refused(study_dir), what="the refusal")
+            return trial.suggest_float("x", 0.0, 1.0)
+
+        with pytest.raises(LeaseHeldError, match=r"runtime \(host other-host, process 4242"):
+            run_sweep(
+                objective,
+                output_dir=setup.local / "out",
+                study_key=KEY,
+                n_trials=20,
+                backup_to_drive=setup.store,
+                worker=worker,
+                flush_timeout=30,
+            )
+
+    # Stopped at the end of the first trial after the refusal: trial 0 if the first
+    # backup met the other lease before that trial's end, else trial 1, which waits for it.
+    assert ran in ([0], [0, 1])
+    theirs = Lease.from_json(lease_file.read_bytes())
+    assert theirs is not None
+    assert theirs.owner == other
+    on_drive = [p.relative_to(study_on_drive).as_posix() for p in study_on_drive.rglob("*")]
+    assert [p for p in on_drive if (study_on_drive / p).is_file()] == [".sweepsafe/lease.json"]

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from sweepsafe.drive import BackupBackend, BackupResult
+from sweepsafe.drive import BackupBackend, BackupResult, DriveStore
 from sweepsafe.paths import is_drive_path
 from sweepsafe.worker import BackupWorker, get_default_worker
 
@@ -124,13 +124,16 @@ class _SubmitBackup:
         is_directory: bool,
         worker: BackupWorker,
         progress: BackupProgress | None,
+        refused: Callable[[], str | None] | None = None,
     ) -> None:
         self._target = target
         self._job = job
         self._is_directory = is_directory
         self._worker = worker
         self._progress = progress
+        self._refused = refused
         self._warned = False
+        self._stopped = False
 
     def __call__(self, study: Study, trial: FrozenTrial) -> None:
         if self._progress is not None:
@@ -138,6 +141,13 @@ class _SubmitBackup:
         try:
             target = self._target if isinstance(self._target, Path) else self._target(trial)
             self._worker.submit(target, self._job, is_directory=self._is_directory)
+            reason = None if self._refused is None or self._stopped else self._refused()
+            if reason is not None:
+                # Another runtime took the study between this sweep's start and its
+                # first backup: as if it had been refused at the start.
+                self._stopped = True
+                logger.error("Stopping the sweep after trial %d: %s", trial.number, reason)
+                study.stop()
         except Exception as exc:  # noqa: BLE001 - an exception here would abort study.optimize
             if not self._warned:
                 self._warned = True
@@ -191,7 +201,14 @@ def create_incremental_backup_callback(
     worker = worker or get_default_worker()
     keep_leases_alive(backup_to_drive, worker)
     job = backup_job(backup_to_drive, progress)
-    return _SubmitBackup(target, job, is_directory, worker, progress)
+    refused = None
+    if isinstance(backup_to_drive, DriveStore) and not is_directory:
+        store, study_dir = backup_to_drive, target.parent
+
+        def refused() -> str | None:
+            return store.lease_refused(study_dir)
+
+    return _SubmitBackup(target, job, is_directory, worker, progress, refused)
 
 
 def create_study_db_backup_callback(

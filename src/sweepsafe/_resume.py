@@ -27,7 +27,7 @@ from sweepsafe._callbacks import (
     keep_leases_alive,
     submit_initial_backup,
 )
-from sweepsafe.drive import BackupBackend, ObjectStore
+from sweepsafe.drive import BackupBackend, DriveStore, ObjectStore
 from sweepsafe.drive._sqlite import SnapshotError, read_content, recover_hot_journal
 from sweepsafe.errors import LeaseHeldError, StudyConflictError, SweepsafeError
 from sweepsafe.worker import BackupWorker, get_default_worker
@@ -69,7 +69,8 @@ def resume_study(
 ) -> Study:
     """Open the study in ``study_dir/study.db`` the safe way, for your own ``study.optimize``.
 
-    In order: this runtime becomes the study's one writer on Drive (its lease); the
+    In order: this runtime checks no other one writes the study on Drive (its lease,
+    which the first backup takes, or at once with ``takeover`` or trials to fail); the
     study comes back from Drive if the local one is missing or older (checked, never
     over newer local work); trials a dead runtime left RUNNING are marked FAIL; the
     study is created or loaded; and its first backup is scheduled. Pair it with
@@ -138,6 +139,14 @@ def _open_study(
         pruner=pruner,
         load_if_exists=True,
     )
+    if (
+        isinstance(store, DriveStore)
+        and not takeover
+        and study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    ):
+        # Only the study's one writer fails trials left RUNNING: here the lease must be
+        # on Drive first, not left to the first backup as on a clean start.
+        _acquire(store, study_dir, takeover, needed=False, write=True)
     stale = _fail_stale_trials(storage, study)
     finished = len(study.get_trials(deepcopy=False, states=_FINISHED))
     if finished or stale:
@@ -187,11 +196,20 @@ def _has_tables(database: Path) -> bool:
         connection.close()
 
 
-def _acquire(store: BackupBackend, study_dir: Path, takeover: bool, *, needed: bool) -> None:
-    """Take the study's lease; a Drive that cannot be reached is fatal only if needed."""
+def _acquire(
+    store: BackupBackend, study_dir: Path, takeover: bool, *, needed: bool, write: bool = False
+) -> None:
+    """Check the study's lease is free, or with ``write`` (or ``takeover``, or a store
+    that is not a DriveStore) take it; a Drive that cannot be reached is fatal only if
+    needed."""
 
     async def acquire() -> None:
-        await store.aacquire(study_dir, takeover=takeover)
+        if isinstance(store, DriveStore) and not takeover and not write:
+            # Only a check: the first backup writes the lease, so the sweep never
+            # waits for Drive to write it (a takeover must land before the sweep runs).
+            await store.aclaim(study_dir)
+        else:
+            await store.aacquire(study_dir, takeover=takeover)
 
     try:
         run_blocking(acquire)

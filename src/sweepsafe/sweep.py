@@ -28,7 +28,8 @@ from sweepsafe.backup import (
     create_trial_backup_callback,
     trial_folder_name,
 )
-from sweepsafe.errors import SweepsafeError
+from sweepsafe.drive import DriveStore
+from sweepsafe.errors import LeaseHeldError, SweepsafeError
 from sweepsafe.paths import is_drive_path
 from sweepsafe.worker import BackupWorker, get_default_worker
 
@@ -145,8 +146,11 @@ def run_sweep(
     The study lives in ``study_dir_for(output_dir, study_key)`` as ``study.db`` plus a
     ``trials/`` folder for the objective's files (see :func:`trial_dir`). In order:
 
-    1. This runtime takes the study's lease on Drive (another live runtime makes it
-       refuse; ``takeover=True`` if that runtime is gone).
+    1. This runtime checks the study's lease on Drive (another live runtime makes it
+       refuse; ``takeover=True`` if that runtime is gone). Only a takeover, or trials
+       left RUNNING to fail, waits for the lease to be written; else the first backup
+       writes it, and should another runtime take the study first, the sweep stops
+       after the trial running then and raises ``LeaseHeldError``.
     2. If the local study is missing or older than the Drive copy, it is restored
        (checked), and trials left RUNNING by the dead runtime are marked FAIL.
     3. The study is created or loaded, and ``study.db`` is backed up at once.
@@ -251,6 +255,9 @@ def run_sweep(
                 n_jobs=n_jobs,
                 callbacks=all_callbacks,
             )
+            refused = _lease_refused(backup_to_drive, study_dir)
+            if refused is not None:
+                raise LeaseHeldError(refused)
         else:
             logger.info(
                 "Study %s already has %d finished trials; nothing to run.",
@@ -323,6 +330,13 @@ def _run_shared(
     return SweepResult(
         study=study, study_dir=study_dir, backup_report=report, resumed_trials=finished
     )
+
+
+def _lease_refused(backup_to_drive: BackupToDrive | None, study_dir: Path) -> str | None:
+    """Why the sweep's first backup found the study taken by another runtime, if it did."""
+    if isinstance(backup_to_drive, DriveStore):
+        return backup_to_drive.lease_refused(study_dir)
+    return None
 
 
 def _final_backup(

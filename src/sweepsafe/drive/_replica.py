@@ -31,6 +31,7 @@ __all__ = [
     "Lease",
     "Runtime",
     "acquire_lease",
+    "check_lease",
     "read_identity",
     "read_lease",
     "release_lease",
@@ -242,6 +243,32 @@ async def acquire_lease(
         # Another runtime wrote its lease at the same moment and landed last.
         raise LeaseHeldError(_held_message(unit_drive, landed, clock, lease_timeout))
     return lease
+
+
+async def check_lease(
+    helper: DriveHelper,
+    unit_drive: Path,
+    *,
+    timeout: float,
+    lease_timeout: float,
+    clock: Callable[[], float],
+) -> None:
+    """Refuse, writing nothing, if another runtime holds a live lease on the study folder.
+
+    A sweep checks this before it starts and leaves writing its own lease to its first
+    backup, so that it never waits for a Drive write; :func:`acquire_lease` then decides
+    between two runtimes that both found the lease free.
+
+    Raises:
+        LeaseHeldError: another runtime holds a live lease.
+    """
+    current = await read_lease(helper, unit_drive, timeout)
+    if (
+        current is not None
+        and not current.owner.is_same_process(this_runtime())
+        and current.is_live(clock, lease_timeout)
+    ):
+        raise LeaseHeldError(_held_message(unit_drive, current, clock, lease_timeout))
 
 
 async def release_lease(

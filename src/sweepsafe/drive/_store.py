@@ -39,6 +39,7 @@ from sweepsafe.drive._store_config import _check_roots, check_drive_mounted, che
 from sweepsafe.drive._store_sync import BlockingFaces
 from sweepsafe.drive._store_units import (
     StudyFolders,
+    claim_lease,
     release_leases,
     renew_leases,
     take_lease,
@@ -334,6 +335,34 @@ class DriveStore(StudyFolders, BlockingFaces):
             Path(os.path.abspath(study_dir)).relative_to(self.local_root).as_posix(), register=True
         )
         await take_lease(unit, self._pool, takeover=takeover, shared=shared)
+
+    async def aclaim(self, study_dir: StrPath) -> None:
+        """Check that no other runtime holds the study's lease; the first backup takes it.
+
+        What a sweep does as it starts, so that it never waits for a Drive write: the
+        check only reads. Should another runtime take the study before this runtime's
+        first backup lands, that backup fails and :meth:`lease_refused` says why; the
+        sweep's callbacks then stop the sweep.
+
+        Raises:
+            LeaseHeldError: another runtime holds a live lease.
+            OSError, DriveTimeout: Drive failed or did not answer.
+        """
+        unit = self._unit(
+            Path(os.path.abspath(study_dir)).relative_to(self.local_root).as_posix(), register=True
+        )
+        await claim_lease(unit, self._pool)
+
+    def lease_refused(self, study_dir: StrPath) -> str | None:
+        """Why the study's first backup could not take the lease :meth:`aclaim` found
+        free (another runtime took the study first), else None. Does no I/O."""
+        try:
+            rel = Path(os.path.abspath(study_dir)).relative_to(self.local_root).as_posix()
+        except ValueError:
+            return None  # not a folder of this store
+        with self._units_lock:
+            unit = self._units.get("" if rel == "." else rel)
+        return None if unit is None else unit.refused
 
     async def aholds(self, study_dir: StrPath, *, take: bool = False) -> bool:
         """Whether this runtime holds the study's lease; with ``take``, try to take it first.

@@ -24,7 +24,14 @@ if TYPE_CHECKING:
     from sweepsafe.drive._helper_client import HelperPool
     from sweepsafe.drive._unit import StoreSettings
 
-__all__ = ["StudyFolders", "release_leases", "renew_leases", "take_lease", "try_lease"]
+__all__ = [
+    "StudyFolders",
+    "claim_lease",
+    "release_leases",
+    "renew_leases",
+    "take_lease",
+    "try_lease",
+]
 
 logger = logging.getLogger("sweepsafe.drive")
 
@@ -101,6 +108,18 @@ async def take_lease(unit: StudyUnit, pool: HelperPool, *, takeover: bool, share
         except LeaseHeldError:
             if not shared:
                 raise
+
+
+async def claim_lease(unit: StudyUnit, pool: HelperPool) -> None:
+    """Check ``unit``'s lease is free, writing nothing; the first backup takes it.
+
+    Raises:
+        LeaseHeldError: another runtime holds a live lease.
+        OSError, DriveTimeout: Drive failed or did not answer.
+    """
+    await unit.load()
+    async with pool.session() as helper:
+        await unit.claim(helper)
 
 
 async def try_lease(unit: StudyUnit, pool: HelperPool) -> bool:

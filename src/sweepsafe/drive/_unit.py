@@ -29,6 +29,7 @@ from sweepsafe.drive._local_state import Manifest, Signature, UnitState, unit_st
 from sweepsafe.drive._replica import (
     Lease,
     acquire_lease,
+    check_lease,
     read_identity,
     read_lease,
     release_lease,
@@ -109,6 +110,11 @@ class StudyUnit:
         self._lease: Lease | None = None
         self.lost: str | None = None
         """Why this runtime may no longer write this study's Drive copy."""
+        self.claimed = False
+        """A sweep checked the lease was free and left taking it to the first backup."""
+        self.refused: str | None = None
+        """Why that first take failed: another runtime got the study first (see
+        :meth:`claim`). The sweep that claimed it then stops."""
         self.parent_content: dict[str, DatabaseContent] = {}
         """Per database: what the generation last published by this runtime holds."""
         self.conflicts: dict[str, tuple[int, frozenset[str], str]] = {}
@@ -268,18 +274,49 @@ class StudyUnit:
             fresh = settings.clock() - self._lease.heartbeat < settings.lease_timeout / 4
             if current is not None and not current.released and fresh:
                 return self._lease
-        self._lease = await acquire_lease(
+        try:
+            self._lease = await acquire_lease(
+                helper,
+                self.drive,
+                timeout=settings.timeout,
+                lease_timeout=settings.lease_timeout,
+                takeover=takeover,
+                clock=settings.clock,
+                conditional=settings.pool.conditional_writes,
+            )
+        except LeaseHeldError as exc:
+            if self.claimed and self._lease is None and not takeover and not self.shared:
+                # Checked free when the sweep started, taken by another runtime since.
+                self.refused = self.lost = str(exc)
+            raise
+        if takeover:
+            self.lost = None
+            self.refused = None
+        return self._lease
+
+    async def claim(self, helper: DriveHelper) -> None:
+        """Check, writing nothing, that no other runtime holds a live lease on the study.
+
+        The first backup takes the lease (:meth:`prepare`), so a sweep never waits for
+        a Drive write to start. Should another runtime take the study in between, that
+        backup records it in :attr:`refused`.
+
+        Raises:
+            LeaseHeldError: another runtime holds a live lease.
+        """
+        settings = self.settings
+        self.claimed = True
+        if self.holds_lease:
+            return
+        await check_lease(
             helper,
             self.drive,
             timeout=settings.timeout,
             lease_timeout=settings.lease_timeout,
-            takeover=takeover,
             clock=settings.clock,
-            conditional=settings.pool.conditional_writes,
         )
-        if takeover:
-            self.lost = None
-        return self._lease
+        if self.refused is not None:  # an earlier sweep's refusal: this one may go on
+            self.lost = self.refused = None
 
     @property
     def holds_lease(self) -> bool:
