@@ -15,13 +15,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
 import pytest
 
 from cli_support import run_cli
-from drive_support import simulated_drive, write_bytes
+from drive_support import DriveSetup, simulated_drive, write_bytes
 from replica_support import (
     DriveObserver,
     RuntimeProcess,
@@ -34,6 +35,7 @@ from sweepsafe import DriveStore, SweepResult, run_sweep, study_dir_for
 from sweepsafe.drive._replica import Lease, Runtime, this_runtime
 from sweepsafe.errors import LeaseHeldError, SweepsafeError
 from sweepsafe.testing import FaultPlan, simulated_store
+from sweepsafe.worker import BackupWorker
 
 KEY = "replica"
 
@@ -427,6 +429,24 @@ def test_a_study_killed_mid_transaction_resumes_on_the_same_disk(tmp_path: Path)
         assert again.backup_ok, again.backup_report
 
 
+def sweep_on(
+    setup: DriveSetup,
+    worker: BackupWorker,
+    objective: Callable[[optuna.Trial], float],
+    n_trials: int,
+) -> SweepResult:
+    """``run_sweep`` in this process, backed up to the simulated Drive of ``setup``."""
+    return run_sweep(
+        objective,
+        output_dir=setup.local / "out",
+        study_key=KEY,
+        n_trials=n_trials,
+        backup_to_drive=setup.store,
+        worker=worker,
+        flush_timeout=60,
+    )
+
+
 def test_a_sweep_runs_its_trials_while_drive_is_still_writing_its_lease(tmp_path: Path) -> None:
     """Taking the study is a Drive write: the sweep checks the lease is free and goes on,
     and the first backup writes the lease before any of the study reaches Drive."""
@@ -444,17 +464,7 @@ def test_a_sweep_runs_its_trials_while_drive_is_still_writing_its_lease(tmp_path
     ):
         outcome: list[object] = []
         sweep = threading.Thread(
-            target=lambda: outcome.append(
-                run_sweep(
-                    objective,
-                    output_dir=setup.local / "out",
-                    study_key=KEY,
-                    n_trials=3,
-                    backup_to_drive=setup.store,
-                    worker=worker,
-                    flush_timeout=60,
-                )
-            )
+            target=lambda: outcome.append(sweep_on(setup, worker, objective, n_trials=3))
         )
         sweep.start()
         # Every Drive write waits at the gate, the lease's first of all.
@@ -502,15 +512,7 @@ def test_a_study_taken_before_the_first_backup_landed_stops_the_sweep(tmp_path: 
             return trial.suggest_float("x", 0.0, 1.0)
 
         with pytest.raises(LeaseHeldError, match=r"runtime \(host other-host, process 4242"):
-            run_sweep(
-                objective,
-                output_dir=setup.local / "out",
-                study_key=KEY,
-                n_trials=20,
-                backup_to_drive=setup.store,
-                worker=worker,
-                flush_timeout=30,
-            )
+            sweep_on(setup, worker, objective, n_trials=20)
 
     # Stopped at the end of the first trial after the refusal: trial 0 if the first
     # backup met the other lease before that trial's end, else trial 1, which waits for it.
