@@ -8,11 +8,12 @@ Three measurements, each side by side with its reference in the same run:
    so the lag cannot stay below what 0.5 s of trials is.
 2. same disk: a FUSE mount (``sweepsafe.testing.FuseDrive``) whose backing folder is on
    the study's file system, 0.5 s per file committed, 120 trials of 20 ms; the sweep
-   to its last trial with backups vs without, alternated, medians of three each.
+   to its last trial with backups vs without, alternated, medians of five each (the
+   pairs spread several percent on a shared 2-core machine).
 3. restore: a 20,000-trial study on Drive as a base plus a chain of patches (one per
    trial of a 200-trial sweep), restored by ``DriveStore.restore`` on an empty disk, vs
    a plain copy of the Drive ``study.db`` file, and vs that copy plus
-   ``PRAGMA integrity_check``; medians of three.
+   ``PRAGMA integrity_check``; medians of five.
 
     python -m tools.bench_history CACHE_DIR                 # all three
     python -m tools.bench_history CACHE_DIR --parts restore
@@ -306,7 +307,7 @@ def measure(quick: bool = False) -> list[dict[str, Any]]:
     cache.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("sweepsafe").setLevel(logging.ERROR)
-    trials, same_trials, repeats, patches = (60, 40, 1, 20) if quick else (200, 120, 3, 200)
+    trials, same_trials, repeats, patches = (60, 40, 1, 20) if quick else (200, 120, 5, 200)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="sweepsafe-bench-history-", dir=cache) as tmp:
         root = Path(tmp)
@@ -365,7 +366,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cache", type=Path, help="folder that keeps the built studies")
     parser.add_argument("--parts", nargs="+", choices=("lag", "same-disk", "restore"), default=None)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--patches", type=int, default=200, help="chain length to restore")
     args = parser.parse_args()
     parts = args.parts or ["lag", "same-disk", "restore"]
