@@ -400,7 +400,7 @@ first = First(
 reaping._abandon(first, kill=True)
 armed = True
 reaping.reap_ended_helpers()
-tracked = [process for process, _ in reaping._unreaped]
+tracked = list(reaping._unreaped)
 print("second tracked" if any(process is second for process in tracked) else "second lost")
 for process in (first, second):
     process.wait()

@@ -1,7 +1,8 @@
-"""Helper processes that were ended but not reaped yet: never waited on, reaped by poll().
+"""Helper processes that were ended but not reaped yet: reaped by poll(), never waited on
+while the program runs.
 
-A killed helper may be stuck in the kernel on a stalled mount, so nothing ever waits for
-one; at exit, helpers that were closed normally get a moment to exit.
+A killed helper may be stuck in the kernel on a stalled mount, so nothing waits for one
+then; at exit, every ended helper gets one shared, bounded moment to exit.
 """
 
 from __future__ import annotations
@@ -16,19 +17,19 @@ __all__ = ["reap_ended_helpers"]
 
 _EXIT_GRACE_S = 0.5
 
-# Helpers that were ended (closed or killed) but have not been reaped yet, with whether
-# they were killed (possibly stuck). Keeping the Popen objects here means none is
-# garbage-collected while running (no ResourceWarning) and none is waited on.
+# Helpers that were ended (closed or killed) but have not been reaped yet. Keeping the
+# Popen objects here means none is garbage-collected while running (no ResourceWarning)
+# and none is waited on, except for a bounded moment at exit.
 #
 # No lock guards it: a store's finalizer ends its helpers, and a finalizer runs wherever
 # the garbage collector happens to run, which can be inside any code that allocates,
 # including code holding such a lock; the lock would then be taken twice by one thread,
 # for ever. A deque's append and popleft are atomic, and an entry taken out to be polled
 # is put back unless its process exited, so none is lost to a concurrent reaper.
-_unreaped: collections.deque[tuple[subprocess.Popen[bytes], bool]] = collections.deque()
+_unreaped: collections.deque[subprocess.Popen[bytes]] = collections.deque()
 
 
-def _take_all() -> list[tuple[subprocess.Popen[bytes], bool]]:
+def _take_all() -> list[subprocess.Popen[bytes]]:
     taken = []
     while True:
         try:
@@ -39,9 +40,9 @@ def _take_all() -> list[tuple[subprocess.Popen[bytes], bool]]:
 
 def reap_ended_helpers() -> None:
     """Forget ended helpers that have exited; never blocks."""
-    for entry in _take_all():
-        if entry[0].poll() is None:
-            _unreaped.append(entry)
+    for process in _take_all():
+        if process.poll() is None:
+            _unreaped.append(process)
 
 
 @atexit.register
@@ -53,11 +54,11 @@ def _reap_at_exit() -> None:
     init once the moment is over, so exit never waits longer than that.
     """
     deadline = time.monotonic() + _EXIT_GRACE_S
-    for process, killed in _take_all():
+    for process in _take_all():
         with suppress(subprocess.TimeoutExpired):
             process.wait(timeout=max(0.0, deadline - time.monotonic()))
         if process.poll() is None:
-            _unreaped.append((process, killed))
+            _unreaped.append(process)
 
 
 def _abandon(process: subprocess.Popen[bytes], *, kill: bool) -> None:
@@ -68,4 +69,4 @@ def _abandon(process: subprocess.Popen[bytes], *, kill: bool) -> None:
         with suppress(ProcessLookupError):
             process.kill()
     if process.poll() is None:
-        _unreaped.append((process, kill))
+        _unreaped.append(process)
