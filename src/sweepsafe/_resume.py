@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from optuna.pruners import BasePruner
     from optuna.samplers import BaseSampler
     from optuna.study import Study, StudyDirection
+    from optuna.trial import FrozenTrial
 
 __all__ = ["Direction", "resume_study"]
 
@@ -117,8 +118,12 @@ def _open_study(
     _refuse_foreign_database(storage_path)
     store = backup_to_drive if isinstance(backup_to_drive, BackupBackend) else None
     restored = False
+    # A DriveStore's lease is only checked here and written by the first backup, so the
+    # sweep never waits for a Drive write to start; a takeover must land before it runs.
+    deferred = isinstance(store, DriveStore) and not takeover
     if store is not None:
-        _acquire(store, study_dir, takeover, needed=not storage_path.exists() and restore)
+        needed = not storage_path.exists() and restore
+        _acquire(store, study_dir, takeover, needed=needed, write=not deferred)
         if restore:
             restored = _reconcile_with_drive(store, study_dir)
     elif restore and backup_to_drive is not None and not storage_path.exists():
@@ -139,15 +144,12 @@ def _open_study(
         pruner=pruner,
         load_if_exists=True,
     )
-    if (
-        isinstance(store, DriveStore)
-        and not takeover
-        and study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    ):
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if running and deferred and store is not None:
         # Only the study's one writer fails trials left RUNNING: here the lease must be
         # on Drive first, not left to the first backup as on a clean start.
         _acquire(store, study_dir, takeover, needed=False, write=True)
-    stale = _fail_stale_trials(storage, study)
+    stale = _fail_stale_trials(storage, study, running)
     finished = len(study.get_trials(deepcopy=False, states=_FINISHED))
     if finished or stale:
         logger.info(
@@ -197,16 +199,13 @@ def _has_tables(database: Path) -> bool:
 
 
 def _acquire(
-    store: BackupBackend, study_dir: Path, takeover: bool, *, needed: bool, write: bool = False
+    store: BackupBackend, study_dir: Path, takeover: bool, *, needed: bool, write: bool
 ) -> None:
-    """Check the study's lease is free, or with ``write`` (or ``takeover``, or a store
-    that is not a DriveStore) take it; a Drive that cannot be reached is fatal only if
-    needed."""
+    """Take the study's lease, or without ``write`` (a DriveStore only) check it is free;
+    a Drive that cannot be reached is fatal only if needed."""
 
     async def acquire() -> None:
-        if isinstance(store, DriveStore) and not takeover and not write:
-            # Only a check: the first backup writes the lease, so the sweep never
-            # waits for Drive to write it (a takeover must land before the sweep runs).
+        if isinstance(store, DriveStore) and not write:
             await store.aclaim(study_dir)
         else:
             await store.aacquire(study_dir, takeover=takeover)
@@ -279,13 +278,15 @@ def _reconcile_with_drive(store: BackupBackend, study_dir: Path) -> bool:
     return True
 
 
-def _fail_stale_trials(storage: optuna.storages.RDBStorage, study: Study) -> int:
-    """Mark trials left RUNNING by a runtime that died as FAIL; return how many.
+def _fail_stale_trials(
+    storage: optuna.storages.RDBStorage, study: Study, stale: Sequence[FrozenTrial]
+) -> int:
+    """Mark ``stale``, the trials a runtime that died left RUNNING, as FAIL; return how
+    many.
 
     Only called by the study's one writer (it holds the lease, or has no Drive copy), so
     no live runtime's trial is failed.
     """
-    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     if not stale:
         return 0
     study_id = storage.get_study_id_from_name(study.study_name)
