@@ -331,9 +331,7 @@ class DriveStore(StudyFolders, BlockingFaces):
                 ``takeover``).
             OSError, DriveTimeout: Drive failed or did not answer.
         """
-        unit = self._unit(
-            Path(os.path.abspath(study_dir)).relative_to(self.local_root).as_posix(), register=True
-        )
+        unit = self._study_unit(study_dir)
         await take_lease(unit, self._pool, takeover=takeover, shared=shared)
 
     async def aclaim(self, study_dir: StrPath) -> None:
@@ -348,20 +346,16 @@ class DriveStore(StudyFolders, BlockingFaces):
             LeaseHeldError: another runtime holds a live lease.
             OSError, DriveTimeout: Drive failed or did not answer.
         """
-        unit = self._unit(
-            Path(os.path.abspath(study_dir)).relative_to(self.local_root).as_posix(), register=True
-        )
+        unit = self._study_unit(study_dir)
         await claim_lease(unit, self._pool)
 
     def lease_refused(self, study_dir: StrPath) -> str | None:
         """Why the study's first backup could not take the lease :meth:`aclaim` found
         free (another runtime took the study first), else None. Does no I/O."""
         try:
-            rel = Path(os.path.abspath(study_dir)).relative_to(self.local_root).as_posix()
+            unit = self._known_unit(study_dir)
         except ValueError:
             return None  # not a folder of this store
-        with self._units_lock:
-            unit = self._units.get("" if rel == "." else rel)
         return None if unit is None else unit.refused
 
     async def aholds(self, study_dir: StrPath, *, take: bool = False) -> bool:
@@ -370,9 +364,7 @@ class DriveStore(StudyFolders, BlockingFaces):
         Never raises for a lease another runtime holds; Drive failing is logged and read
         as not holding it.
         """
-        unit = self._unit(
-            Path(os.path.abspath(study_dir)).relative_to(self.local_root).as_posix(), register=True
-        )
+        unit = self._study_unit(study_dir)
         if take and not await try_lease(unit, self._pool):
             return False
         return unit.holds_lease

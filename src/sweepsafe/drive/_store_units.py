@@ -9,6 +9,7 @@ store's face promises not to raise.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,6 +22,7 @@ from sweepsafe.errors import LeaseHeldError
 from sweepsafe.paths import is_within
 
 if TYPE_CHECKING:
+    from sweepsafe.drive._backend import StrPath
     from sweepsafe.drive._helper_client import HelperPool
     from sweepsafe.drive._unit import StoreSettings
 
@@ -81,6 +83,27 @@ class StudyFolders:
             rel = target.parent.relative_to(self.local_root).as_posix()
             return self._unit(rel, register=True)
         return self._unit_for(target, is_directory)
+
+    def _study_unit(self, study_dir: StrPath) -> StudyUnit:
+        """The unit of the study folder ``study_dir``, registered as a study; no I/O.
+
+        Raises:
+            ValueError: ``study_dir`` is not under the local root.
+        """
+        return self._unit(self._rel(study_dir), register=True)
+
+    def _known_unit(self, study_dir: StrPath) -> StudyUnit | None:
+        """The unit of ``study_dir`` if the store has one already; no I/O, no new unit.
+
+        Raises:
+            ValueError: ``study_dir`` is not under the local root.
+        """
+        with self._units_lock:
+            return self._units.get(self._rel(study_dir))
+
+    def _rel(self, study_dir: StrPath) -> str:
+        rel = Path(os.path.abspath(study_dir)).relative_to(self.local_root).as_posix()
+        return "" if rel == "." else rel
 
     def _unit(self, rel: str, *, register: bool = False) -> StudyUnit:
         rel = "" if rel == "." else rel
