@@ -52,6 +52,10 @@ def main() -> int:
     parser.add_argument("--trials", type=int, required=True)
     parser.add_argument("--name", required=True)
     parser.add_argument("--trial-seconds", type=float, default=0.3)
+    parser.add_argument("--export-interval", type=float, default=1.0)
+    parser.add_argument("--flush-timeout", type=float, default=60.0)
+    # A named pipe: this worker's first trial ends once the test opens it for writing.
+    parser.add_argument("--gate")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("sweepsafe").setLevel(logging.INFO)
@@ -63,12 +67,16 @@ def main() -> int:
         logging.getLogger("sweepsafe").setLevel(logging.DEBUG)
     store = simulated_store(args.local, args.drive, args.plan, lease_timeout=3.0, drive_timeout=20)
     study_dir = study_dir_for(Path(args.local) / "out", KEY)
+    gates = [args.gate] if args.gate else []
 
     def objective(trial: optuna.Trial) -> float:
         emit("trial_started", trial=trial.number)
         x = trial.suggest_float("x", -10.0, 10.0)
         (trial_dir(study_dir, trial) / "model.txt").write_text(f"{args.name} {trial.number}\n")
         time.sleep(args.trial_seconds)
+        if gates:
+            with open(gates.pop()) as gate:  # blocks until the test opens it for writing
+                gate.read()
         emit("trial", trial=trial.number)
         return (x - 2.0) ** 2
 
@@ -82,8 +90,8 @@ def main() -> int:
             storage=args.url,
             heartbeat_interval=1,
             grace_period=3,
-            export_interval=1.0,
-            flush_timeout=60,
+            export_interval=args.export_interval,
+            flush_timeout=args.flush_timeout,
         )
     except SweepsafeError as exc:
         emit("error", message=str(exc))

@@ -34,7 +34,14 @@ class Worker:
     """``shared_worker.py`` in a session of its own; its events as they come."""
 
     def __init__(
-        self, tmp_path: Path, name: str, url: str, plan: Path, trials: int, seconds: float = 0.4
+        self,
+        tmp_path: Path,
+        name: str,
+        url: str,
+        plan: Path,
+        trials: int,
+        seconds: float = 0.4,
+        *options: str,
     ) -> None:
         self.name = name
         self.local = tmp_path / name
@@ -43,6 +50,7 @@ class Worker:
         command = [sys.executable, str(WORKER), "--url", url, "--local", str(self.local)]
         command += ["--drive", str(tmp_path / "drive"), "--plan", str(plan)]
         command += ["--trials", str(trials), "--name", name, "--trial-seconds", str(seconds)]
+        command += options
         self.process = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,
@@ -194,6 +202,104 @@ def test_four_workers_one_killed_mid_trial_finish_the_sweep_and_drive_holds_it(
         assert finished_numbers(study) == sorted(t.number for t in finished)
     finally:
         observer.close()
+
+
+@pytest.mark.timeout(300)
+def test_a_trial_that_ends_while_the_lease_holder_exports_for_the_last_time_reaches_drive(
+    tmp_path: Path, postgres_database: str
+) -> None:
+    # Drive takes a while per file, so the holder's last export is on its way for seconds.
+    fault_plan = plan(tmp_path, latency=0.5)
+    rarely = ("--export-interval", "600")  # the only export is each worker's last
+    gates = [tmp_path / "holder-gate", tmp_path / "late-gate"]
+    for gate in gates:
+        os.mkfifo(gate)
+    holder = Worker(
+        tmp_path, "w0", postgres_database, fault_plan, 3, 0.2, *rarely, "--gate", str(gates[0])
+    )
+    assert holder.wait_for("trial_started") is not None, holder.stderr  # it holds the lease
+    late = Worker(
+        tmp_path, "w1", postgres_database, fault_plan, 3, 0.2, *rarely, "--gate", str(gates[1])
+    )
+    started = late.wait_for("trial_started")
+    assert started is not None, late.stderr
+    with open(gates[0], "w"):  # the holder may now end its trials
+        pass
+    # The holder ends its three trials and exports the study, without the late trial.
+    export = holder.local / "out" / drive_study(tmp_path).name / "study.db"
+    wait_while_running(holder.process, export.exists, "the holder's export", lambda: holder.stderr)
+    with open(gates[1], "w"):  # the late trial ends while that export is on its way to Drive
+        pass
+    assert [holder.finish(), late.finish()] == [0, 0], [holder.stderr, late.stderr]
+
+    done = next(e for e in late.events if e["event"] == "done")
+    assert done["ok"], done["report"]
+    finished = sorted(
+        t.number
+        for t in server_trials(postgres_database)
+        if t.state == optuna.trial.TrialState.COMPLETE
+    )
+    assert started["trial"] in finished
+    observer = DriveObserver(tmp_path, tmp_path / "drive")
+    try:
+        study = observer.restored_study(drive_study(tmp_path), tmp_path / "check")
+        assert finished_numbers(study) == finished  # the late trial too
+    finally:
+        observer.close()
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_that_ends_first_waits_for_the_holders_next_export_to_hold_its_trials(
+    tmp_path: Path, postgres_database: str
+) -> None:
+    fault_plan = plan(tmp_path, latency=0.1)
+    every = ("--export-interval", "2")
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)  # never opened: the holder's first trial runs on until it is killed
+    holder = Worker(
+        tmp_path, "w0", postgres_database, fault_plan, 60, 0.2, *every, "--gate", str(gate)
+    )
+    assert holder.wait_for("trial_started") is not None, holder.stderr  # it holds the lease
+    # This worker stops once the study holds two finished trials; the holder sweeps on.
+    short = Worker(tmp_path, "w1", postgres_database, fault_plan, 2, 0.2, *every)
+    assert short.finish() == 0, short.stderr
+    try:
+        assert holder.process.poll() is None  # still sweeping: it never gave the lease back
+        done = next(e for e in short.events if e["event"] == "done")
+        assert done["ok"], done["report"]
+        assert "another worker's export on Drive holds this worker's trials" in done["report"]
+        mine = [e["trial"] for e in short.events if e["event"] == "trial"]
+        assert mine
+        observer = DriveObserver(tmp_path, tmp_path / "drive")
+        try:
+            study = observer.restored_study(drive_study(tmp_path), tmp_path / "check")
+            assert set(mine) <= set(finished_numbers(study))
+        finally:
+            observer.close()
+    finally:
+        holder.kill()
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_whose_trials_no_export_holds_in_time_says_its_backup_is_incomplete(
+    tmp_path: Path, postgres_database: str
+) -> None:
+    rarely = ("--export-interval", "600")
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)  # never opened: the holder's first trial runs on until it is killed
+    holder = Worker(
+        tmp_path, "w0", postgres_database, plan(tmp_path), 60, 0.2, *rarely, "--gate", str(gate)
+    )
+    assert holder.wait_for("trial_started") is not None, holder.stderr  # it holds the lease
+    short = Worker(
+        tmp_path, "w1", postgres_database, plan(tmp_path), 2, 0.2, *rarely, "--flush-timeout", "2"
+    )
+    assert short.finish() == 0, short.stderr
+    holder.kill()
+    done = next(e for e in short.events if e["event"] == "done")
+    assert not done["ok"]
+    assert "INCOMPLETE" in done["report"]
+    assert "does not hold this worker's last trials yet" in done["report"]
 
 
 @pytest.mark.timeout(300)

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +38,7 @@ from sweepsafe._resume import _FINISHED
 from sweepsafe._study_report import StudyBackupReport
 from sweepsafe.drive import BackupBackend, BackupResult, ObjectStore
 from sweepsafe.errors import StorageError
-from sweepsafe.export import export_study, server_storage
+from sweepsafe.export import export_study, server_now, server_storage
 
 if TYPE_CHECKING:
     from optuna.study import Study
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from sweepsafe.worker import BackupWorker
 
 __all__ = [
+    "EXPORTED_AS_OF",
     "Exporter",
     "SharedSettings",
     "describe_server_error",
@@ -58,6 +60,13 @@ __all__ = [
 logger = logging.getLogger("sweepsafe.sweep")
 
 _CREATE_ATTEMPTS = 5
+# How often a worker whose sweep ended asks whether the lease holder exported after it.
+_TURN_POLL_S = 0.5
+# How long before a flush's timeout a worker stops waiting for its turn to export.
+_REPORT_MARGIN_S = 1.0
+
+EXPORTED_AS_OF = "sweepsafe:exported_as_of"
+"""The study's system attribute naming the server's time of the newest export's read."""
 _DRIVERS = {
     "postgresql": ("psycopg", "pip install 'sweepsafe[postgres]'"),
     "mysql": ("pymysql", "pip install pymysql"),
@@ -173,12 +182,19 @@ class Exporter:
     so two exports never run at once, and the final one waits for a periodic one in
     flight. A worker that does not hold the lease tries to take it first, which succeeds
     once the exporting worker has died and its lease has expired: then this one exports.
+
+    Each export that reached Drive leaves in the server, as a system attribute of the
+    study, the server's time as its read began (:data:`EXPORTED_AS_OF`). A worker whose
+    sweep ends while another holds the lease waits for an export that began after its
+    own last trial, or for the lease, and exports itself: else a trial that ended while
+    the holder's last export was on its way to Drive would be in no export.
     """
 
     def __init__(
         self,
         store: BackupBackend,
         settings: SharedSettings,
+        storage: optuna.storages.RDBStorage,
         study_name: str,
         study_dir: Path,
         worker: BackupWorker,
@@ -186,6 +202,7 @@ class Exporter:
     ) -> None:
         self._store = store
         self._settings = settings
+        self._storage = storage
         self._study_name = study_name
         self._study_dir = study_dir
         self._worker = worker
@@ -212,26 +229,91 @@ class Exporter:
         """The periodic job: schedule an export (coalesced with one already waiting)."""
         self._worker.submit(self.export_path, self._job(final=False))
 
-    def submit_final(self) -> None:
-        """Schedule the end-of-sweep export, which also refreshes the plain Drive copy."""
-        self._worker.submit(self.export_path, self._job(final=True))
+    def submit_final(self, timeout: float) -> None:
+        """Schedule the end-of-sweep export, which also refreshes the plain Drive copy.
 
-    def _job(self, *, final: bool) -> Callable[[Path, bool], Any]:
+        Without the lease, it waits for an export of the holder's that holds this
+        worker's trials, or for the lease to come free, until a moment before the
+        flush's ``timeout`` ends, so that the flush reports why it gave up.
+        """
+        deadline = time.monotonic() + timeout - min(_REPORT_MARGIN_S, timeout / 4)
+        self._worker.submit(self.export_path, self._job(final=True, deadline=deadline))
+
+    def _job(self, *, final: bool, deadline: float = 0.0) -> Callable[[Path, bool], Any]:
         async def export(path: Path, is_directory: bool) -> BackupResult:
-            if not await self._store.aholds(self._study_dir, take=True):
+            if final:
+                waited = await self._await_turn(path, deadline)
+                if waited is not None:
+                    return waited
+            elif not await self._store.aholds(self._study_dir, take=True):
                 return BackupResult(
                     True, path, None, "skipped", notes=("another worker exports the study",)
                 )
             logger.info("Exporting the shared study %s to Drive.", self._study_name)
-            await anyio.to_thread.run_sync(
+            exported = await anyio.to_thread.run_sync(
                 export_study, self._settings.url, self._study_name, self.export_path
             )
             result = await self._store.abackup(self.export_path, final=final)
-            if result.ok and self._progress is not None and result.finished_trials is not None:
-                self._progress._copy_succeeded(result.finished_trials)
+            if result.ok:
+                await anyio.to_thread.run_sync(self._mark_exported, exported.as_of)
+                if self._progress is not None and result.finished_trials is not None:
+                    self._progress._copy_succeeded(result.finished_trials)
             return result
 
         return export
+
+    async def _await_turn(self, path: Path, deadline: float) -> BackupResult | None:
+        """None once this worker holds the lease (it exports); else why it need not.
+
+        The holder's exports are seen in the server, its lease on Drive: both only by
+        asking again, on a short period (no other runtime can wake this one).
+        """
+        started = time.monotonic()
+        ended = await anyio.to_thread.run_sync(self._server_now)
+        with anyio.move_on_after(deadline - time.monotonic()):
+            while not await self._store.aholds(self._study_dir, take=True):
+                as_of = await anyio.to_thread.run_sync(self._exported_as_of)
+                if as_of is not None and as_of > ended:
+                    return BackupResult(
+                        True,
+                        path,
+                        None,
+                        "skipped",
+                        notes=("the export on Drive of the worker holding the lease holds them",),
+                    )
+                await anyio.sleep(_TURN_POLL_S)
+            return None
+        return BackupResult(
+            False,
+            path,
+            None,
+            "skipped",
+            error=(
+                f"the study's export on Drive does not hold this worker's last trials yet: "
+                "another worker held the study's lease for "
+                f"{time.monotonic() - started:.0f} s without "
+                "exporting after them; it exports them at its next export (every "
+                f"{self._settings.export_interval:.0f} s), or run this worker again to "
+                "export them"
+            ),
+        )
+
+    def _server_now(self) -> datetime:
+        with self._storage.engine.connect() as connection:
+            return server_now(connection)
+
+    def _study_id(self) -> int:
+        return self._storage.get_study_id_from_name(self._study_name)
+
+    def _exported_as_of(self) -> datetime | None:
+        value = self._storage.get_study_system_attrs(self._study_id()).get(EXPORTED_AS_OF)
+        return datetime.fromisoformat(value) if isinstance(value, str) else None
+
+    def _mark_exported(self, as_of: datetime) -> None:
+        # Only forward: a slower export of an earlier read never hides a later one.
+        known = self._exported_as_of()
+        if known is None or as_of > known:
+            self._storage.set_study_system_attr(self._study_id(), EXPORTED_AS_OF, as_of.isoformat())
 
 
 def shared_backup_callbacks(
@@ -265,14 +347,14 @@ def final_shared_backup(
     trials = study_dir / TRIALS_DIR_NAME
     exporter.stop_ticking()
     worker.submit(trials, backup_job(store, None), is_directory=True)
-    exporter.submit_final()
+    exporter.submit_final(timeout)
     flush = worker.flush(timeout)
     wanted = {trials, exporter.export_path}
     reports = tuple(report for report in flush.targets if report.target in wanted)
     exported = next((r.last_result for r in reports if r.target == exporter.export_path), None)
     notes: tuple[str, ...] = ()
-    if isinstance(exported, BackupResult) and exported.kind == "skipped":
-        notes = ("another worker holds the study's lease: it exports the study",)
+    if isinstance(exported, BackupResult) and exported.kind == "skipped" and exported.ok:
+        notes = ("another worker's export on Drive holds this worker's trials",)
     if not flush.timed_out:
         run_blocking(lambda: store.arelease(study_dir))
     return StudyBackupReport(

@@ -40,6 +40,7 @@ def _shared_sweep(
     study: Study,
     objective: Callable[[Trial], Any],
     shared: SharedSettings,
+    storage: optuna.storages.RDBStorage,
     *,
     study_dir: Path,
     n_trials: int | None,
@@ -59,7 +60,7 @@ def _shared_sweep(
     if store is not None:
         worker = worker or get_default_worker()
         run_blocking(lambda: store.aacquire(study_dir, shared=True))
-        exporter = Exporter(store, shared, study.study_name, study_dir, worker, progress)
+        exporter = Exporter(store, shared, storage, study.study_name, study_dir, worker, progress)
         backup_callbacks = shared_backup_callbacks(
             study_dir, store, exporter, worker, shared.export_interval
         )

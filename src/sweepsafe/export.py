@@ -19,13 +19,14 @@ import secrets
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import optuna
 import sqlalchemy
 
-__all__ = ["ExportResult", "export_study", "load_into_server", "server_storage"]
+__all__ = ["ExportResult", "export_study", "load_into_server", "server_now", "server_storage"]
 
 # Optuna's own bookkeeping tables: the new file gets its own from Optuna.
 _SKIPPED_TABLES = frozenset({"alembic_version", "version_info"})
@@ -40,6 +41,9 @@ class ExportResult:
     trials: int
     rows: int
     duration_s: float
+    as_of: datetime
+    """The server's time as the read began (see :func:`server_now`): every trial that
+    ended before it is in the file."""
 
 
 def server_storage(
@@ -86,7 +90,7 @@ def export_study(url: str, study_name: str, target: Path) -> ExportResult:
     source = sqlalchemy.create_engine(url)
     destination = sqlalchemy.create_engine(f"sqlite:///{temp}")
     try:
-        rows, trials = _copy_rows(source, destination, study_name)
+        rows, trials, as_of = _copy_rows(source, destination, study_name)
     except BaseException:
         destination.dispose()
         with contextlib.suppress(FileNotFoundError):
@@ -96,17 +100,37 @@ def export_study(url: str, study_name: str, target: Path) -> ExportResult:
         source.dispose()
     destination.dispose()
     os.replace(temp, target)
-    return ExportResult(target, trials, rows, time.monotonic() - started)
+    return ExportResult(target, trials, rows, time.monotonic() - started, as_of)
+
+
+def server_now(connection: sqlalchemy.Connection) -> datetime:
+    """The database server's clock, as a naive UTC time where the server says its zone.
+
+    Only times read from the same server are compared, so that no two machines' clocks
+    meet. PostgreSQL gives the start of the transaction, which is no later than what the
+    transaction reads; SQLite and MySQL give whole seconds.
+    """
+    moment: object = connection.execute(
+        sqlalchemy.select(sqlalchemy.func.current_timestamp())
+    ).scalar()
+    if isinstance(moment, str):
+        moment = datetime.fromisoformat(moment)
+    if not isinstance(moment, datetime):
+        raise TypeError(f"the server's clock read as {moment!r}, not a time")
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+    return moment
 
 
 def _copy_rows(
     source: sqlalchemy.Engine, destination: sqlalchemy.Engine, study_name: str
-) -> tuple[int, int]:
+) -> tuple[int, int, datetime]:
     options: dict[str, Any] = {}
     if source.dialect.name in ("postgresql", "mysql"):
         options["isolation_level"] = "REPEATABLE READ"
     copied = 0
     with source.connect().execution_options(**options) as reader, destination.begin() as writer:
+        as_of = server_now(reader)  # the first read of the transaction
         found = sqlalchemy.MetaData()
         found.reflect(bind=reader)
         wanted = sqlalchemy.MetaData()
@@ -138,7 +162,7 @@ def _copy_rows(
                 copied += len(batch)
                 if table.name == "trials":
                     trial_count += len(batch)
-        return copied, trial_count
+        return copied, trial_count, as_of
 
 
 def load_into_server(source: Path, url: str) -> list[str]:

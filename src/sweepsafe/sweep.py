@@ -314,6 +314,7 @@ def _run_shared(
             study,
             objective,
             shared,
+            storage,
             study_dir=study_dir,
             n_trials=n_trials,
             timeout=timeout,
