@@ -302,6 +302,41 @@ def test_a_worker_whose_trials_no_export_holds_in_time_says_its_backup_is_incomp
     assert "does not hold this worker's last trials yet" in done["report"]
 
 
+def test_an_export_loaded_into_a_server_leaves_no_export_time_of_the_old_server(
+    tmp_path: Path, postgres_database: str
+) -> None:
+    # A worker compares the export time in the study with its own server's clock, so a
+    # time from the server an export came from must not come along into another one.
+    from sweepsafe.export import EXPORTED_AS_OF, export_study, load_into_server
+
+    storage = optuna.storages.RDBStorage(postgres_database)
+    try:
+        study = optuna.create_study(study_name="s", storage=storage)
+        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+        study_id = storage.get_study_id_from_name("s")
+        # An export made far ahead of this server's clock, as another server's could be.
+        storage.set_study_system_attr(study_id, EXPORTED_AS_OF, "2999-01-01T00:00:00")
+        assert export_study(postgres_database, "s", tmp_path / "export.db").trials == 2
+    finally:
+        storage.engine.dispose()
+    engine = sqlalchemy.create_engine(postgres_database)
+    try:
+        tables = sqlalchemy.MetaData()
+        tables.reflect(bind=engine)
+        tables.drop_all(engine)  # an empty server to load the export into
+    finally:
+        engine.dispose()
+
+    assert load_into_server(tmp_path / "export.db", postgres_database) == ["s"]
+    storage = optuna.storages.RDBStorage(postgres_database)
+    try:
+        study_id = storage.get_study_id_from_name("s")
+        assert EXPORTED_AS_OF not in storage.get_study_system_attrs(study_id)
+        assert len(storage.get_all_trials(study_id)) == 2  # the rest of the study came
+    finally:
+        storage.engine.dispose()
+
+
 @pytest.mark.timeout(300)
 def test_an_exporter_killed_while_it_exports_leaves_the_previous_export_and_another_exports(
     tmp_path: Path, postgres_database: str

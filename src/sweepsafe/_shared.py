@@ -38,7 +38,7 @@ from sweepsafe._resume import _FINISHED
 from sweepsafe._study_report import StudyBackupReport
 from sweepsafe.drive import BackupBackend, BackupResult, ObjectStore
 from sweepsafe.errors import StorageError
-from sweepsafe.export import export_study, server_now, server_storage
+from sweepsafe.export import EXPORTED_AS_OF, export_study, server_now, server_storage
 
 if TYPE_CHECKING:
     from optuna.study import Study
@@ -46,7 +46,6 @@ if TYPE_CHECKING:
     from sweepsafe.worker import BackupWorker
 
 __all__ = [
-    "EXPORTED_AS_OF",
     "Exporter",
     "SharedSettings",
     "describe_server_error",
@@ -64,9 +63,6 @@ _CREATE_ATTEMPTS = 5
 _TURN_POLL_S = 0.5
 # How long before a flush's timeout a worker stops waiting for its turn to export.
 _REPORT_MARGIN_S = 1.0
-
-EXPORTED_AS_OF = "sweepsafe:exported_as_of"
-"""The study's system attribute naming the server's time of the newest export's read."""
 _DRIVERS = {
     "postgresql": ("psycopg", "pip install 'sweepsafe[postgres]'"),
     "mysql": ("pymysql", "pip install pymysql"),
@@ -310,10 +306,19 @@ class Exporter:
         return datetime.fromisoformat(value) if isinstance(value, str) else None
 
     def _mark_exported(self, as_of: datetime) -> None:
-        # Only forward: a slower export of an earlier read never hides a later one.
-        known = self._exported_as_of()
-        if known is None or as_of > known:
-            self._storage.set_study_system_attr(self._study_id(), EXPORTED_AS_OF, as_of.isoformat())
+        """Record the export's time; without it, other workers only wait longer."""
+        try:
+            # Only forward: a slower export of an earlier read never hides a later one.
+            known = self._exported_as_of()
+            if known is None or as_of > known:
+                study_id = self._study_id()
+                self._storage.set_study_system_attr(study_id, EXPORTED_AS_OF, as_of.isoformat())
+        except sqlalchemy.exc.SQLAlchemyError as exc:
+            logger.warning(
+                "The export of %s is on Drive, but the server did not take its time: %s",
+                self._study_name,
+                exc,
+            )
 
 
 def shared_backup_callbacks(

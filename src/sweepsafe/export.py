@@ -26,7 +26,18 @@ from typing import Any
 import optuna
 import sqlalchemy
 
-__all__ = ["ExportResult", "export_study", "load_into_server", "server_now", "server_storage"]
+__all__ = [
+    "EXPORTED_AS_OF",
+    "ExportResult",
+    "export_study",
+    "load_into_server",
+    "server_now",
+    "server_storage",
+]
+
+EXPORTED_AS_OF = "sweepsafe:exported_as_of"
+"""The study system attribute a shared sweep's exports leave in the server: the server's
+time as the newest export that reached Drive began its read."""
 
 # Optuna's own bookkeeping tables: the new file gets its own from Optuna.
 _SKIPPED_TABLES = frozenset({"alembic_version", "version_info"})
@@ -193,6 +204,12 @@ def load_into_server(source: Path, url: str) -> list[str]:
             ]
         for name in names:
             _copy_rows(reader, writer, name)
+        with writer.begin() as connection:
+            # A time of the server the file was exported from means nothing in this one.
+            connection.execute(
+                sqlalchemy.text("DELETE FROM study_system_attributes WHERE key = :key"),
+                {"key": EXPORTED_AS_OF},
+            )
         if writer.dialect.name == "postgresql":
             _advance_sequences(writer)
     finally:
