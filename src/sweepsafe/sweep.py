@@ -172,7 +172,9 @@ def run_sweep(
     finished trials of every worker (each worker stops at it; they may overshoot by one
     trial each), each worker backs up its own trial folders, and the worker holding the
     study's lease exports the study to Drive as ``study.db`` every ``export_interval``
-    seconds and at its end.
+    seconds and at its end. A worker that ends while another holds the lease waits,
+    within ``flush_timeout``, for an export holding its own trials (or for the lease, and
+    exports itself); its report is complete only then.
 
     Raises:
         LeaseHeldError: another runtime is backing this study up.
