@@ -113,6 +113,15 @@ def drive_study(tmp_path: Path) -> Path:
     return tmp_path / "drive" / "out" / study_dir_for(Path("/x"), KEY).name
 
 
+def exported_finished(tmp_path: Path) -> list[int]:
+    """The finished trials of the study's export on Drive, restored as a user would."""
+    observer = DriveObserver(tmp_path, tmp_path / "drive")
+    try:
+        return finished_numbers(observer.restored_study(drive_study(tmp_path), tmp_path / "check"))
+    finally:
+        observer.close()
+
+
 def has_heartbeat(url: str, number: int) -> bool:
     engine = sqlalchemy.create_engine(url)
     try:
@@ -196,12 +205,7 @@ def test_four_workers_one_killed_mid_trial_finish_the_sweep_and_drive_holds_it(
         model = drive_study(tmp_path) / "trials" / f"trial-{trial.number:05d}" / "model.txt"
         assert model.read_text().split()[1] == str(trial.number)
     # The export on Drive is a sound SQLite study holding every finished trial.
-    observer = DriveObserver(tmp_path, tmp_path / "drive")
-    try:
-        study = observer.restored_study(drive_study(tmp_path), tmp_path / "check")
-        assert finished_numbers(study) == sorted(t.number for t in finished)
-    finally:
-        observer.close()
+    assert exported_finished(tmp_path) == sorted(t.number for t in finished)
 
 
 @pytest.mark.timeout(300)
@@ -240,12 +244,7 @@ def test_a_trial_that_ends_while_the_lease_holder_exports_for_the_last_time_reac
         if t.state == optuna.trial.TrialState.COMPLETE
     )
     assert started["trial"] in finished
-    observer = DriveObserver(tmp_path, tmp_path / "drive")
-    try:
-        study = observer.restored_study(drive_study(tmp_path), tmp_path / "check")
-        assert finished_numbers(study) == finished  # the late trial too
-    finally:
-        observer.close()
+    assert exported_finished(tmp_path) == finished  # the late trial too
 
 
 @pytest.mark.timeout(300)
@@ -270,12 +269,7 @@ def test_a_worker_that_ends_first_waits_for_the_holders_next_export_to_hold_its_
         assert "another worker's export on Drive holds this worker's trials" in done["report"]
         mine = [e["trial"] for e in short.events if e["event"] == "trial"]
         assert mine
-        observer = DriveObserver(tmp_path, tmp_path / "drive")
-        try:
-            study = observer.restored_study(drive_study(tmp_path), tmp_path / "check")
-            assert set(mine) <= set(finished_numbers(study))
-        finally:
-            observer.close()
+        assert set(mine) <= set(exported_finished(tmp_path))
     finally:
         holder.kill()
 
