@@ -248,6 +248,50 @@ def test_a_trial_that_ends_while_the_lease_holder_exports_for_the_last_time_reac
 
 
 @pytest.mark.timeout(300)
+def test_workers_that_end_while_the_holder_exports_take_its_lease_in_turn_and_all_say_complete(
+    tmp_path: Path, postgres_database: str
+) -> None:
+    # Three workers wait for the holder's lease at once; as it comes free, they may all
+    # take it in the same moment (Drive has no conditional write): the ones that lose
+    # must wait for the winner's export rather than report a failed one.
+    fault_plan = plan(tmp_path, latency=0.5)
+    rarely = ("--export-interval", "600")
+    gates = [tmp_path / f"gate-{index}" for index in range(4)]
+    for gate in gates:
+        os.mkfifo(gate)
+    workers = [
+        Worker(tmp_path, f"w{i}", postgres_database, fault_plan, 4, 0.2, *rarely, "--gate", str(g))
+        for i, g in enumerate(gates[:1])
+    ]
+    assert workers[0].wait_for("trial_started") is not None, workers[0].stderr  # the holder
+    workers += [
+        Worker(tmp_path, f"w{i}", postgres_database, fault_plan, 4, 0.2, *rarely, "--gate", str(g))
+        for i, g in enumerate(gates[1:], start=1)
+    ]
+    for worker in workers[1:]:
+        assert worker.wait_for("trial_started") is not None, worker.stderr
+    with open(gates[0], "w"):
+        pass
+    export = workers[0].local / "out" / drive_study(tmp_path).name / "study.db"
+    holder = workers[0]
+    wait_while_running(holder.process, export.exists, "the holder's export", lambda: holder.stderr)
+    for gate in gates[1:]:
+        with open(gate, "w"):
+            pass
+    assert [w.finish() for w in workers] == [0] * 4, [w.stderr for w in workers]
+
+    for worker in workers:
+        done = next(e for e in worker.events if e["event"] == "done")
+        assert done["ok"], (worker.name, done["report"])
+    finished = sorted(
+        t.number
+        for t in server_trials(postgres_database)
+        if t.state == optuna.trial.TrialState.COMPLETE
+    )
+    assert exported_finished(tmp_path) == finished
+
+
+@pytest.mark.timeout(300)
 def test_a_worker_that_ends_first_waits_for_the_holders_next_export_to_hold_its_trials(
     tmp_path: Path, postgres_database: str
 ) -> None:

@@ -237,35 +237,53 @@ class Exporter:
 
     def _job(self, *, final: bool, deadline: float = 0.0) -> Callable[[Path, bool], Any]:
         async def export(path: Path, is_directory: bool) -> BackupResult:
-            if final:
-                waited = await self._await_turn(path, deadline)
-                if waited is not None:
-                    return waited
-            elif not await self._store.aholds(self._study_dir, take=True):
-                return BackupResult(
-                    True, path, None, "skipped", notes=("another worker exports the study",)
+            started = time.monotonic()
+            # The server's time once this worker's last trial has ended.
+            ended = await anyio.to_thread.run_sync(self._server_now) if final else None
+            while True:
+                if ended is not None:
+                    waited = await self._await_turn(path, ended, started, deadline)
+                    if waited is not None:
+                        return waited
+                elif not await self._store.aholds(self._study_dir, take=True):
+                    return _another_exports(path)
+                result = await self._export_once(final)
+                if result.ok or await self._store.aholds(self._study_dir):
+                    return result
+                # Drive has no conditional write: two workers that took a free lease in
+                # the same moment may both believe they hold it, and the one whose lease
+                # did not land learns it here. The other exports after this worker's
+                # last trial, so this one waits for that export (or for the lease).
+                logger.info(
+                    "Another worker took the lease on %s as this one exported; it exports.",
+                    self._study_name,
                 )
-            logger.info("Exporting the shared study %s to Drive.", self._study_name)
-            exported = await anyio.to_thread.run_sync(
-                export_study, self._settings.url, self._study_name, self.export_path
-            )
-            result = await self._store.abackup(self.export_path, final=final)
-            if result.ok:
-                await anyio.to_thread.run_sync(self._mark_exported, exported.as_of)
-                if self._progress is not None and result.finished_trials is not None:
-                    self._progress._copy_succeeded(result.finished_trials)
-            return result
+                if not final:
+                    return _another_exports(path)
 
         return export
 
-    async def _await_turn(self, path: Path, deadline: float) -> BackupResult | None:
-        """None once this worker holds the lease (it exports); else why it need not.
+    async def _export_once(self, final: bool) -> BackupResult:
+        logger.info("Exporting the shared study %s to Drive.", self._study_name)
+        exported = await anyio.to_thread.run_sync(
+            export_study, self._settings.url, self._study_name, self.export_path
+        )
+        result = await self._store.abackup(self.export_path, final=final)
+        if result.ok:
+            await anyio.to_thread.run_sync(self._mark_exported, exported.as_of)
+            if self._progress is not None and result.finished_trials is not None:
+                self._progress._copy_succeeded(result.finished_trials)
+        return result
+
+    async def _await_turn(
+        self, path: Path, ended: datetime, started: float, deadline: float
+    ) -> BackupResult | None:
+        """None once this worker holds the lease (it exports); else why it need not:
+        an export that began after ``ended`` reached Drive, or ``deadline`` came first.
 
         The holder's exports are seen in the server, its lease on Drive: both only by
         asking again, on a short period (no other runtime can wake this one).
         """
-        started = time.monotonic()
-        ended = await anyio.to_thread.run_sync(self._server_now)
         with anyio.move_on_after(deadline - time.monotonic()):
             while not await self._store.aholds(self._study_dir, take=True):
                 as_of = await anyio.to_thread.run_sync(self._exported_as_of)
@@ -319,6 +337,10 @@ class Exporter:
                 self._study_name,
                 exc,
             )
+
+
+def _another_exports(path: Path) -> BackupResult:
+    return BackupResult(True, path, None, "skipped", notes=("another worker exports the study",))
 
 
 def shared_backup_callbacks(
