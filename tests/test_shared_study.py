@@ -113,6 +113,12 @@ def drive_study(tmp_path: Path) -> Path:
     return tmp_path / "drive" / "out" / study_dir_for(Path("/x"), KEY).name
 
 
+def server_finished(url: str) -> list[int]:
+    """The numbers of the study's COMPLETE trials in the server."""
+    complete = optuna.trial.TrialState.COMPLETE
+    return sorted(t.number for t in server_trials(url) if t.state == complete)
+
+
 def exported_finished(tmp_path: Path) -> list[int]:
     """The finished trials of the study's export on Drive, restored as a user would."""
     observer = DriveObserver(tmp_path, tmp_path / "drive")
@@ -238,11 +244,7 @@ def test_a_trial_that_ends_while_the_lease_holder_exports_for_the_last_time_reac
 
     done = next(e for e in late.events if e["event"] == "done")
     assert done["ok"], done["report"]
-    finished = sorted(
-        t.number
-        for t in server_trials(postgres_database)
-        if t.state == optuna.trial.TrialState.COMPLETE
-    )
+    finished = server_finished(postgres_database)
     assert started["trial"] in finished
     assert exported_finished(tmp_path) == finished  # the late trial too
 
@@ -259,35 +261,29 @@ def test_workers_that_end_while_the_holder_exports_take_its_lease_in_turn_and_al
     gates = [tmp_path / f"gate-{index}" for index in range(4)]
     for gate in gates:
         os.mkfifo(gate)
-    workers = [
-        Worker(tmp_path, f"w{i}", postgres_database, fault_plan, 4, 0.2, *rarely, "--gate", str(g))
-        for i, g in enumerate(gates[:1])
-    ]
-    assert workers[0].wait_for("trial_started") is not None, workers[0].stderr  # the holder
-    workers += [
-        Worker(tmp_path, f"w{i}", postgres_database, fault_plan, 4, 0.2, *rarely, "--gate", str(g))
-        for i, g in enumerate(gates[1:], start=1)
-    ]
-    for worker in workers[1:]:
-        assert worker.wait_for("trial_started") is not None, worker.stderr
+
+    def worker(index: int) -> Worker:
+        gate = ("--gate", str(gates[index]))
+        return Worker(tmp_path, f"w{index}", postgres_database, fault_plan, 4, 0.2, *rarely, *gate)
+
+    holder = worker(0)
+    assert holder.wait_for("trial_started") is not None, holder.stderr  # it holds the lease
+    workers = [holder, *(worker(index) for index in (1, 2, 3))]
+    for late in workers[1:]:
+        assert late.wait_for("trial_started") is not None, late.stderr
     with open(gates[0], "w"):
         pass
-    export = workers[0].local / "out" / drive_study(tmp_path).name / "study.db"
-    holder = workers[0]
+    export = holder.local / "out" / drive_study(tmp_path).name / "study.db"
     wait_while_running(holder.process, export.exists, "the holder's export", lambda: holder.stderr)
     for gate in gates[1:]:
         with open(gate, "w"):
             pass
     assert [w.finish() for w in workers] == [0] * 4, [w.stderr for w in workers]
 
-    for worker in workers:
-        done = next(e for e in worker.events if e["event"] == "done")
-        assert done["ok"], (worker.name, done["report"])
-    finished = sorted(
-        t.number
-        for t in server_trials(postgres_database)
-        if t.state == optuna.trial.TrialState.COMPLETE
-    )
+    for each in workers:
+        done = next(e for e in each.events if e["event"] == "done")
+        assert done["ok"], (each.name, done["report"])
+    finished = server_finished(postgres_database)
     assert exported_finished(tmp_path) == finished
 
 
