@@ -219,13 +219,8 @@ async def acquire_lease(
     me = this_runtime()
     path = state_dir(unit_drive) / LEASE_NAME
     current, version = await _read_lease_to_replace(helper, unit_drive, timeout, conditional)
-    if (
-        current is not None
-        and not takeover
-        and not current.owner.is_same_process(me)
-        and current.is_live(clock, lease_timeout)
-    ):
-        raise LeaseHeldError(_held_message(unit_drive, current, clock, lease_timeout))
+    if not takeover:
+        _refuse_if_held(unit_drive, current, clock, lease_timeout)
     now = clock()
     mine = current is not None and current.owner.is_same_process(me) and not current.released
     lease = Lease(owner=me, acquired=current.acquired if mine and current else now, heartbeat=now)
@@ -262,7 +257,16 @@ async def check_lease(
     Raises:
         LeaseHeldError: another runtime holds a live lease.
     """
-    current = await read_lease(helper, unit_drive, timeout)
+    _refuse_if_held(unit_drive, await read_lease(helper, unit_drive, timeout), clock, lease_timeout)
+
+
+def _refuse_if_held(
+    unit_drive: Path,
+    current: Lease | None,
+    clock: Callable[[], float],
+    lease_timeout: float,
+) -> None:
+    """Raise :class:`LeaseHeldError` if ``current`` is another runtime's live lease."""
     if (
         current is not None
         and not current.owner.is_same_process(this_runtime())
