@@ -200,6 +200,7 @@ class Exporter:
         self._settings = settings
         self._storage = storage
         self._study_name = study_name
+        self._known_study_id: int | None = None
         self._study_dir = study_dir
         self._worker = worker
         self._progress = progress
@@ -317,7 +318,11 @@ class Exporter:
             return server_now(connection)
 
     def _study_id(self) -> int:
-        return self._storage.get_study_id_from_name(self._study_name)
+        # Looked up once, on the worker's loop: it never changes, and the wait for a
+        # turn to export asks for the export time every half second.
+        if self._known_study_id is None:
+            self._known_study_id = self._storage.get_study_id_from_name(self._study_name)
+        return self._known_study_id
 
     def _exported_as_of(self) -> datetime | None:
         value = self._storage.get_study_system_attrs(self._study_id()).get(EXPORTED_AS_OF)
