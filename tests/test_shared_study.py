@@ -42,9 +42,16 @@ class Worker:
         trials: int,
         seconds: float = 0.4,
         *options: str,
+        gated: bool = False,
     ) -> None:
+        """``gated``: the worker's first trial ends only at :meth:`end_held_trial`."""
         self.name = name
         self.local = tmp_path / name
+        self.export = self.local / "out" / drive_study(tmp_path).name / "study.db"
+        self.gate = tmp_path / f"{name}.gate"
+        if gated:
+            os.mkfifo(self.gate)
+            options = (*options, "--gate", str(self.gate))
         self.events: list[dict[str, Any]] = []
         self._changed = threading.Condition()
         command = [sys.executable, str(WORKER), "--url", url, "--local", str(self.local)]
@@ -88,6 +95,18 @@ class Worker:
                 WAIT_S,
             )
             return next((e for e in self.events if e["event"] == event), None)
+
+    def end_held_trial(self) -> None:
+        with open(self.gate, "w"):  # the worker's read of the named pipe returns
+            pass
+
+    def wait_for_export(self) -> None:
+        """Until this worker has written an export of the study, locally."""
+        wait_while_running(self.process, self.export.exists, "an export", lambda: self.stderr)
+
+    def done(self) -> dict[str, Any]:
+        """The worker's last event: whether its report is ok, and the report."""
+        return next(e for e in self.events if e["event"] == "done")
 
     def kill(self) -> None:
         os.killpg(self.process.pid, signal.SIGKILL)
@@ -221,29 +240,18 @@ def test_a_trial_that_ends_while_the_lease_holder_exports_for_the_last_time_reac
     # Drive takes a while per file, so the holder's last export is on its way for seconds.
     fault_plan = plan(tmp_path, latency=0.5)
     rarely = ("--export-interval", "600")  # the only export is each worker's last
-    gates = [tmp_path / "holder-gate", tmp_path / "late-gate"]
-    for gate in gates:
-        os.mkfifo(gate)
-    holder = Worker(
-        tmp_path, "w0", postgres_database, fault_plan, 3, 0.2, *rarely, "--gate", str(gates[0])
-    )
+    holder = Worker(tmp_path, "w0", postgres_database, fault_plan, 3, 0.2, *rarely, gated=True)
     assert holder.wait_for("trial_started") is not None, holder.stderr  # it holds the lease
-    late = Worker(
-        tmp_path, "w1", postgres_database, fault_plan, 3, 0.2, *rarely, "--gate", str(gates[1])
-    )
+    late = Worker(tmp_path, "w1", postgres_database, fault_plan, 3, 0.2, *rarely, gated=True)
     started = late.wait_for("trial_started")
     assert started is not None, late.stderr
-    with open(gates[0], "w"):  # the holder may now end its trials
-        pass
+    holder.end_held_trial()  # the holder may now end its trials
     # The holder ends its three trials and exports the study, without the late trial.
-    export = holder.local / "out" / drive_study(tmp_path).name / "study.db"
-    wait_while_running(holder.process, export.exists, "the holder's export", lambda: holder.stderr)
-    with open(gates[1], "w"):  # the late trial ends while that export is on its way to Drive
-        pass
+    holder.wait_for_export()
+    late.end_held_trial()  # while that export is on its way to Drive
     assert [holder.finish(), late.finish()] == [0, 0], [holder.stderr, late.stderr]
 
-    done = next(e for e in late.events if e["event"] == "done")
-    assert done["ok"], done["report"]
+    assert late.done()["ok"], late.done()["report"]
     finished = server_finished(postgres_database)
     assert started["trial"] in finished
     assert exported_finished(tmp_path) == finished  # the late trial too
@@ -258,33 +266,26 @@ def test_workers_that_end_while_the_holder_exports_take_its_lease_in_turn_and_al
     # must wait for the winner's export rather than report a failed one.
     fault_plan = plan(tmp_path, latency=0.5)
     rarely = ("--export-interval", "600")
-    gates = [tmp_path / f"gate-{index}" for index in range(4)]
-    for gate in gates:
-        os.mkfifo(gate)
 
     def worker(index: int) -> Worker:
-        gate = ("--gate", str(gates[index]))
-        return Worker(tmp_path, f"w{index}", postgres_database, fault_plan, 4, 0.2, *rarely, *gate)
+        return Worker(
+            tmp_path, f"w{index}", postgres_database, fault_plan, 4, 0.2, *rarely, gated=True
+        )
 
     holder = worker(0)
     assert holder.wait_for("trial_started") is not None, holder.stderr  # it holds the lease
     workers = [holder, *(worker(index) for index in (1, 2, 3))]
     for late in workers[1:]:
         assert late.wait_for("trial_started") is not None, late.stderr
-    with open(gates[0], "w"):
-        pass
-    export = holder.local / "out" / drive_study(tmp_path).name / "study.db"
-    wait_while_running(holder.process, export.exists, "the holder's export", lambda: holder.stderr)
-    for gate in gates[1:]:
-        with open(gate, "w"):
-            pass
+    holder.end_held_trial()
+    holder.wait_for_export()
+    for late in workers[1:]:
+        late.end_held_trial()
     assert [w.finish() for w in workers] == [0] * 4, [w.stderr for w in workers]
 
     for each in workers:
-        done = next(e for e in each.events if e["event"] == "done")
-        assert done["ok"], (each.name, done["report"])
-    finished = server_finished(postgres_database)
-    assert exported_finished(tmp_path) == finished
+        assert each.done()["ok"], (each.name, each.done()["report"])
+    assert exported_finished(tmp_path) == server_finished(postgres_database)
 
 
 @pytest.mark.timeout(300)
@@ -293,18 +294,15 @@ def test_a_worker_that_ends_first_waits_for_the_holders_next_export_to_hold_its_
 ) -> None:
     fault_plan = plan(tmp_path, latency=0.1)
     every = ("--export-interval", "2")
-    gate = tmp_path / "gate"
-    os.mkfifo(gate)  # never opened: the holder's first trial runs on until it is killed
-    holder = Worker(
-        tmp_path, "w0", postgres_database, fault_plan, 60, 0.2, *every, "--gate", str(gate)
-    )
+    # Its held trial never ends: the holder sweeps on until it is killed.
+    holder = Worker(tmp_path, "w0", postgres_database, fault_plan, 60, 0.2, *every, gated=True)
     assert holder.wait_for("trial_started") is not None, holder.stderr  # it holds the lease
     # This worker stops once the study holds two finished trials; the holder sweeps on.
     short = Worker(tmp_path, "w1", postgres_database, fault_plan, 2, 0.2, *every)
     assert short.finish() == 0, short.stderr
     try:
         assert holder.process.poll() is None  # still sweeping: it never gave the lease back
-        done = next(e for e in short.events if e["event"] == "done")
+        done = short.done()
         assert done["ok"], done["report"]
         assert "another worker's export on Drive holds this worker's trials" in done["report"]
         mine = [e["trial"] for e in short.events if e["event"] == "trial"]
@@ -319,18 +317,15 @@ def test_a_worker_whose_trials_no_export_holds_in_time_says_its_backup_is_incomp
     tmp_path: Path, postgres_database: str
 ) -> None:
     rarely = ("--export-interval", "600")
-    gate = tmp_path / "gate"
-    os.mkfifo(gate)  # never opened: the holder's first trial runs on until it is killed
-    holder = Worker(
-        tmp_path, "w0", postgres_database, plan(tmp_path), 60, 0.2, *rarely, "--gate", str(gate)
-    )
+    # Its held trial never ends: the holder sweeps on until it is killed.
+    holder = Worker(tmp_path, "w0", postgres_database, plan(tmp_path), 60, 0.2, *rarely, gated=True)
     assert holder.wait_for("trial_started") is not None, holder.stderr  # it holds the lease
     short = Worker(
         tmp_path, "w1", postgres_database, plan(tmp_path), 2, 0.2, *rarely, "--flush-timeout", "2"
     )
     assert short.finish() == 0, short.stderr
     holder.kill()
-    done = next(e for e in short.events if e["event"] == "done")
+    done = short.done()
     assert not done["ok"]
     assert "INCOMPLETE" in done["report"]
     assert "does not hold this worker's last trials yet" in done["report"]
