@@ -109,7 +109,7 @@ def _four_workers(url: str, work: Path, drive: Path | None, n_trials: int) -> tu
     for worker in workers:
         out, err = worker.communicate(timeout=1800)
         if worker.returncode != 0:
-            failures.append(err.strip() if err.strip() else "no output")
+            failures.append(err.strip() or "no output")
             continue
         trial_end, exit_time = map(float, out.split())
         last_trial, last_exit = max(last_trial, trial_end), max(last_exit, exit_time)
