@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from sweepsafe.drive._drive_helper import DriveHelper
     from sweepsafe.drive._generations import Generation, History
 
-__all__ = ["PatchFetcher"]
+__all__ = ["Fetched", "PatchFetcher"]
 
 _FIRST_BATCH_FILES = 4
 _MOST_BATCH_FILES = 64
@@ -57,6 +57,17 @@ class PatchFetcher:
                 return await self._pull(patch)
             await self._read_ahead(patch.number)
         return self._ready.pop(patch.name, None)
+
+    async def run_from(self, first: int, last: int) -> list[list[tuple[Generation, Fetched]]]:
+        """The patches of generation ``first``, then of each generation after it, up to
+        ``last``, whose patches are all read already: one list per generation, in order."""
+        run = [[(p, await self.fetch(p)) for p in self._history.patches.get(first, ())]]
+        for number in range(first + 1, last + 1):
+            later = self._history.patches.get(number, ())
+            if not later or any(p.name not in self._ready for p in later):
+                break
+            run.append([(p, self._ready.pop(p.name)) for p in later])
+        return run
 
     async def _read_ahead(self, number: int) -> None:
         """Read the small patches of ``number`` and of the generations after it, in one go."""

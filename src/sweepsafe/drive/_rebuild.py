@@ -9,7 +9,6 @@ is described in ``_generations``.
 from __future__ import annotations
 
 import errno
-import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,10 +19,10 @@ import anyio
 
 from sweepsafe.drive._drive_errors import DriveOSError
 from sweepsafe.drive._files import pull_new, remove_quietly, scratch_path
-from sweepsafe.drive._generations import History, _read_record, list_history
+from sweepsafe.drive._generations import Generation, History, _read_record, list_history
 from sweepsafe.drive._page_diff import PatchError, sha256_file
 from sweepsafe.drive._patch_apply import apply_patch, apply_patch_in_place
-from sweepsafe.drive._patch_fetch import PatchFetcher
+from sweepsafe.drive._patch_fetch import Fetched, PatchFetcher
 from sweepsafe.drive._patch_format import Patch, decode_patch
 
 if TYPE_CHECKING:
@@ -159,67 +158,81 @@ async def _apply_patches(
     notes: list[str],
     verify_each: bool,
 ) -> Rebuilt:
-    current, tag, sha, meta = start
+    state = start
+    stopped = False
     try:
-        while current < goal:
-            found = await _next_patch(patches, history, current + 1, sha, notes)
-            if found is None:
-                notes.append(
-                    f"generation {current + 1} is missing or damaged on Drive; stopped at "
-                    f"generation {current}"
-                )
-                break
-            patch_tag, patch = found
-            try:
-                work = await _apply_one(work, patch, sha, verify_each)
-            except PatchError as exc:
-                notes.append(
-                    f"{current + 1:08d}-{patch_tag}.patch does not make generation "
-                    f"{current + 1} ({exc}); stopped at generation {current}"
-                )
-                break
-            current, tag, sha, meta = (
-                current + 1,
-                patch_tag,
-                patch.header.result_sha256,
-                patch.header.meta,
+        while not stopped and state[0] < goal:
+            # The patches already read are applied in one go: a thread hop per patch
+            # would cost more than applying it.
+            run = await patches.run_from(state[0] + 1, goal)
+            state, stopped = await anyio.to_thread.run_sync(
+                _apply_run, work, run, state, notes, verify_each
             )
     except BaseException:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(remove_quietly, work)
         raise
+    current, tag, sha, meta = state
     return Rebuilt(work, current, tag, sha, meta, tuple(notes), current > start[0])
 
 
-async def _apply_one(work: Path, patch: Patch, sha: str, verify_each: bool) -> Path:
-    """Apply ``patch`` to ``work`` (holding ``sha``); the file now holding the result.
+def _apply_run(
+    work: Path,
+    run: list[list[tuple[Generation, Fetched]]],
+    state: tuple[int, str, str, Mapping[str, Any]],
+    notes: list[str],
+    verify_each: bool,
+) -> tuple[tuple[int, str, str, Mapping[str, Any]], bool]:
+    """Apply the patch of each generation of ``run`` in turn to ``work``; the state reached,
+    and whether the chain stops there (a generation missing, damaged or not applying)."""
+    for candidates in run:
+        current, _tag, sha, _meta = state
+        found = _choose(candidates, current + 1, sha, notes)
+        if found is None:
+            notes.append(
+                f"generation {current + 1} is missing or damaged on Drive; stopped at "
+                f"generation {current}"
+            )
+            return state, True
+        patch_tag, patch = found
+        try:
+            _apply_one(work, patch, sha, verify_each)
+        except PatchError as exc:
+            notes.append(
+                f"{current + 1:08d}-{patch_tag}.patch does not make generation "
+                f"{current + 1} ({exc}); stopped at generation {current}"
+            )
+            return state, True
+        header = patch.header
+        state = (current + 1, patch_tag, header.result_sha256, header.meta)
+    return state, False
+
+
+def _apply_one(work: Path, patch: Patch, sha: str, verify_each: bool) -> None:
+    """Apply ``patch`` to ``work`` (holding ``sha``).
 
     Quick: in place, unchecked (the caller hashes the end of the chain). Checked: into a
     new file, hashed, so that a patch that does not make its result leaves ``work``
     whole and the chain can stop there.
     """
     if not verify_each:
-        await anyio.to_thread.run_sync(
-            functools.partial(apply_patch_in_place, work, patch, current_sha256=sha, verify=False)
-        )
-        return work
+        apply_patch_in_place(work, patch, current_sha256=sha, verify=False)
+        return
     out = work.with_name(work.stem + "-next.db")
-    await anyio.to_thread.run_sync(remove_quietly, out)
-    await anyio.to_thread.run_sync(apply_patch, work, patch, out)
-    await anyio.to_thread.run_sync(os.replace, out, work)
-    return work
+    remove_quietly(out)
+    apply_patch(work, patch, out)
+    os.replace(out, work)
 
 
-async def _next_patch(
-    patches: PatchFetcher,
-    history: History,
+def _choose(
+    candidates: list[tuple[Generation, Fetched]],
     number: int,
     parent_sha: str,
     notes: list[str],
 ) -> tuple[str, Patch] | None:
+    """The patch of generation ``number`` that follows ``parent_sha``, and its tag."""
     unreadable: DriveOSError | None = None
-    for candidate in history.patches.get(number, ()):
-        raw = await patches.fetch(candidate)
+    for candidate, raw in candidates:
         if isinstance(raw, DriveOSError):
             notes.append(f"{candidate.name} cannot be read ({raw.strerror})")
             unreadable = unreadable or raw
@@ -227,7 +240,7 @@ async def _next_patch(
         if raw is None:
             continue
         try:
-            patch = await anyio.to_thread.run_sync(decode_patch, raw)
+            patch = decode_patch(raw)
         except PatchError as exc:
             notes.append(f"{candidate.name} is damaged ({exc})")
             continue
