@@ -44,6 +44,34 @@ def test_restore_of_a_corrupt_drive_database_refuses_and_leaves_local_untouched(
     assert kept.ok or "nothing local was replaced" in (kept.error or "")
 
 
+def test_restore_refuses_damage_only_the_full_integrity_check_sees(tmp_path: Path) -> None:
+    with simulated_drive(tmp_path) as setup:
+        # A copy put on Drive by hand (no history beside it) whose header miscounts its
+        # free pages: every trial still reads back, only PRAGMA integrity_check objects.
+        made = tmp_path / "made" / "study.db"
+        make_study(made, n_trials=20)
+        on_drive = setup.drive / "study-1" / "study.db"
+        on_drive.parent.mkdir(parents=True)
+        on_drive.write_bytes(made.read_bytes())
+        with open(on_drive, "r+b") as file:
+            file.seek(36)  # the header's count of free pages
+            file.write((3).to_bytes(4, "big"))
+        reader = sqlite3.connect(f"file:{on_drive}?mode=ro", uri=True)
+        try:
+            assert reader.execute("SELECT COUNT(*) FROM trials").fetchone() == (20,)
+        finally:
+            reader.close()
+        database = setup.local / "study-1" / "study.db"
+
+        result = setup.store.restore(database)
+
+        assert not result.ok
+        assert "failed its check" in (result.error or "")
+        assert "integrity_check" in (result.error or "")
+        assert str(on_drive) in (result.error or "")
+        assert not database.exists()
+
+
 def test_restore_brings_a_lost_study_back_and_optuna_resumes_it(tmp_path: Path) -> None:
     with simulated_drive(tmp_path) as setup:
         database = setup.local / "study-1" / "study.db"

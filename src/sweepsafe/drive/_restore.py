@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,13 @@ from sweepsafe.drive._local_state import DatabaseRecord
 from sweepsafe.drive._page_diff import sha256_file
 from sweepsafe.drive._publish_write import publish_rollback
 from sweepsafe.drive._rebuild import NoUsableBase, rebuild
-from sweepsafe.drive._sqlite import SIDECAR_SUFFIXES, DatabaseContent, SnapshotError, read_content
+from sweepsafe.drive._sqlite import (
+    SIDECAR_SUFFIXES,
+    DatabaseContent,
+    SnapshotError,
+    check_database,
+    read_content,
+)
 from sweepsafe.drive._sqlite_inspect import is_sqlite_file
 
 if TYPE_CHECKING:
@@ -187,7 +194,7 @@ async def _install(
 ) -> Restored:
     """Check ``candidate`` (generation, tag and SHA-256 ``which``) and put it in place."""
     generation, tag, sha = which
-    content = await anyio.to_thread.run_sync(_check_candidate, candidate, unit.drive / rel)
+    content = await _check_candidate(candidate, unit.drive / rel)
     local = await anyio.to_thread.run_sync(_local_content, database)
     set_aside: Path | None = None
     if isinstance(local, DatabaseContent) and not chosen:
@@ -257,15 +264,37 @@ async def _in_sync(unit: StudyUnit, rel: str, database: Path, history: History) 
     return await anyio.to_thread.run_sync(os.path.exists, database)
 
 
-def _check_candidate(candidate: Path, where: Path) -> DatabaseContent:
-    if not is_sqlite_file(os.fspath(candidate)):
-        size = os.stat(candidate).st_size
+async def _check_candidate(candidate: Path, where: Path) -> DatabaseContent:
+    if not await anyio.to_thread.run_sync(is_sqlite_file, os.fspath(candidate)):
+        size = (await anyio.to_thread.run_sync(os.stat, candidate)).st_size
         what = "an empty file" if size == 0 else "not an SQLite database"
         raise RestoreRefused(f"the Drive copy {where} is {what}")
-    try:
-        content = read_content(candidate, check="full")
-    except SnapshotError as exc:
-        raise RestoreRefused(f"the Drive copy {where} failed its check: {exc}") from exc
+    # The full check and the read of the trials each take a connection of their own and
+    # run side by side (SQLite works outside Python's lock): the restore waits for the
+    # longer of the two, not for both. The check's verdict comes first either way.
+    problems: dict[str, SnapshotError] = {}
+    read: list[DatabaseContent] = []
+
+    async def check() -> None:
+        try:
+            await anyio.to_thread.run_sync(check_database, candidate)
+        except SnapshotError as exc:
+            problems["check"] = exc
+
+    async def read_trials() -> None:
+        try:
+            content = await anyio.to_thread.run_sync(partial(read_content, candidate, check=None))
+            read.append(content)
+        except SnapshotError as exc:
+            problems["read"] = exc
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(check)
+        group.start_soon(read_trials)
+    problem = problems.get("check") or problems.get("read")
+    if problem is not None:
+        raise RestoreRefused(f"the Drive copy {where} failed its check: {problem}") from problem
+    content = read[0]
     if not content.is_optuna or not content.studies:
         raise RestoreRefused(
             f"the Drive copy {where} is an SQLite database but not an Optuna study"

@@ -29,6 +29,7 @@ __all__ = [
     "SIDECAR_SUFFIXES",
     "DatabaseContent",
     "SnapshotError",
+    "check_database",
     "is_sqlite_file",
     "read_content",
     "recover_hot_journal",
@@ -129,6 +130,26 @@ class DatabaseContent:
     def missing_from(self, newer: DatabaseContent) -> frozenset[FinishedTrial]:
         """Finished trials of this database that ``newer`` lacks."""
         return self.finished - newer.finished
+
+
+def check_database(path: Path) -> None:
+    """Run ``PRAGMA integrity_check`` on the database at ``path``, on a connection of its own.
+
+    Raises:
+        SnapshotError: not SQLite, or the check fails.
+    """
+    if not is_sqlite_file(os.fspath(path)):
+        raise SnapshotError(f"{path} is not an SQLite database")
+    try:
+        connection = connect_read_only(os.fspath(path), BUSY_TIMEOUT_S)
+        try:
+            problem = integrity_problem(connection)
+        finally:
+            connection.close()
+    except sqlite3.DatabaseError as exc:
+        raise SnapshotError(f"{path} cannot be read as a database ({exc})") from exc
+    if problem is not None:
+        raise SnapshotError(f"{path} {problem}")
 
 
 def read_content(path: Path, *, check: str | None = "quick") -> DatabaseContent:
