@@ -31,10 +31,17 @@ from sweepsafe.drive._generations import history_dir, list_history
 from sweepsafe.drive._publish_checks import (
     _check_monotonic,
     _find_parent,
+    _Parent,
     _refuse_known_conflict,
 )
 from sweepsafe.drive._publish_write import Published, _write_generation
-from sweepsafe.drive._sqlite import DatabaseContent, read_content, snapshot_sqlite
+from sweepsafe.drive._sqlite import (
+    DatabaseContent,
+    is_optuna_database,
+    read_content,
+    read_content_since,
+    snapshot_sqlite,
+)
 
 if TYPE_CHECKING:
     from sweepsafe.drive._unit import StudyUnit
@@ -58,13 +65,19 @@ async def publish_database(unit: StudyUnit, database: Path, *, final: bool) -> P
         snapshot = scratch_path(settings.scratch, "snapshot", ".db")
         try:
             await anyio.to_thread.run_sync(_take_snapshot, database, snapshot)
-            content = await anyio.to_thread.run_sync(lambda: read_content(snapshot, check=None))
-            if not content.is_optuna:
+            if not await anyio.to_thread.run_sync(is_optuna_database, snapshot):
                 return await _ship_plain(unit, snapshot, rel)
-            return await _publish_generation(unit, rel, snapshot, content, database, final)
+            return await _publish_generation(unit, rel, snapshot, database, final)
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(remove_quietly, snapshot)
+
+
+def _read_snapshot(snapshot: Path, parent: _Parent | None) -> DatabaseContent:
+    """What the snapshot holds; read as its difference from the parent's file if there is one."""
+    if parent is None or parent.path is None:
+        return read_content(snapshot, check=None)
+    return read_content_since(snapshot, parent.path, parent.content)
 
 
 def _take_snapshot(database: Path, snapshot: Path) -> None:
@@ -87,7 +100,6 @@ async def _publish_generation(
     unit: StudyUnit,
     rel: str,
     snapshot: Path,
-    content: DatabaseContent,
     database: Path,
     final: bool,
 ) -> Published:
@@ -99,12 +111,12 @@ async def _publish_generation(
         _refuse_known_conflict(unit, rel, history)
         parent, notes = await _find_parent(unit, helper, rel, history)
     try:
+        content = await anyio.to_thread.run_sync(_read_snapshot, snapshot, parent)
         if parent is not None:
             _check_monotonic(unit, rel, history, parent, content)
         record = unit.state.databases.get(rel)
-        new_trials = sorted(
-            content.trial_numbers() - (parent.content.trial_numbers() if parent else set())
-        )
+        earlier = parent.content.finished if parent is not None else frozenset()
+        new_trials = sorted({number for _study, number, _start in content.finished - earlier})
         recheck = [int(n) for n in (record.missing_files if record else {})]
         missing = await unit.sync_trial_folders(database.parent, sorted({*new_trials, *recheck}))
         return await _write_generation(

@@ -14,6 +14,8 @@ __all__ = [
     "FINISHED_STATES",
     "SQLITE_HEADER",
     "connect_read_only",
+    "finished_count",
+    "finished_not_in",
     "finished_trials",
     "inspect_sqlite",
     "integrity_problem",
@@ -96,14 +98,39 @@ def read_studies(connection: sqlite3.Connection) -> list[dict[str, Any]]:
     return studies
 
 
+_FINISHED_SELECT = (
+    "SELECT s.study_name, t.number, COALESCE(t.datetime_start, '') FROM {db}.trials AS t "
+    "JOIN {db}.studies AS s ON s.study_id = t.study_id WHERE t.state IN (?, ?)"
+)
+
+
 def finished_trials(connection: sqlite3.Connection) -> set[tuple[str, int, str]]:
     """(study name, trial number, start time) of every finished trial."""
+    rows = connection.execute(_FINISHED_SELECT.format(db="main"), FINISHED_STATES).fetchall()
+    return {(str(name), int(number), str(start)) for name, number, start in rows}
+
+
+def finished_not_in(
+    connection: sqlite3.Connection, schema: str, other: str
+) -> set[tuple[str, int, str]]:
+    """The finished trials of database ``schema`` that database ``other`` lacks, as
+    :func:`finished_trials` names them; both are attached to ``connection``.
+
+    SQLite compares the two, so only the trials that differ become Python objects.
+    """
     rows = connection.execute(
-        "SELECT s.study_name, t.number, COALESCE(t.datetime_start, '') FROM trials AS t "
-        "JOIN studies AS s ON s.study_id = t.study_id WHERE t.state IN (?, ?)",
-        FINISHED_STATES,
+        f"{_FINISHED_SELECT.format(db=schema)} EXCEPT {_FINISHED_SELECT.format(db=other)}",
+        FINISHED_STATES + FINISHED_STATES,
     ).fetchall()
     return {(str(name), int(number), str(start)) for name, number, start in rows}
+
+
+def finished_count(connection: sqlite3.Connection) -> int:
+    """How many finished trials :func:`finished_trials` would name."""
+    (count,) = connection.execute(
+        f"SELECT COUNT(*) FROM ({_FINISHED_SELECT.format(db='main')})", FINISHED_STATES
+    ).fetchone()
+    return int(count)
 
 
 def inspect_sqlite(path: str, *, quick: bool = False) -> dict[str, Any]:
