@@ -14,6 +14,11 @@ short trials continues the study, side by side in one run:
   dependency of sweepsafe), Litestream replicating the same sweep to a file replica on
   local disk, its bytes counted as the replica's new files (every level).
 
+And the time the sweep takes with backups, against the same sweep without (``--overhead``,
+alternated pairs, medians): on a large study each backup's bookkeeping must not grow
+with the study, or the sweep's own thread waits for Python's lock at every trial.
+
+    python -m tools.bench_deltas CACHE_DIR --sizes 20000 --overhead 40 --latencies 0.05
     python -m tools.bench_deltas CACHE_DIR                        # 5,000 and 20,000 trials
     python -m tools.bench_deltas CACHE_DIR --sizes 5000 --trials 60 --latencies 0.05
 """
@@ -260,6 +265,101 @@ def litestream_run(command: str, source: Path, work: Path, n_trials: int) -> dic
     return {"bytes": written, "seconds": seconds}
 
 
+class LastTrial:
+    """An Optuna callback noting when the last trial ended."""
+
+    def __init__(self) -> None:
+        self.ended = 0.0
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.ended = time.perf_counter()
+
+
+def timed_continuation(
+    source: Path, work: Path, n_finished: int, n_trials: int, latency: float | None
+) -> float:
+    """Seconds to the last of ``n_trials`` trials continuing the study, backed up to a
+    Drive at ``latency`` s per file that already holds it (None: no backup)."""
+    local = work / "local"
+    key = f"overhead-{n_finished}"
+    database = study_dir_for(local / "out", key) / "study.db"
+    database.parent.mkdir(parents=True)
+    shutil.copyfile(source, database)
+    clock = LastTrial()
+    worker = BackupWorker()
+    store: DriveStore | None = None
+    try:
+        if latency is not None:
+            plan = work / "plan.json"
+            FaultPlan().write(plan)
+            store = simulated_store(local, work / "drive", plan)
+            seeded = store.backup(database, final=True)
+            if not seeded.ok:
+                raise RuntimeError(seeded.error)
+            FaultPlan(latency_s=latency).write(plan)
+        started = time.perf_counter()
+        result = run_sweep(
+            objective,
+            output_dir=local / "out",
+            study_key=key,
+            study_name=STUDY_NAME,
+            n_trials=n_finished + n_trials,
+            sampler=optuna.samplers.RandomSampler(seed=SEED),
+            callbacks=[clock],
+            backup_to_drive=store,
+            worker=worker,
+        )
+        if store is not None and not result.backup_ok:
+            raise RuntimeError(f"backup failed: {result}")
+        return clock.ended - started
+    finally:
+        worker.close(timeout=60)
+        if store is not None:
+            store.close()
+
+
+def measure_overhead(
+    cache: Path, size: int, n_trials: int, latency: float, pairs: int
+) -> dict[str, Any]:
+    """The sweep with backups vs without, continuing a ``size``-trial study; alternated."""
+    source = build_study(cache, size)
+    plains: list[float] = []
+    safes: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="sweepsafe-bench-overhead-") as root:
+        for pair in range(pairs):
+            plain_dir, safe_dir = Path(root) / f"plain-{pair}", Path(root) / f"safe-{pair}"
+            plain_dir.mkdir()
+            safe_dir.mkdir()
+            plains.append(timed_continuation(source, plain_dir, size, n_trials, None))
+            safes.append(timed_continuation(source, safe_dir, size, n_trials, latency))
+            shutil.rmtree(plain_dir)
+            shutil.rmtree(safe_dir)
+    plain, safe = statistics.median(plains), statistics.median(safes)
+    return {
+        "study": f"{size:,} trials",
+        "trials": n_trials,
+        "latency": latency,
+        "plain_s": plain,
+        "safe_s": safe,
+        "ratio": safe / plain,
+        "ratios": [s / p for p, s in zip(plains, safes, strict=True)],
+    }
+
+
+def print_overhead(overhead: dict[str, Any]) -> None:
+    print(
+        f"\nSweep of {overhead['trials']} trials continuing a {overhead['study']} study, "
+        f"Drive {overhead['latency']:g} s/file, to its last trial\n"
+    )
+    print("| no backup | sweepsafe | ratio | ratio per pair |")
+    print("| --- | --- | --- | --- |")
+    pairs = ", ".join(f"{r:.3f}" for r in overhead["ratios"])
+    print(
+        f"| {overhead['plain_s']:.2f} s | {overhead['safe_s']:.2f} s | "
+        f"{overhead['ratio']:.3f}x | {pairs} |"
+    )
+
+
 def measure_size(
     cache: Path, size: int, n_trials: int, latencies: list[float], root: Path
 ) -> list[dict[str, Any]]:
@@ -380,6 +480,22 @@ def measure(quick: bool = False) -> list[dict[str, Any]]:
                     "met": versus <= 2,
                 }
             )
+    overhead = measure_overhead(cache, sizes[-1], 10 if quick else 40, latencies[0], 3)
+    rows.append(
+        {
+            "name": (
+                f"sweep of {overhead['trials']} trials continuing a {overhead['study']} "
+                f"study, Drive {overhead['latency']:g} s/file, to its last trial, s "
+                "(ref: no backup)"
+            ),
+            "value": round(overhead["safe_s"], 3),
+            "unit": "s",
+            "reference": round(overhead["plain_s"], 3),
+            "ratio": round(overhead["ratio"], 3),
+            "goal": "<= 1.02x",
+            "met": overhead["ratio"] <= 1.02,
+        }
+    )
     return rows
 
 
@@ -389,7 +505,23 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000])
     parser.add_argument("--trials", type=int, default=200, help="trials each sweep adds")
     parser.add_argument("--latencies", type=float, nargs="+", default=[0.05, 0.5])
+    parser.add_argument(
+        "--overhead",
+        type=int,
+        metavar="TRIALS",
+        help="instead: time a sweep of TRIALS trials on the last size with and without backups",
+    )
+    parser.add_argument("--pairs", type=int, default=3, help="alternated pairs for --overhead")
     args = parser.parse_args()
+    if args.overhead:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        logging.getLogger("sweepsafe").setLevel(logging.ERROR)
+        print_overhead(
+            measure_overhead(
+                args.cache, args.sizes[-1], args.overhead, args.latencies[0], args.pairs
+            )
+        )
+        return
     rows = measure_sizes(args.cache, args.sizes, args.trials, args.latencies)
     print_table(rows, args.trials)
 
