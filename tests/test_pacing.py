@@ -1,4 +1,4 @@
-"""A large study's backups are spaced so that their local work stays a small share of the time."""
+"""A sweep's database backups are spaced so their local work stays a small share of the time."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import optuna
 import pytest
 
 from drive_support import make_study, objective, simulated_drive
+from sweepsafe import create_study_db_backup_callback
 from sweepsafe.drive import _pacing
 from sweepsafe.drive._pacing import Pace
+from sweepsafe.worker import BackupWorker
 
 
 def test_a_backup_waits_until_the_last_ones_local_work_is_a_small_share_of_the_time() -> None:
-    assert Pace().wait(now=5.0) == 0.0  # the first backup of a database never waits
+    assert Pace().wait(now=5.0) == 0.0  # the first backup never waits
     pace = Pace(started=100.0, work=0.2)
     # 0.2 s of local work is a tenth of 2 s: the next backup begins 2 s after this one.
     assert pace.wait(now=100.5) == pytest.approx(1.5)
@@ -23,7 +25,7 @@ def test_a_backup_waits_until_the_last_ones_local_work_is_a_small_share_of_the_t
     assert Pace(started=100.0, work=1e6).wait(now=100.0) == _pacing.LONGEST_WAIT_S
 
 
-def test_a_backup_waits_its_turn_and_the_final_one_does_not(
+def test_a_sweeps_backups_wait_their_turn_and_a_backup_asked_by_name_does_not(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Any local work at all now buys the longest wait, which is made short for the test.
@@ -33,22 +35,29 @@ def test_a_backup_waits_its_turn_and_the_final_one_does_not(
         database = setup.local / "study-1" / "study.db"
         url = make_study(database, n_trials=3)
         study = optuna.load_study(study_name="study", storage=url)
-        assert setup.store.backup(database).ok
 
-        study.optimize(objective, n_trials=1)
+        # Called by name, a backup runs at once, however recent the last one.
+        first = setup.store.backup(database)
         began = time.monotonic()
-        paced = setup.store.backup(database)
-        paced_took = time.monotonic() - began
+        again = setup.store.backup(database)
+        assert time.monotonic() - began < _pacing.LONGEST_WAIT_S
+        assert first.ok, first.error
+        assert again.ok, again.error
+        assert first.local_s > 0  # it says how long it worked here
 
-        study.optimize(objective, n_trials=1)
-        began = time.monotonic()
-        final = setup.store.backup(database, final=True)
-        final_took = time.monotonic() - began
-
-        assert paced.ok, paced.error
-        assert final.ok, final.error
-        assert paced.finished_trials == 4
-        assert paced_took >= _pacing.LONGEST_WAIT_S  # it waited its turn
-        assert final_took < _pacing.LONGEST_WAIT_S  # the end of a sweep never waits
-        assert final.finished_trials == 5
-        assert setup.store.verify(database).ok
+        worker = BackupWorker()
+        try:
+            callback = create_study_db_backup_callback(database, setup.store, worker=worker)
+            began = time.monotonic()
+            # The first trial's backup runs at once; the next two wait their turn, in one.
+            study.optimize(objective, n_trials=3, callbacks=[callback])
+            flushed = worker.flush(timeout=60)
+            took = time.monotonic() - began
+        finally:
+            worker.close(timeout=60)
+        assert flushed.ok
+        assert took >= _pacing.LONGEST_WAIT_S
+        # The sweep's two backups made two generations, and the newest holds every trial.
+        newest = setup.store.history(database)[0]
+        assert newest.number == first.generation + 2
+        assert newest.finished_trials == 6

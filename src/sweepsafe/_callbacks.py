@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from sweepsafe.drive import BackupBackend, BackupResult, DriveStore
+from sweepsafe.drive._pacing import Pace
 from sweepsafe.paths import is_drive_path
 from sweepsafe.worker import BackupWorker, get_default_worker
 
@@ -200,7 +201,7 @@ def create_incremental_backup_callback(
         return _NoBackup()
     worker = worker or get_default_worker()
     keep_leases_alive(backup_to_drive, worker)
-    job = backup_job(backup_to_drive, progress)
+    job = backup_job(backup_to_drive, progress, paced=True)
     refused = None
     if isinstance(backup_to_drive, DriveStore) and not is_directory:
         store, study_dir = backup_to_drive, target.parent
@@ -325,18 +326,28 @@ def backup_job(
     announce: bool = False,
     final: bool = False,
     skip_missing: bool = False,
+    paced: bool = False,
 ) -> Callable[[Path, bool], object]:
     """The job the worker runs for ``backup_to_drive``: async for a store, else the
-    user's callable as it is (the worker runs a sync one in a thread it can abandon)."""
+    user's callable as it is (the worker runs a sync one in a thread it can abandon).
+
+    ``paced``: each run waits until the last one's work on this machine (a database's
+    snapshot, say) is a small share of the time since it began (see ``_pacing``).
+    """
     if not isinstance(backup_to_drive, BackupBackend):
         _check_callable(backup_to_drive)
         return backup_to_drive
     store = backup_to_drive
+    pace = Pace() if paced else None
 
     async def run_backup(path: Path, is_directory: bool) -> BackupResult:
         if skip_missing and not await anyio.to_thread.run_sync(os.path.isdir, path):
             return BackupResult(True, path, None, "skipped", notes=("no files",))
+        if pace is not None:
+            await pace.take_turn()
         result = await store.abackup(path, is_directory, final=final)
+        if pace is not None:
+            pace.work = result.local_s
         if result.ok and progress is not None and result.finished_trials is not None:
             progress._copy_succeeded(result.finished_trials)
         if announce:

@@ -67,6 +67,7 @@ async def backup_database(
 ) -> BackupResult:
     """Publish one study database (see ``_publish``)."""
     published = await publish_database(unit, source, final=final)
+    work = unit.local_work.get(unit.rel_of(source))
     return BackupResult(
         True,
         source,
@@ -79,6 +80,7 @@ async def backup_database(
         finished_trials=published.finished_trials,
         missing_files=published.missing_files,
         notes=published.notes,
+        local_s=work.seconds if work is not None else 0.0,
     )
 
 

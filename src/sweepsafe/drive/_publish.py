@@ -28,7 +28,7 @@ import anyio
 
 from sweepsafe.drive._files import COPY_CHUNK, remove_quietly, scratch_path
 from sweepsafe.drive._generations import history_dir, list_history
-from sweepsafe.drive._pacing import Pace
+from sweepsafe.drive._pacing import LocalWork
 from sweepsafe.drive._publish_checks import (
     _check_monotonic,
     _find_parent,
@@ -62,12 +62,11 @@ async def publish_database(unit: StudyUnit, database: Path, *, final: bool) -> P
     """
     rel = unit.rel_of(database)
     settings = unit.settings
-    pace = unit.paces.setdefault(rel, Pace())
-    await pace.take_turn(final)
     async with unit.locks.get(("database", rel)):
+        work = unit.local_work[rel] = LocalWork()
         snapshot = scratch_path(settings.scratch, "snapshot", ".db")
         try:
-            await pace.timed(lambda: anyio.to_thread.run_sync(_take_snapshot, database, snapshot))
+            await work.timed(lambda: anyio.to_thread.run_sync(_take_snapshot, database, snapshot))
             if not await anyio.to_thread.run_sync(is_optuna_database, snapshot):
                 return await _ship_plain(unit, snapshot, rel)
             return await _publish_generation(unit, rel, snapshot, database, final)
@@ -114,7 +113,7 @@ async def _publish_generation(
         _refuse_known_conflict(unit, rel, history)
         parent, notes = await _find_parent(unit, helper, rel, history)
     try:
-        content = await unit.paces[rel].timed(
+        content = await unit.local_work[rel].timed(
             lambda: anyio.to_thread.run_sync(_read_snapshot, snapshot, parent)
         )
         if parent is not None:

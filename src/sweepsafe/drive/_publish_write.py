@@ -25,7 +25,7 @@ from sweepsafe.drive._generations import (
     write_base_record,
 )
 from sweepsafe.drive._local_state import DatabaseRecord
-from sweepsafe.drive._pacing import Pace
+from sweepsafe.drive._pacing import LocalWork
 from sweepsafe.drive._page_diff import PageSizeMismatch, diff_files, sha256_file
 from sweepsafe.drive._patch_format import encode_patch
 from sweepsafe.drive._publish_checks import _Parent, _size_and_mtime
@@ -79,7 +79,7 @@ async def _write_generation(
     if parent is not None and parent.path is not None:
         try:
             parent_path = parent.path
-            delta = await unit.paces.setdefault(rel, Pace()).timed(
+            delta = await unit.local_work.setdefault(rel, LocalWork()).timed(
                 lambda: anyio.to_thread.run_sync(diff_files, parent_path, snapshot)
             )
         except PageSizeMismatch:

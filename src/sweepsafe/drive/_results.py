@@ -53,6 +53,9 @@ class BackupResult:
     """A restore: local files changed since their last backup, kept instead of replaced."""
     notes: tuple[str, ...] = ()
     """Anything else worth saying (a damaged generation passed over, a file set aside)."""
+    local_s: float = 0.0
+    """A study database: seconds the backup worked on this machine (its snapshot, reading
+    it, comparing its pages), which a sweep's next backup waits to keep a small share."""
 
     def __bool__(self) -> bool:
         return self.ok

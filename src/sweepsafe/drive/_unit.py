@@ -45,7 +45,7 @@ from sweepsafe.paths import is_within
 if TYPE_CHECKING:
     from sweepsafe.drive._drive_helper import DriveHelper
     from sweepsafe.drive._helper_client import HelperPool
-    from sweepsafe.drive._pacing import Pace
+    from sweepsafe.drive._pacing import LocalWork
     from sweepsafe.drive._sqlite import DatabaseContent
 
 __all__ = ["StoreSettings", "StudyUnit", "TrialFilesHeldBack"]
@@ -120,8 +120,8 @@ class StudyUnit:
         """Per database: what the generation last published by this runtime holds."""
         self.conflicts: dict[str, tuple[int, frozenset[str], str]] = {}
         """Per database: the Drive head a refused publish met, and the refusal."""
-        self.paces: dict[str, Pace] = {}
-        """Per database: when its last backup began and how long it worked locally."""
+        self.local_work: dict[str, LocalWork] = {}
+        """Per database: how long its last backup worked on this machine."""
         self._cleaned = False
         self.shared = False
         """Several workers share this study (a database server): see :meth:`prepare`."""
