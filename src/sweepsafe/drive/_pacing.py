@@ -9,7 +9,8 @@ down: a 20,000-trial study's trials took half again as long. So the backup a swe
 for after a trial waits until the last one's local work is at most ``LOCAL_WORK_SHARE``
 of the time since it began; the trials that end meanwhile go in the same backup. A
 backup asked for by name (``DriveStore.backup``), the first one and the one at the end of
-the sweep never wait.
+the sweep never wait for a turn; the end of a sweep may find one backup still waiting
+for its turn, and waits for it.
 """
 
 from __future__ import annotations
