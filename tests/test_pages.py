@@ -231,6 +231,31 @@ def changed_pages_by_hand(old: Path, new: Path, page_size: int) -> list[int]:
     ]
 
 
+def play_and_snapshot(
+    database: Path, steps: list[tuple[tuple[Any, ...], bool]], *, wal: bool
+) -> list[Path]:
+    """Play ``steps`` on ``database``, snapshotting it first, where a step asks, and last."""
+    snapshots: list[Path] = []
+
+    def snapshot() -> None:
+        snapshots.append(database.with_name(f"snapshot-{len(snapshots)}.db"))
+        snapshot_sqlite(database, snapshots[-1])
+
+    writer = OptunaWriter(database, wal=wal)
+    try:
+        snapshot()
+        for op, take_snapshot in steps:
+            event(f"op {op[0]}")
+            writer.play(op)
+            if take_snapshot:
+                snapshot()
+        if not steps[-1][1]:
+            snapshot()
+    finally:
+        writer.close()
+    return snapshots
+
+
 # Grow, then delete the bigger study and VACUUM: the file shrinks; always tried, in WAL mode.
 _GROW_THEN_SHRINK = [
     (("add_trials", 0, 20), True),
@@ -261,24 +286,7 @@ def test_patch_chain_rebuilds_the_last_snapshot_of_real_optuna_writes(
         folder = Path(scratch)
         database = folder / "study.db"
         shutil.copyfile(empty_studies[page_size], database)
-        snapshots: list[Path] = []
-
-        def snapshot() -> None:
-            snapshots.append(folder / f"snapshot-{len(snapshots)}.db")
-            snapshot_sqlite(database, snapshots[-1])
-
-        writer = OptunaWriter(database, wal=wal)
-        try:
-            snapshot()
-            for op, take_snapshot in steps:
-                event(f"op {op[0]}")
-                writer.play(op)
-                if take_snapshot:
-                    snapshot()
-            if not steps[-1][1]:
-                snapshot()
-        finally:
-            writer.close()
+        snapshots = play_and_snapshot(database, steps, wal=wal)
 
         patches: list[Patch] = []
         for generation, (old, new) in enumerate(itertools.pairwise(snapshots), 1):
@@ -358,22 +366,7 @@ def test_reading_a_snapshot_as_its_difference_from_the_last_one_reads_what_it_ho
         folder = Path(scratch)
         database = folder / "study.db"
         shutil.copyfile(empty_studies[4096], database)
-        snapshots: list[Path] = []
-
-        def snapshot() -> None:
-            snapshots.append(folder / f"snapshot-{len(snapshots)}.db")
-            snapshot_sqlite(database, snapshots[-1])
-
-        writer = OptunaWriter(database, wal=wal)
-        try:
-            snapshot()
-            for op, take_snapshot in steps:
-                writer.play(op)
-                if take_snapshot:
-                    snapshot()
-            snapshot()
-        finally:
-            writer.close()
+        snapshots = play_and_snapshot(database, steps, wal=wal)
 
         contents = [read_content(path, check=None) for path in snapshots]
         for (old, new), (old_content, new_content) in zip(

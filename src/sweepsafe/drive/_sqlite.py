@@ -12,6 +12,8 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,22 +138,33 @@ class DatabaseContent:
         return self.finished - newer.finished
 
 
-def check_database(path: Path) -> None:
-    """Run ``PRAGMA integrity_check`` on the database at ``path``, on a connection of its own.
+@contextmanager
+def _read_only(path: Path) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to the database at ``path``.
 
     Raises:
-        SnapshotError: not SQLite, or the check fails.
+        SnapshotError: not SQLite, or it cannot be read.
     """
     if not is_sqlite_file(os.fspath(path)):
         raise SnapshotError(f"{path} is not an SQLite database")
     try:
         connection = connect_read_only(os.fspath(path), BUSY_TIMEOUT_S)
         try:
-            problem = integrity_problem(connection)
+            yield connection
         finally:
             connection.close()
     except sqlite3.DatabaseError as exc:
         raise SnapshotError(f"{path} cannot be read as a database ({exc})") from exc
+
+
+def check_database(path: Path) -> None:
+    """Run ``PRAGMA integrity_check`` on the database at ``path``, on a connection of its own.
+
+    Raises:
+        SnapshotError: not SQLite, or the check fails.
+    """
+    with _read_only(path) as connection:
+        problem = integrity_problem(connection)
     if problem is not None:
         raise SnapshotError(f"{path} {problem}")
 
@@ -164,26 +177,18 @@ def read_content(path: Path, *, check: str | None = "quick") -> DatabaseContent:
     Raises:
         SnapshotError: not SQLite, or the check fails.
     """
-    if not is_sqlite_file(os.fspath(path)):
-        raise SnapshotError(f"{path} is not an SQLite database")
-    try:
-        connection = connect_read_only(os.fspath(path), BUSY_TIMEOUT_S)
-        try:
-            if check is not None:
-                problem = integrity_problem(connection, quick=check == "quick")
-                if problem is not None:
-                    raise SnapshotError(f"{path} {problem}")
-            if not is_optuna_schema(connection):
-                return DatabaseContent(is_optuna=False, finished=frozenset())
-            return DatabaseContent(
-                is_optuna=True,
-                finished=frozenset(finished_trials(connection)),
-                studies=tuple(read_studies(connection)),
-            )
-        finally:
-            connection.close()
-    except sqlite3.DatabaseError as exc:
-        raise SnapshotError(f"{path} cannot be read as a database ({exc})") from exc
+    with _read_only(path) as connection:
+        if check is not None:
+            problem = integrity_problem(connection, quick=check == "quick")
+            if problem is not None:
+                raise SnapshotError(f"{path} {problem}")
+        if not is_optuna_schema(connection):
+            return DatabaseContent(is_optuna=False, finished=frozenset())
+        return DatabaseContent(
+            is_optuna=True,
+            finished=frozenset(finished_trials(connection)),
+            studies=tuple(read_studies(connection)),
+        )
 
 
 def is_optuna_database(path: Path) -> bool:
@@ -192,16 +197,8 @@ def is_optuna_database(path: Path) -> bool:
     Raises:
         SnapshotError: not SQLite, or unreadable.
     """
-    if not is_sqlite_file(os.fspath(path)):
-        raise SnapshotError(f"{path} is not an SQLite database")
-    try:
-        connection = connect_read_only(os.fspath(path), BUSY_TIMEOUT_S)
-        try:
-            return is_optuna_schema(connection)
-        finally:
-            connection.close()
-    except sqlite3.DatabaseError as exc:
-        raise SnapshotError(f"{path} cannot be read as a database ({exc})") from exc
+    with _read_only(path) as connection:
+        return is_optuna_schema(connection)
 
 
 def read_content_since(
