@@ -129,10 +129,6 @@ class DatabaseContent:
         """How many finished trials, over every study."""
         return len(self.finished)
 
-    def trial_numbers(self) -> set[int]:
-        """The numbers of the finished trials."""
-        return {number for _study, number, _start in self.finished}
-
     def missing_from(self, newer: DatabaseContent) -> frozenset[FinishedTrial]:
         """Finished trials of this database that ``newer`` lacks."""
         return self.finished - newer.finished
