@@ -270,6 +270,7 @@ class SteeredWriter:
     process: subprocess.Popen[str]
     folder: Path
     on_drive: Path
+    local: Path
 
     def write(self, version: int, seconds: float) -> None:
         """Start writing ``version`` over ``seconds``."""
@@ -284,13 +285,30 @@ class SteeredWriter:
         assert line.isdigit(), f"the training code's save failed: {line}"
         return int(line)
 
-    async def write_during_first_ship(self, *versions: tuple[int, float, float]) -> None:
-        """Once a copy of ``last.pt`` to Drive has begun: wait, then write, each version."""
+    async def write_during_first_ship(self, *versions: tuple[int, float | None, float]) -> None:
+        """Once a copy of ``last.pt`` to Drive has begun: wait, then write, each version.
+
+        A wait of None lasts until the version before has been kept whole as a spare, so
+        that the next write cannot cut that capture short on a busy machine.
+        """
         while not list(self.on_drive.parent.glob(".sweepsafe-tmp-*")):
             await anyio.sleep(0.02)
         for version, wait, seconds in versions:
-            await anyio.sleep(wait)
+            if wait is None:
+                with anyio.fail_after(20):
+                    while not self.spare_kept():
+                        await anyio.sleep(0.02)
+                await anyio.sleep(0.1)  # the capture's last look at the file
+            else:
+                await anyio.sleep(wait)
             await anyio.to_thread.run_sync(self.write, version, seconds)
+
+    def spare_kept(self) -> bool:
+        for spare in self.local.glob(".sweepsafe/**/spare-*"):
+            with contextlib.suppress(FileNotFoundError):
+                if spare.stat().st_size == CHECKPOINT_BYTES:
+                    return True
+        return False
 
 
 @contextlib.contextmanager
@@ -304,7 +322,9 @@ def steered_writer(setup: Drive, mode: str = "in-place") -> Iterator[SteeredWrit
         stdout=subprocess.PIPE,
         text=True,
     )
-    writer = SteeredWriter(process, folder, setup.drive / "study" / "checkpoints" / "last.pt")
+    writer = SteeredWriter(
+        process, folder, setup.drive / "study" / "checkpoints" / "last.pt", setup.local
+    )
     try:
         writer.write(1, 0.0)
         assert writer.finished() == 1
@@ -334,7 +354,7 @@ def second_backup_meeting_a_rewrite(
 
     async def two_backups() -> tuple[BackupResult, BackupResult, float]:
         async with anyio.create_task_group() as group:
-            group.start_soon(writer.write_during_first_ship, (2, 0.0, 0.0), (3, 0.6, 4.0))
+            group.start_soon(writer.write_during_first_ship, (2, 0.0, 0.0), (3, None, 4.0))
             first = await setup.store.abackup(writer.folder, is_directory=True)
         kept.append(spares_on_disk(setup))
         second = await setup.store.abackup(writer.folder, is_directory=True, final=final)
@@ -388,7 +408,7 @@ def test_a_kept_version_is_not_shipped_once_a_newer_one_may_have_been_finished(
         async def first_backup() -> BackupResult:
             async with anyio.create_task_group() as group:
                 # Version 2 whole during the first ship, then version 3 over its end.
-                group.start_soon(writer.write_during_first_ship, (2, 0.0, 0.0), (3, 0.6, 1.5))
+                group.start_soon(writer.write_during_first_ship, (2, 0.0, 0.0), (3, None, 1.5))
                 return await setup.store.abackup(writer.folder, is_directory=True)
 
         first = anyio.run(first_backup)
