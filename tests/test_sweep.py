@@ -362,6 +362,45 @@ def test_unreachable_drive_at_start_refuses_instead_of_forking_the_study(tmp_pat
         assert not result.backup_ok
 
 
+def test_an_output_dir_outside_the_stores_folder_is_refused_before_any_trial(
+    tmp_path: Path,
+) -> None:
+    """A study outside the folder its store backs up could never reach Drive: every
+    backup would fail. The sweep is refused at once, naming both folders, whether or not
+    the study exists already, and nothing runs or reaches Drive."""
+    elsewhere = tmp_path / "elsewhere"
+    ran: list[int] = []
+
+    def objective(trial: Trial) -> float:
+        ran.append(trial.number)
+        return 0.0
+
+    with simulated_drive(tmp_path) as drive, own_worker() as worker:
+        for existing in (False, True):
+            if existing:
+                study_dir = study_dir_for(elsewhere, "outside")
+                study_dir.mkdir(parents=True)
+                optuna.create_study(
+                    study_name=study_dir.name, storage=f"sqlite:///{study_dir / 'study.db'}"
+                )
+            with pytest.raises(ValueError, match="is not inside") as caught:
+                run_sweep(
+                    objective,
+                    output_dir=elsewhere,
+                    study_key="outside",
+                    n_trials=2,
+                    backup_to_drive=drive.store,
+                    worker=worker,
+                )
+            message = str(caught.value)
+            assert str(elsewhere) in message
+            assert str(drive.local) in message
+            assert "mount" not in message  # nothing is wrong with Drive
+            assert existing or not elsewhere.exists()
+        assert ran == []
+        assert not drive.drive.exists() or not any(drive.drive.iterdir())
+
+
 def test_hung_drive_returns_within_flush_timeout(tmp_path: Path) -> None:
     with (
         simulated_drive(tmp_path, drive_timeout=60) as drive,

@@ -30,6 +30,7 @@ from sweepsafe._callbacks import (
 from sweepsafe.drive import BackupBackend, DriveStore, ObjectStore
 from sweepsafe.drive._sqlite import SnapshotError, read_content, recover_hot_journal
 from sweepsafe.errors import LeaseHeldError, StudyConflictError, SweepsafeError
+from sweepsafe.paths import is_within
 from sweepsafe.worker import BackupWorker, get_default_worker
 
 if TYPE_CHECKING:
@@ -82,6 +83,8 @@ def resume_study(
         LeaseHeldError: another runtime is backing this study up (``takeover=True`` if
             it is gone).
         StudyConflictError: the local study and the Drive copy diverged.
+        ValueError: ``study_dir`` is not inside the ``local_root`` of the store given as
+            ``backup_to_drive``.
         SweepsafeError: Drive holds a copy that cannot be restored, or the local
             ``study.db`` is not an Optuna study.
     """
@@ -114,6 +117,7 @@ def _open_study(
     worker: BackupWorker | None,
     progress: BackupProgress | None,
 ) -> _Opened:
+    refuse_study_outside_store(study_dir, backup_to_drive)
     storage_path = study_dir / STUDY_DB_NAME
     _refuse_foreign_database(storage_path)
     store = backup_to_drive if isinstance(backup_to_drive, BackupBackend) else None
@@ -198,6 +202,24 @@ def _has_tables(database: Path) -> bool:
         connection.close()
 
 
+def refuse_study_outside_store(study_dir: Path, backup_to_drive: BackupToDrive | None) -> None:
+    """Refuse a study that ``backup_to_drive``, a store, could never back up.
+
+    Raises:
+        ValueError: ``study_dir`` is not inside the store's ``local_root``.
+    """
+    if not isinstance(backup_to_drive, BackupBackend):
+        return
+    root = backup_to_drive.local_root
+    if is_within(study_dir, root):
+        return
+    raise ValueError(
+        f"The study folder {study_dir} is not inside {root}, the local folder this store "
+        "backs up, so none of its backups could be made. Give an output_dir under "
+        f"{root}, or create the store with a local folder that holds {study_dir.parent}."
+    )
+
+
 def _acquire(
     store: BackupBackend, study_dir: Path, takeover: bool, *, needed: bool, write: bool
 ) -> None:
@@ -215,15 +237,17 @@ def _acquire(
     except LeaseHeldError:
         raise
     except Exception as exc:
+        reason = str(exc).rstrip(".")
         if needed and isinstance(store, ObjectStore):
             raise SweepsafeError(
-                f"Could not reach the copy of {study_dir} in the object store {store.url}: {exc}. "
+                f"Could not reach the copy of {study_dir} in the object store {store.url}: "
+                f"{reason}. "
                 "Check the URL, the credentials and the network, and run again; pass "
                 "restore=False only to start a new study."
             ) from exc
         if needed:
             raise SweepsafeError(
-                f"Could not reach the Drive copy of {study_dir}: {exc}. Fix the Drive mount "
+                f"Could not reach the Drive copy of {study_dir}: {reason}. Fix the Drive mount "
                 "and run again; pass restore=False only to start a new study."
             ) from exc
         logger.warning("Could not take the lease on the Drive copy of %s: %s", study_dir, exc)

@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
-from sweepsafe._resume import _FINISHED, Direction, _open_study, resume_study
+from sweepsafe._resume import (
+    _FINISHED,
+    Direction,
+    _open_study,
+    refuse_study_outside_store,
+    resume_study,
+)
 from sweepsafe._shared import SharedSettings, open_shared_study
 from sweepsafe._shared_sweep import _shared_sweep
 from sweepsafe.backup import (
@@ -178,6 +184,8 @@ def run_sweep(
 
     Raises:
         LeaseHeldError: another runtime is backing this study up.
+        ValueError: the study folder is not inside the ``local_root`` of the store
+            given as ``backup_to_drive``.
         StudyConflictError: the local study and its Drive copy diverged.
         SweepsafeError: Drive holds a copy of this study but it could not be restored
             (a new study would be refused by it anyway), or the local ``study.db`` is
@@ -188,6 +196,7 @@ def run_sweep(
     if not backup_enabled:
         backup_to_drive = None
     if storage is not None:
+        refuse_study_outside_store(study_dir, backup_to_drive)
         shared = SharedSettings(
             storage, heartbeat_interval, grace_period, max_retry, export_interval
         )
