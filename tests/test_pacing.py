@@ -9,6 +9,7 @@ import optuna
 import pytest
 
 from drive_support import make_study, objective, simulated_drive
+from sweep_support import wait_for
 from sweepsafe import create_study_db_backup_callback
 from sweepsafe.drive import _pacing
 from sweepsafe.drive._pacing import Pace
@@ -51,8 +52,13 @@ def test_a_sweeps_backups_wait_their_turn_and_a_backup_asked_by_name_does_not(
             began = time.monotonic()
             # The first trial's backup runs at once; the next two wait their turn, in one.
             study.optimize(objective, n_trials=3, callbacks=[callback])
-            flushed = worker.flush(timeout=60)
+            wait_for(
+                lambda: setup.store.history(database)[0].number == first.generation + 2,
+                timeout=60,
+                what="the sweep's second backup",
+            )
             took = time.monotonic() - began
+            flushed = worker.flush(timeout=60)
         finally:
             worker.close(timeout=60)
         assert flushed.ok
@@ -61,3 +67,37 @@ def test_a_sweeps_backups_wait_their_turn_and_a_backup_asked_by_name_does_not(
         newest = setup.store.history(database)[0]
         assert newest.number == first.generation + 2
         assert newest.finished_trials == 6
+
+
+def test_a_flush_ends_a_backups_wait_for_its_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end of a sweep never waits for a turn: a backup waiting for one when the flush
+    begins goes at once, and the flush holds every trial well before the turn."""
+    monkeypatch.setattr(_pacing, "LOCAL_WORK_SHARE", 1e-9)
+    monkeypatch.setattr(_pacing, "LONGEST_WAIT_S", 600.0)
+    with simulated_drive(tmp_path) as setup:
+        database = setup.local / "study-1" / "study.db"
+        url = make_study(database, n_trials=3)
+        study = optuna.load_study(study_name="study", storage=url)
+        worker = BackupWorker()
+        try:
+            callback = create_study_db_backup_callback(database, setup.store, worker=worker)
+            study.optimize(objective, n_trials=1, callbacks=[callback])
+            wait_for(lambda: worker.stats().succeeded == 1, what="the first backup")
+            # The next trial's backup now waits ten minutes for its turn.
+            study.optimize(objective, n_trials=1, callbacks=[callback])
+            flushed = worker.flush(timeout=60)
+            # Pacing goes on after the flush: the next backup waits its turn again...
+            study.optimize(objective, n_trials=1, callbacks=[callback])
+            wait_for(lambda: worker.stats().started == 3, what="the third backup")
+            time.sleep(1.0)  # ample for a backup that did not wait
+            assert worker.stats().succeeded == 2
+            # ...until the next flush.
+            later = worker.flush(timeout=60)
+        finally:
+            worker.close(timeout=60)
+        assert flushed.ok, str(flushed)
+        assert later.ok, str(later)
+        history = setup.store.history(database)
+        assert [generation.finished_trials for generation in history] == [6, 5, 4]

@@ -21,7 +21,7 @@ import anyio
 from sweepsafe.drive import BackupBackend, BackupResult, DriveStore
 from sweepsafe.drive._pacing import Pace
 from sweepsafe.paths import is_drive_path
-from sweepsafe.worker import BackupWorker, get_default_worker
+from sweepsafe.worker import BackupWorker, get_default_worker, pause
 
 if TYPE_CHECKING:
     from optuna.study import Study
@@ -344,7 +344,7 @@ def backup_job(
         if skip_missing and not await anyio.to_thread.run_sync(os.path.isdir, path):
             return BackupResult(True, path, None, "skipped", notes=("no files",))
         if pace is not None:
-            await pace.take_turn()
+            await pace.take_turn(pause)
         result = await store.abackup(path, is_directory, final=final)
         if pace is not None:
             pace.work = result.local_s

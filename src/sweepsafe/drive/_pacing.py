@@ -9,8 +9,7 @@ down: a 20,000-trial study's trials took half again as long. So the backup a swe
 for after a trial waits until the last one's local work is at most ``LOCAL_WORK_SHARE``
 of the time since it began; the trials that end meanwhile go in the same backup. A
 backup asked for by name (``DriveStore.backup``), the first one and the one at the end of
-the sweep never wait for a turn; the end of a sweep may find one backup still waiting
-for its turn, and waits for it.
+the sweep never wait for a turn, and a flush (the end of a sweep) ends a wait for one.
 """
 
 from __future__ import annotations
@@ -61,9 +60,10 @@ class Pace:
         due = self.started + self.work / LOCAL_WORK_SHARE
         return min(LONGEST_WAIT_S, max(0.0, due - now))
 
-    async def take_turn(self) -> None:
-        """Wait for the next backup's turn, then count it as begun."""
+    async def take_turn(self, sleep: Callable[[float], Awaitable[None]] = anyio.sleep) -> None:
+        """Wait for the next backup's turn (by ``sleep``, which may end early), then count
+        it as begun."""
         delay = self.wait(time.monotonic())
         if delay > 0:
-            await anyio.sleep(delay)
+            await sleep(delay)
         self.started = time.monotonic()

@@ -6,6 +6,7 @@ duplicate jobs per target, retries failures and reports what finished.
 
 from __future__ import annotations
 
+from sweepsafe.worker._loop import pause
 from sweepsafe.worker._reports import FlushReport, TargetReport, TargetState, WorkerStats
 from sweepsafe.worker._retry import RetryPolicy
 from sweepsafe.worker._worker import (
@@ -26,5 +27,6 @@ __all__ = [
     "TargetState",
     "WorkerStats",
     "get_default_worker",
+    "pause",
     "set_exit_timeout",
 ]

@@ -10,6 +10,7 @@ task group, and stopping cancels it.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import random
@@ -31,11 +32,29 @@ from sweepsafe.worker._retry import (
 if TYPE_CHECKING:
     from sweepsafe.worker._ledger import Job, TargetSlot, WorkerLedger
 
-__all__ = ["BackupLoop", "PeriodicJob"]
+__all__ = ["BackupLoop", "PeriodicJob", "pause"]
 
 logger = logging.getLogger("sweepsafe.worker")
 
 PeriodicJob = Callable[[], Awaitable[object]]
+
+_RUNNING: contextvars.ContextVar[BackupLoop] = contextvars.ContextVar("sweepsafe_backup_loop")
+"""The loop whose task is running: set for every task of a loop's task group."""
+
+
+async def pause(seconds: float) -> None:
+    """Sleep up to ``seconds``. On a worker's loop a flush ends the pause at once, and
+    while a flush is on there is no pause: a job that waits only to space its work out
+    never holds up the end of a sweep. Elsewhere, a plain sleep."""
+    if seconds <= 0:
+        return
+    loop = _RUNNING.get(None)
+    event = None if loop is None else loop.flushed
+    if event is None:
+        await anyio.sleep(seconds)
+        return
+    with anyio.move_on_after(seconds):
+        await event.wait()
 
 
 class BackupLoop:
@@ -54,10 +73,13 @@ class BackupLoop:
         self._wake: Callable[[], None] | None = None  # set while the loop accepts wake-ups
         self._wake_requested = False
         self._stopping = False
+        self._flushes = 0  # flushes waiting now
         self._periodic: dict[Hashable, tuple[float, PeriodicJob]] = {}
         self._periodic_changed: set[Hashable] = set()
         # Only touched on the loop's thread:
         self._wake_event: anyio.Event | None = None
+        self.flushed: anyio.Event | None = None
+        """Set while a flush is waiting: it ends every :func:`pause` of the loop's jobs."""
         self._periodic_scopes: dict[Hashable, anyio.CancelScope] = {}
 
     def is_loop_thread(self) -> bool:
@@ -79,6 +101,17 @@ class BackupLoop:
             except RuntimeError:
                 # The loop is closing; the job shows as pending in the next report.
                 logger.debug("The backup loop closed while it was being woken")
+
+    def flush_began_locked(self) -> None:
+        """A flush began: the jobs' pauses end until every flush has ended."""
+        self._flushes += 1
+        if self.thread is not None:
+            self.wake_locked()
+
+    def flush_ended_locked(self) -> None:
+        self._flushes -= 1
+        if self.thread is not None:
+            self.wake_locked()
 
     def every_locked(self, key: Hashable, interval: float, job: PeriodicJob | None) -> None:
         """Run ``job`` every ``interval`` seconds from now on (None: stop running it)."""
@@ -116,6 +149,8 @@ class BackupLoop:
             # The one bridge that does not wait for the loop: submit() must return at once.
             loop.call_soon_threadsafe(self._on_wake)
 
+        _RUNNING.set(self)  # the tasks started below inherit it
+        self.flushed = anyio.Event()
         try:
             async with anyio.create_task_group() as task_group:
                 with ledger.lock:
@@ -126,6 +161,7 @@ class BackupLoop:
                         to_start, to_wake = ledger.take_new_work_locked()
                         self._wake_requested = False
                         stopping = self._stopping
+                        flushing = self._flushes > 0
                         periodic = {key: self._periodic.get(key) for key in self._periodic_changed}
                         self._periodic_changed.clear()
                     if stopping:
@@ -135,6 +171,10 @@ class BackupLoop:
                         task_group.start_soon(self._serve_target, slot, limiter, thread_limiter)
                     for event in to_wake:
                         event.set()
+                    if flushing:
+                        self.flushed.set()
+                    elif self.flushed.is_set():
+                        self.flushed = anyio.Event()
                     for key, entry in periodic.items():
                         old = self._periodic_scopes.pop(key, None)
                         if old is not None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
-from sweepsafe.worker._ledger import Job, WorkerLedger
+from sweepsafe.worker._ledger import Job, TargetSlot, WorkerLedger
 from sweepsafe.worker._loop import BackupLoop
 from sweepsafe.worker._reports import FlushReport, TargetReport, TargetState, WorkerStats
 from sweepsafe.worker._retry import RetryPolicy
@@ -183,7 +183,8 @@ class BackupWorker:
         A job has finished when it succeeded or failed for good (after its retries). The
         flush never cancels anything: when it times out it returns, with the unfinished
         targets marked pending, and they go on. Returns an empty report at once on a
-        worker that was never given a job.
+        worker that was never given a job. While it waits, a job that only waits to
+        space its work out (:func:`pause`) does not wait.
 
         Raises:
             RuntimeError: called from the worker loop's own thread.
@@ -195,6 +196,21 @@ class BackupWorker:
         ledger = self._ledger
         with ledger.lock:
             awaited = ledger.unfinished_locked()
+            self._loop.flush_began_locked()
+        try:
+            return self._wait_for(awaited, started, deadline, timeout)
+        finally:
+            with ledger.lock:
+                self._loop.flush_ended_locked()
+
+    def _wait_for(
+        self,
+        awaited: list[tuple[TargetSlot, int]],
+        started: float,
+        deadline: float | None,
+        timeout: float | None,
+    ) -> FlushReport:
+        ledger = self._ledger
         if awaited:
             # Logged outside the lock: a slow log handler must not hold up submit().
             logger.debug("Flush: waiting for %d targets (timeout %s s)", len(awaited), timeout)
