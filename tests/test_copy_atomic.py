@@ -136,11 +136,21 @@ async def test_cancelled_folder_backup_keeps_finished_files_and_leaves_no_tempor
         folder = setup.local / "trials"
         write_bytes(folder / "a-small.txt", b"small")
         write_bytes(folder / "b-big.bin", os.urandom(4 * (1 << 20)))
-        # The small file lands at once; the big one takes seconds, so the cancellation
-        # lands while it is in flight.
+        # The small file lands at once; the big one takes seconds, and the backup is
+        # cancelled once the small one has landed and the big one is in flight.
         setup.set_faults(FaultPlan(latency_per_mib_s=2.0))
-        with anyio.move_on_after(1.0) as scope:
-            await setup.store.abackup(folder, is_directory=True)
+        on_drive = setup.drive / "trials"
+
+        def big_in_flight() -> bool:
+            return (on_drive / "a-small.txt").exists() and bool(temp_files(setup.drive))
+
+        with anyio.fail_after(30), anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as group:
+                group.start_soon(setup.store.abackup, folder, True)
+                while not big_in_flight():
+                    await anyio.sleep(0.02)
+                await anyio.sleep(0.2)
+                scope.cancel()
         assert scope.cancelled_caught
         assert (setup.drive / "trials" / "a-small.txt").read_bytes() == b"small"
         assert not (setup.drive / "trials" / "b-big.bin").exists()
