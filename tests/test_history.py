@@ -182,6 +182,27 @@ def test_a_new_study_over_the_drive_copy_is_refused_and_the_old_one_comes_back(
         assert finished_trials(database)[:4] == kept
 
 
+def test_a_trial_folder_of_a_study_started_anew_is_checked_against_drive_before_it_goes(
+    tmp_path: Path,
+) -> None:
+    """Whatever the order of its backups, a study started anew over the Drive copy does
+    not replace that copy's trial files: a trial folder backed up before the new study's
+    database is checked against Drive's first, and refused with it."""
+    with stand_in(tmp_path) as (store, _, local), own_worker() as worker:
+        first = sweep(local, store, worker, 4)
+        drive_db = store.drive_path_for(first.study_dir / "study.db")
+        trial_file = drive_db.parent / "trials" / "trial-00000" / "result.txt"
+        trial_text = trial_file.read_text()
+
+        shutil.rmtree(first.study_dir)  # the user deletes the local study ...
+        sweep(local, None, worker, 2)  # ... and runs a new one, not yet backed up
+        folder = store.backup(first.study_dir / "trials" / "trial-00000", is_directory=True)
+        assert not folder.ok
+        assert folder.error is not None
+        assert "ahead of this runtime" in folder.error
+        assert trial_file.read_text() == trial_text
+
+
 def test_a_bad_write_that_reached_drive_is_undone_by_restoring_before_it(tmp_path: Path) -> None:
     now = [1_800_000_000.0]
     with (

@@ -283,7 +283,9 @@ async def _database_first(unit: StudyUnit, source: Path) -> None:
     for _head, _tags, message in list(unit.conflicts.values()):
         raise StudyConflictError(message)
     database = unit.local / STUDY_DB_NAME
-    if unit.rel_of(database) in unit.state.databases:
+    # A shared study's workers copy their trials' files without the lease, the export
+    # being the lease holder's: there, a database published once is enough.
+    if unit.rel_of(database) in (unit.state.databases if unit.shared else unit.checked):
         return
     if await anyio.to_thread.run_sync(_is_database, database):
         await publish_database(unit, database, final=False)

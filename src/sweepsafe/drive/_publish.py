@@ -118,6 +118,7 @@ async def _publish_generation(
         )
         if parent is not None:
             _check_monotonic(unit, rel, history, parent, content)
+        unit.checked.add(rel)
         record = unit.state.databases.get(rel)
         earlier = parent.content.finished if parent is not None else frozenset()
         new_trials = sorted({number for _study, number, _start in content.finished - earlier})

@@ -120,6 +120,10 @@ class StudyUnit:
         """Per database: what the generation last published by this runtime holds."""
         self.conflicts: dict[str, tuple[int, frozenset[str], str]] = {}
         """Per database: the Drive head a refused publish met, and the refusal."""
+        self.checked: set[str] = set()
+        """Databases that passed the check against Drive's copy since this runtime took
+        the lease: the files of their trials may go to Drive (a study started anew in the
+        same folder, or by another sweep, is checked again first)."""
         self.local_work: dict[str, LocalWork] = {}
         """Per database: how long its last backup worked on this machine."""
         self._cleaned = False
@@ -250,6 +254,7 @@ class StudyUnit:
         self.state.databases.clear()
         self.parent_content.clear()
         self.conflicts.clear()
+        self.checked.clear()
 
     async def ensure_lease(self, helper: DriveHelper, *, takeover: bool = False) -> Lease:
         """Own the study on Drive: take a free lease, renew ours, or refuse.
@@ -277,6 +282,8 @@ class StudyUnit:
             fresh = settings.clock() - self._lease.heartbeat < settings.lease_timeout / 4
             if current is not None and not current.released and fresh:
                 return self._lease
+        if self._lease is None:
+            self.checked.clear()
         try:
             self._lease = await acquire_lease(
                 helper,
@@ -331,6 +338,7 @@ class StudyUnit:
         if self._lease is None:
             return
         self._lease = None
+        self.checked.clear()
         if self.settings.pool.unfinished_uploads:
             # Called once this runtime's jobs are done: an upload still open under the
             # study is one of its helpers', abandoned at a deadline. Aborted while the
