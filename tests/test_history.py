@@ -31,7 +31,7 @@ from optuna.trial import Trial, TrialState
 from drive_support import simulated_drive, temp_files
 from sweep_support import finished_trials, integrity, own_worker, wait_for
 from sweepsafe.drive import DriveStore
-from sweepsafe.drive._page_diff import PageDelta
+from sweepsafe.drive._page_diff import PageDelta, diff_files, sha256_file
 from sweepsafe.drive._patch_format import decode_patch, encode_patch
 from sweepsafe.sweep import run_sweep, study_dir_for, trial_dir
 from sweepsafe.testing import FaultPlan, simulated_store
@@ -623,6 +623,48 @@ def test_a_patch_that_does_not_make_its_result_stops_the_chain_before_it(tmp_pat
             restored = fresh.restore(target, generation=4)
             assert restored.ok, restored.error
             assert len(finished_trials(target)) == finished[4]
+            assert integrity(target) == "ok"
+
+
+def test_restore_follows_the_branch_that_went_on_when_two_runtimes_forked_the_history(
+    tmp_path: Path,
+) -> None:
+    """Two runtimes that both believed they held the study (a lease the mount showed
+    late) can each publish a generation after the same one. A restore follows the branch
+    the later generations build on, whatever order Drive lists the files in."""
+    with five_generations(tmp_path) as (store, _database, folder, finished):
+        (real,) = folder.glob("00000002-*.patch")
+        header = decode_patch(real.read_bytes()).header
+        with drive_copy(store.drive_root, tmp_path / "generation-1") as fresh:
+            first = fresh.local_root / "study-1" / "study.db"
+            assert fresh.restore(first, generation=1).ok
+        assert sha256_file(first) == header.parent_sha256
+        # The other runtime's generation 2: generation 1 with a change of its own.
+        theirs = tmp_path / "theirs.db"
+        shutil.copyfile(first, theirs)
+        connection = sqlite3.connect(theirs)
+        try:
+            connection.execute("PRAGMA user_version = 7")
+            connection.commit()
+        finally:
+            connection.close()
+        fork = encode_patch(
+            diff_files(first, theirs),
+            generation=2,
+            parent_generation=1,
+            parent_sha256=header.parent_sha256,
+            created=header.created,
+            meta=header.meta,
+        )
+        for tag in "01234567":  # listed before, after and among the real one
+            (folder / f"00000002-{tag}.patch").write_bytes(fork)
+
+        with drive_copy(store.drive_root, tmp_path / "new-runtime") as fresh:
+            target = fresh.local_root / "study-1" / "study.db"
+            restored = fresh.restore(target)
+            assert restored.ok, restored.error
+            assert restored.generation == 5
+            assert len(finished_trials(target)) == finished[5]
             assert integrity(target) == "ok"
 
 

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from sweepsafe.drive._drive_helper import DriveHelper, DriveListing
 
 __all__ = [
+    "HEADER_READ",
     "BaseRecord",
     "Generation",
     "GenerationDetails",
@@ -46,7 +47,8 @@ __all__ = [
 ]
 
 _NAME = re.compile(r"^(\d{8})-([0-9a-f]{1,32})\.(patch|json|db)$")
-_HEADER_READ = 64 << 10
+HEADER_READ = 64 << 10
+"""Bytes read to reach the end of any patch header."""
 _FORMAT = 1
 
 
@@ -184,7 +186,7 @@ async def write_base_record(
 async def _read_record(
     helper: DriveHelper, folder: Path, base: Generation, timeout: float
 ) -> BaseRecord | None:
-    raw = await helper.read(folder / base.name, timeout, limit=_HEADER_READ)
+    raw = await helper.read(folder / base.name, timeout, limit=HEADER_READ)
     return BaseRecord.from_json(raw) if raw is not None else None
 
 
@@ -221,7 +223,7 @@ async def read_details(
                     )
                 )
         for patch in history.patches.get(number, ()):
-            raw = await helper.read(folder / patch.name, timeout, limit=_HEADER_READ, head=True)
+            raw = await helper.read(folder / patch.name, timeout, limit=HEADER_READ, head=True)
             try:
                 header = read_patch_header(raw or b"")
             except PatchError as exc:

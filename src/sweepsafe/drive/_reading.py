@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from sweepsafe.drive._drive_errors import DriveTimeout
 from sweepsafe.drive._generations import (
+    HEADER_READ,
     BaseRecord,
     History,
     history_dir,
@@ -39,7 +40,6 @@ __all__ = [
 ]
 
 _ANCESTORS = 4
-_HEADER_READ = 64 << 10
 
 
 def studies_of(info: Mapping[str, Any]) -> tuple[StudySummary, ...]:
@@ -137,7 +137,7 @@ async def _generations(
     plain: int | None = None
     for number in sorted(history.bases, reverse=True):
         for base in history.bases[number]:
-            raw = await helper.read(folder / base.name, timeout, limit=_HEADER_READ)
+            raw = await helper.read(folder / base.name, timeout, limit=HEADER_READ)
             record = BaseRecord.from_json(raw) if raw is not None else None
             if record is not None and record.sha256 == plain_sha:
                 plain = number
@@ -157,13 +157,13 @@ async def _newest_meta(
 ) -> Mapping[str, Any]:
     head = history.head
     for patch in history.patches.get(head, ()):
-        raw = await helper.read(folder / patch.name, timeout, limit=_HEADER_READ, head=True)
+        raw = await helper.read(folder / patch.name, timeout, limit=HEADER_READ, head=True)
         try:
             return read_patch_header(raw or b"").meta
         except PatchError:
             continue
     for base in history.bases.get(head, ()):
-        raw = await helper.read(folder / base.name, timeout, limit=_HEADER_READ)
+        raw = await helper.read(folder / base.name, timeout, limit=HEADER_READ)
         record = BaseRecord.from_json(raw) if raw is not None else None
         if record is not None:
             return record.meta

@@ -19,11 +19,17 @@ import anyio
 
 from sweepsafe.drive._drive_errors import DriveOSError
 from sweepsafe.drive._files import pull_new, remove_quietly, scratch_path
-from sweepsafe.drive._generations import Generation, History, _read_record, list_history
+from sweepsafe.drive._generations import (
+    HEADER_READ,
+    Generation,
+    History,
+    _read_record,
+    list_history,
+)
 from sweepsafe.drive._page_diff import PatchError, sha256_file
 from sweepsafe.drive._patch_apply import apply_patch, apply_patch_in_place
 from sweepsafe.drive._patch_fetch import Fetched, PatchFetcher
-from sweepsafe.drive._patch_format import Patch, decode_patch
+from sweepsafe.drive._patch_format import Patch, PatchHeader, decode_patch, read_patch_header
 
 if TYPE_CHECKING:
     from sweepsafe.drive._drive_helper import DriveHelper
@@ -99,6 +105,7 @@ async def _rebuild(
 ) -> Rebuilt:
     goal = history.head if target is None else target
     notes: list[str] = []
+    branches = await _branches_taken(helper, folder, history, goal, timeout)
     pulled_plain: tuple[Path, str] | None = None
     try:
         for number in sorted((n for n in history.bases if n <= goal), reverse=True):
@@ -127,7 +134,9 @@ async def _rebuild(
                     continue
                 start = (number, base.tag, sha, record.meta)
                 patches = PatchFetcher(helper, folder, history, scratch, timeout)
-                return await _apply_patches(patches, history, work, start, goal, notes, verify_each)
+                return await _apply_patches(
+                    patches, work, start, goal, notes, verify_each, branches
+                )
     finally:
         if pulled_plain is not None:
             await anyio.to_thread.run_sync(remove_quietly, pulled_plain[0])
@@ -149,14 +158,54 @@ async def _pull_plain(
         raise
 
 
+async def _branches_taken(
+    helper: DriveHelper, folder: Path, history: History, goal: int, timeout: float
+) -> dict[int, str]:
+    """Where two runtimes both published a generation after the same one (a fork), the
+    result of the one the later generations up to ``goal`` build on.
+
+    Read from patch headers, from the newest fork down: the patch after a fork names its
+    parent. A fork with nothing after it on the way to ``goal`` is left out (any of its
+    patches will do).
+    """
+    forked = sorted(
+        (n for n, found in history.patches.items() if len(found) > 1 and n < goal),
+        reverse=True,
+    )
+    taken: dict[int, str] = {}
+    for number in forked:
+        successors = [
+            header
+            for patch in history.patches.get(number + 1, ())
+            if (header := await _header(helper, folder, patch, timeout)) is not None
+        ]
+        wanted = taken.get(number + 1)
+        if wanted is not None:
+            successors = [h for h in successors if h.result_sha256 == wanted]
+        parents = {h.parent_sha256 for h in successors if h.parent_generation == number}
+        if len(parents) == 1:
+            taken[number] = parents.pop()
+    return taken
+
+
+async def _header(
+    helper: DriveHelper, folder: Path, patch: Generation, timeout: float
+) -> PatchHeader | None:
+    try:
+        raw = await helper.read(folder / patch.name, timeout, limit=HEADER_READ, head=True)
+        return read_patch_header(raw or b"")
+    except (DriveOSError, PatchError):
+        return None  # the chain meets it again, and says what is wrong with it
+
+
 async def _apply_patches(
     patches: PatchFetcher,
-    history: History,
     work: Path,
     start: tuple[int, str, str, Mapping[str, Any]],
     goal: int,
     notes: list[str],
     verify_each: bool,
+    branches: Mapping[int, str],
 ) -> Rebuilt:
     state = start
     stopped = False
@@ -166,7 +215,7 @@ async def _apply_patches(
             # would cost more than applying it.
             run = await patches.run_from(state[0] + 1, goal)
             state, stopped = await anyio.to_thread.run_sync(
-                _apply_run, work, run, state, notes, verify_each
+                _apply_run, work, run, state, notes, verify_each, branches
             )
     except BaseException:
         with anyio.CancelScope(shield=True):
@@ -182,12 +231,13 @@ def _apply_run(
     state: tuple[int, str, str, Mapping[str, Any]],
     notes: list[str],
     verify_each: bool,
+    branches: Mapping[int, str],
 ) -> tuple[tuple[int, str, str, Mapping[str, Any]], bool]:
     """Apply the patch of each generation of ``run`` in turn to ``work``; the state reached,
     and whether the chain stops there (a generation missing, damaged or not applying)."""
     for candidates in run:
         current, _tag, sha, _meta = state
-        found = _choose(candidates, current + 1, sha, notes)
+        found = _choose(candidates, current + 1, sha, notes, branches.get(current + 1))
         if found is None:
             notes.append(
                 f"generation {current + 1} is missing or damaged on Drive; stopped at "
@@ -229,9 +279,12 @@ def _choose(
     number: int,
     parent_sha: str,
     notes: list[str],
+    wanted: str | None = None,
 ) -> tuple[str, Patch] | None:
-    """The patch of generation ``number`` that follows ``parent_sha``, and its tag."""
+    """The patch of generation ``number`` that follows ``parent_sha``, and its tag: of two
+    (a fork), the one making ``wanted``, the result later generations build on."""
     unreadable: DriveOSError | None = None
+    follows: list[tuple[str, Patch]] = []
     for candidate, raw in candidates:
         if isinstance(raw, DriveOSError):
             notes.append(f"{candidate.name} cannot be read ({raw.strerror})")
@@ -246,7 +299,11 @@ def _choose(
             continue
         header = patch.header
         if header.parent_generation == number - 1 and header.parent_sha256 == parent_sha:
-            return candidate.tag, patch
+            if wanted is None or header.result_sha256 == wanted:
+                return candidate.tag, patch
+            follows.append((candidate.tag, patch))
+    if follows:
+        return follows[0]
     if unreadable is not None:
         # Drive failed to hand the file over (often for a moment): stopping the chain
         # here would bring back an older generation and leave the newer ones behind.
