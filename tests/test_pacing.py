@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import pytest
 
-from drive_support import make_study, objective, simulated_drive
+from drive_support import DriveSetup, make_study, objective, simulated_drive
 from sweep_support import wait_for
 from sweepsafe import create_study_db_backup_callback
 from sweepsafe.drive import _pacing
@@ -26,17 +28,24 @@ def test_a_backup_waits_until_the_last_ones_local_work_is_a_small_share_of_the_t
     assert Pace(started=100.0, work=1e6).wait(now=100.0) == _pacing.LONGEST_WAIT_S
 
 
-def test_a_sweeps_backups_wait_their_turn_and_a_backup_asked_by_name_does_not(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Any local work at all now buys the longest wait, which is made short for the test.
+@contextlib.contextmanager
+def paced_study(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, longest_wait: float
+) -> Iterator[tuple[DriveSetup, Path, optuna.Study]]:
+    """A 3-trial study on a stand-in Drive whose sweep backups, after the first, wait
+    ``longest_wait`` for their turn (any local work at all now buys the longest wait)."""
     monkeypatch.setattr(_pacing, "LOCAL_WORK_SHARE", 1e-9)
-    monkeypatch.setattr(_pacing, "LONGEST_WAIT_S", 4.0)
+    monkeypatch.setattr(_pacing, "LONGEST_WAIT_S", longest_wait)
     with simulated_drive(tmp_path) as setup:
         database = setup.local / "study-1" / "study.db"
         url = make_study(database, n_trials=3)
-        study = optuna.load_study(study_name="study", storage=url)
+        yield setup, database, optuna.load_study(study_name="study", storage=url)
 
+
+def test_a_sweeps_backups_wait_their_turn_and_a_backup_asked_by_name_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with paced_study(tmp_path, monkeypatch, 4.0) as (setup, database, study):
         # Called by name, a backup runs at once, however recent the last one.
         first = setup.store.backup(database)
         began = time.monotonic()
@@ -74,12 +83,7 @@ def test_a_flush_ends_a_backups_wait_for_its_turn(
 ) -> None:
     """The end of a sweep never waits for a turn: a backup waiting for one when the flush
     begins goes at once, and the flush holds every trial well before the turn."""
-    monkeypatch.setattr(_pacing, "LOCAL_WORK_SHARE", 1e-9)
-    monkeypatch.setattr(_pacing, "LONGEST_WAIT_S", 600.0)
-    with simulated_drive(tmp_path) as setup:
-        database = setup.local / "study-1" / "study.db"
-        url = make_study(database, n_trials=3)
-        study = optuna.load_study(study_name="study", storage=url)
+    with paced_study(tmp_path, monkeypatch, 600.0) as (setup, database, study):
         worker = BackupWorker()
         try:
             callback = create_study_db_backup_callback(database, setup.store, worker=worker)
