@@ -165,23 +165,37 @@ class SweepBytes:
     notes: list[str] = field(default_factory=list)
 
 
-def sweepsafe_run(
-    source: Path, work: Path, n_finished: int, n_trials: int, latency: float
-) -> SweepBytes:
-    local, drive = work / "local", work / "drive"
-    key = f"bench-{n_finished}"
+def copied_study(source: Path, local: Path, key: str) -> Path:
+    """A copy of the study ``source`` as the ``study.db`` a sweep keyed ``key`` opens."""
     database = study_dir_for(local / "out", key) / "study.db"
     database.parent.mkdir(parents=True)
     shutil.copyfile(source, database)
-    plan = work / "plan.json"
+    return database
+
+
+def seeded_store(
+    local: Path, drive: Path, plan: Path, database: Path, latency: float
+) -> DriveStore:
+    """A store whose Drive already holds ``database``, then slowed to ``latency`` s per file."""
     FaultPlan().write(plan)
     store = simulated_store(local, drive, plan)
+    seeded = store.backup(database, final=True)
+    if not seeded.ok:
+        store.close()
+        raise RuntimeError(seeded.error)
+    FaultPlan(latency_s=latency).write(plan)
+    return store
+
+
+def sweepsafe_run(
+    source: Path, work: Path, n_finished: int, n_trials: int, latency: float
+) -> SweepBytes:
+    local = work / "local"
+    key = f"bench-{n_finished}"
+    database = copied_study(source, local, key)
+    store = seeded_store(local, work / "drive", work / "plan.json", database, latency)
     worker = BackupWorker()
     try:
-        seeded = store.backup(database, final=True)  # Drive already holds the study
-        if not seeded.ok:
-            raise RuntimeError(seeded.error)
-        FaultPlan(latency_s=latency).write(plan)
         counting = CountingStore(store)
         started = time.perf_counter()
         result = run_sweep(
@@ -285,21 +299,13 @@ def timed_continuation(
     holds it (None: no backup)."""
     local = work / "local"
     key = f"overhead-{n_finished}"
-    database = study_dir_for(local / "out", key) / "study.db"
-    database.parent.mkdir(parents=True)
-    shutil.copyfile(source, database)
+    database = copied_study(source, local, key)
     clock = LastTrial()
     worker = BackupWorker()
     store: DriveStore | None = None
     try:
         if latency is not None:
-            plan = work / "plan.json"
-            FaultPlan().write(plan)
-            store = simulated_store(local, work / "drive", plan)
-            seeded = store.backup(database, final=True)
-            if not seeded.ok:
-                raise RuntimeError(seeded.error)
-            FaultPlan(latency_s=latency).write(plan)
+            store = seeded_store(local, work / "drive", work / "plan.json", database, latency)
         started = time.perf_counter()
         result = run_sweep(
             objective,
