@@ -216,8 +216,7 @@ def read_content_since(
     if not earlier_content.is_optuna:
         return read_content(path, check=None)
     try:
-        connection = connect_read_only(os.fspath(path), BUSY_TIMEOUT_S)
-        try:
+        with _read_only(path) as connection:
             if not is_optuna_schema(connection):
                 return DatabaseContent(is_optuna=False, finished=frozenset())
             connection.execute("ATTACH DATABASE ? AS earlier", (f"file:{earlier}?mode=ro",))
@@ -225,9 +224,7 @@ def read_content_since(
             added = finished_not_in(connection, "main", "earlier")
             count = finished_count(connection)
             studies = tuple(read_studies(connection))
-        finally:
-            connection.close()
-    except sqlite3.DatabaseError:
+    except SnapshotError:
         return read_content(path, check=None)  # it names what is wrong, if anything is
     finished = (earlier_content.finished - lost) | added
     if len(finished) != count:
