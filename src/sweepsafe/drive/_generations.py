@@ -27,14 +27,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from sweepsafe.drive._page_diff import PatchError
-from sweepsafe.drive._patch_format import read_patch_header
+from sweepsafe.drive._patch_format import PatchHeader, read_patch_header
 from sweepsafe.drive._reserved_names import STATE_DIR_NAME
 
 if TYPE_CHECKING:
     from sweepsafe.drive._drive_helper import DriveHelper, DriveListing
 
 __all__ = [
-    "HEADER_READ",
     "BaseRecord",
     "Generation",
     "GenerationDetails",
@@ -43,12 +42,13 @@ __all__ = [
     "list_history",
     "parse_history",
     "read_details",
+    "read_header",
+    "read_record",
     "write_base_record",
 ]
 
 _NAME = re.compile(r"^(\d{8})-([0-9a-f]{1,32})\.(patch|json|db)$")
-HEADER_READ = 64 << 10
-"""Bytes read to reach the end of any patch header."""
+_HEADER_READ = 64 << 10
 _FORMAT = 1
 
 
@@ -183,11 +183,24 @@ async def write_base_record(
     await helper.put_bytes(folder / name, record.to_json(), timeout)
 
 
-async def _read_record(
+async def read_record(
     helper: DriveHelper, folder: Path, base: Generation, timeout: float
 ) -> BaseRecord | None:
-    raw = await helper.read(folder / base.name, timeout, limit=HEADER_READ)
+    """The record of ``base``; None when it is gone or unreadable as a record."""
+    raw = await helper.read(folder / base.name, timeout, limit=_HEADER_READ)
     return BaseRecord.from_json(raw) if raw is not None else None
+
+
+async def read_header(
+    helper: DriveHelper, folder: Path, patch: Generation, timeout: float
+) -> PatchHeader:
+    """The header of ``patch``, read without its body.
+
+    Raises:
+        PatchError: it is gone, or damaged.
+    """
+    raw = await helper.read(folder / patch.name, timeout, limit=_HEADER_READ, head=True)
+    return read_patch_header(raw or b"")
 
 
 @dataclass(frozen=True)
@@ -211,7 +224,7 @@ async def read_details(
     details: list[GenerationDetails] = []
     for number in sorted({*history.patches, *history.bases}, reverse=True):
         for base in history.bases.get(number, ()):
-            record = await _read_record(helper, folder, base, timeout)
+            record = await read_record(helper, folder, base, timeout)
             if record is None:
                 details.append(
                     GenerationDetails(number, base.tag, "base", None, {}, 0, "unreadable record")
@@ -223,9 +236,8 @@ async def read_details(
                     )
                 )
         for patch in history.patches.get(number, ()):
-            raw = await helper.read(folder / patch.name, timeout, limit=HEADER_READ, head=True)
             try:
-                header = read_patch_header(raw or b"")
+                header = await read_header(helper, folder, patch, timeout)
             except PatchError as exc:
                 details.append(
                     GenerationDetails(number, patch.tag, "patch", None, {}, patch.size, str(exc))

@@ -13,17 +13,16 @@ from typing import TYPE_CHECKING, Any
 
 from sweepsafe.drive._drive_errors import DriveTimeout
 from sweepsafe.drive._generations import (
-    HEADER_READ,
-    BaseRecord,
     History,
     history_dir,
     list_history,
     read_details,
+    read_header,
+    read_record,
 )
 from sweepsafe.drive._helper_client import HelperPool
 from sweepsafe.drive._messages import explain_failure
 from sweepsafe.drive._page_diff import PatchError
-from sweepsafe.drive._patch_format import read_patch_header
 from sweepsafe.drive._reserved_names import STATE_DIR_NAME
 from sweepsafe.drive._results import GenerationInfo, StudySummary, VerifyResult
 
@@ -137,8 +136,7 @@ async def _generations(
     plain: int | None = None
     for number in sorted(history.bases, reverse=True):
         for base in history.bases[number]:
-            raw = await helper.read(folder / base.name, timeout, limit=HEADER_READ)
-            record = BaseRecord.from_json(raw) if raw is not None else None
+            record = await read_record(helper, folder, base, timeout)
             if record is not None and record.sha256 == plain_sha:
                 plain = number
                 break
@@ -157,14 +155,12 @@ async def _newest_meta(
 ) -> Mapping[str, Any]:
     head = history.head
     for patch in history.patches.get(head, ()):
-        raw = await helper.read(folder / patch.name, timeout, limit=HEADER_READ, head=True)
         try:
-            return read_patch_header(raw or b"").meta
+            return (await read_header(helper, folder, patch, timeout)).meta
         except PatchError:
             continue
     for base in history.bases.get(head, ()):
-        raw = await helper.read(folder / base.name, timeout, limit=HEADER_READ)
-        record = BaseRecord.from_json(raw) if raw is not None else None
+        record = await read_record(helper, folder, base, timeout)
         if record is not None:
             return record.meta
     return {}

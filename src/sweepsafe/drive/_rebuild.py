@@ -20,16 +20,16 @@ import anyio
 from sweepsafe.drive._drive_errors import DriveOSError
 from sweepsafe.drive._files import pull_new, remove_quietly, scratch_path
 from sweepsafe.drive._generations import (
-    HEADER_READ,
     Generation,
     History,
-    _read_record,
     list_history,
+    read_header,
+    read_record,
 )
 from sweepsafe.drive._page_diff import PatchError, sha256_file
 from sweepsafe.drive._patch_apply import apply_patch, apply_patch_in_place
 from sweepsafe.drive._patch_fetch import Fetched, PatchFetcher
-from sweepsafe.drive._patch_format import Patch, PatchHeader, decode_patch, read_patch_header
+from sweepsafe.drive._patch_format import Patch, PatchHeader, decode_patch
 
 if TYPE_CHECKING:
     from sweepsafe.drive._drive_helper import DriveHelper
@@ -110,7 +110,7 @@ async def _rebuild(
     try:
         for number in sorted((n for n in history.bases if n <= goal), reverse=True):
             for base in history.bases[number]:
-                record = await _read_record(helper, folder, base, timeout)
+                record = await read_record(helper, folder, base, timeout)
                 if record is None:
                     notes.append(f"the record of base generation {number} is unreadable")
                     continue
@@ -192,8 +192,7 @@ async def _header(
     helper: DriveHelper, folder: Path, patch: Generation, timeout: float
 ) -> PatchHeader | None:
     try:
-        raw = await helper.read(folder / patch.name, timeout, limit=HEADER_READ, head=True)
-        return read_patch_header(raw or b"")
+        return await read_header(helper, folder, patch, timeout)
     except (DriveOSError, PatchError):
         return None  # the chain meets it again, and says what is wrong with it
 

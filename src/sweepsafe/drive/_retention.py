@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sweepsafe.drive._generations import BaseRecord, Generation, History, _read_record
+from sweepsafe.drive._generations import BaseRecord, Generation, History, read_record
 
 if TYPE_CHECKING:
     from sweepsafe.drive._drive_helper import DriveHelper
@@ -70,7 +70,7 @@ async def thin_history(
     records: list[tuple[Generation, BaseRecord]] = []
     for bases in history.bases.values():
         for base in bases:
-            record = await _read_record(helper, folder, base, timeout)
+            record = await read_record(helper, folder, base, timeout)
             if record is not None:
                 records.append((base, record))
     if not records:
