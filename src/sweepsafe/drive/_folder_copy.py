@@ -34,7 +34,7 @@ from sweepsafe.drive._files import (
     scratch_path,
 )
 from sweepsafe.drive._folder_job import EntryProblem, FolderJob
-from sweepsafe.drive._local_state import Signature, file_signature
+from sweepsafe.drive._local_state import Signature, database_signature
 from sweepsafe.drive._sqlite import SnapshotError, snapshot_sqlite
 
 if TYPE_CHECKING:
@@ -270,7 +270,7 @@ def _remove_all(paths: Sequence[Path]) -> None:
 
 def _snapshot_with_signature(source: Path, snapshot: Path) -> Signature:
     snapshot.parent.mkdir(parents=True, exist_ok=True)
-    before = file_signature(os.stat(source))
+    before = database_signature(source, os.stat(source))
     snapshot_sqlite(source, snapshot)
     return before
 

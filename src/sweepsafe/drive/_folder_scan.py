@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sweepsafe.drive._folder_job import EntryProblem
-from sweepsafe.drive._local_state import Signature, file_signature
+from sweepsafe.drive._local_state import Signature, database_signature, file_signature
 from sweepsafe.drive._reserved_names import STATE_DIR_NAME, is_temp_name
 from sweepsafe.drive._sqlite import SIDECAR_SUFFIXES
 from sweepsafe.drive._sqlite_inspect import is_sqlite_file
@@ -87,7 +87,12 @@ def scan_local(unit_local: Path, folder: Path, exclude: Sequence[str]) -> _Scan:
             if stat_module.S_ISDIR(info.st_mode):
                 pending.append((entry.path, rel + "/"))
             elif stat_module.S_ISREG(info.st_mode):
-                scan.files[unit_rel] = _LocalFile(entry.path, file_signature(info))
+                signature = (
+                    database_signature(entry.path, info)
+                    if name + "-wal" in names
+                    else file_signature(info)
+                )
+                scan.files[unit_rel] = _LocalFile(entry.path, signature)
             elif stat_module.S_ISLNK(info.st_mode):
                 _scan_link(entry.path, unit_rel, unit_real, scan)
             else:

@@ -23,7 +23,7 @@ from sweepsafe.drive._drive_errors import DriveTimeout
 from sweepsafe.drive._folder_copy import _Copier
 from sweepsafe.drive._folder_job import FolderJob, FolderOutcome
 from sweepsafe.drive._folder_scan import _LocalFile, _Scan, scan_local
-from sweepsafe.drive._local_state import file_signature
+from sweepsafe.drive._local_state import database_signature
 
 __all__ = ["sync_file", "sync_folder", "sync_folders"]
 
@@ -62,7 +62,7 @@ async def sync_file(job: FolderJob, path: Path) -> FolderOutcome:
     """Copy one file of the study folder, if it changed since the manifest."""
     rel = path.relative_to(job.unit_local).as_posix()
     info = await anyio.to_thread.run_sync(os.stat, path)
-    scan = _Scan(files={rel: _LocalFile(str(path), file_signature(info))})
+    scan = _Scan(files={rel: _LocalFile(str(path), database_signature(path, info))})
     return await _copy_changed(job, scan, None)
 
 

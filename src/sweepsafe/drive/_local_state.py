@@ -40,6 +40,7 @@ __all__ = [
     "Manifest",
     "Signature",
     "UnitState",
+    "database_signature",
     "file_signature",
     "unit_state_dir",
 ]
@@ -56,6 +57,25 @@ _FORMAT = 1
 def file_signature(info: os.stat_result) -> Signature:
     """The signature of a file from its ``stat``."""
     return (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
+
+
+def database_signature(path: str | os.PathLike[str], info: os.stat_result) -> Signature:
+    """The signature of a file that may be an SQLite database in WAL mode.
+
+    Commits to such a database land in its ``-wal`` file and leave the main file as it
+    was until a checkpoint, so the main file's ``stat`` alone would call a database
+    with new rows unchanged. The times of the ``-wal`` file count too.
+    """
+    try:
+        wal = os.stat(os.fspath(path) + "-wal")
+    except OSError:
+        return file_signature(info)
+    return (
+        info.st_size,
+        max(info.st_mtime_ns, wal.st_mtime_ns),
+        max(info.st_ctime_ns, wal.st_ctime_ns),
+        info.st_ino,
+    )
 
 
 class _ExitSafeExecutor(concurrent.futures.Executor):
