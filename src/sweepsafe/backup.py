@@ -34,6 +34,8 @@ from sweepsafe._callbacks import BackupToDrive as BackupToDrive
 from sweepsafe._callbacks import OptunaCallback as OptunaCallback
 from sweepsafe._study_report import StudyBackupReport
 from sweepsafe.drive import BackupBackend, BackupResult, ObjectStore, VerifyResult, check_database
+from sweepsafe.drive._reserved_names import STATE_DIR_NAME, is_temp_name
+from sweepsafe.drive._sqlite_inspect import is_sqlite_file
 from sweepsafe.errors import StudyNotFoundError
 from sweepsafe.paths import is_drive_path, is_within
 from sweepsafe.worker import BackupWorker, get_default_worker
@@ -109,9 +111,13 @@ def _study_targets(study_dir: Path) -> tuple[list[tuple[Path, bool]], list[str]]
     targets: list[tuple[Path, bool]] = [(study_dir / STUDY_DB_NAME, False)]
     skipped: list[str] = []
     real = os.path.realpath(study_dir)
-    for entry in sorted(study_dir.iterdir()):
+    entries = sorted(study_dir.iterdir())
+    names = {entry.name for entry in entries}
+    for entry in entries:
         name = entry.name
-        if name == STUDY_DB_NAME or name.startswith(".") or name.endswith(_SIDE_SUFFIXES):
+        if name in (STUDY_DB_NAME, STATE_DIR_NAME) or is_temp_name(name):
+            continue
+        if _is_side_file(study_dir, name, names):
             continue
         try:
             info = entry.lstat()
@@ -130,6 +136,16 @@ def _study_targets(study_dir: Path) -> tuple[list[tuple[Path, bool]], list[str]]
         else:
             skipped.append(f"{name} (not a regular file)")
     return targets, skipped
+
+
+def _is_side_file(folder: Path, name: str, names: set[str]) -> bool:
+    """``name`` is the ``-wal``, ``-shm`` or ``-journal`` of a database beside it (whose
+    snapshot holds its content); any other name is the user's, whatever it ends with."""
+    for suffix in _SIDE_SUFFIXES:
+        base = name[: -len(suffix)]
+        if name.endswith(suffix) and base in names:
+            return base == STUDY_DB_NAME or is_sqlite_file(str(folder / base))
+    return False
 
 
 def backup_hpo_study_to_drive(
