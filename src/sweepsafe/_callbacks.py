@@ -55,6 +55,9 @@ truthy value, ``None`` or a ``BackupResult`` on success."""
 
 OptunaCallback = Callable[["Study", "FrozenTrial"], None]
 
+_FINISHED_STATES = ("COMPLETE", "PRUNED")
+"""The trial states counted as finished, in the study and in its Drive copy."""
+
 
 def trial_folder_name(number: int) -> str:
     """The name of trial ``number``'s folder under ``trials/``: ``trial-00042``."""
@@ -137,7 +140,8 @@ class _SubmitBackup:
         self._stopped = False
 
     def __call__(self, study: Study, trial: FrozenTrial) -> None:
-        if self._progress is not None:
+        if self._progress is not None and trial.state.name in _FINISHED_STATES:
+            # Only these are finished trials in a copy; a FAIL one would stay "behind".
             self._progress._trial_finished()
         try:
             target = self._target if isinstance(self._target, Path) else self._target(trial)

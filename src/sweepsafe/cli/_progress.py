@@ -66,7 +66,8 @@ class SweepProgressBar:
                 # Before any backup callback has run, this is the study's count at the start.
                 self._resumed = self._progress.trials_finished
                 self._start_best(study)
-            self._seen += 1
+            if trial.state.name in ("COMPLETE", "PRUNED"):
+                self._seen += 1  # a FAIL trial is never finished, here or on Drive
             value = trial.value if len(trial.values or ()) == 1 else None
             if value is not None and not math.isnan(value) and trial.state.name == "COMPLETE":
                 better = self._best is None or (
