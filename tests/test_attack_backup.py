@@ -1,0 +1,102 @@
+"""Attacks on the backup side: entries or versions the end-of-sweep report calls complete
+while Drive lacks them. Real Optuna studies in real SQLite files; only Drive is a stand-in."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import optuna
+import pytest
+
+from drive_support import simulated_drive
+from sweepsafe import run_sweep, study_dir_for
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def test_a_wal_database_in_the_study_folder_reaches_drive_with_rows_written_since_its_last_backup(
+    tmp_path: Path,
+) -> None:
+    # A logger keeps its WAL-mode database open across two sweeps of one notebook kernel:
+    # the rows of the second sweep sit in the -wal file, the main file is unchanged.
+    with simulated_drive(tmp_path) as setup:
+        study_dir = study_dir_for(setup.local, "wal")
+        (study_dir / "logs").mkdir(parents=True)
+        metrics = sqlite3.connect(study_dir / "logs" / "metrics.db", check_same_thread=False)
+        try:
+            metrics.execute("PRAGMA journal_mode=WAL").fetchall()
+            metrics.execute("CREATE TABLE m (trial INTEGER)")
+            metrics.commit()
+
+            def objective(trial: optuna.Trial) -> float:
+                metrics.execute("INSERT INTO m VALUES (?)", (trial.number,))
+                metrics.commit()
+                return 1.0
+
+            for n_trials in (2, 4):
+                result = run_sweep(
+                    objective,
+                    output_dir=setup.local,
+                    study_key="wal",
+                    n_trials=n_trials,
+                    backup_to_drive=setup.store,
+                    flush_timeout=60,
+                )
+                assert result.backup_ok, result.backup_report
+            copy = sqlite3.connect(setup.drive / study_dir.name / "logs" / "metrics.db")
+            try:
+                on_drive = copy.execute("SELECT count(*) FROM m").fetchone()[0]
+            finally:
+                copy.close()
+            # The report said complete: Drive must hold the 4 rows the local database holds.
+            assert on_drive == 4
+        finally:
+            metrics.close()
+
+
+@pytest.mark.parametrize("name", [".hydra/config.yaml", "run-journal/notes.txt", "train.log-wal"])
+def test_every_entry_of_the_study_folder_reaches_drive_or_is_named(
+    tmp_path: Path, name: str
+) -> None:
+    # Only sweepsafe's own folder and the side files of a database beside them may be
+    # left out silently; a user's dot folder or a name ending in -journal is their data.
+    with simulated_drive(tmp_path) as setup:
+        study_dir = study_dir_for(setup.local, "names")
+        entry = study_dir / name
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        entry.write_text("the user's own file")
+        result = run_sweep(
+            lambda trial: 1.0,
+            output_dir=setup.local,
+            study_key="names",
+            n_trials=1,
+            backup_to_drive=setup.store,
+            flush_timeout=60,
+        )
+        report = result.backup_report
+        assert report is not None
+        copied = (setup.drive / study_dir.name / name).is_file()
+        named = any(name.split("/")[0] in line for line in (*report.skipped, str(report)))
+        assert copied or (named and not report.ok), str(report)
+
+
+def test_a_failed_trial_leaves_no_lag_once_the_drive_copy_is_complete(tmp_path: Path) -> None:
+    # A trial returning NaN is FAIL: it never counts as finished in the Drive copy, so it
+    # must not count as finished locally either, or the progress says "1 behind" forever.
+    from sweepsafe.backup import BackupProgress
+
+    progress = BackupProgress()
+    with simulated_drive(tmp_path) as setup:
+        result = run_sweep(
+            lambda trial: float("nan") if trial.number == 1 else 1.0,
+            output_dir=setup.local,
+            study_key="fail",
+            n_trials=3,
+            backup_to_drive=setup.store,
+            flush_timeout=60,
+            progress=progress,
+        )
+    assert result.backup_ok, result.backup_report
+    assert progress.trials_backed_up == 2
+    assert progress.lag == 0, (progress.trials_finished, progress.trials_backed_up)
