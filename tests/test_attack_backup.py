@@ -100,3 +100,38 @@ def test_a_failed_trial_leaves_no_lag_once_the_drive_copy_is_complete(tmp_path: 
     assert result.backup_ok, result.backup_report
     assert progress.trials_backed_up == 2
     assert progress.lag == 0, (progress.trials_finished, progress.trials_backed_up)
+
+
+def test_a_sweep_on_a_closed_worker_is_not_reported_complete(tmp_path: Path) -> None:
+    # A worker of the user's own, closed after a first sweep (a `with BackupWorker()`
+    # cell), drops every backup of the second: its report must not say complete.
+    from sweepsafe.worker import BackupWorker
+
+    with simulated_drive(tmp_path) as setup:
+        worker = BackupWorker()
+        first = run_sweep(
+            lambda trial: 1.0,
+            output_dir=setup.local,
+            study_key="closed",
+            n_trials=2,
+            backup_to_drive=setup.store,
+            flush_timeout=60,
+            worker=worker,
+        )
+        assert first.backup_ok, first.backup_report
+        worker.close()
+        second = run_sweep(
+            lambda trial: 1.0,
+            output_dir=setup.local,
+            study_key="closed",
+            n_trials=5,
+            backup_to_drive=setup.store,
+            flush_timeout=60,
+            worker=worker,
+        )
+        copy = sqlite3.connect(setup.drive / second.study_dir.name / "study.db")
+        try:
+            on_drive = copy.execute("SELECT count(*) FROM trials").fetchone()[0]
+        finally:
+            copy.close()
+        assert on_drive == 5 or not second.backup_ok, str(second.backup_report)

@@ -191,6 +191,15 @@ def backup_hpo_study_to_drive(
             duration_s=time.monotonic() - started,
         )
     worker = worker or get_default_worker()
+    if worker.closed:
+        # A closed worker drops every submit: its reports are of earlier copies.
+        return StudyBackupReport(
+            study_dir=found,
+            on_drive=False,
+            error=f"the backup worker {worker!r} was closed, so nothing was copied to Drive; "
+            "pass a worker that is open (or none, for the default one)",
+            duration_s=time.monotonic() - started,
+        )
     targets, skipped = _study_targets(found)
     for target, is_directory in targets:
         # The end of the sweep: the database's plain copy brought up to date, and every
