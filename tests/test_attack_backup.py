@@ -135,3 +135,37 @@ def test_a_sweep_on_a_closed_worker_is_not_reported_complete(tmp_path: Path) -> 
         finally:
             copy.close()
         assert on_drive == 5 or not second.backup_ok, str(second.backup_report)
+
+
+def test_the_progress_callback_costs_no_more_after_many_trials(tmp_path: Path) -> None:
+    # `sweepsafe run` calls its progress bar at every trial, on the trial's thread; the
+    # worker keeps one target per trial folder. The call must not grow with the trials
+    # already run (it did: a snapshot of every target, under the lock submit() takes).
+    import statistics
+    import time
+
+    from sweepsafe.backup import BackupProgress
+    from sweepsafe.cli._progress import SweepProgressBar
+    from sweepsafe.worker import BackupWorker
+
+    study = optuna.create_study()
+    study.optimize(lambda trial: 1.0, n_trials=1)
+    trial = study.trials[0]
+
+    def call_cost(targets: int) -> float:
+        with BackupWorker() as worker:
+            for number in range(targets):
+                worker.submit(tmp_path / f"trial-{number:05d}", lambda p, d: True)
+            worker.flush(60)
+            bar = SweepProgressBar(
+                total=None, progress=BackupProgress(), worker=worker, enabled=False
+            )
+            times = []
+            for _ in range(7):
+                started = time.perf_counter()
+                bar(study, trial)
+                times.append(time.perf_counter() - started)
+            return statistics.median(times)
+
+    few, many = call_cost(10), call_cost(4_000)
+    assert many < max(10 * few, 0.002), (few, many)

@@ -103,7 +103,7 @@ class SweepProgressBar:
         if self._best is not None:
             parts.append(f"best {self._best:.4g}")
         if self._worker is not None:
-            stats = self._worker.stats()
+            stats = self._worker.stats(targets=False)  # at every trial: counters only
             if drive_complete is None:
                 behind = max(0, finished - self._progress.trials_backed_up)
                 state = f"{behind} behind"

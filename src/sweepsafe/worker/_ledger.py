@@ -242,8 +242,8 @@ class WorkerLedger:
         )
         return FlushReport(reports, timed_out=timed_out, duration_s=duration_s)
 
-    def stats_locked(self) -> WorkerStats:
-        """A snapshot of the counters and of every target."""
+    def stats_locked(self, *, targets: bool = True) -> WorkerStats:
+        """A snapshot of the counters and (``targets``) of every target."""
         return WorkerStats(
             submitted=self.submitted,
             coalesced=self.coalesced,
@@ -261,6 +261,6 @@ class WorkerLedger:
                     waiting=slot.waiting is not None or (slot.task_active and not slot.running),
                     copies=slot.copies,
                 )
-                for slot in self.targets.values()
+                for slot in (self.targets.values() if targets else ())
             ),
         )

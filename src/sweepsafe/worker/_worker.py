@@ -274,10 +274,15 @@ class BackupWorker:
             logger.warning("The backup worker %r did not stop in time; leaving it.", self._name)
         return report
 
-    def stats(self) -> WorkerStats:
-        """A consistent snapshot of the counters and of every target; cheap."""
+    def stats(self, *, targets: bool = True) -> WorkerStats:
+        """A consistent snapshot of the counters and (``targets``) of every target.
+
+        The counters cost the same however many targets the worker has served; each
+        target (one per trial folder in a sweep) adds to the cost of ``targets``, taken
+        while submits wait, so a caller at every trial should leave them out.
+        """
         with self._ledger.lock:
-            return self._ledger.stats_locked()
+            return self._ledger.stats_locked(targets=targets)
 
     def _warn_dropped_locked(self, key: str) -> None:
         if not self._warned_closed:
