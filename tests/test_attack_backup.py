@@ -169,3 +169,71 @@ def test_the_progress_callback_costs_no_more_after_many_trials(tmp_path: Path) -
 
     few, many = call_cost(10), call_cost(4_000)
     assert many < max(10 * few, 0.002), (few, many)
+
+
+_CTRL_C_SCRIPT = """\
+import sys
+from pathlib import Path
+
+import optuna
+
+from sweepsafe import run_sweep
+from sweepsafe.testing import FaultPlan, simulated_store
+
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+local, drive, plan = (Path(arg) for arg in sys.argv[1:4])
+store = simulated_store(local, drive, plan)
+
+
+def objective(trial):
+    if trial.number == 1:
+        FaultPlan(hang=True).write(plan)
+        print("drive hung", flush=True)
+    return 1.0
+
+
+run_sweep(objective, output_dir=local, study_key="k", n_trials=2, backup_to_drive=store,
+          flush_timeout=120)
+"""
+
+
+def test_ctrl_c_during_the_final_flush_of_run_sweep_does_not_wait_again_at_exit(
+    tmp_path: Path,
+) -> None:
+    # The user pressed Ctrl-C to stop waiting for a hung Drive: the exit hook must not
+    # then wait its own 30 s for the same backups, silently.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from sweepsafe.testing import FaultPlan
+
+    local, drive, plan = tmp_path / "local", tmp_path / "drive", tmp_path / "plan.json"
+    local.mkdir()
+    FaultPlan().write(plan)
+    script = tmp_path / "sweep.py"
+    script.write_text(_CTRL_C_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(local), str(drive), str(plan)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "drive hung"
+        time.sleep(2.0)  # the final flush is waiting for the hung Drive
+        interrupted = time.monotonic()
+        child.send_signal(signal.SIGINT)
+        _out, err = child.communicate(timeout=90)
+        took = time.monotonic() - interrupted
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    assert "KeyboardInterrupt" in err
+    assert took < 15.0, (took, err[-2000:])

@@ -199,6 +199,12 @@ class BackupWorker:
             self._loop.flush_began_locked()
         try:
             return self._wait_for(awaited, started, deadline, timeout)
+        except KeyboardInterrupt:
+            # Ctrl-C ended the wait: whoever waited gave these up, so the exit hook must
+            # not make the process wait for them again, silently, for its own timeout.
+            with ledger.lock:
+                self._given_up_at = ledger.seq
+            raise
         finally:
             with ledger.lock:
                 self._loop.flush_ended_locked()
