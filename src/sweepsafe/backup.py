@@ -157,6 +157,7 @@ def backup_hpo_study_to_drive(
     timeout: float | None = None,
     verify: bool = True,
     release: bool = True,
+    progress: BackupProgress | None = None,
 ) -> StudyBackupReport:
     """Back up a finished sweep to Drive and wait for it, up to ``timeout`` seconds.
 
@@ -165,8 +166,9 @@ def backup_hpo_study_to_drive(
     (a checked snapshot, which also brings the plain Drive copy up to date) and every
     other entry of the folder (``trials/`` walked whole), waits for them and for every
     earlier per-trial job, then checks the Drive copy. With ``release``, a complete
-    wait gives the study's lease back so that the next runtime starts at once. Blocks
-    the calling thread; never waits longer than ``timeout`` for Drive.
+    wait gives the study's lease back so that the next runtime starts at once. The copy
+    of ``study.db`` updates ``progress``, as the per-trial copies do. Blocks the calling
+    thread; never waits longer than ``timeout`` for Drive.
 
     Raises:
         StudyNotFoundError: no study folder in ``backbone_output_dir``.
@@ -201,18 +203,26 @@ def backup_hpo_study_to_drive(
             duration_s=time.monotonic() - started,
         )
     targets, skipped = _study_targets(found)
-    for target, is_directory in targets:
-        # The end of the sweep: the database's plain copy brought up to date, and every
-        # file's newest version shipped (a file still being rewritten is waited for).
-        job = backup_job(backup_to_drive, None, final=True)
-        worker.submit(target, job, is_directory=is_directory)
-    logger.info(
-        "Waiting %s for the backup of %s to reach %s.",
-        "without a time limit" if timeout is None else f"up to {timeout:g} s",
-        found,
-        "the object store" if object_store else "Drive",
-    )
-    flush = worker.flush(timeout)
+    try:
+        for target, is_directory in targets:
+            # The end of the sweep: the database's plain copy brought up to date, and every
+            # file's newest version shipped (a file still being rewritten is waited for).
+            counts = progress if target == database else None
+            job = backup_job(backup_to_drive, counts, final=True)
+            worker.submit(target, job, is_directory=is_directory)
+        logger.info(
+            "Waiting %s for the backup of %s to reach %s.",
+            "without a time limit" if timeout is None else f"up to {timeout:g} s",
+            found,
+            "the object store" if object_store else "Drive",
+        )
+        flush = worker.flush(timeout)
+    except KeyboardInterrupt:
+        # Ctrl-C here gives up waiting for these backups: a flush that times out at once
+        # records that, so the exit does not wait for them again, silently, for its own
+        # timeout.
+        worker.flush(0)
+        raise
     wanted = {target for target, _ in targets}
     reports = tuple(report for report in flush.targets if report.target in wanted)
     for report in reports:
@@ -221,7 +231,7 @@ def backup_hpo_study_to_drive(
     verification: VerifyResult | None = None
     remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
     if verify and store is not None and not flush.timed_out:
-        verification = _verify(store, database, remaining)
+        verification = _verify(store, database, remaining, of=timeout)
     if release and store is not None and not flush.timed_out:
         _bounded(store.arelease(found), remaining)
     return StudyBackupReport(
@@ -244,8 +254,15 @@ def _bounded(awaitable: Awaitable[object], timeout: float | None) -> None:
     run_blocking(run)
 
 
-def _verify(store: BackupBackend | None, database: Path, timeout: float | None) -> VerifyResult:
-    """Check the Drive copy of ``database`` (or ``database`` itself on Drive), bounded."""
+def _verify(
+    store: BackupBackend | None,
+    database: Path,
+    timeout: float | None,
+    *,
+    of: float | None = None,
+) -> VerifyResult:
+    """Check the Drive copy of ``database`` (or ``database`` itself on Drive), bounded:
+    ``timeout`` is what is left of a longer one, ``of``, when the backups used the rest."""
 
     async def verify_bounded() -> VerifyResult | None:
         with anyio.move_on_after(timeout):
@@ -257,9 +274,12 @@ def _verify(store: BackupBackend | None, database: Path, timeout: float | None) 
     verification = run_blocking(verify_bounded)
     if verification is None:
         place = "The object store" if isinstance(store, ObjectStore) else "Google Drive"
+        within = f"within {timeout:.0f} s"
+        if of is not None and timeout is not None and timeout < of:
+            within = f"in the {timeout:.1f} s the backups left of the {of:g} s timeout"
         return VerifyResult(
             path=database,
             exists=False,
-            error=f"{place} did not answer within {timeout:.0f} s while checking the copy",
+            error=f"{place} did not answer {within} while checking the copy",
         )
     return verification

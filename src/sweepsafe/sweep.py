@@ -281,7 +281,7 @@ def run_sweep(
     finally:
         if backup_to_drive is not None or is_drive_path(study_dir):
             report = _final_backup(
-                output_dir, backup_to_drive, study_dir, worker, flush_timeout, failure
+                output_dir, backup_to_drive, study_dir, worker, flush_timeout, failure, progress
             )
     return SweepResult(
         study=study,
@@ -358,11 +358,17 @@ def _final_backup(
     worker: BackupWorker | None,
     flush_timeout: float,
     failure: BaseException | None,
+    progress: BackupProgress | None = None,
 ) -> StudyBackupReport | None:
     """The end-of-sweep backup, logged; never masks the sweep's own ``failure``."""
     try:
         report = backup_hpo_study_to_drive(
-            output_dir, backup_to_drive, study_dir=study_dir, worker=worker, timeout=flush_timeout
+            output_dir,
+            backup_to_drive,
+            study_dir=study_dir,
+            worker=worker,
+            timeout=flush_timeout,
+            progress=progress,
         )
     except SweepsafeError as exc:
         if failure is None:
