@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 from drive_support import DriveSetup, simulated_drive
 from sweep_support import finished_trials, integrity, own_worker
+from sweepsafe import run_sweep, study_dir_for
 from sweepsafe.backup import (
     BackupProgress,
     backup_hpo_study_to_drive,
@@ -276,3 +278,137 @@ def test_a_backend_lacking_part_of_the_protocol_is_refused_by_name(tmp_path: Pat
     assert "arestore, averify, ahistory, aacquire, aholds, arenew, arelease" in message
     with pytest.raises(TypeError, match="backup_to_drive must be a DriveStore"):
         create_incremental_backup_callback(tmp_path, "/content/drive")  # type: ignore[arg-type]
+
+
+def test_a_wal_database_in_the_study_folder_reaches_drive_with_rows_written_since_its_last_backup(
+    tmp_path: Path,
+) -> None:
+    # A logger keeps its WAL-mode database open across two sweeps of one notebook kernel:
+    # the rows of the second sweep sit in the -wal file, the main file is unchanged.
+    with simulated_drive(tmp_path) as setup:
+        study_dir = study_dir_for(setup.local, "wal")
+        (study_dir / "logs").mkdir(parents=True)
+        metrics = sqlite3.connect(study_dir / "logs" / "metrics.db", check_same_thread=False)
+        try:
+            metrics.execute("PRAGMA journal_mode=WAL").fetchall()
+            metrics.execute("CREATE TABLE m (trial INTEGER)")
+            metrics.commit()
+
+            def objective(trial: optuna.Trial) -> float:
+                metrics.execute("INSERT INTO m VALUES (?)", (trial.number,))
+                metrics.commit()
+                return 1.0
+
+            for n_trials in (2, 4):
+                result = run_sweep(
+                    objective,
+                    output_dir=setup.local,
+                    study_key="wal",
+                    n_trials=n_trials,
+                    backup_to_drive=setup.store,
+                    flush_timeout=60,
+                )
+                assert result.backup_ok, result.backup_report
+            copy = sqlite3.connect(setup.drive / study_dir.name / "logs" / "metrics.db")
+            try:
+                on_drive = copy.execute("SELECT count(*) FROM m").fetchone()[0]
+            finally:
+                copy.close()
+            # The report said complete: Drive must hold the 4 rows the local database holds.
+            assert on_drive == 4
+        finally:
+            metrics.close()
+
+
+@pytest.mark.parametrize("name", [".hydra/config.yaml", "run-journal/notes.txt", "train.log-wal"])
+def test_every_entry_of_the_study_folder_reaches_drive_or_is_named(
+    tmp_path: Path, name: str
+) -> None:
+    # Only sweepsafe's own folder and the side files of a database beside them may be
+    # left out silently; a user's dot folder or a name ending in -journal is their data.
+    with simulated_drive(tmp_path) as setup:
+        study_dir = study_dir_for(setup.local, "names")
+        entry = study_dir / name
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        entry.write_text("the user's own file")
+        result = run_sweep(
+            lambda trial: 1.0,
+            output_dir=setup.local,
+            study_key="names",
+            n_trials=1,
+            backup_to_drive=setup.store,
+            flush_timeout=60,
+        )
+        report = result.backup_report
+        assert report is not None
+        copied = (setup.drive / study_dir.name / name).is_file()
+        named = any(name.split("/")[0] in line for line in (*report.skipped, str(report)))
+        assert copied or (named and not report.ok), str(report)
+
+
+def test_a_failed_trial_leaves_no_lag_once_the_drive_copy_is_complete(tmp_path: Path) -> None:
+    # A trial returning NaN is FAIL: it never counts as finished in the Drive copy, so it
+    # must not count as finished locally either, or the progress says "1 behind" forever.
+    progress = BackupProgress()
+    with simulated_drive(tmp_path) as setup:
+        result = run_sweep(
+            lambda trial: float("nan") if trial.number == 1 else 1.0,
+            output_dir=setup.local,
+            study_key="fail",
+            n_trials=3,
+            backup_to_drive=setup.store,
+            flush_timeout=60,
+            progress=progress,
+        )
+    assert result.backup_ok, result.backup_report
+    assert progress.trials_backed_up == 2
+    assert progress.lag == 0, (progress.trials_finished, progress.trials_backed_up)
+
+
+def test_a_sweep_on_a_closed_worker_is_not_reported_complete(tmp_path: Path) -> None:
+    # A worker of the user's own, closed after a first sweep (a `with BackupWorker()`
+    # cell), drops every backup of the second: its report must not say complete.
+    with simulated_drive(tmp_path) as setup:
+        worker = BackupWorker()
+        first = run_sweep(
+            lambda trial: 1.0,
+            output_dir=setup.local,
+            study_key="closed",
+            n_trials=2,
+            backup_to_drive=setup.store,
+            flush_timeout=60,
+            worker=worker,
+        )
+        assert first.backup_ok, first.backup_report
+        worker.close()
+        second = run_sweep(
+            lambda trial: 1.0,
+            output_dir=setup.local,
+            study_key="closed",
+            n_trials=5,
+            backup_to_drive=setup.store,
+            flush_timeout=60,
+            worker=worker,
+        )
+        copy = sqlite3.connect(setup.drive / second.study_dir.name / "study.db")
+        try:
+            on_drive = copy.execute("SELECT count(*) FROM trials").fetchone()[0]
+        finally:
+            copy.close()
+        assert on_drive == 5 or not second.backup_ok, str(second.backup_report)
+
+
+def test_a_check_cut_short_by_the_flush_timeout_says_the_backups_used_it(tmp_path: Path) -> None:
+    # The backups finished just before the end-of-sweep timeout: the check of the copy that
+    # follows had nearly nothing left, and must say so rather than blame Drive for "0 s".
+    from sweepsafe.backup import _verify
+
+    with simulated_drive(tmp_path) as setup:
+        database = setup.local / "study" / "study.db"
+        make_study(database.parent, 2)
+        assert setup.store.backup(database)
+        error = _verify(setup.store, database, 0.0, of=300.0).error
+    assert error == (
+        "Google Drive did not answer in the 0.0 s the backups left of the 300 s timeout "
+        "while checking the copy"
+    )

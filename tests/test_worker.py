@@ -491,3 +491,35 @@ def test_worker_options_are_checked() -> None:
         BackupWorker(max_concurrency=0)
     with pytest.raises(ValueError, match="interval"):
         BackupWorker().every("heartbeat", 0, None)
+
+
+def test_the_progress_bar_costs_the_same_after_thousands_of_trial_folders(tmp_path: Path) -> None:
+    # `sweepsafe run` calls its progress bar on the trial's thread at every trial, and the
+    # worker keeps one target per trial folder: the call must not grow with the trials run
+    # (it did, a snapshot of every target taken under the lock every submit() takes).
+    import optuna
+
+    from sweepsafe.backup import BackupProgress
+    from sweepsafe.cli._progress import SweepProgressBar
+
+    study = optuna.create_study()
+    study.optimize(lambda trial: 1.0, n_trials=1)
+    trial = study.trials[0]
+
+    def call_cost(targets: int) -> float:
+        with BackupWorker() as worker:
+            for number in range(targets):
+                worker.submit(tmp_path / f"trial-{number:05d}", lambda path, is_dir: True)
+            assert worker.flush(60).ok
+            bar = SweepProgressBar(
+                total=None, progress=BackupProgress(), worker=worker, enabled=False
+            )
+            times = []
+            for _ in range(15):
+                started = time.perf_counter()
+                bar(study, trial)
+                times.append(time.perf_counter() - started)
+            return min(times)  # the cost itself, without the machine's noise
+
+    few, many = call_cost(10), call_cost(4_000)
+    assert many < 10 * few, (few, many)

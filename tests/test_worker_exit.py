@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -122,3 +124,67 @@ def test_a_closed_default_worker_is_replaced() -> None:
 def test_the_exit_timeout_cannot_be_negative() -> None:
     with pytest.raises(ValueError, match="negative"):
         set_exit_timeout(-1)
+
+
+_INTERRUPTED_SWEEP = """
+import logging, sys
+from pathlib import Path
+
+import optuna
+
+from sweepsafe import run_sweep
+from sweepsafe.testing import FaultPlan, simulated_store
+from sweepsafe.worker import set_exit_timeout
+
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+local, drive, plan = (Path(arg) for arg in sys.argv[1:4])
+set_exit_timeout(float(sys.argv[4]))
+
+
+def objective(trial):
+    if trial.number == 1:
+        FaultPlan(hang=True).write(plan)  # Drive stops answering
+    return 1.0
+
+
+run_sweep(objective, output_dir=local, study_key="k", n_trials=2,
+          backup_to_drive=simulated_store(local, drive, plan), flush_timeout=120)
+"""
+
+
+def test_ctrl_c_in_the_final_flush_does_not_make_the_exit_wait_again_for_the_same_backups(
+    tmp_path: Path,
+) -> None:
+    # The user pressed Ctrl-C to stop waiting for a hung Drive at the end of a sweep of the
+    # process-wide worker: the exit hook must not then wait out its own timeout, silently,
+    # for the very backups the user gave up.
+    from sweepsafe.testing import FaultPlan
+
+    local, drive, plan = tmp_path / "local", tmp_path / "drive", tmp_path / "plan.json"
+    local.mkdir()
+    FaultPlan().write(plan)
+    exit_timeout = 30.0
+    child = subprocess.Popen(
+        [sys.executable, "-c", _INTERRUPTED_SWEEP, *map(str, (local, drive, plan, exit_timeout))],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        for line in child.stdout:
+            if line.startswith("Waiting up to 120 s for the backup of"):
+                break  # the final flush is waiting for the hung Drive
+        else:
+            pytest.fail("the sweep never reached its final flush")
+        interrupted = time.monotonic()
+        child.send_signal(signal.SIGINT)
+        _out, err = child.communicate(timeout=_PROCESS_LIMIT_S + exit_timeout)
+        took = time.monotonic() - interrupted
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    assert "KeyboardInterrupt" in err
+    assert took < exit_timeout, (took, err[-2000:])
