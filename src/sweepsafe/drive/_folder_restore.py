@@ -29,7 +29,12 @@ __all__ = ["restore_folder"]
 
 
 async def restore_folder(
-    job: FolderJob, drive_folder: Path, folder: Path, *, only: str | None = None
+    job: FolderJob,
+    drive_folder: Path,
+    folder: Path,
+    *,
+    only: str | None = None,
+    leave: frozenset[str] = frozenset(),
 ) -> FolderOutcome | None:
     """Copy the files of ``drive_folder`` into ``folder``; None if Drive has no such folder.
 
@@ -37,7 +42,9 @@ async def restore_folder(
     named; one that still is the version last backed up is replaced by Drive's when
     they differ. Paths read from Drive never lead outside ``folder`` (nor through a
     local symlink), and sweepsafe's own folders are never brought in. Restored files are
-    recorded in the manifest, so the next backup copies nothing.
+    recorded in the manifest, so the next backup copies nothing. The files named in
+    ``leave`` (relative to ``drive_folder``) are left to the caller: the databases Drive
+    keeps generations of, whose plain copy may be older than their newest generation.
     """
     async with job.pool.session() as helper:
         temps: list[str] = []
@@ -51,6 +58,7 @@ async def restore_folder(
         return None
     prefix = os.path.relpath(folder, job.unit_local).replace(os.sep, "/")
     prefix = "" if prefix == "." else prefix + "/"
+    files = [(rel, size) for rel, size in files if rel not in leave]
     plan = await anyio.to_thread.run_sync(_plan_restore, job, folder, prefix, files)
     copied = nbytes = 0
     problems = list(plan.problems)

@@ -22,12 +22,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from sweepsafe.drive._page_diff import PatchError
-from sweepsafe.drive._patch_format import PatchHeader, read_patch_header
+from sweepsafe.drive._patch_format import PatchHeader, decode_patch, read_patch_header
 from sweepsafe.drive._reserved_names import STATE_DIR_NAME
 
 if TYPE_CHECKING:
@@ -186,9 +186,11 @@ async def write_base_record(
 async def read_record(
     helper: DriveHelper, folder: Path, base: Generation, timeout: float
 ) -> BaseRecord | None:
-    """The record of ``base``; None when it is gone or unreadable as a record."""
+    """The record of ``base``; None when it is gone, unreadable as a record, or the record
+    of another generation (a file copied or renamed by hand)."""
     raw = await helper.read(folder / base.name, timeout, limit=_HEADER_READ)
-    return BaseRecord.from_json(raw) if raw is not None else None
+    record = BaseRecord.from_json(raw) if raw is not None else None
+    return record if record is not None and record.generation == base.number else None
 
 
 async def read_header(
@@ -220,7 +222,12 @@ class GenerationDetails:
 async def read_details(
     helper: DriveHelper, folder: Path, history: History, timeout: float
 ) -> list[GenerationDetails]:
-    """Every generation's time and metadata, newest first, from headers and records only."""
+    """Every generation's time and metadata, newest first, from headers and records only.
+
+    ``problem`` says why a generation cannot be restored: its own file is damaged, or a
+    generation below it on the way from the nearest base is missing or damaged. A patch
+    small enough to come whole with its header is checked whole.
+    """
     details: list[GenerationDetails] = []
     for number in sorted({*history.patches, *history.bases}, reverse=True):
         for base in history.bases.get(number, ()):
@@ -230,14 +237,19 @@ async def read_details(
                     GenerationDetails(number, base.tag, "base", None, {}, 0, "unreadable record")
                 )
             else:
+                problem = (
+                    "its archived copy is missing"
+                    if record.where == "archive" and not base.archived
+                    else None
+                )
                 details.append(
                     GenerationDetails(
-                        number, base.tag, "base", record.created, record.meta, record.size
+                        number, base.tag, "base", record.created, record.meta, record.size, problem
                     )
                 )
         for patch in history.patches.get(number, ()):
             try:
-                header = await read_header(helper, folder, patch, timeout)
+                header = await _read_checked_header(helper, folder, patch, timeout)
             except PatchError as exc:
                 details.append(
                     GenerationDetails(number, patch.tag, "patch", None, {}, patch.size, str(exc))
@@ -248,4 +260,45 @@ async def read_details(
                     number, patch.tag, "patch", header.created, header.meta, patch.size
                 )
             )
-    return details
+    return _name_broken_chains(details)
+
+
+async def _read_checked_header(
+    helper: DriveHelper, folder: Path, patch: Generation, timeout: float
+) -> PatchHeader:
+    raw = await helper.read(folder / patch.name, timeout, limit=_HEADER_READ, head=True)
+    header = read_patch_header(raw or b"")
+    if raw is not None and len(raw) == patch.size:
+        decode_patch(raw)  # whole: its SHA-256 trailer and body are checked too
+    return header
+
+
+def _name_broken_chains(details: list[GenerationDetails]) -> list[GenerationDetails]:
+    """``details`` with a problem named for each generation no chain of patches reaches."""
+    numbers = sorted({d.number for d in details})
+    reached: set[int] = set()
+    cause: dict[int, int] = {}
+    for number in numbers:
+        here = [d for d in details if d.number == number and d.problem is None]
+        if any(d.kind == "base" for d in here) or (
+            number - 1 in reached and any(d.kind == "patch" for d in here)
+        ):
+            reached.add(number)
+        elif number - 1 in cause:
+            cause[number] = cause[number - 1]
+        elif number - 1 in reached or number == numbers[0]:
+            cause[number] = number
+        else:
+            cause[number] = number - 1
+    marked: list[GenerationDetails] = []
+    for detail in details:
+        if detail.problem is None and detail.number not in reached:
+            broken = cause[detail.number]
+            why = (
+                f"cannot be rebuilt: generation {broken} is missing or damaged on Drive"
+                if broken != detail.number
+                else "cannot be rebuilt: Drive keeps no base below it"
+            )
+            detail = replace(detail, problem=why)
+        marked.append(detail)
+    return marked

@@ -20,6 +20,7 @@ from sweepsafe.drive._folders import sync_file
 from sweepsafe.drive._messages import explain_failure, summarize_problems
 from sweepsafe.drive._publish import publish_database
 from sweepsafe.drive._replica import read_identity
+from sweepsafe.drive._reserved_names import STATE_DIR_NAME
 from sweepsafe.drive._restore import RestoreRefused, restore_database
 from sweepsafe.drive._results import BackupResult, Kind
 from sweepsafe.drive._sqlite import SnapshotError
@@ -219,8 +220,13 @@ async def restore_database_result(
 
 
 async def restore_folder_result(unit: StudyUnit, remote: Path, target: Path) -> BackupResult:
-    """Restore a folder, keeping local files changed since their backup."""
-    outcome = await restore_folder(unit.folder_job(), remote, target)
+    """Restore a folder, keeping local files changed since their backup.
+
+    A database in it that Drive keeps generations of is restored as a database (its
+    newest generation, checked), not as the plain copy, which is only its last base.
+    """
+    databases = await _databases_with_history(unit, remote)
+    outcome = await restore_folder(unit.folder_job(), remote, target, leave=databases)
     if outcome is None:
         return BackupResult(
             False,
@@ -233,7 +239,46 @@ async def restore_folder_result(unit: StudyUnit, remote: Path, target: Path) -> 
     if outcome.strays:
         unit.state.strays = sorted({*unit.state.strays, *outcome.strays})
         await unit.state.asave()
-    return folder_result(outcome, remote, target, "directory", action="reading")
+    result = folder_result(outcome, remote, target, "directory", action="reading")
+    for rel in sorted(databases):
+        try:
+            restored = await restore_database_result(unit, remote / rel, target / rel, None, None)
+        except RestoreRefused as exc:
+            restored = BackupResult(
+                False, remote / rel, target / rel, "sqlite", error=f"{exc}; it was not replaced"
+            )
+        if restored.reason == "no-copy":
+            continue
+        errors = [e for e in (result.error, restored.error) if e]
+        result = replace(
+            result,
+            ok=result.ok and restored.ok,
+            bytes_copied=result.bytes_copied + restored.bytes_copied,
+            files_copied=result.files_copied + restored.files_copied,
+            files_unchanged=result.files_unchanged + restored.files_unchanged,
+            error="; ".join(errors) or None,
+            notes=(*result.notes, *restored.notes),
+        )
+    return result
+
+
+async def _databases_with_history(unit: StudyUnit, remote: Path) -> frozenset[str]:
+    """The databases in the Drive folder ``remote`` that Drive keeps generations of,
+    relative to it."""
+    if not is_within(remote, unit.drive):
+        return frozenset()
+    inside = remote.relative_to(unit.drive).as_posix()
+    prefix = "" if inside == "." else inside + "/"
+    async with unit.settings.pool.session() as helper:
+        listing = await helper.listdir(
+            unit.drive / STATE_DIR_NAME / "history", unit.settings.timeout
+        )
+    found: set[str] = set()
+    for entry in listing.entries:
+        rel = entry.name.replace("%2F", "/").replace("%25", "%")
+        if entry.kind == "dir" and rel.startswith(prefix):
+            found.add(rel[len(prefix) :])
+    return frozenset(found)
 
 
 async def restore_file_result(unit: StudyUnit, remote: Path, target: Path) -> BackupResult:

@@ -23,6 +23,7 @@ from sweepsafe.drive._generations import (
 from sweepsafe.drive._helper_client import HelperPool
 from sweepsafe.drive._messages import explain_failure
 from sweepsafe.drive._page_diff import PatchError
+from sweepsafe.drive._patch_format import decode_patch, read_patch_header
 from sweepsafe.drive._reserved_names import STATE_DIR_NAME
 from sweepsafe.drive._results import GenerationInfo, StudySummary, VerifyResult
 
@@ -39,6 +40,8 @@ __all__ = [
 ]
 
 _ANCESTORS = 4
+_WHOLE_PATCH_CHECK = 4 << 20
+"""The newest patch is checked whole up to this size, by its header alone above it."""
 
 
 def studies_of(info: Mapping[str, Any]) -> tuple[StudySummary, ...]:
@@ -102,11 +105,17 @@ async def verify_database(pool: HelperPool, remote: Path, timeout: float) -> Ver
     error: str | None = None
     if problem:
         error = f"{remote} failed its integrity check ({problem}); do not restore from it"
-    plain, newest, missing = generations or (None, None, {})
+    plain, newest, missing, broken = generations or (None, None, {}, None)
     if error is None and generations is not None and plain != newest and plain is None:
         error = (
             f"{remote} is not a generation Drive's history knows; the newest generation "
             f"is {newest}, which a restore rebuilds"
+        )
+    if error is None and broken is not None:
+        error = (
+            f"the newest generation of {remote} on Drive ({newest}) cannot be rebuilt: "
+            f"{broken}; a restore brings nothing back without --generation (see "
+            "`sweepsafe history`)"
         )
     if error is None and missing:
         trials = ", ".join(str(n) for n in sorted(missing)[:5])
@@ -128,11 +137,12 @@ async def verify_database(pool: HelperPool, remote: Path, timeout: float) -> Ver
 
 async def _generations(
     helper: DriveHelper, folder: Path, plain_sha: str, timeout: float
-) -> tuple[int | None, int | None, dict[int, tuple[str, ...]]]:
-    """(generation the plain copy holds, newest generation, missing files by the newest)."""
+) -> tuple[int | None, int | None, dict[int, tuple[str, ...]], str | None]:
+    """(generation the plain copy holds, newest generation, missing files by the newest,
+    why the newest cannot be rebuilt or None)."""
     history = await list_history(helper, folder, timeout)
     if history.empty:
-        return None, None, {}
+        return None, None, {}, None
     plain: int | None = None
     for number in sorted(history.bases, reverse=True):
         for base in history.bases[number]:
@@ -147,7 +157,39 @@ async def _generations(
         int(number): tuple(str(f) for f in files)
         for number, files in (meta.get("missing_files") or {}).items()
     }
-    return plain, history.head, missing
+    broken = await _newest_unreachable(helper, folder, history, timeout)
+    return plain, history.head, missing, broken
+
+
+async def _newest_unreachable(
+    helper: DriveHelper, folder: Path, history: History, timeout: float
+) -> str | None:
+    """Why the newest generation cannot be rebuilt, from the listing and its own patch
+    (the patches between are not read: a long chain would make every check slow)."""
+    head = history.head
+    if head in history.bases:
+        return None
+    below = [n for n in history.bases if n < head]
+    if not below:
+        return "Drive keeps no base below it"
+    gaps = [n for n in range(max(below) + 1, head + 1) if n not in history.patches]
+    if gaps:
+        return f"generation {gaps[0]} is missing on Drive"
+    problems: list[str] = []
+    for patch in history.patches[head]:
+        whole = patch.size <= _WHOLE_PATCH_CHECK
+        raw = await helper.read(
+            folder / patch.name, timeout, limit=patch.size if whole else 64 << 10, head=not whole
+        )
+        try:
+            if whole:
+                decode_patch(raw or b"")
+            else:
+                read_patch_header(raw or b"")
+            return None
+        except PatchError as exc:
+            problems.append(f"{patch.name} is damaged ({exc})")
+    return "; ".join(problems)
 
 
 async def _newest_meta(

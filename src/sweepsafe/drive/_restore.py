@@ -38,6 +38,7 @@ from sweepsafe.drive._sqlite import (
     SnapshotError,
     check_database,
     read_content,
+    recover_hot_journal,
 )
 from sweepsafe.drive._sqlite_inspect import is_sqlite_file
 
@@ -116,6 +117,18 @@ async def restore_database(
                     raise RestoreRefused(
                         f"generation {generation} of {database} does not exist on Drive (the "
                         f"newest is {history.head})"
+                    )
+                oldest = min(history.bases, default=None)
+                if generation is not None and oldest is not None and generation < oldest:
+                    raise RestoreRefused(
+                        f"generation {generation} of {database} is not kept on Drive ("
+                        + (
+                            "generations are numbered from 1"
+                            if generation < 1
+                            else "older generations are thinned away"
+                        )
+                        + f"); the kept ones are {oldest} to {history.head} (see "
+                        "`sweepsafe history`)"
                     )
                 try:
                     rebuilt = await rebuild(
@@ -240,8 +253,15 @@ async def _install(
             f"generation {generation} is the newest on Google Drive again, as generation "
             f"{rollback}; generations {generation + 1} to {head} stay in its history",
         )
-    if chosen and os.path.lexists(database):
+    unreadable = isinstance(local, str) or (
+        isinstance(local, DatabaseContent) and not local.is_optuna
+    )
+    if (chosen or unreadable) and os.path.lexists(database):
+        # An unreadable local database may still hold trials worth rescuing by hand.
         set_aside = await anyio.to_thread.run_sync(_set_aside, database, unit.settings.clock())
+        if unreadable and not chosen:
+            reason = local if isinstance(local, str) else "it is not an Optuna study"
+            notes = (*notes, f"the local {database.name} could not be used ({reason})")
     size = await anyio.to_thread.run_sync(_replace_local, candidate, database)
     if rollback is None:
         await _record(unit, rel, database, content, generation, tag, sha)
@@ -261,7 +281,12 @@ async def _in_sync(unit: StudyUnit, rel: str, database: Path, history: History) 
         return False
     if record.tag not in history.tags_of(record.generation):
         return False
-    return await anyio.to_thread.run_sync(os.path.exists, database)
+    # The local file may have been damaged or replaced since: it is read, not assumed.
+    local = await anyio.to_thread.run_sync(_local_content, database)
+    if not isinstance(local, DatabaseContent) or not local.is_optuna:
+        return False
+    parent = unit.parent_content.get(rel)
+    return parent is None or not parent.missing_from(local)
 
 
 async def _check_candidate(candidate: Path, where: Path) -> DatabaseContent:
@@ -306,6 +331,9 @@ def _local_content(database: Path) -> DatabaseContent | str | None:
     """What the local database holds; a sentence if it is unreadable; None if absent."""
     if not os.path.lexists(database):
         return None
+    # A writer killed mid-transaction leaves a hot journal that only a writable
+    # connection rolls back; read as it is, a study ahead of Drive looks unreadable.
+    recover_hot_journal(database)
     try:
         return read_content(database, check="quick")
     except SnapshotError as exc:
