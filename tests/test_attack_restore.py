@@ -42,7 +42,8 @@ def leave_hot_journal(database: Path) -> None:
     child = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(database)], check=False)
     assert child.returncode == -signal.SIGKILL
     journal = database.with_name(database.name + "-journal")
-    assert journal.exists() and journal.stat().st_size > 0
+    assert journal.exists()
+    assert journal.stat().st_size > 0
 
 
 def test_restore_never_replaces_a_local_study_ahead_of_drive_left_with_a_hot_journal(

@@ -248,8 +248,9 @@ async def read_details(
                     )
                 )
         for patch in history.patches.get(number, ()):
+            raw = await helper.read(folder / patch.name, timeout, limit=_HEADER_READ, head=True)
             try:
-                header = await _read_checked_header(helper, folder, patch, timeout)
+                header = read_patch_header(raw or b"")
             except PatchError as exc:
                 details.append(
                     GenerationDetails(number, patch.tag, "patch", None, {}, patch.size, str(exc))
@@ -257,20 +258,27 @@ async def read_details(
                 continue
             details.append(
                 GenerationDetails(
-                    number, patch.tag, "patch", header.created, header.meta, patch.size
+                    number,
+                    patch.tag,
+                    "patch",
+                    header.created,
+                    header.meta,
+                    patch.size,
+                    _whole_patch_problem(raw, patch),
                 )
             )
     return _name_broken_chains(details)
 
 
-async def _read_checked_header(
-    helper: DriveHelper, folder: Path, patch: Generation, timeout: float
-) -> PatchHeader:
-    raw = await helper.read(folder / patch.name, timeout, limit=_HEADER_READ, head=True)
-    header = read_patch_header(raw or b"")
-    if raw is not None and len(raw) == patch.size:
-        decode_patch(raw)  # whole: its SHA-256 trailer and body are checked too
-    return header
+def _whole_patch_problem(raw: bytes | None, patch: Generation) -> str | None:
+    """What is wrong with a patch read whole with its header (a small one), or None."""
+    if raw is None or len(raw) != patch.size:
+        return None  # only its header was read
+    try:
+        decode_patch(raw)
+    except PatchError as exc:
+        return str(exc)
+    return None
 
 
 def _name_broken_chains(details: list[GenerationDetails]) -> list[GenerationDetails]:
