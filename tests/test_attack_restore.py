@@ -212,3 +212,23 @@ def test_restoring_a_study_folder_brings_back_its_newest_generation(tmp_path: Pa
 
         assert result.ok, result.error
         assert len(complete_trial_numbers(database)) == 5
+
+
+def test_a_generation_asked_for_a_study_folder_is_not_silently_ignored(tmp_path: Path) -> None:
+    with simulated_drive(tmp_path) as setup:
+        database = setup.local / "study-1" / "study.db"
+        database.parent.mkdir(parents=True)
+        study = optuna.create_study(storage=f"sqlite:///{database}", study_name="s")
+        for _ in range(5):
+            study.tell(study.ask(), 1.0)
+            assert setup.store.backup(database).ok
+        shutil.rmtree(setup.local / "study-1")
+
+        # `sweepsafe restore .../study-1 --generation 2`, to undo what came after it.
+        result = setup.store.restore(setup.local / "study-1", is_directory=True, generation=2)
+
+        if result.ok:
+            assert len(complete_trial_numbers(database)) == 2, result
+        else:
+            assert "--generation" in (result.error or "") or "generation" in (result.error or "")
+            assert not database.exists()

@@ -156,6 +156,17 @@ async def restore_path(
         async with pool.session() as helper:
             await adopt_drive_identity(unit, helper)
             info = await helper.stat(remote, timeout)
+        if is_directory and (generation is not None or before is not None):
+            return BackupResult(
+                False,
+                remote,
+                target,
+                kind,
+                error=f"{target} is a folder; a generation (--generation, --before) is "
+                f"chosen for one database: restore its database with it (e.g. "
+                f"{target / 'study.db'}), then the folder without it. Nothing was restored.",
+                reason="refused",
+            )
         if is_directory:
             return await restore_folder_result(unit, remote, target)
         if (
