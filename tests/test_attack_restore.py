@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from datetime import datetime, timezone
 from pathlib import Path
 
 import optuna
@@ -18,6 +19,7 @@ from drive_support import (
     objective,
     simulated_drive,
 )
+from sweepsafe.cli._status import iso_time
 from sweepsafe.drive._sqlite import recover_hot_journal
 from sweepsafe.testing import FaultPlan, simulated_store
 
@@ -232,3 +234,26 @@ def test_a_generation_asked_for_a_study_folder_is_not_silently_ignored(tmp_path:
         else:
             assert "--generation" in (result.error or "") or "generation" in (result.error or "")
             assert not database.exists()
+
+
+def test_before_the_time_history_prints_for_a_generation_brings_that_generation_back(
+    tmp_path: Path,
+) -> None:
+    with simulated_drive(tmp_path) as setup:
+        database = setup.local / "study-1" / "study.db"
+        database.parent.mkdir(parents=True)
+        study = optuna.create_study(storage=f"sqlite:///{database}", study_name="s")
+        for _ in range(3):
+            study.tell(study.ask(), 1.0)
+            assert setup.store.backup(database).ok
+        newest = setup.store.history(database)[0]
+        assert newest.number == 3
+        assert newest.created is not None
+        # `history` prints whole seconds (e.g. 2026-11-29 05:01:50); the user copies it.
+        printed = datetime.fromtimestamp(int(newest.created), timezone.utc)
+        assert printed.isoformat(" ").startswith(iso_time(newest.created) or "-")
+
+        result = setup.store.restore(database, before=printed.timestamp())
+
+        assert result.ok, result.error
+        assert result.generation == 3, result
