@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import signal
 import subprocess
@@ -257,3 +259,28 @@ def test_before_the_time_history_prints_for_a_generation_brings_that_generation_
 
         assert result.ok, result.error
         assert result.generation == 3, result
+
+
+def test_status_does_not_call_a_study_left_by_a_killed_writer_corrupt(tmp_path: Path) -> None:
+    # A runtime killed mid-write leaves study.db-journal; SQLite rolls it back at the next
+    # read-write open (sweepsafe run does). "CORRUPT ... do not restore from it" would send
+    # the user to Drive's older copy.
+    database = tmp_path / "out" / "study-1" / "study.db"
+    make_study(database, n_trials=4)
+    leave_hot_journal(database)
+    before = {p.name: p.read_bytes() for p in database.parent.iterdir()}
+
+    status = subprocess.run(
+        [sys.executable, "-m", "sweepsafe", "status", str(tmp_path / "out"), "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+
+    assert status.returncode == 0, status.stdout + status.stderr
+    (row,) = json.loads(status.stdout)["databases"]
+    assert row["sound"], row
+    assert row["trial_counts"].get("COMPLETE") == 4, row
+    # status never changes a database, even to roll a journal back.
+    assert {p.name: p.read_bytes() for p in database.parent.iterdir()} == before

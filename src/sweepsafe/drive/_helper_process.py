@@ -51,7 +51,11 @@ if TYPE_CHECKING or __package__:
         encode_frame,
     )
     from sweepsafe.drive._reserved_names import STATE_DIR_NAME, TEMP_PREFIX, is_temp_name, temp_name
-    from sweepsafe.drive._sqlite_inspect import inspect_sqlite, is_sqlite_file
+    from sweepsafe.drive._sqlite_inspect import (
+        inspect_sqlite,
+        inspect_sqlite_rolled_back,
+        is_sqlite_file,
+    )
 else:
     # Run by file path in an isolated interpreter (``-I``), whose sys.path does not hold
     # the script's folder: the siblings are imported from it as top-level modules.
@@ -70,7 +74,7 @@ else:
     )
     from _helper_wire import FRAME_PREFIX, SMALL_READ_LIMIT, Header, _read_exactly, encode_frame
     from _reserved_names import STATE_DIR_NAME, TEMP_PREFIX, is_temp_name, temp_name
-    from _sqlite_inspect import inspect_sqlite, is_sqlite_file
+    from _sqlite_inspect import inspect_sqlite, inspect_sqlite_rolled_back, is_sqlite_file
 
 
 class FaultHooks:
@@ -364,7 +368,14 @@ class DriveServer:
             try:
                 reply.update(inspect_sqlite(path))
             except sqlite3.DatabaseError as exc:
-                reply["integrity_problem"] = f"it cannot be read as a database ({exc})"
+                try:
+                    rolled_back = inspect_sqlite_rolled_back(path)
+                except (OSError, sqlite3.DatabaseError):
+                    rolled_back = None
+                if rolled_back is not None:
+                    reply.update(rolled_back)
+                else:
+                    reply["integrity_problem"] = f"it cannot be read as a database ({exc})"
         return reply, b""
 
 

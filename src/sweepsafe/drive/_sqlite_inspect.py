@@ -7,7 +7,10 @@ path, imports this module from its own folder.
 
 from __future__ import annotations
 
+import os
+import shutil
 import sqlite3
+import tempfile
 from typing import Any
 
 __all__ = [
@@ -18,6 +21,7 @@ __all__ = [
     "finished_not_in",
     "finished_trials",
     "inspect_sqlite",
+    "inspect_sqlite_rolled_back",
     "integrity_problem",
     "is_optuna_schema",
     "is_sqlite_file",
@@ -143,3 +147,29 @@ def inspect_sqlite(path: str, *, quick: bool = False) -> dict[str, Any]:
     finally:
         connection.close()
     return {"integrity_problem": problem, "is_optuna": optuna, "studies": studies}
+
+
+def inspect_sqlite_rolled_back(path: str, *, quick: bool = False) -> dict[str, Any] | None:
+    """:func:`inspect_sqlite` of the database as SQLite will read it once the hot journal
+    a killed writer left beside it is rolled back; None when it has no such journal.
+
+    A read-only connection cannot roll a journal back and fails ("attempt to write a
+    readonly database"), which says nothing about the database. The rollback happens in
+    a private copy: the file itself never changes.
+    """
+    journal = path + "-journal"
+    try:
+        if os.path.getsize(journal) == 0:
+            return None
+    except OSError:
+        return None
+    with tempfile.TemporaryDirectory(prefix="sweepsafe-inspect-") as work:
+        copy = os.path.join(work, "copy.db")
+        shutil.copyfile(path, copy)
+        shutil.copyfile(journal, copy + "-journal")
+        connection = sqlite3.connect(copy)
+        try:
+            connection.execute("SELECT COUNT(*) FROM sqlite_master").fetchall()
+        finally:
+            connection.close()
+        return inspect_sqlite(copy, quick=quick)
