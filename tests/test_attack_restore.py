@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-from datetime import datetime, timezone
 from pathlib import Path
 
 import optuna
@@ -21,6 +20,7 @@ from drive_support import (
     objective,
     simulated_drive,
 )
+from sweepsafe.cli._restore import _moment
 from sweepsafe.cli._status import iso_time
 from sweepsafe.drive._sqlite import recover_hot_journal
 from sweepsafe.testing import FaultPlan, simulated_store
@@ -252,10 +252,10 @@ def test_before_the_time_history_prints_for_a_generation_brings_that_generation_
         assert newest.number == 3
         assert newest.created is not None
         # `history` prints whole seconds (e.g. 2026-11-29 05:01:50); the user copies it.
-        printed = datetime.fromtimestamp(int(newest.created), timezone.utc)
-        assert printed.isoformat(" ").startswith(iso_time(newest.created) or "-")
+        printed = iso_time(newest.created)
+        assert printed is not None
 
-        result = setup.store.restore(database, before=printed.timestamp())
+        result = setup.store.restore(database, before=_moment(printed))
 
         assert result.ok, result.error
         assert result.generation == 3, result

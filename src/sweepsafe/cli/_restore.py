@@ -75,6 +75,10 @@ def _moment(text: str) -> float:
         ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
+    if moment.microsecond == 0:
+        # `history` prints whole seconds: a time copied from it names the generations
+        # published within that second too.
+        return moment.timestamp() + 0.999999
     return moment.timestamp()
 
 

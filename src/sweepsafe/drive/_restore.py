@@ -9,7 +9,6 @@ the local database is set aside under a name that says so instead of being compa
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import time
@@ -171,11 +170,7 @@ async def _generation_before(
     helper: DriveHelper, folder: Path, history: History, before: float, timeout: float
 ) -> int:
     details: list[GenerationDetails] = await read_details(helper, folder, history, timeout)
-    # Times are shown to the second (`history`, the messages): a generation published
-    # within the second asked for counts as published by then.
-    eligible = [
-        d.number for d in details if d.created is not None and math.floor(d.created) <= before
-    ]
+    eligible = [d.number for d in details if d.created is not None and d.created <= before]
     if not eligible:
         published = [d.created for d in details if d.created is not None]
         kept = f" (the oldest kept is from {_utc(min(published))})" if published else ""
