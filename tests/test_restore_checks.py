@@ -1,4 +1,4 @@
-"""Attacks on the restore / history / status side: each test fails on a real bug."""
+"""Restore, history, status and verify on damaged local studies and tampered Drive folders."""
 
 from __future__ import annotations
 
@@ -191,12 +191,14 @@ def test_a_base_file_copied_under_a_newer_number_is_not_restored_as_the_newest(
 
         result = setup.store.restore(database)
 
-        # Drive's real newest generation holds 5 finished trials; nothing holds fewer
-        # may come back in its place.
-        if result.ok:
-            assert len(complete_trial_numbers(database)) == 5, result
-        else:
-            assert not database.exists()
+        # The copy's record says generation 1: "generation 9" is damage, named as such,
+        # with the newest generation that can be rebuilt; nothing comes back meanwhile.
+        assert not result.ok
+        assert "generation 5 is the newest that can" in (result.error or ""), result.error
+        assert not database.exists()
+        chosen = setup.store.restore(database, generation=5)
+        assert chosen.ok, chosen.error
+        assert len(complete_trial_numbers(database)) == 5
 
 
 def test_restoring_a_study_folder_brings_back_its_newest_generation(tmp_path: Path) -> None:
@@ -231,11 +233,11 @@ def test_a_generation_asked_for_a_study_folder_is_not_silently_ignored(tmp_path:
         # `sweepsafe restore .../study-1 --generation 2`, to undo what came after it.
         result = setup.store.restore(setup.local / "study-1", is_directory=True, generation=2)
 
-        if result.ok:
-            assert len(complete_trial_numbers(database)) == 2, result
-        else:
-            assert "--generation" in (result.error or "") or "generation" in (result.error or "")
-            assert not database.exists()
+        # Refused, saying to give the database: nothing comes back as if it were asked for.
+        assert not result.ok
+        assert "--generation" in (result.error or ""), result.error
+        assert str(database) in (result.error or ""), result.error
+        assert not database.exists()
 
 
 def test_before_the_time_history_prints_for_a_generation_brings_that_generation_back(
