@@ -38,7 +38,9 @@ __all__ = [
     "Generation",
     "GenerationDetails",
     "History",
+    "database_of",
     "history_dir",
+    "history_root",
     "list_history",
     "parse_history",
     "read_details",
@@ -52,10 +54,19 @@ _HEADER_READ = 64 << 10
 _FORMAT = 1
 
 
+def history_root(unit_drive: Path) -> Path:
+    """The folder of a study on Drive that holds one history folder per database."""
+    return unit_drive / STATE_DIR_NAME / "history"
+
+
 def history_dir(unit_drive: Path, database_rel: str) -> Path:
     """Where the generations of the database ``database_rel`` (in the study folder) live."""
-    key = database_rel.replace("%", "%25").replace("/", "%2F")
-    return unit_drive / STATE_DIR_NAME / "history" / key
+    return history_root(unit_drive) / database_rel.replace("%", "%25").replace("/", "%2F")
+
+
+def database_of(history_name: str) -> str:
+    """The database (relative to its study folder) whose history folder is ``history_name``."""
+    return history_name.replace("%2F", "/").replace("%25", "%")
 
 
 @dataclass(frozen=True)

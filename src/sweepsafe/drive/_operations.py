@@ -17,10 +17,10 @@ from sweepsafe.drive._drive_errors import DriveTimeout
 from sweepsafe.drive._folder_job import EntryProblem, FolderOutcome
 from sweepsafe.drive._folder_restore import restore_folder
 from sweepsafe.drive._folders import sync_file
+from sweepsafe.drive._generations import database_of, history_root
 from sweepsafe.drive._messages import explain_failure, summarize_problems
 from sweepsafe.drive._publish import publish_database
 from sweepsafe.drive._replica import read_identity
-from sweepsafe.drive._reserved_names import STATE_DIR_NAME
 from sweepsafe.drive._restore import RestoreRefused, restore_database
 from sweepsafe.drive._results import BackupResult, Kind
 from sweepsafe.drive._sqlite import SnapshotError
@@ -281,12 +281,10 @@ async def _databases_with_history(unit: StudyUnit, remote: Path) -> frozenset[st
     inside = remote.relative_to(unit.drive).as_posix()
     prefix = "" if inside == "." else inside + "/"
     async with unit.settings.pool.session() as helper:
-        listing = await helper.listdir(
-            unit.drive / STATE_DIR_NAME / "history", unit.settings.timeout
-        )
+        listing = await helper.listdir(history_root(unit.drive), unit.settings.timeout)
     found: set[str] = set()
     for entry in listing.entries:
-        rel = entry.name.replace("%2F", "/").replace("%25", "%")
+        rel = database_of(entry.name)
         if entry.kind == "dir" and rel.startswith(prefix):
             found.add(rel[len(prefix) :])
     return frozenset(found)

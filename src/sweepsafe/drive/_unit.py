@@ -25,6 +25,7 @@ from sweepsafe.drive._drive_errors import DriveTimeout
 from sweepsafe.drive._files import remove_orphans
 from sweepsafe.drive._folder_job import EntryProblem, FolderJob, FolderOutcome, PublishDatabase
 from sweepsafe.drive._folders import sync_folder, sync_folders
+from sweepsafe.drive._generations import history_root
 from sweepsafe.drive._local_state import Manifest, Signature, UnitState, unit_state_dir
 from sweepsafe.drive._replica import (
     Lease,
@@ -239,9 +240,11 @@ class StudyUnit:
         caller holds a lock), so none of its own uploads is in flight yet."""
         timeout = self.settings.timeout
         state = self.drive / STATE_DIR_NAME
-        listing = await helper.listdir(state / "history", timeout)
+        listing = await helper.listdir(history_root(self.drive), timeout)
         folders = {self.drive, state}
-        folders.update(state / "history" / e.name for e in listing.entries if e.kind == "dir")
+        folders.update(
+            history_root(self.drive) / e.name for e in listing.entries if e.kind == "dir"
+        )
         uploads = self.settings.pool.unfinished_uploads
         for folder in sorted(folders):
             await helper.clean(folder, timeout, uploads=uploads and folder == self.drive)
