@@ -164,3 +164,30 @@ async def test_cancelled_folder_backup_keeps_finished_files_and_leaves_no_tempor
             folder / "b-big.bin"
         ).read_bytes()
         assert temp_files(setup.drive) == []
+
+
+async def test_records_cancelled_while_written_leave_no_temporary_and_no_open_file(
+    tmp_path: Path,
+) -> None:
+    # The exit path's deadline cancels backups wherever they are, also in the middle of
+    # writing sweepsafe's own records on local disk: each record is its old or its new
+    # version, and nothing is left behind, open or on disk.
+    import gc
+    import warnings
+
+    from sweepsafe.drive._local_state import UnitState
+
+    record = UnitState(tmp_path / "unit" / "unit.json", unit_id="first")
+    await record.asave()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        for attempt in range(300):
+            record.unit_id = f"attempt-{attempt}"
+            with anyio.move_on_after(attempt % 30 * 0.0001):
+                await record.asave()
+        await anyio.sleep(0.2)  # what a cancelled wait left running ends
+        gc.collect()
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+    assert sorted(p.name for p in record.path.parent.iterdir()) == ["unit.json"]
+    loaded = await UnitState.aload(record.path.parent)
+    assert (loaded.unit_id or "").startswith(("first", "attempt-")), loaded.unit_id

@@ -108,24 +108,38 @@ def unit_state_dir(local_root: Path, drive_folder: Path, unit_rel: str) -> Path:
     return local_root / STATE_DIR_NAME / "units" / digest
 
 
+# Each local file operation below is one call on LOCAL_IO: a cancelled caller stops
+# waiting, but the call finishes, so no file is left open or a temporary left behind.
+
+
 async def _write_atomically(path: Path, data: bytes, *, durable: bool) -> None:
-    await aiofiles.os.makedirs(path.parent, exist_ok=True, executor=LOCAL_IO)
+    await aiofiles.os.wrap(_write_file_atomically)(path, data, durable, executor=LOCAL_IO)
+
+
+def _write_file_atomically(path: Path, data: bytes, durable: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(temp_name(os.urandom(6).hex()))
     try:
-        async with aiofiles.open(temp, "wb", executor=LOCAL_IO) as file:
-            await file.write(data)
+        with open(temp, "wb") as file:
+            file.write(data)
             if durable:
-                await file.flush()
-                await aiofiles.os.wrap(os.fsync)(file.fileno(), executor=LOCAL_IO)
-        await aiofiles.os.replace(temp, path, executor=LOCAL_IO)
+                file.flush()
+                os.fsync(file.fileno())
+        os.replace(temp, path)
     except BaseException:
-        await aiofiles.os.wrap(_remove_quietly)(temp, executor=LOCAL_IO)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temp)
         raise
 
 
-def _remove_quietly(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
+async def _read_file(path: Path) -> bytes:
+    return await aiofiles.os.wrap(Path.read_bytes)(path, executor=LOCAL_IO)
+
+
+def _append_to_file(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as file:
+        file.write(data)
 
 
 @dataclass
@@ -164,8 +178,7 @@ class UnitState:
         """The saved state, or an empty one (first backup, or an unreadable file)."""
         path = folder / "unit.json"
         try:
-            async with aiofiles.open(path, "rb", executor=LOCAL_IO) as file:
-                data: dict[str, Any] = json.loads(await file.read())
+            data: dict[str, Any] = json.loads(await _read_file(path))
             databases = {
                 str(rel): DatabaseRecord(
                     **{
@@ -221,8 +234,7 @@ class Manifest:
         """The journal under ``folder``, replayed; empty when missing."""
         manifest = cls(folder / "manifest.jsonl")
         try:
-            async with aiofiles.open(manifest.path, "rb", executor=LOCAL_IO) as file:
-                raw = await file.read()
+            raw = await _read_file(manifest.path)
         except FileNotFoundError:
             manifest._rewrite = True  # a new journal starts with its header line
             return manifest
@@ -360,6 +372,4 @@ class Manifest:
         if rewrite:
             await _write_atomically(self.path, data, durable=True)
             return
-        await aiofiles.os.makedirs(self.path.parent, exist_ok=True, executor=LOCAL_IO)
-        async with aiofiles.open(self.path, "ab", executor=LOCAL_IO) as file:
-            await file.write(data)
+        await aiofiles.os.wrap(_append_to_file)(self.path, data, executor=LOCAL_IO)
