@@ -7,14 +7,16 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
 
 from drive_support import DriveSetup, simulated_drive
 from sweep_support import finished_trials, integrity, own_worker
-from sweepsafe import run_sweep, study_dir_for
+from sweepsafe import SweepResult, run_sweep, study_dir_for
 from sweepsafe.backup import (
     BackupProgress,
     backup_hpo_study_to_drive,
@@ -280,6 +282,25 @@ def test_a_backend_lacking_part_of_the_protocol_is_refused_by_name(tmp_path: Pat
         create_incremental_backup_callback(tmp_path, "/content/drive")  # type: ignore[arg-type]
 
 
+def sweep_on(
+    setup: DriveSetup,
+    key: str,
+    n_trials: int,
+    objective: Callable[[optuna.Trial], float] = lambda trial: 1.0,
+    **kwargs: Any,
+) -> SweepResult:
+    """``run_sweep`` of study ``key`` on the simulated Drive, its report awaited for 60 s."""
+    return run_sweep(
+        objective,
+        output_dir=setup.local,
+        study_key=key,
+        n_trials=n_trials,
+        backup_to_drive=setup.store,
+        flush_timeout=60,
+        **kwargs,
+    )
+
+
 def test_a_wal_database_in_the_study_folder_reaches_drive_with_rows_written_since_its_last_backup(
     tmp_path: Path,
 ) -> None:
@@ -300,14 +321,7 @@ def test_a_wal_database_in_the_study_folder_reaches_drive_with_rows_written_sinc
                 return 1.0
 
             for n_trials in (2, 4):
-                result = run_sweep(
-                    objective,
-                    output_dir=setup.local,
-                    study_key="wal",
-                    n_trials=n_trials,
-                    backup_to_drive=setup.store,
-                    flush_timeout=60,
-                )
+                result = sweep_on(setup, "wal", n_trials, objective)
                 assert result.backup_ok, result.backup_report
             copy = sqlite3.connect(setup.drive / study_dir.name / "logs" / "metrics.db")
             try:
@@ -331,14 +345,7 @@ def test_every_entry_of_the_study_folder_reaches_drive_or_is_named(
         entry = study_dir / name
         entry.parent.mkdir(parents=True, exist_ok=True)
         entry.write_text("the user's own file")
-        result = run_sweep(
-            lambda trial: 1.0,
-            output_dir=setup.local,
-            study_key="names",
-            n_trials=1,
-            backup_to_drive=setup.store,
-            flush_timeout=60,
-        )
+        result = sweep_on(setup, "names", 1)
         report = result.backup_report
         assert report is not None
         copied = (setup.drive / study_dir.name / name).is_file()
@@ -351,13 +358,11 @@ def test_a_failed_trial_leaves_no_lag_once_the_drive_copy_is_complete(tmp_path: 
     # must not count as finished locally either, or the progress says "1 behind" forever.
     progress = BackupProgress()
     with simulated_drive(tmp_path) as setup:
-        result = run_sweep(
+        result = sweep_on(
+            setup,
+            "fail",
+            3,
             lambda trial: float("nan") if trial.number == 1 else 1.0,
-            output_dir=setup.local,
-            study_key="fail",
-            n_trials=3,
-            backup_to_drive=setup.store,
-            flush_timeout=60,
             progress=progress,
         )
     assert result.backup_ok, result.backup_report
@@ -370,26 +375,10 @@ def test_a_sweep_on_a_closed_worker_is_not_reported_complete(tmp_path: Path) -> 
     # cell), drops every backup of the second: its report must not say complete.
     with simulated_drive(tmp_path) as setup:
         worker = BackupWorker()
-        first = run_sweep(
-            lambda trial: 1.0,
-            output_dir=setup.local,
-            study_key="closed",
-            n_trials=2,
-            backup_to_drive=setup.store,
-            flush_timeout=60,
-            worker=worker,
-        )
+        first = sweep_on(setup, "closed", 2, worker=worker)
         assert first.backup_ok, first.backup_report
         worker.close()
-        second = run_sweep(
-            lambda trial: 1.0,
-            output_dir=setup.local,
-            study_key="closed",
-            n_trials=5,
-            backup_to_drive=setup.store,
-            flush_timeout=60,
-            worker=worker,
-        )
+        second = sweep_on(setup, "closed", 5, worker=worker)
         copy = sqlite3.connect(setup.drive / second.study_dir.name / "study.db")
         try:
             on_drive = copy.execute("SELECT count(*) FROM trials").fetchone()[0]

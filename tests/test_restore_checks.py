@@ -124,14 +124,20 @@ def test_asking_for_a_generation_thinned_away_says_so_instead_of_calling_drive_d
             assert str(oldest) in error, error
 
 
-def five_generations_with_a_broken_chain(setup: DriveSetup) -> Path:
-    """Generations 1 (a base) to 5 (patches); patch 3 is lost and patch 5's body damaged."""
+def generations_backed_up(setup: DriveSetup, count: int) -> Path:
+    """A study backed up after each of its ``count`` trials: generations 1 to ``count``."""
     database = setup.local / "study-1" / "study.db"
     database.parent.mkdir(parents=True)
     study = optuna.create_study(storage=f"sqlite:///{database}", study_name="s")
-    for _ in range(5):
+    for _ in range(count):
         study.tell(study.ask(), 1.0)
         assert setup.store.backup(database).ok
+    return database
+
+
+def five_generations_with_a_broken_chain(setup: DriveSetup) -> Path:
+    """Generations 1 (a base) to 5 (patches); patch 3 is lost and patch 5's body damaged."""
+    database = generations_backed_up(setup, 5)
     folder = setup.drive / "study-1" / ".sweepsafe" / "history" / "study.db"
     (lost,) = folder.glob("00000003-*.patch")
     lost.unlink()
@@ -176,12 +182,7 @@ def test_a_base_file_copied_under_a_newer_number_is_not_restored_as_the_newest(
     tmp_path: Path,
 ) -> None:
     with simulated_drive(tmp_path) as setup:
-        database = setup.local / "study-1" / "study.db"
-        database.parent.mkdir(parents=True)
-        study = optuna.create_study(storage=f"sqlite:///{database}", study_name="s")
-        for _ in range(5):
-            study.tell(study.ask(), 1.0)
-            assert setup.store.backup(database).ok
+        database = generations_backed_up(setup, 5)
         folder = setup.drive / "study-1" / ".sweepsafe" / "history" / "study.db"
         # Generation 1's base, duplicated under number 9 (its record still says 1).
         for old in folder.glob("00000001-*"):
@@ -206,12 +207,7 @@ def test_restoring_a_study_folder_brings_back_its_newest_generation(tmp_path: Pa
     # plain study.db on Drive is only the last base; the patches after it are the newer
     # generations a restore of the database itself brings back.
     with simulated_drive(tmp_path) as setup:
-        database = setup.local / "study-1" / "study.db"
-        database.parent.mkdir(parents=True)
-        study = optuna.create_study(storage=f"sqlite:///{database}", study_name="s")
-        for _ in range(5):
-            study.tell(study.ask(), 1.0)
-            assert setup.store.backup(database).ok
+        database = generations_backed_up(setup, 5)
         shutil.rmtree(setup.local / "study-1")
 
         result = setup.store.restore(setup.local / "study-1", is_directory=True)
@@ -222,12 +218,7 @@ def test_restoring_a_study_folder_brings_back_its_newest_generation(tmp_path: Pa
 
 def test_a_generation_asked_for_a_study_folder_is_not_silently_ignored(tmp_path: Path) -> None:
     with simulated_drive(tmp_path) as setup:
-        database = setup.local / "study-1" / "study.db"
-        database.parent.mkdir(parents=True)
-        study = optuna.create_study(storage=f"sqlite:///{database}", study_name="s")
-        for _ in range(5):
-            study.tell(study.ask(), 1.0)
-            assert setup.store.backup(database).ok
+        database = generations_backed_up(setup, 5)
         shutil.rmtree(setup.local / "study-1")
 
         # `sweepsafe restore .../study-1 --generation 2`, to undo what came after it.
@@ -244,12 +235,7 @@ def test_before_the_time_history_prints_for_a_generation_brings_that_generation_
     tmp_path: Path,
 ) -> None:
     with simulated_drive(tmp_path) as setup:
-        database = setup.local / "study-1" / "study.db"
-        database.parent.mkdir(parents=True)
-        study = optuna.create_study(storage=f"sqlite:///{database}", study_name="s")
-        for _ in range(3):
-            study.tell(study.ask(), 1.0)
-            assert setup.store.backup(database).ok
+        database = generations_backed_up(setup, 3)
         newest = setup.store.history(database)[0]
         assert newest.number == 3
         assert newest.created is not None
