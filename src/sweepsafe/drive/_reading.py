@@ -58,7 +58,9 @@ def studies_of(info: Mapping[str, Any]) -> tuple[StudySummary, ...]:
 
 
 async def find_history(helper: DriveHelper, database: Path, timeout: float) -> Path | None:
-    """The history folder of a database on Drive, looking in its study folder and above."""
+    """The history folder of a database on Drive, looking in its study folder and above
+    (in an object store, never above its root: nothing there belongs to it)."""
+    top = Path(helper.place_root) if helper.place_root is not None else None
     folder = database.parent
     for _ in range(_ANCESTORS):
         rel = database.relative_to(folder).as_posix()
@@ -68,7 +70,7 @@ async def find_history(helper: DriveHelper, database: Path, timeout: float) -> P
             return candidate
         if (await helper.stat(folder / STATE_DIR_NAME, timeout))[
             "exists"
-        ] or folder.parent == folder:
+        ] or folder.parent == folder or folder == top:
             return None  # the study folder: it keeps no history of this database
         folder = folder.parent
     return None
