@@ -19,6 +19,7 @@ from sweepsafe.cli._common import (
 )
 from sweepsafe.cli._errors import EXIT_BAD_INPUT, EXIT_OK, CommandError
 from sweepsafe.cli._status import human_size, iso_time
+from sweepsafe.drive._drive_errors import DriveTimeout
 from sweepsafe.drive._helper_client import HelperPool
 from sweepsafe.drive._reading import generations_of
 
@@ -69,7 +70,18 @@ def history_command(args: argparse.Namespace, out: TextIO) -> int:
     target: object
     if "://" in args.path:
         with object_database(args.path, timeout) as (store, target):
-            generations = store.history(target)
+            try:
+                generations = store.history(target)
+            except DriveTimeout:
+                raise CommandError(
+                    f"the object store did not answer within {timeout:g} s while listing "
+                    f"the history of {target}; check the endpoint and the network, then "
+                    "run again."
+                ) from None
+            except OSError as exc:
+                raise CommandError(
+                    f"the history of {target} cannot be read: {exc.strerror or exc}"
+                ) from None
     else:
         target = Path(os.path.abspath(args.path))
         if kind_of(target, check_timeout(args)) == "dir":
