@@ -126,10 +126,15 @@ async def _rebuild(
                     sha = await _pull_to(helper, source, work, timeout)
                     if sha != record.sha256:
                         await anyio.to_thread.run_sync(remove_quietly, work)
-                        notes.append(
-                            f"base generation {number} is damaged on Drive ({source.name})"
-                        )
-                        continue
+                        # The plain copy may still hold this very base (same hash).
+                        if pulled_plain is None:
+                            pulled_plain = await _pull_plain(helper, plain, scratch, timeout)
+                        if pulled_plain[1] != record.sha256:
+                            notes.append(
+                                f"base generation {number} is damaged on Drive ({source.name})"
+                            )
+                            continue
+                        (work, sha), pulled_plain = pulled_plain, None
                 else:
                     continue
                 start = (number, base.tag, sha, record.meta)
