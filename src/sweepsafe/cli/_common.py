@@ -199,6 +199,12 @@ def check_drive_dir(
             "or check that Drive is mounted",
             EXIT_BAD_INPUT,
         )
+    if kind_of(drive_dir, timeout) not in ("dir", "missing"):
+        raise CommandError(
+            f"the Drive folder {drive_dir} is a file, not a folder; give a folder (nothing "
+            "was written)",
+            EXIT_BAD_INPUT,
+        )
 
 
 def local_folder(path: str, option: str) -> Path:

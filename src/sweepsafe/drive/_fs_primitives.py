@@ -131,8 +131,19 @@ def _make_folder(folder: str, anchor: object) -> None:
         while probe and not os.path.lexists(probe):
             probe = os.path.dirname(probe)
         if probe and not os.path.isdir(probe):
+            if isinstance(anchor, str) and not _below(probe, os.path.join(anchor, "")):
+                # The store's own root (or above) is not a file the local side wrote.
+                raise NotADirectoryError(
+                    errno.ENOTDIR, "a file stands where the Drive folder should be", probe
+                )
             _remove_entry(probe)
         os.makedirs(folder, exist_ok=True)
+
+
+def _below(path: str, folder: str) -> bool:
+    """``path`` is at least two levels under ``folder`` (below a folder made in it)."""
+    rel = os.path.relpath(path, folder)
+    return not rel.startswith("..") and rel.count(os.sep) >= 1
 
 
 def _remove_entry(path: str) -> None:

@@ -186,6 +186,11 @@ class ObjectServer(DriveServer):
             fs.put_file(spool, key)
             return
         # A local folder has rename: a temporary beside the target, as on Drive.
+        if os.path.lexists(self._base) and not os.path.isdir(self._base):
+            # The store's own root: a file of the user's, never replaced by a folder.
+            raise NotADirectoryError(
+                errno.ENOTDIR, "a file stands where the store's folder should be", self._base
+            )
         _make_folder(os.path.dirname(key), None)
         temp = os.path.join(os.path.dirname(key), temp_name(token))
         try:
