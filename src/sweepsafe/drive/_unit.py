@@ -342,12 +342,18 @@ class StudyUnit:
             return
         self._lease = None
         self.checked.clear()
-        if self.settings.pool.unfinished_uploads:
+        if self.settings.pool.unfinished_uploads and self.lost is None:
             # Called once this runtime's jobs are done: an upload still open under the
-            # study is one of its helpers', abandoned at a deadline. Aborted while the
-            # lease is still held, so never another runtime's.
+            # study is one of its helpers', abandoned at a deadline. Aborted only while
+            # the lease is still this runtime's: after a takeover it is the new owner's.
             try:
-                await helper.clean(self.drive, self.settings.timeout, uploads=True)
+                current = await read_lease(helper, self.drive, self.settings.timeout)
+                if (
+                    current is not None
+                    and current.owner.is_same_process(this_runtime())
+                    and not current.released
+                ):
+                    await helper.clean(self.drive, self.settings.timeout, uploads=True)
             except (OSError, DriveTimeout) as exc:
                 logger.warning("Could not abort unfinished uploads in %s: %s", self.drive, exc)
         await release_lease(
