@@ -363,6 +363,13 @@ class ObjectServer(DriveServer):
                 temps.append(rel)
             else:
                 files.append([rel, int(info.get("size") or 0)])
+        # A name both an object and a prefix (a file that became a folder): the folder is
+        # what a listing shows, and what a restore brings back.
+        folders: set[str] = set()
+        for entry in files:
+            parts = str(entry[0]).split("/")
+            folders.update("/".join(parts[:depth]) for depth in range(1, len(parts)))
+        files = [entry for entry in files if str(entry[0]) not in folders]
         return {"exists": exists, "files": files, "temps": temps}, b""
 
     def op_pull(self, header: Header, payload: bytes) -> tuple[Header, bytes]:
