@@ -244,7 +244,11 @@ def object_root(url: str, timeout: float) -> Iterator[ObjectStore]:
     """
     with tempfile.TemporaryDirectory(prefix="sweepsafe-read-") as scratch:
         store = object_store_for(Path(scratch), url, drive_timeout=timeout)
-        assert isinstance(store, ObjectStore)
+        if not isinstance(store, ObjectStore):
+            raise CommandError(
+                f"{url!r} is not an object store URL; give one such as "
+                "'s3://bucket/prefix', 'gs://bucket/prefix' or 'file:///absolute/folder'"
+            )
         try:
             yield store
         finally:
@@ -260,13 +264,12 @@ def object_database(url: str, timeout: float) -> Iterator[tuple[ObjectStore, str
         CommandError: the URL cannot be used, or its package is not installed.
     """
     url = url.rstrip("/")
-    folder, database = (
-        (url.rsplit("/", 1)[0], url)
-        if url.endswith(DATABASE_SUFFIXES)
-        else (url, f"{url}/{STUDY_DB_NAME}")
+    folder, name = (
+        url.rsplit("/", 1) if url.endswith(DATABASE_SUFFIXES) else (url, STUDY_DB_NAME)
     )
     with object_root(folder, timeout) as store:
-        yield store, database
+        # The store's own spelling of the URL (s3:///b/p is s3://b/p), which it knows.
+        yield store, f"{store.url}/{name}"
 
 
 def copy_store(args: argparse.Namespace) -> tuple[DriveStore, Path]:

@@ -142,8 +142,9 @@ def find_databases(root: Path, timeout: float) -> list[Path]:
     return [Path(found) for found in _study_databases(str(root), entries)]
 
 
-def object_store_results(url: str, timeout: float) -> list[VerifyResult]:
-    """Every database under an object store URL (or the one it names), each checked.
+def object_store_results(url: str, timeout: float) -> tuple[str, list[VerifyResult]]:
+    """Every database under an object store URL (or the one it names), each checked, and
+    the URL as the store spells it.
 
     Raises:
         CommandError: the URL cannot be used, nothing is stored under it, it holds no
@@ -151,8 +152,9 @@ def object_store_results(url: str, timeout: float) -> list[VerifyResult]:
     """
     if url.endswith(DATABASE_SUFFIXES):
         with object_database(url, timeout) as (store, database):
-            return [store.verify(database)]
+            return database, [store.verify(database)]
     with object_root(url, timeout) as store:
+        url = store.url  # its own spelling (s3:///b/p is s3://b/p), which it knows
         try:
             entries = run_blocking(lambda: store.aentries(url))
         except DriveTimeout:
@@ -164,7 +166,7 @@ def object_store_results(url: str, timeout: float) -> list[VerifyResult]:
             raise CommandError(f"{url} cannot be listed: {exc.strerror or exc}") from None
         if entries is None:
             raise CommandError(f"{url} does not exist (nothing is stored under it)")
-        return [store.verify(database) for database in _study_databases(url, entries)]
+        return url, [store.verify(database) for database in _study_databases(url, entries)]
 
 
 def _study_databases(root: str, entries: Sequence[tuple[str, str]]) -> list[str]:
@@ -188,8 +190,7 @@ def status_command(args: argparse.Namespace, out: TextIO) -> int:
     timeout = read_timeout(args)
     base: Path | str
     if "://" in args.directory:
-        base = url = args.directory.rstrip("/")
-        results = object_store_results(url, timeout)
+        base, results = object_store_results(args.directory.rstrip("/"), timeout)
     else:
         base = Path(os.path.abspath(args.directory))
         results = [check(path, timeout) for path in find_databases(base, check_timeout(args))]
