@@ -264,9 +264,7 @@ def object_database(url: str, timeout: float) -> Iterator[tuple[ObjectStore, str
         CommandError: the URL cannot be used, or its package is not installed.
     """
     url = url.rstrip("/")
-    folder, name = (
-        url.rsplit("/", 1) if url.endswith(DATABASE_SUFFIXES) else (url, STUDY_DB_NAME)
-    )
+    folder, name = url.rsplit("/", 1) if url.endswith(DATABASE_SUFFIXES) else (url, STUDY_DB_NAME)
     with object_root(folder, timeout) as store:
         # The store's own spelling of the URL (s3:///b/p is s3://b/p), which it knows.
         yield store, f"{store.url}/{name}"

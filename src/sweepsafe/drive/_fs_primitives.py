@@ -135,7 +135,7 @@ def _make_folder(folder: str, anchor: object) -> None:
                 # The store's own root (or above) is not a file the local side wrote.
                 raise NotADirectoryError(
                     errno.ENOTDIR, "a file stands where the Drive folder should be", probe
-                )
+                ) from None
             _remove_entry(probe)
         os.makedirs(folder, exist_ok=True)
 

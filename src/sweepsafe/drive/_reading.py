@@ -68,9 +68,11 @@ async def find_history(helper: DriveHelper, database: Path, timeout: float) -> P
         info = await helper.stat(candidate, timeout)
         if info["exists"]:
             return candidate
-        if (await helper.stat(folder / STATE_DIR_NAME, timeout))[
-            "exists"
-        ] or folder.parent == folder or folder == top:
+        if (
+            (await helper.stat(folder / STATE_DIR_NAME, timeout))["exists"]
+            or folder.parent == folder
+            or folder == top
+        ):
             return None  # the study folder: it keeps no history of this database
         folder = folder.parent
     return None
