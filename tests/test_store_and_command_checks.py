@@ -299,3 +299,27 @@ def test_a_restore_whose_newest_generation_was_deleted_brings_nothing_back(
     # docs/cli.md: when the newest generations are damaged or missing, restore without
     # --generation brings back nothing and names the damage.
     assert not restored.ok
+
+
+def test_an_output_folder_that_cannot_be_created_is_named_and_drive_is_not_blamed(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "tinyobj.py").write_text(TINY_OBJECTIVE)
+    (tmp_path / "results").write_text("a file where a folder is wanted\n")
+    output = tmp_path / "results" / "sweeps"
+    ran = run_cli(
+        "run",
+        "tinyobj:objective",
+        "--output-dir",
+        output,
+        "--study-key",
+        "k",
+        "--drive-dir",
+        tmp_path / "drive",
+        "--trials",
+        "1",
+        cwd=tmp_path,
+    )
+    assert ran.returncode == 2, ran.stderr
+    line = assert_one_error_line(ran, f"--output-dir {output} cannot be created")
+    assert "Drive" not in line

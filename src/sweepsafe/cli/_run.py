@@ -228,6 +228,13 @@ def run_command(args: argparse.Namespace, out: TextIO) -> int:
     output_dir = local_folder(args.output_dir, "--output-dir")
     store = None if args.no_backup else _store_for_run(output_dir, args)
     objective = WatchedObjective(load_objective(args.objective))
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CommandError(
+            f"--output-dir {output_dir} cannot be created ({exc.strerror or exc}); give a "
+            "writable folder on local disk"
+        ) from None
     study_dir = study_dir_for(output_dir, args.study_key)
     # The objective cannot be handed an argument, so it finds its study folder here.
     os.environ[STUDY_DIR_ENV] = str(study_dir)
