@@ -323,3 +323,29 @@ def test_an_output_folder_that_cannot_be_created_is_named_and_drive_is_not_blame
     assert ran.returncode == 2, ran.stderr
     line = assert_one_error_line(ran, f"--output-dir {output} cannot be created")
     assert "Drive" not in line
+
+
+def test_a_study_another_runtime_holds_is_named_by_its_url(tmp_path: Path) -> None:
+    from sweepsafe import run_sweep, study_dir_for
+    from sweepsafe.drive._replica import Lease, Runtime
+    from sweepsafe.errors import LeaseHeldError
+
+    remote = tmp_path / "bucket" / "sweeps"
+    url = f"file://{remote}"
+    local = tmp_path / "local"
+    study_dir = study_dir_for(local, "held")
+    lease = remote / study_dir.name / ".sweepsafe" / "lease.json"
+    lease.parent.mkdir(parents=True)
+    other = Runtime("other", "other-host", 4242, "boot", time.time() - 60)
+    lease.write_bytes(Lease(other, time.time(), time.time()).to_json())
+    with ObjectStore(local, url) as store, pytest.raises(LeaseHeldError) as raised:
+        run_sweep(
+            lambda t: t.suggest_float("x", 0, 1),
+            output_dir=local,
+            study_key="held",
+            n_trials=1,
+            backup_to_drive=store,
+        )
+    message = str(raised.value)
+    assert message.startswith(f"{url}/{study_dir.name} is being backed up by another runtime")
+    assert "/file:/" not in message

@@ -25,7 +25,7 @@ from sweepsafe.drive._object_helper import CONFIG_VARIABLE
 from sweepsafe.drive._reserved_names import STATE_DIR_NAME
 from sweepsafe.drive._results import BackupResult, GenerationInfo, VerifyResult
 from sweepsafe.drive._store import DriveStore
-from sweepsafe.errors import DrivePathError
+from sweepsafe.errors import DrivePathError, LeaseHeldError
 from sweepsafe.paths import is_within
 
 __all__ = ["ObjectStore"]
@@ -199,14 +199,16 @@ class ObjectStore(DriveStore):
             return self.drive_root / text[len(self.url) :].lstrip("/")
         return path
 
+    def _text(self, value: str) -> str:
+        """A sentence of the engine's with the store's URL where it wrote its virtual root."""
+        value = value.replace(str(self.drive_root), self.url)
+        if value.startswith("Google Drive"):
+            value = "The object store" + value[len("Google Drive") :]
+        return value.replace("Google Drive", "the object store")
+
     def _shown(self, result: _Result) -> _Result:
         """The result with the store's URL where the engine wrote its virtual root."""
-
-        def text(value: str) -> str:
-            value = value.replace(str(self.drive_root), self.url)
-            if value.startswith("Google Drive"):
-                value = "The object store" + value[len("Google Drive") :]
-            return value.replace("Google Drive", "the object store")
+        text = self._text
 
         def where(value: Path | str | None) -> Path | str | None:
             if isinstance(value, Path) and is_within(value, self.drive_root):
@@ -249,6 +251,28 @@ class ObjectStore(DriveStore):
         """Bring the copy of ``path`` back; see :meth:`DriveStore.arestore`."""
         result = await super().arestore(path, is_directory, generation=generation, before=before)
         return self._shown(result)
+
+    async def aacquire(
+        self, study_dir: StrPath, *, takeover: bool = False, shared: bool = False
+    ) -> None:
+        """Take the study's lease; see :meth:`DriveStore.aacquire`."""
+        try:
+            await super().aacquire(study_dir, takeover=takeover, shared=shared)
+        except LeaseHeldError as exc:
+            raise LeaseHeldError(self._text(str(exc))) from None
+
+    async def aclaim(self, study_dir: StrPath) -> None:
+        """Check no other runtime holds the study's lease; see :meth:`DriveStore.aclaim`."""
+        try:
+            await super().aclaim(study_dir)
+        except LeaseHeldError as exc:
+            raise LeaseHeldError(self._text(str(exc))) from None
+
+    def lease_refused(self, study_dir: StrPath) -> str | None:
+        """Why the study's first backup could not take the lease; see
+        :meth:`DriveStore.lease_refused`."""
+        refused = super().lease_refused(study_dir)
+        return None if refused is None else self._text(refused)
 
     async def averify(self, path: StrPath) -> VerifyResult:
         """Check the copy of ``path`` (a local path, or the object's URL)."""
