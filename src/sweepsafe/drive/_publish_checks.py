@@ -84,7 +84,10 @@ async def _find_parent(
             plain,
             exc,
         )
-        return None, ("the Drive history could not be rebuilt; a new base was written",)
+        # The plain copy still holds finished trials the new base must keep.
+        return await _legacy_parent(unit, helper, plain), (
+            "the Drive history could not be rebuilt; a new base was written",
+        )
     try:
         parent_content = await anyio.to_thread.run_sync(
             lambda: read_content(rebuilt.path, check="quick")

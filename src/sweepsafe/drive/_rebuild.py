@@ -142,12 +142,40 @@ async def _rebuild(
                 return await _apply_patches(
                     patches, work, start, goal, notes, verify_each, branches
                 )
+        # A base is written before its record: a runtime that died (or whose Drive
+        # failed) between the two left the plain copy at a generation no record names,
+        # but the patch of that generation, written first, names its result.
+        if pulled_plain is None:
+            pulled_plain = await _pull_plain(helper, plain, scratch, timeout)
+        found = await _plain_generation(helper, folder, history, goal, pulled_plain[1], timeout)
+        if found is not None:
+            (work, sha), pulled_plain = pulled_plain, None
+            number, tag, meta = found
+            patches = PatchFetcher(helper, folder, history, scratch, timeout)
+            return await _apply_patches(
+                patches, work, (number, tag, sha, meta), goal, notes, verify_each, branches
+            )
     finally:
         if pulled_plain is not None:
             await anyio.to_thread.run_sync(remove_quietly, pulled_plain[0])
     if not notes:
         notes.append("it keeps no base at or below that generation")
     raise NoUsableBase(f"{folder}: " + "; ".join(notes))
+
+
+async def _plain_generation(
+    helper: DriveHelper, folder: Path, history: History, goal: int, sha: str, timeout: float
+) -> tuple[int, str, Mapping[str, Any]] | None:
+    """The newest generation up to ``goal`` whose patch says it makes the plain copy
+    (SHA-256 ``sha``): its number, tag and meta; None if none does."""
+    if not sha:
+        return None
+    for number in sorted((n for n in history.patches if n <= goal), reverse=True):
+        for patch in history.patches[number]:
+            header = await _header(helper, folder, patch, timeout)
+            if header is not None and header.result_sha256 == sha:
+                return number, patch.tag, header.meta
+    return None
 
 
 async def _pull_plain(
