@@ -80,3 +80,60 @@ def test_a_new_study_does_not_replace_a_drive_copy_whose_history_cannot_be_rebui
         assert _finished(setup.drive / "study-1" / "study.db") == 4
     finally:
         store.close()
+
+
+def test_a_runtime_back_on_its_disk_keeps_the_files_of_a_trial_another_runtime_finished(
+    tmp_path: Path,
+) -> None:
+    from sweepsafe import run_sweep, study_dir_for, trial_dir
+    from sweepsafe.worker import BackupWorker
+
+    plan = tmp_path / "plan.json"
+    FaultPlan().write(plan)
+    drive = tmp_path / "drive"
+
+    def objective_of(name: str, out: Path):  # type: ignore[no-untyped-def]
+        def objective(trial: optuna.Trial) -> float:
+            x = trial.suggest_float("x", -1.0, 1.0)
+            folder = trial_dir(study_dir_for(out, "k"), trial)
+            (folder / "model.txt").write_text(f"{name} trial {trial.number} finished\n")
+            return x * x
+
+        return objective
+
+    def sweep(local: Path, name: str, n_trials: int) -> optuna.Study:
+        local.mkdir(exist_ok=True)
+        store = simulated_store(local, drive, plan)
+        worker = BackupWorker()
+        try:
+            result = run_sweep(
+                objective_of(name, local / "out"),
+                output_dir=local / "out",
+                study_key="k",
+                n_trials=n_trials,
+                backup_to_drive=store,
+                worker=worker,
+            )
+            assert result.backup_ok
+            return result.study
+        finally:
+            worker.close()
+            store.close()
+
+    # Runtime A: three trials; it starts trial 3, writes part of its files and dies.
+    sweep(tmp_path / "a", "A", 3)
+    study_dir = study_dir_for(tmp_path / "a" / "out", "k")
+    study = optuna.load_study(study_name=study_dir.name, storage=f"sqlite:///{study_dir}/study.db")
+    trial = study.ask()
+    (trial_dir(study_dir, trial) / "model.txt").write_text("A trial 3, unfinished\n")
+    # Runtime B, on a fresh disk, restores the study and runs trials 3 to 5.
+    sweep(tmp_path / "b", "B", 6)
+    on_drive = drive / "out" / study_dir.name / "trials" / "trial-00003" / "model.txt"
+    assert on_drive.read_text() == "B trial 3 finished\n"
+
+    # Runtime A comes back on its own disk and goes on from Drive.
+    sweep(tmp_path / "a", "A", 8)
+
+    assert on_drive.read_text() == "B trial 3 finished\n"
+    local = study_dir / "trials" / "trial-00003" / "model.txt"
+    assert local.read_text() == "B trial 3 finished\n"

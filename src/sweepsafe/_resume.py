@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from sweepsafe._callbacks import (
     BackupToDrive,
     keep_leases_alive,
     submit_initial_backup,
+    trial_folder_name,
 )
 from sweepsafe.drive import BackupBackend, DriveStore, ObjectStore
 from sweepsafe.drive._sqlite import SnapshotError, read_content, recover_hot_journal
@@ -257,6 +259,7 @@ def _reconcile_with_drive(store: BackupBackend, study_dir: Path) -> bool:
     """Bring the study back from Drive when the local one is missing or older; True if so."""
     database = study_dir / STUDY_DB_NAME
     existed = database.exists()
+    before = _finished_here(database) if existed else None
     result = run_blocking(lambda: store.arestore(database))
     if not result.ok:
         if result.reason == "no-copy":
@@ -274,6 +277,8 @@ def _reconcile_with_drive(store: BackupBackend, study_dir: Path) -> bool:
         )
     if result.files_unchanged:
         return False  # the local study holds everything the Drive copy holds
+    if before is not None:
+        _set_aside_other_runtimes_trials(study_dir, before, _finished_here(database))
     trials = run_blocking(lambda: store.arestore(study_dir / TRIALS_DIR_NAME, is_directory=True))
     if not trials.ok and trials.reason != "no-copy":
         logger.warning("The study was restored, but not all its trial files: %s", trials.error)
@@ -300,6 +305,48 @@ def _reconcile_with_drive(store: BackupBackend, study_dir: Path) -> bool:
         (result.bytes_copied + trials.bytes_copied) / 1e6,
     )
     return True
+
+
+def _finished_here(database: Path) -> frozenset[tuple[str, int, str]]:
+    """The finished trials of the local ``database`` (none if it cannot be read)."""
+    try:
+        return frozenset(read_content(database, check=None).finished)
+    except SnapshotError:
+        return frozenset()
+
+
+def _set_aside_other_runtimes_trials(
+    study_dir: Path,
+    before: frozenset[tuple[str, int, str]],
+    after: frozenset[tuple[str, int, str]],
+) -> None:
+    """Move aside the local folders of trials that only the restored study finished.
+
+    Another runtime ran those trials and backed their files up; a local folder of the
+    same number holds this runtime's files of a trial that never finished here (killed,
+    failed). Left in place, they would be kept instead of the finished trial's files and
+    then copied over them on Drive. They are moved, not deleted.
+    """
+    numbers = sorted({number for _study, number, _start in after - before})
+    aside = study_dir / "set-aside"
+    for number in numbers:
+        folder = study_dir / TRIALS_DIR_NAME / trial_folder_name(number)
+        if not folder.is_dir():
+            continue
+        target = aside / f"{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        suffix = 0
+        while target.exists():
+            suffix += 1
+            target = target.with_name(f"{target.name}-{suffix}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(folder, target)
+        logger.warning(
+            "Trial %d finished on another runtime; this runtime's unfinished files of a "
+            "trial %d were moved to %s, and the finished trial's files are restored.",
+            number,
+            number,
+            target,
+        )
 
 
 def _fail_stale_trials(
