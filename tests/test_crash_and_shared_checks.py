@@ -137,3 +137,30 @@ def test_a_runtime_back_on_its_disk_keeps_the_files_of_a_trial_another_runtime_f
     assert on_drive.read_text() == "B trial 3 finished\n"
     local = study_dir / "trials" / "trial-00003" / "model.txt"
     assert local.read_text() == "B trial 3 finished\n"
+
+
+def test_a_shared_worker_runs_its_trials_while_drive_is_disconnected(
+    tmp_path: Path, postgres_database: str
+) -> None:
+    from sweepsafe import run_sweep
+
+    plan = tmp_path / "plan.json"
+    FaultPlan(disconnected=True).write(plan)
+    local = tmp_path / "local"
+    local.mkdir()
+    store = simulated_store(local, tmp_path / "drive", plan, drive_timeout=5.0)
+    try:
+        result = run_sweep(
+            lambda t: t.suggest_float("x", 0, 1),
+            output_dir=local / "out",
+            study_key="shared",
+            n_trials=3,
+            storage=postgres_database,
+            backup_to_drive=store,
+            flush_timeout=10.0,
+        )
+    finally:
+        store.close()
+    assert len(result.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 3
+    assert result.backup_report is not None
+    assert not result.backup_report.ok

@@ -24,6 +24,7 @@ from sweepsafe._shared import (
     shared_backup_callbacks,
 )
 from sweepsafe.drive import BackupBackend
+from sweepsafe.drive._drive_errors import DriveTimeout
 from sweepsafe.worker import BackupWorker, get_default_worker
 
 if TYPE_CHECKING:
@@ -59,7 +60,12 @@ def _shared_sweep(
     backup_callbacks: list[OptunaCallback] = []
     if store is not None:
         worker = worker or get_default_worker()
-        run_blocking(lambda: store.aacquire(study_dir, shared=True))
+        try:
+            run_blocking(lambda: store.aacquire(study_dir, shared=True))
+        except (OSError, DriveTimeout) as exc:
+            # Nothing is restored in a shared study: the trials run, and the exports
+            # take the lease once Drive answers.
+            logger.warning("Could not take the lease on the Drive copy of %s: %s", study_dir, exc)
         exporter = Exporter(store, shared, storage, study.study_name, study_dir, worker, progress)
         backup_callbacks = shared_backup_callbacks(
             study_dir, store, exporter, worker, shared.export_interval
