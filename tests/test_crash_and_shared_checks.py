@@ -164,3 +164,50 @@ def test_a_shared_worker_runs_its_trials_while_drive_is_disconnected(
     assert len(result.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 3
     assert result.backup_report is not None
     assert not result.backup_report.ok
+
+
+def test_a_shared_worker_with_no_trials_of_its_own_does_not_wait_for_an_export(
+    tmp_path: Path, postgres_database: str
+) -> None:
+    import json
+    import time
+
+    from sweepsafe import run_sweep, study_dir_for
+
+    plan = tmp_path / "plan.json"
+    FaultPlan().write(plan)
+    local, drive = tmp_path / "local", tmp_path / "drive"
+    local.mkdir()
+    # The sweep already has its trials; another live worker holds the study's lease.
+    with simulated_store(local, drive, plan) as store:
+        run_sweep(
+            lambda t: t.suggest_float("x", 0, 1),
+            output_dir=local / "out",
+            study_key="shared",
+            n_trials=2,
+            storage=postgres_database,
+            backup_to_drive=store,
+        )
+    now = time.time()
+    owner = {"id": "other", "host": "elsewhere", "pid": 1, "boot_id": "b", "started": now}
+    lease = {"format": 1, "owner": owner, "acquired": now, "heartbeat": now, "released": False}
+    state = drive / "out" / study_dir_for(local / "out", "shared").name / ".sweepsafe"
+    (state / "lease.json").write_text(json.dumps(lease))
+
+    late = tmp_path / "late"
+    late.mkdir()
+    with simulated_store(late, drive, plan) as store:
+        started = time.monotonic()
+        result = run_sweep(
+            lambda t: t.suggest_float("x", 0, 1),
+            output_dir=late / "out",
+            study_key="shared",
+            n_trials=2,
+            storage=postgres_database,
+            backup_to_drive=store,
+            flush_timeout=20.0,
+        )
+        waited = time.monotonic() - started
+    assert result.backup_report is not None
+    assert result.backup_report.ok, result.backup_report
+    assert waited < 10.0

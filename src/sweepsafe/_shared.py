@@ -204,6 +204,12 @@ class Exporter:
         self._study_dir = study_dir
         self._worker = worker
         self._progress = progress
+        self.trials_ended = 0
+        """Trials this worker ran to their end (its callbacks count them)."""
+
+    def note_trial(self, _study: Study, _trial: optuna.trial.FrozenTrial) -> None:
+        """A callback: one more trial of this worker ended."""
+        self.trials_ended += 1
 
     @property
     def export_path(self) -> Path:
@@ -242,7 +248,13 @@ class Exporter:
             # The server's time once this worker's last trial has ended.
             ended = await anyio.to_thread.run_sync(self._server_now) if final else None
             while True:
-                if ended is not None:
+                if ended is not None and not self.trials_ended:
+                    # No trial of this worker to wait for: only the holder exports.
+                    if not await self._store.aholds(self._study_dir, take=True):
+                        return BackupResult(
+                            True, path, None, "skipped", notes=("this worker ran no trial",)
+                        )
+                elif ended is not None:
                     waited = await self._await_turn(path, ended, started, deadline)
                     if waited is not None:
                         return waited
@@ -359,7 +371,7 @@ def shared_backup_callbacks(
     (study_dir / TRIALS_DIR_NAME).mkdir(parents=True, exist_ok=True)
     keep_leases_alive(store, worker)
     exporter.start_ticking(interval)
-    return [create_trial_backup_callback(study_dir, store, worker=worker)]
+    return [exporter.note_trial, create_trial_backup_callback(study_dir, store, worker=worker)]
 
 
 def finished_count(study: Study) -> int:
