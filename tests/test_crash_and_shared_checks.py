@@ -161,7 +161,12 @@ def test_a_shared_worker_runs_its_trials_while_drive_is_disconnected(
         )
     finally:
         store.close()
-    assert len(result.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 3
+    storage = optuna.storages.RDBStorage(postgres_database)
+    try:
+        study = optuna.load_study(study_name=result.study.study_name, storage=storage)
+        assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 3
+    finally:
+        storage.engine.dispose()
     assert result.backup_report is not None
     assert not result.backup_report.ok
 
@@ -211,3 +216,53 @@ def test_a_shared_worker_with_no_trials_of_its_own_does_not_wait_for_an_export(
     assert result.backup_report is not None
     assert result.backup_report.ok, result.backup_report
     assert waited < 10.0
+
+
+def test_trial_files_a_restore_did_not_bring_back_come_back_at_the_next_start(
+    tmp_path: Path,
+) -> None:
+    from sweepsafe import run_sweep, study_dir_for, trial_dir
+    from sweepsafe.worker import BackupWorker
+
+    plan = tmp_path / "plan.json"
+    FaultPlan().write(plan)
+    drive = tmp_path / "drive"
+
+    def sweep(local: Path, n_trials: int) -> None:
+        local.mkdir(exist_ok=True)
+        out = local / "out"
+
+        def objective(trial: optuna.Trial) -> float:
+            x = trial.suggest_float("x", -1.0, 1.0)
+            (trial_dir(study_dir_for(out, "k"), trial) / "ckpt.bin").write_bytes(b"w" * 1000)
+            return x * x
+
+        store = simulated_store(local, drive, plan)
+        worker = BackupWorker()
+        try:
+            run_sweep(
+                objective,
+                output_dir=out,
+                study_key="k",
+                n_trials=n_trials,
+                backup_to_drive=store,
+                worker=worker,
+            )
+        finally:
+            worker.close()
+            store.close()
+
+    sweep(tmp_path / "a", 3)
+    # A new runtime restores the study, but Drive fails to hand over the trials' files
+    # (as when the runtime is killed between the database and the trial folders).
+    FaultPlan(fail_read_paths=(("*/trials/*", "EIO"),)).write(plan)
+    sweep(tmp_path / "b", 3)
+    FaultPlan().write(plan)
+
+    sweep(tmp_path / "b", 5)
+
+    study_dir = study_dir_for(tmp_path / "b" / "out", "k")
+    missing = [
+        n for n in range(5) if not (study_dir / "trials" / f"trial-{n:05d}" / "ckpt.bin").exists()
+    ]
+    assert missing == []

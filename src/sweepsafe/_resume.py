@@ -30,6 +30,7 @@ from sweepsafe._callbacks import (
     trial_folder_name,
 )
 from sweepsafe.drive import BackupBackend, DriveStore, ObjectStore
+from sweepsafe.drive._reserved_names import STATE_DIR_NAME
 from sweepsafe.drive._sqlite import SnapshotError, read_content, recover_hot_journal
 from sweepsafe.errors import LeaseHeldError, StudyConflictError, SweepsafeError
 from sweepsafe.paths import is_within
@@ -260,7 +261,15 @@ def _reconcile_with_drive(store: BackupBackend, study_dir: Path) -> bool:
     database = study_dir / STUDY_DB_NAME
     existed = database.exists()
     before = _finished_here(database) if existed else None
+    # Marks a restore under way: a runtime killed after the database came back but
+    # before every trial's files did brings the rest back when it starts again.
+    marker = study_dir / STATE_DIR_NAME / _RESTORING
+    interrupted = marker.exists()
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     result = run_blocking(lambda: store.arestore(database))
+    if not result.ok and not interrupted:
+        _remove_marker(marker)
     if not result.ok:
         if result.reason == "no-copy":
             return False
@@ -275,13 +284,18 @@ def _reconcile_with_drive(store: BackupBackend, study_dir: Path) -> bool:
             "restore=False only to start a new study (its backups then stop, since the Drive "
             "copy is not replaced by a worse one)."
         )
-    if result.files_unchanged:
+    if result.files_unchanged and not interrupted:
+        _remove_marker(marker)
         return False  # the local study holds everything the Drive copy holds
     if before is not None:
         _set_aside_other_runtimes_trials(study_dir, before, _finished_here(database))
     trials = run_blocking(lambda: store.arestore(study_dir / TRIALS_DIR_NAME, is_directory=True))
     if not trials.ok and trials.reason != "no-copy":
         logger.warning("The study was restored, but not all its trial files: %s", trials.error)
+    else:
+        _remove_marker(marker)
+    if result.files_unchanged:
+        return False  # the database was back already: only trial files were missing
     if trials.kept_local:
         logger.warning(
             "Kept %d local trial file(s) changed since their last backup instead of the Drive "
@@ -305,6 +319,16 @@ def _reconcile_with_drive(store: BackupBackend, study_dir: Path) -> bool:
         (result.bytes_copied + trials.bytes_copied) / 1e6,
     )
     return True
+
+
+_RESTORING = "restoring"
+
+
+def _remove_marker(marker: Path) -> None:
+    try:
+        marker.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def _finished_here(database: Path) -> frozenset[tuple[str, int, str]]:
