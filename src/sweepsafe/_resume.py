@@ -329,6 +329,10 @@ def _remove_marker(marker: Path) -> None:
         marker.unlink()
     except FileNotFoundError:
         pass
+    try:
+        marker.parent.rmdir()  # only if empty: the store's records may live there
+    except OSError:
+        pass
 
 
 def _finished_here(database: Path) -> frozenset[tuple[str, int, str]]:
