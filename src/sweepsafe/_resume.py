@@ -8,6 +8,7 @@ creates or loads the study, and schedules its first backup.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -263,7 +264,7 @@ def _reconcile_with_drive(store: BackupBackend, study_dir: Path) -> bool:
     before = _finished_here(database) if existed else None
     # Marks a restore under way: a runtime killed after the database came back but
     # before every trial's files did brings the rest back when it starts again.
-    marker = study_dir / STATE_DIR_NAME / _RESTORING
+    marker = _restore_marker(store, study_dir)
     interrupted = marker.exists()
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
@@ -324,14 +325,17 @@ def _reconcile_with_drive(store: BackupBackend, study_dir: Path) -> bool:
 _RESTORING = "restoring"
 
 
+def _restore_marker(store: BackupBackend, study_dir: Path) -> Path:
+    """Where the store's local records mark a restore of ``study_dir`` under way."""
+    rel = os.path.relpath(study_dir, store.local_root)
+    digest = hashlib.sha256(rel.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return Path(store.local_root) / STATE_DIR_NAME / f"{_RESTORING}-{digest}"
+
+
 def _remove_marker(marker: Path) -> None:
     try:
         marker.unlink()
     except FileNotFoundError:
-        pass
-    try:
-        marker.parent.rmdir()  # only if empty: the store's records may live there
-    except OSError:
         pass
 
 
