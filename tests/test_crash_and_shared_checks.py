@@ -7,9 +7,8 @@ from pathlib import Path
 
 import optuna
 
-from sweepsafe.testing import FaultPlan, simulated_store
-
 from drive_support import simulated_drive
+from sweepsafe.testing import FaultPlan, simulated_store
 
 
 def _history(drive: Path) -> Path:

@@ -8,6 +8,7 @@ creates or loads the study, and schedules its first backup.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -333,10 +334,8 @@ def _restore_marker(store: BackupBackend, study_dir: Path) -> Path:
 
 
 def _remove_marker(marker: Path) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         marker.unlink()
-    except FileNotFoundError:
-        pass
 
 
 def _finished_here(database: Path) -> frozenset[tuple[str, int, str]]:
