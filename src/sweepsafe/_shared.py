@@ -204,12 +204,13 @@ class Exporter:
         self._study_dir = study_dir
         self._worker = worker
         self._progress = progress
-        self.trials_ended = 0
-        """Trials this worker ran to their end (its callbacks count them)."""
+        self.trials_finished = 0
+        """Trials this worker finished (COMPLETE or PRUNED; its callbacks count them)."""
 
-    def note_trial(self, _study: Study, _trial: optuna.trial.FrozenTrial) -> None:
-        """A callback: one more trial of this worker ended."""
-        self.trials_ended += 1
+    def note_trial(self, _study: Study, trial: optuna.trial.FrozenTrial) -> None:
+        """A callback: count the trials this worker finished."""
+        if trial.state in _FINISHED:
+            self.trials_finished += 1
 
     @property
     def export_path(self) -> Path:
@@ -248,11 +249,11 @@ class Exporter:
             # The server's time once this worker's last trial has ended.
             ended = await anyio.to_thread.run_sync(self._server_now) if final else None
             while True:
-                if ended is not None and not self.trials_ended:
-                    # No trial of this worker to wait for: only the holder exports.
+                if ended is not None and not self.trials_finished:
+                    # No finished trial of this worker to wait for: only the holder exports.
                     if not await self._store.aholds(self._study_dir, take=True):
                         return BackupResult(
-                            True, path, None, "skipped", notes=("this worker ran no trial",)
+                            True, path, None, "skipped", notes=("this worker finished no trial",)
                         )
                 elif ended is not None:
                     waited = await self._await_turn(path, ended, started, deadline)
