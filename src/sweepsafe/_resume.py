@@ -289,8 +289,9 @@ def _reconcile_with_drive(store: BackupBackend, study_dir: Path) -> bool:
     if result.files_unchanged and not interrupted:
         _remove_marker(marker)
         return False  # the local study holds everything the Drive copy holds
-    if before is not None:
-        _set_aside_other_runtimes_trials(study_dir, before, _finished_here(database))
+    after = _finished_here(database)
+    if before is not None and after is not None:
+        _set_aside_other_runtimes_trials(study_dir, before, after)
     trials = run_blocking(lambda: store.arestore(study_dir / TRIALS_DIR_NAME, is_directory=True))
     if not trials.ok and trials.reason != "no-copy":
         logger.warning("The study was restored, but not all its trial files: %s", trials.error)
@@ -338,12 +339,13 @@ def _remove_marker(marker: Path) -> None:
         marker.unlink()
 
 
-def _finished_here(database: Path) -> frozenset[tuple[str, int, str]]:
-    """The finished trials of the local ``database`` (none if it cannot be read)."""
+def _finished_here(database: Path) -> frozenset[tuple[str, int, str]] | None:
+    """The finished trials of the local ``database``; None if it cannot be read."""
     try:
-        return frozenset(read_content(database, check=None).finished)
+        content = read_content(database, check=None)
     except SnapshotError:
-        return frozenset()
+        return None
+    return frozenset(content.finished) if content.is_optuna else None
 
 
 def _set_aside_other_runtimes_trials(
