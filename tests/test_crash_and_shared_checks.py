@@ -265,3 +265,48 @@ def test_trial_files_a_restore_did_not_bring_back_come_back_at_the_next_start(
         n for n in range(5) if not (study_dir / "trials" / f"trial-{n:05d}" / "ckpt.bin").exists()
     ]
     assert missing == []
+
+
+def test_a_shared_worker_whose_final_export_outlasted_its_wait_gives_the_lease_back(
+    tmp_path: Path, postgres_database: str
+) -> None:
+    import json
+    import time
+
+    from sweepsafe import run_sweep, study_dir_for
+    from sweepsafe.worker import BackupWorker
+
+    plan = tmp_path / "plan.json"
+    FaultPlan(latency_s=2.0).write(plan)  # a slow Drive: the export outlasts the wait
+    local = tmp_path / "local"
+    local.mkdir()
+    store = simulated_store(local, tmp_path / "drive", plan, lease_timeout=10.0)
+    worker = BackupWorker()
+    try:
+        result = run_sweep(
+            lambda t: t.suggest_float("x", 0, 1),
+            output_dir=local / "out",
+            study_key="shared",
+            n_trials=2,
+            storage=postgres_database,
+            backup_to_drive=store,
+            worker=worker,
+            flush_timeout=3.0,
+        )
+        assert result.backup_report is not None
+        assert result.backup_report.timed_out
+        FaultPlan().write(plan)
+        assert not worker.flush(60.0).timed_out  # the export goes on, and ends
+        # The export ran after the sweep closed the server's connections: close its own.
+        storage = result.study._storage
+        getattr(storage, "_backend", storage).engine.dispose()
+        time.sleep(3.5)  # a renewal period (lease_timeout / 4) and more
+        name = study_dir_for(local / "out", "shared").name
+        lease = json.loads(
+            (tmp_path / "drive" / "out" / name / ".sweepsafe" / "lease.json").read_text()
+        )
+        # The export ended: the lease is given back, so another worker may export.
+        assert lease["released"], lease
+    finally:
+        worker.close()
+        store.close()

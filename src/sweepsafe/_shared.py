@@ -204,6 +204,9 @@ class Exporter:
         self._study_dir = study_dir
         self._worker = worker
         self._progress = progress
+        self._final_guard = threading.Lock()
+        self._final_ran = False
+        self._release_after_final = False
         self.trials_finished = 0
         """Trials this worker finished (COMPLETE or PRUNED; its callbacks count them)."""
 
@@ -241,7 +244,31 @@ class Exporter:
         flush's ``timeout`` ends, so that the flush reports why it gave up.
         """
         deadline = time.monotonic() + timeout - min(_REPORT_MARGIN_S, timeout / 4)
-        self._worker.submit(self.export_path, self._job(final=True, deadline=deadline))
+        export = self._job(final=True, deadline=deadline)
+
+        async def final_export(path: Path, is_directory: bool) -> BackupResult:
+            try:
+                result: BackupResult = await export(path, is_directory)
+                return result
+            finally:
+                with self._final_guard:
+                    self._final_ran = True
+                    release = self._release_after_final
+                if release:
+                    with anyio.CancelScope(shield=True):
+                        await self._store.arelease(self._study_dir)
+
+        self._worker.submit(self.export_path, final_export)
+
+    def release_after_final(self) -> bool:
+        """The sweep stopped waiting for the final export: it gives the lease back when
+        it ends, so that another worker may export. False if it has ended already (the
+        caller gives the lease back itself)."""
+        with self._final_guard:
+            if self._final_ran:
+                return False
+            self._release_after_final = True
+            return True
 
     def _job(self, *, final: bool, deadline: float = 0.0) -> Callable[[Path, bool], Any]:
         async def export(path: Path, is_directory: bool) -> BackupResult:
@@ -400,7 +427,7 @@ def final_shared_backup(
     notes: tuple[str, ...] = ()
     if isinstance(exported, BackupResult) and exported.kind == "skipped" and exported.ok:
         notes = ("another worker's export on Drive holds this worker's trials",)
-    if not flush.timed_out:
+    if not flush.timed_out or not exporter.release_after_final():
         run_blocking(lambda: store.arelease(study_dir))
     return StudyBackupReport(
         study_dir=study_dir,
