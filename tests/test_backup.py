@@ -16,7 +16,7 @@ import pytest
 
 from drive_support import DriveSetup, simulated_drive
 from sweep_support import finished_trials, integrity, own_worker
-from sweepsafe import SweepResult, run_sweep, study_dir_for
+from sweepsafe import SweepResult, run_sweep, study_dir_for, trial_dir
 from sweepsafe.backup import (
     BackupProgress,
     backup_hpo_study_to_drive,
@@ -401,3 +401,31 @@ def test_a_check_cut_short_by_the_flush_timeout_says_the_backups_used_it(tmp_pat
         "Google Drive did not answer in the 0.0 s the backups left of the 300 s timeout "
         "while checking the copy"
     )
+
+
+def test_files_deleted_on_drive_are_copied_again_by_the_end_of_the_next_sweep(
+    tmp_path: Path,
+) -> None:
+    # A hand, or a cleanup rule, removed files from the Drive copy after they were backed
+    # up. The end of the next sweep, which says whether the Drive copy is complete, must
+    # not trust its own records of what it copied.
+    with simulated_drive(tmp_path) as setup:
+        study_dir = study_dir_for(setup.local, "gone")
+
+        def objective(trial: optuna.Trial) -> float:
+            (trial_dir(study_dir, trial) / "weights.bin").write_bytes(b"w" * 1000)
+            return 1.0
+
+        study_dir.mkdir(parents=True)
+        (study_dir / "config.yaml").write_text("lr: 0.1\n")
+        assert sweep_on(setup, "gone", 2, objective).backup_ok
+        on_drive = setup.drive / study_dir.name
+        weights = on_drive / "trials" / "trial-00001" / "weights.bin"
+        weights.unlink()
+        (on_drive / "config.yaml").unlink()
+
+        again = sweep_on(setup, "gone", 2, objective)  # nothing left to run: the end only
+
+        assert again.backup_ok, again.backup_report
+        assert weights.read_bytes() == b"w" * 1000
+        assert (on_drive / "config.yaml").read_text() == "lr: 0.1\n"

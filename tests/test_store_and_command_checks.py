@@ -304,3 +304,20 @@ def test_a_study_another_runtime_holds_is_named_by_its_url(tmp_path: Path) -> No
     message = str(raised.value)
     assert message.startswith(f"{url}/{study_dir.name} is being backed up by another runtime")
     assert "/file:/" not in message
+
+
+def test_a_trial_object_deleted_from_the_store_is_copied_again_by_the_final_backup(
+    tmp_path: Path,
+) -> None:
+    remote = tmp_path / "bucket" / "sweeps"
+    local = tmp_path / "local"
+    trial = local / "study-a" / "trials" / "trial-00000"
+    trial.mkdir(parents=True)
+    (trial / "weights.bin").write_bytes(b"w" * 1000)
+    with ObjectStore(local, f"file://{remote}") as store:
+        assert store.backup(local / "study-a", is_directory=True).ok
+        copy = remote / "study-a" / "trials" / "trial-00000" / "weights.bin"
+        copy.unlink()  # a lifecycle rule, or a hand, removed it
+        result = store.backup(local / "study-a", is_directory=True, final=True)
+    assert result.ok, result.error
+    assert copy.read_bytes() == b"w" * 1000

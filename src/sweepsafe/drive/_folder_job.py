@@ -77,3 +77,6 @@ class FolderJob:
     """Files of the study on Drive whose folder is not yet synced, shared by its jobs."""
     spares: Spares | None = None
     """Next versions of the study's large files, captured while the one before ships."""
+    check_drive: bool = False
+    """Look on Drive for the files the manifest calls copied (the end of a sweep): one
+    missing there, deleted by hand or by a cleanup rule, is copied again."""

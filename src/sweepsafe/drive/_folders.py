@@ -36,6 +36,12 @@ async def sync_folder(
     Saves the manifest even when cancelled or stopped, so finished copies stay recorded.
     """
     scan = await anyio.to_thread.run_sync(scan_local, job.unit_local, folder, exclude)
+    if job.check_drive:
+        prefix = os.path.relpath(folder, job.unit_local).replace(os.sep, "/")
+        prefix = "" if prefix == "." else prefix + "/"
+        async with job.pool.session() as helper:
+            _exists, files, _temps = await helper.scan(job.unit_drive / prefix, job.timeout)
+        _forget_missing(job, scan, {prefix + rel for rel, _size in files})
     return await _copy_changed(job, scan, folder if mirror else None)
 
 
@@ -63,7 +69,19 @@ async def sync_file(job: FolderJob, path: Path) -> FolderOutcome:
     rel = path.relative_to(job.unit_local).as_posix()
     info = await anyio.to_thread.run_sync(os.stat, path)
     scan = _Scan(files={rel: _LocalFile(str(path), database_signature(path, info))})
+    if job.check_drive and job.manifest.get(rel) is not None:
+        async with job.pool.session() as helper:
+            there = (await helper.stat(job.unit_drive / rel, job.timeout))["exists"]
+        _forget_missing(job, scan, {rel} if there else set())
     return await _copy_changed(job, scan, None)
+
+
+def _forget_missing(job: FolderJob, scan: _Scan, on_drive: set[str]) -> None:
+    """Forget the copies the manifest records of scanned files Drive no longer has, so
+    that they are copied again."""
+    for rel in scan.files:
+        if rel not in on_drive and job.manifest.get(rel) is not None:
+            job.manifest.forget(rel)
 
 
 async def _copy_changed(job: FolderJob, scan: _Scan, mirror: Path | None) -> FolderOutcome:

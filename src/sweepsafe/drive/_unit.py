@@ -383,6 +383,7 @@ class StudyUnit:
             file_lock=lambda rel: self.locks.get(("file", rel)),
             landing=self.landing,
             spares=None if final else self.spares,
+            check_drive=final,
         )
 
     async def sync(
