@@ -3,12 +3,61 @@ restore, and a Drive copy must never go backwards."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import optuna
 
 from drive_support import simulated_drive
+from sweepsafe import DriveStore, SweepResult, run_sweep, study_dir_for, trial_dir
 from sweepsafe.testing import FaultPlan, simulated_store
+from sweepsafe.worker import BackupWorker
+
+
+def runtime_sweep(
+    local: Path, drive: Path, plan: Path, n_trials: int, files: Callable[[int], dict[str, bytes]]
+) -> SweepResult:
+    """One runtime's ``run_sweep`` of study "k" under ``local/out``, backed up to the
+    simulated ``drive``; each trial writes ``files(trial number)`` into its folder."""
+    local.mkdir(exist_ok=True)
+    out = local / "out"
+
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", -1.0, 1.0)
+        for name, data in files(trial.number).items():
+            (trial_dir(study_dir_for(out, "k"), trial) / name).write_bytes(data)
+        return x * x
+
+    store = simulated_store(local, drive, plan)
+    worker = BackupWorker()
+    try:
+        return run_sweep(
+            objective,
+            output_dir=out,
+            study_key="k",
+            n_trials=n_trials,
+            backup_to_drive=store,
+            worker=worker,
+        )
+    finally:
+        worker.close()
+        store.close()
+
+
+def shared_sweep(
+    store: DriveStore, storage: str, output_dir: Path, n_trials: int, **kwargs: Any
+) -> SweepResult:
+    """A worker of the shared study "shared" on the server ``storage``, backed up by ``store``."""
+    return run_sweep(
+        lambda trial: trial.suggest_float("x", 0, 1),
+        output_dir=output_dir,
+        study_key="shared",
+        n_trials=n_trials,
+        storage=storage,
+        backup_to_drive=store,
+        **kwargs,
+    )
 
 
 def _history(drive: Path) -> Path:
@@ -84,40 +133,17 @@ def test_a_new_study_does_not_replace_a_drive_copy_whose_history_cannot_be_rebui
 def test_a_runtime_back_on_its_disk_keeps_the_files_of_a_trial_another_runtime_finished(
     tmp_path: Path,
 ) -> None:
-    from sweepsafe import run_sweep, study_dir_for, trial_dir
-    from sweepsafe.worker import BackupWorker
-
     plan = tmp_path / "plan.json"
     FaultPlan().write(plan)
     drive = tmp_path / "drive"
 
-    def objective_of(name: str, out: Path):  # type: ignore[no-untyped-def]
-        def objective(trial: optuna.Trial) -> float:
-            x = trial.suggest_float("x", -1.0, 1.0)
-            folder = trial_dir(study_dir_for(out, "k"), trial)
-            (folder / "model.txt").write_text(f"{name} trial {trial.number} finished\n")
-            return x * x
-
-        return objective
-
     def sweep(local: Path, name: str, n_trials: int) -> optuna.Study:
-        local.mkdir(exist_ok=True)
-        store = simulated_store(local, drive, plan)
-        worker = BackupWorker()
-        try:
-            result = run_sweep(
-                objective_of(name, local / "out"),
-                output_dir=local / "out",
-                study_key="k",
-                n_trials=n_trials,
-                backup_to_drive=store,
-                worker=worker,
-            )
-            assert result.backup_ok
-            return result.study
-        finally:
-            worker.close()
-            store.close()
+        def files(number: int) -> dict[str, bytes]:
+            return {"model.txt": f"{name} trial {number} finished\n".encode()}
+
+        result = runtime_sweep(local, drive, plan, n_trials, files)
+        assert result.backup_ok
+        return result.study
 
     # Runtime A: three trials; it starts trial 3, writes part of its files and dies.
     sweep(tmp_path / "a", "A", 3)
@@ -141,7 +167,6 @@ def test_a_runtime_back_on_its_disk_keeps_the_files_of_a_trial_another_runtime_f
 def test_a_shared_worker_runs_its_trials_while_drive_is_disconnected(
     tmp_path: Path, postgres_database: str
 ) -> None:
-    from sweepsafe import run_sweep
 
     plan = tmp_path / "plan.json"
     FaultPlan(disconnected=True).write(plan)
@@ -149,15 +174,7 @@ def test_a_shared_worker_runs_its_trials_while_drive_is_disconnected(
     local.mkdir()
     store = simulated_store(local, tmp_path / "drive", plan, drive_timeout=5.0)
     try:
-        result = run_sweep(
-            lambda t: t.suggest_float("x", 0, 1),
-            output_dir=local / "out",
-            study_key="shared",
-            n_trials=3,
-            storage=postgres_database,
-            backup_to_drive=store,
-            flush_timeout=10.0,
-        )
+        result = shared_sweep(store, postgres_database, local / "out", 3, flush_timeout=10.0)
     finally:
         store.close()
     storage = optuna.storages.RDBStorage(postgres_database)
@@ -176,22 +193,13 @@ def test_a_shared_worker_with_no_trials_of_its_own_does_not_wait_for_an_export(
     import json
     import time
 
-    from sweepsafe import run_sweep, study_dir_for
-
     plan = tmp_path / "plan.json"
     FaultPlan().write(plan)
     local, drive = tmp_path / "local", tmp_path / "drive"
     local.mkdir()
     # The sweep already has its trials; another live worker holds the study's lease.
     with simulated_store(local, drive, plan) as store:
-        run_sweep(
-            lambda t: t.suggest_float("x", 0, 1),
-            output_dir=local / "out",
-            study_key="shared",
-            n_trials=2,
-            storage=postgres_database,
-            backup_to_drive=store,
-        )
+        shared_sweep(store, postgres_database, local / "out", 2)
     now = time.time()
     owner = {"id": "other", "host": "elsewhere", "pid": 1, "boot_id": "b", "started": now}
     lease = {"format": 1, "owner": owner, "acquired": now, "heartbeat": now, "released": False}
@@ -202,54 +210,23 @@ def test_a_shared_worker_with_no_trials_of_its_own_does_not_wait_for_an_export(
     late.mkdir()
     with simulated_store(late, drive, plan) as store:
         started = time.monotonic()
-        result = run_sweep(
-            lambda t: t.suggest_float("x", 0, 1),
-            output_dir=late / "out",
-            study_key="shared",
-            n_trials=2,
-            storage=postgres_database,
-            backup_to_drive=store,
-            flush_timeout=20.0,
-        )
+        result = shared_sweep(store, postgres_database, late / "out", 2, flush_timeout=60.0)
         waited = time.monotonic() - started
     assert result.backup_report is not None
     assert result.backup_report.ok, result.backup_report
-    assert waited < 10.0
+    # Waiting for another worker's export would have taken the whole flush timeout.
+    assert waited < 60.0 / 2
 
 
 def test_trial_files_a_restore_did_not_bring_back_come_back_at_the_next_start(
     tmp_path: Path,
 ) -> None:
-    from sweepsafe import run_sweep, study_dir_for, trial_dir
-    from sweepsafe.worker import BackupWorker
-
     plan = tmp_path / "plan.json"
     FaultPlan().write(plan)
     drive = tmp_path / "drive"
 
     def sweep(local: Path, n_trials: int) -> None:
-        local.mkdir(exist_ok=True)
-        out = local / "out"
-
-        def objective(trial: optuna.Trial) -> float:
-            x = trial.suggest_float("x", -1.0, 1.0)
-            (trial_dir(study_dir_for(out, "k"), trial) / "ckpt.bin").write_bytes(b"w" * 1000)
-            return x * x
-
-        store = simulated_store(local, drive, plan)
-        worker = BackupWorker()
-        try:
-            run_sweep(
-                objective,
-                output_dir=out,
-                study_key="k",
-                n_trials=n_trials,
-                backup_to_drive=store,
-                worker=worker,
-            )
-        finally:
-            worker.close()
-            store.close()
+        runtime_sweep(local, drive, plan, n_trials, lambda number: {"ckpt.bin": b"w" * 1000})
 
     sweep(tmp_path / "a", 3)
     # A new runtime restores the study, but Drive fails to hand over the trials' files
@@ -273,9 +250,6 @@ def test_a_shared_worker_whose_final_export_outlasted_its_wait_gives_the_lease_b
     import json
     import time
 
-    from sweepsafe import run_sweep, study_dir_for
-    from sweepsafe.worker import BackupWorker
-
     plan = tmp_path / "plan.json"
     FaultPlan(latency_s=2.0).write(plan)  # a slow Drive: the export outlasts the wait
     local = tmp_path / "local"
@@ -283,15 +257,8 @@ def test_a_shared_worker_whose_final_export_outlasted_its_wait_gives_the_lease_b
     store = simulated_store(local, tmp_path / "drive", plan, lease_timeout=10.0)
     worker = BackupWorker()
     try:
-        result = run_sweep(
-            lambda t: t.suggest_float("x", 0, 1),
-            output_dir=local / "out",
-            study_key="shared",
-            n_trials=2,
-            storage=postgres_database,
-            backup_to_drive=store,
-            worker=worker,
-            flush_timeout=3.0,
+        result = shared_sweep(
+            store, postgres_database, local / "out", 2, worker=worker, flush_timeout=3.0
         )
         assert result.backup_report is not None
         assert result.backup_report.timed_out
