@@ -179,6 +179,17 @@ def test_restore_of_a_generation_drive_does_not_keep_is_one_error_line(backed: B
     assert backed.database.read_bytes() == before
 
 
+def test_restore_of_a_generation_of_a_folder_is_refused_as_bad_input(backed: Backed) -> None:
+    # A generation belongs to one database: the command says which path to give, exit 2.
+    before = backed.database.read_bytes()
+    args = restore_args(backed, "--generation", "2")
+    args[1] = backed.database.parent
+    result = run_cli(*args)
+    assert result.returncode == 2, result
+    assert_one_error_line(result, "is a folder", "--generation", str(backed.database))
+    assert backed.database.read_bytes() == before
+
+
 def test_restore_before_every_generation_is_one_error_line(backed: Backed) -> None:
     before = backed.database.read_bytes()
     result = run_cli(*restore_args(backed, "--before", "2001-01-01T00:00"))

@@ -105,6 +105,9 @@ def restore_command(args: argparse.Namespace, out: TextIO) -> int:
         )
     if result.reason == "no-copy":
         raise CommandError(result.error or f"Google Drive holds no copy of {path}", EXIT_BAD_INPUT)
+    if kind == "dir" and (args.generation is not None or args.before is not None):
+        # Refused before anything was read: a generation belongs to one database.
+        raise CommandError(result.error or f"{path} is a folder", EXIT_BAD_INPUT)
     status = report_copy("Restored", result, out)
     if args.into is not None:
         if result.kind != "sqlite":
