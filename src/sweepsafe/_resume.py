@@ -8,7 +8,6 @@ creates or loads the study, and schedules its first backup.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -271,7 +270,7 @@ def _reconcile_with_drive(store: BackupBackend, study_dir: Path) -> bool:
     marker.touch()
     result = run_blocking(lambda: store.arestore(database))
     if not result.ok and not interrupted:
-        _remove_marker(marker)
+        marker.unlink(missing_ok=True)
     if not result.ok:
         if result.reason == "no-copy":
             return False
@@ -287,7 +286,7 @@ def _reconcile_with_drive(store: BackupBackend, study_dir: Path) -> bool:
             "copy is not replaced by a worse one)."
         )
     if result.files_unchanged and not interrupted:
-        _remove_marker(marker)
+        marker.unlink(missing_ok=True)
         return False  # the local study holds everything the Drive copy holds
     after = _finished_here(database)
     if before is not None and after is not None:
@@ -296,7 +295,7 @@ def _reconcile_with_drive(store: BackupBackend, study_dir: Path) -> bool:
     if not trials.ok and trials.reason != "no-copy":
         logger.warning("The study was restored, but not all its trial files: %s", trials.error)
     else:
-        _remove_marker(marker)
+        marker.unlink(missing_ok=True)
     if result.files_unchanged:
         return False  # the database was back already: only trial files were missing
     if trials.kept_local:
@@ -332,11 +331,6 @@ def _restore_marker(store: BackupBackend, study_dir: Path) -> Path:
     rel = os.path.relpath(study_dir, store.local_root)
     digest = hashlib.sha256(rel.encode("utf-8", "surrogateescape")).hexdigest()[:16]
     return Path(store.local_root) / STATE_DIR_NAME / f"{_RESTORING}-{digest}"
-
-
-def _remove_marker(marker: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        marker.unlink()
 
 
 def _finished_here(database: Path) -> frozenset[tuple[str, int, str]] | None:
