@@ -248,14 +248,13 @@ def test_a_shared_worker_whose_final_export_outlasted_its_wait_gives_the_lease_b
     tmp_path: Path, postgres_database: str
 ) -> None:
     import json
+    import time
 
     plan = tmp_path / "plan.json"
     FaultPlan(latency_s=2.0).write(plan)  # a slow Drive: the export outlasts the wait
     local = tmp_path / "local"
     local.mkdir()
-    # The default lease timeout: no renewal falls within the test, so what it reads is
-    # what the end of the export left.
-    store = simulated_store(local, tmp_path / "drive", plan)
+    store = simulated_store(local, tmp_path / "drive", plan, lease_timeout=10.0)
     worker = BackupWorker()
     try:
         result = shared_sweep(
@@ -268,6 +267,7 @@ def test_a_shared_worker_whose_final_export_outlasted_its_wait_gives_the_lease_b
         # The export ran after the sweep closed the server's connections: close its own.
         storage = result.study._storage
         getattr(storage, "_backend", storage).engine.dispose()
+        time.sleep(3.5)  # a renewal period (lease_timeout / 4) and more
         name = study_dir_for(local / "out", "shared").name
         lease = json.loads(
             (tmp_path / "drive" / "out" / name / ".sweepsafe" / "lease.json").read_text()

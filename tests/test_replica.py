@@ -17,12 +17,14 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import anyio
 import optuna
 import pytest
 
 from cli_support import run_cli
-from drive_support import DriveSetup, simulated_drive, write_bytes
+from drive_support import DriveSetup, make_study, simulated_drive, write_bytes
 from replica_support import (
     DriveObserver,
     RuntimeProcess,
@@ -32,6 +34,7 @@ from replica_support import (
 )
 from sweep_support import own_worker, wait_for, wait_while_running
 from sweepsafe import DriveStore, SweepResult, run_sweep, study_dir_for
+from sweepsafe.drive import _unit
 from sweepsafe.drive._replica import Lease, Runtime, this_runtime
 from sweepsafe.errors import LeaseHeldError, SweepsafeError
 from sweepsafe.testing import FaultPlan, simulated_store
@@ -522,3 +525,47 @@ def test_a_study_taken_before_the_first_backup_landed_stops_the_sweep(tmp_path: 
     assert theirs.owner == other
     on_drive = [p.relative_to(study_on_drive).as_posix() for p in study_on_drive.rglob("*")]
     assert [p for p in on_drive if (study_on_drive / p).is_file()] == [".sweepsafe/lease.json"]
+
+
+@pytest.mark.parametrize("pause", ["before", "after"])
+def test_a_renewal_in_flight_as_the_lease_is_given_back_leaves_it_given_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pause: str
+) -> None:
+    """The worker renews leases on its own event loop while the sweep's end gives them
+    back from another thread: a renewal whose Drive write lands before or after the
+    release must not leave the study taken, or the next runtime waits out the lease."""
+    with simulated_drive(tmp_path, lease_timeout=0.8) as setup:
+        database = setup.local / "study-1" / "study.db"
+        make_study(database, 2)
+        assert setup.store.backup(database).ok
+        real_acquire = _unit.acquire_lease
+        renewing, go_on = threading.Event(), threading.Event()
+
+        async def held_up_acquire(*args: Any, **kwargs: Any) -> Lease:
+            # The renewal's own lease write, held up just before or just after it lands.
+            if pause == "before":
+                renewing.set()
+                await anyio.to_thread.run_sync(go_on.wait)
+            lease = await real_acquire(*args, **kwargs)
+            if pause == "after":
+                renewing.set()
+                await anyio.to_thread.run_sync(go_on.wait)
+            return lease
+
+        monkeypatch.setattr(_unit, "acquire_lease", held_up_acquire)
+        time.sleep(0.3)  # past a quarter of the lease timeout: the lease is due for renewal
+        renewal = threading.Thread(target=anyio.run, args=(setup.store.arenew,))
+        renewal.start()
+        try:
+            assert renewing.wait(30), "the renewal never wrote the lease"
+            setup.store.release(database.parent)
+        finally:
+            go_on.set()
+            renewal.join(30)
+        assert not renewal.is_alive()
+
+        assert not anyio.run(setup.store.aholds, database.parent)
+        lease_file = setup.drive / "study-1" / ".sweepsafe" / "lease.json"
+        lease = Lease.from_json(lease_file.read_bytes())
+        assert lease is not None
+        assert lease.released, lease

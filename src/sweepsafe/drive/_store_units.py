@@ -166,7 +166,7 @@ async def renew_leases(units: Iterable[StudyUnit], pool: HelperPool) -> None:
             continue
         try:
             async with pool.session() as helper:
-                await unit.ensure_lease(helper)
+                await unit.renew(helper)
         except LeaseHeldError as exc:
             # Expected in a shared study (another worker exports now); said once
             # where a single runtime was taken over.

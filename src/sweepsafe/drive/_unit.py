@@ -110,6 +110,12 @@ class StudyUnit:
         self._state: UnitState | None = None
         self._manifest: Manifest | None = None
         self._lease: Lease | None = None
+        self._releases = 0
+        """How many times the lease was given back: a renewal that began before one
+        must not keep the lease it wrote (see :meth:`renew`)."""
+        self._lease_guard = threading.Lock()
+        """Orders giving the lease back (at a sweep's end, from the caller's thread)
+        against a renewal keeping what it wrote (on the worker's event loop)."""
         self.lost: str | None = None
         """Why this runtime may no longer write this study's Drive copy."""
         self.claimed = False
@@ -265,8 +271,33 @@ class StudyUnit:
         Raises:
             LeaseHeldError: another runtime owns it (or took it over from this one).
         """
+        lease = await self._ensure_lease(helper, takeover=takeover, renewal=None)
+        assert lease is not None
+        return lease
+
+    async def renew(self, helper: DriveHelper) -> None:
+        """Renew the lease this runtime holds, if it still holds one.
+
+        The backup worker renews on its own event loop while the end of a sweep gives
+        the lease back from the caller's thread. A release that comes while a renewal
+        is under way wins: a lease the renewal wrote is given back again, so the next
+        runtime need not wait it out.
+
+        Raises:
+            LeaseHeldError: another runtime took the study over.
+        """
+        with self._lease_guard:
+            if not self.holds_lease:
+                return
+            releases = self._releases
+        await self._ensure_lease(helper, takeover=False, renewal=releases)
+
+    async def _ensure_lease(
+        self, helper: DriveHelper, *, takeover: bool, renewal: int | None
+    ) -> Lease | None:
         settings = self.settings
-        if self._lease is not None and not takeover:
+        held = self._lease
+        if held is not None and not takeover:
             current = await read_lease(helper, self.drive, settings.timeout)
             if current is not None and not current.owner.is_same_process(this_runtime()):
                 if self.shared:
@@ -282,13 +313,15 @@ class StudyUnit:
                     "study up."
                 )
                 raise LeaseHeldError(self.lost)
-            fresh = settings.clock() - self._lease.heartbeat < settings.lease_timeout / 4
+            fresh = settings.clock() - held.heartbeat < settings.lease_timeout / 4
             if current is not None and not current.released and fresh:
-                return self._lease
+                return held
+        if renewal is not None and renewal != self._releases:
+            return None  # given back meanwhile: nothing to renew
         if self._lease is None:
             self.checked.clear()
         try:
-            self._lease = await acquire_lease(
+            lease = await acquire_lease(
                 helper,
                 self.drive,
                 timeout=settings.timeout,
@@ -302,10 +335,24 @@ class StudyUnit:
                 # Checked free when the sweep started, taken by another runtime since.
                 self.refused = self.lost = str(exc)
             raise
+        with self._lease_guard:
+            kept = renewal is None or renewal == self._releases
+            if kept:
+                self._lease = lease
+        if not kept:
+            # Given back while this renewal wrote it: the release may have landed first.
+            await release_lease(
+                helper,
+                self.drive,
+                settings.timeout,
+                settings.clock,
+                conditional=settings.pool.conditional_writes,
+            )
+            return None
         if takeover:
             self.lost = None
             self.refused = None
-        return self._lease
+        return lease
 
     async def claim(self, helper: DriveHelper) -> None:
         """Check, writing nothing, that no other runtime holds a live lease on the study.
@@ -338,9 +385,11 @@ class StudyUnit:
 
     async def release(self, helper: DriveHelper) -> None:
         """Give the lease back, so that the next runtime needs no wait."""
-        if self._lease is None:
-            return
-        self._lease = None
+        with self._lease_guard:
+            if self._lease is None:
+                return
+            self._lease = None
+            self._releases += 1
         self.checked.clear()
         if self.settings.pool.unfinished_uploads and self.lost is None:
             # Called once this runtime's jobs are done: an upload still open under the
