@@ -377,7 +377,7 @@ def test_a_new_runtime_that_cannot_reach_the_store_refuses_to_start_naming_it(
     assert message.startswith("Could not reach the copy of ")
     assert f"in the object store s3://{BUCKET}/hung: " in message
     assert f"s3://{BUCKET}/hung/" in message  # the object that did not answer
-    assert "restore=False" in message
+    assert "restore=False (sweepsafe run --no-restore)" in message
 
 
 HUNG_CHILD = """

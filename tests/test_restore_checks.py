@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import optuna
+import pytest
 
 from drive_support import (
     DriveSetup,
@@ -20,9 +21,11 @@ from drive_support import (
     objective,
     simulated_drive,
 )
+from sweepsafe import run_sweep, study_dir_for
 from sweepsafe.cli._restore import _moment
 from sweepsafe.cli._status import iso_time
 from sweepsafe.drive._sqlite import recover_hot_journal
+from sweepsafe.errors import StudyConflictError
 from sweepsafe.testing import FaultPlan, simulated_store
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -272,3 +275,55 @@ def test_status_does_not_call_a_study_left_by_a_killed_writer_corrupt(tmp_path: 
     assert row["trial_counts"].get("COMPLETE") == 4, row
     # status never changes a database, even to roll a journal back.
     assert {p.name: p.read_bytes() for p in database.parent.iterdir()} == before
+
+
+def test_a_local_study_and_a_drive_copy_that_diverged_are_both_kept_and_the_way_on_named(
+    tmp_path: Path,
+) -> None:
+    """Runtime A went on without Drive while runtime B continued from Drive: each holds
+    a finished trial the other lacks. A's next start replaces neither and says how to
+    go on, in the library's words and the command's."""
+    with simulated_drive(tmp_path) as setup:
+        first = run_sweep(
+            objective,
+            output_dir=setup.local,
+            study_key="s",
+            n_trials=2,
+            backup_to_drive=setup.store,
+        )
+        assert first.backup_ok
+        database = study_dir_for(setup.local, "s") / "study.db"
+        url = f"sqlite:///{database}"
+        (name,) = optuna.get_all_study_names(url)
+        optuna.load_study(study_name=name, storage=url).optimize(objective, n_trials=1)
+        here_only = complete_trial_numbers(database)
+
+        other = tmp_path / "other"
+        other.mkdir()
+        store = simulated_store(other, setup.drive, setup.plan_path)
+        try:
+            second = run_sweep(
+                objective, output_dir=other, study_key="s", n_trials=3, backup_to_drive=store
+            )
+            assert second.backup_ok
+        finally:
+            store.close()
+        on_drive = complete_trial_numbers(study_dir_for(other, "s") / "study.db")
+
+        with pytest.raises(StudyConflictError) as raised:
+            run_sweep(
+                objective,
+                output_dir=setup.local,
+                study_key="s",
+                n_trials=4,
+                backup_to_drive=setup.store,
+            )
+    message = str(raised.value)
+    assert "\n" not in message
+    assert f"the local {database} and its Drive copy have diverged" in message
+    assert f"Move {database.parent} away" in message
+    assert "restore=False (sweepsafe run --no-restore)" in message
+    # Neither side lost a trial.
+    assert complete_trial_numbers(database) == here_only
+    assert len(here_only) == 3
+    assert len(on_drive) == 3

@@ -339,7 +339,9 @@ def test_unreachable_drive_at_start_refuses_instead_of_forking_the_study(tmp_pat
         simulated_drive(tmp_path, FaultPlan(disconnected=True)) as drive,
         own_worker() as worker,
     ):
-        with pytest.raises(SweepsafeError, match=r"not connected.*restore=False"):
+        with pytest.raises(
+            SweepsafeError, match=r"not connected.*restore=False \(sweepsafe run --no-restore\)"
+        ):
             run_sweep(
                 quadratic,
                 output_dir=drive.local / "out",

@@ -247,12 +247,13 @@ def _acquire(
                 f"Could not reach the copy of {study_dir} in the object store {store.url}: "
                 f"{reason}. "
                 "Check the URL, the credentials and the network, and run again; pass "
-                "restore=False only to start a new study."
+                "restore=False (sweepsafe run --no-restore) only to start a new study."
             ) from exc
         if needed:
             raise SweepsafeError(
                 f"Could not reach the Drive copy of {study_dir}: {reason}. Fix the Drive mount "
-                "and run again; pass restore=False only to start a new study."
+                "and run again; pass restore=False (sweepsafe run --no-restore) only to start a "
+                "new study."
             ) from exc
         logger.warning("Could not take the lease on the Drive copy of %s: %s", study_dir, exc)
 
@@ -282,8 +283,8 @@ def _reconcile_with_drive(store: BackupBackend, study_dir: Path) -> bool:
         raise SweepsafeError(
             f"Google Drive holds a copy of {database} but it could not be restored: "
             f"{(result.error or 'unknown error').rstrip('.')}. Fix the cause and run again; pass "
-            "restore=False only to start a new study (its backups then stop, since the Drive "
-            "copy is not replaced by a worse one)."
+            "restore=False (sweepsafe run --no-restore) only to start a new study (its backups "
+            "then stop, since the Drive copy is not replaced by a worse one)."
         )
     if result.files_unchanged and not interrupted:
         marker.unlink(missing_ok=True)

@@ -219,8 +219,8 @@ async def _install(
                 f"trials the other lacks ({_examples(local_only)} only here; "
                 f"{_examples(drive_only)} only on Drive), so neither replaces the other. Move "
                 f"{database.parent} away to continue from the Drive copy, or run with "
-                "restore=False to keep the local study (its backups then stop until the "
-                "Drive copy is moved away)",
+                "restore=False (sweepsafe run --no-restore) to keep the local study (its "
+                "backups then stop until the Drive copy is moved away)",
                 diverged=True,
             )
         if not drive_only:
