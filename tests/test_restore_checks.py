@@ -178,7 +178,34 @@ def test_verify_of_a_drive_copy_whose_newest_generation_cannot_be_rebuilt_is_not
         verified = setup.store.verify(database)
 
         assert not verified.ok, verified
-        assert "generation 3" in (verified.error or ""), verified.error
+        assert "generation 3 is missing on Drive" in (verified.error or ""), verified.error
+
+
+@pytest.mark.parametrize("damage", ["emptied", "body damaged", "header damaged"])
+def test_verify_reads_the_patches_between_the_base_and_the_newest_generation(
+    tmp_path: Path, damage: str
+) -> None:
+    # A patch in the middle of the chain, damaged on Drive: the newest generation cannot
+    # be rebuilt, so a resume is refused; verify must not call the copy sound.
+    with simulated_drive(tmp_path) as setup:
+        database = generations_backed_up(setup, 5)
+        folder = setup.drive / "study-1" / ".sweepsafe" / "history" / "study.db"
+        (middle,) = folder.glob("00000003-*.patch")
+        data = bytearray(middle.read_bytes())
+        if damage == "emptied":
+            data = bytearray()
+        elif damage == "body damaged":
+            data[-40] ^= 0x40
+        else:
+            data[12] ^= 0x40
+        middle.write_bytes(bytes(data))
+        shutil.rmtree(setup.local / "study-1")
+        assert not setup.store.restore(database).ok
+
+        verified = setup.store.verify(database)
+
+        assert not verified.ok, verified
+        assert "generation 3 is damaged on Drive" in (verified.error or ""), verified.error
 
 
 def test_a_base_file_copied_under_a_newer_number_is_not_restored_as_the_newest(

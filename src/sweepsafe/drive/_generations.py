@@ -237,7 +237,8 @@ async def read_details(
 
     ``problem`` says why a generation cannot be restored: its own file is damaged, or a
     generation below it on the way from the nearest base is missing or damaged. A patch
-    small enough to come whole with its header is checked whole.
+    small enough to come whole with its header is checked whole; a larger one by its
+    header and its length.
     """
     details: list[GenerationDetails] = []
     for number in sorted({*history.patches, *history.bases}, reverse=True):
@@ -275,7 +276,7 @@ async def read_details(
                     header.created,
                     header.meta,
                     patch.size,
-                    _whole_patch_problem(raw, patch),
+                    _whole_patch_problem(raw, patch) or _length_problem(header, patch),
                 )
             )
     return _name_broken_chains(details)
@@ -290,6 +291,15 @@ def _whole_patch_problem(raw: bytes | None, patch: Generation) -> str | None:
     except PatchError as exc:
         return str(exc)
     return None
+
+
+def _length_problem(header: PatchHeader, patch: Generation) -> str | None:
+    """A patch whose file is not as long as its header says: cut short, or grown."""
+    if header.patch_bytes == patch.size:
+        return None
+    return (
+        f"patch is truncated or damaged: {patch.size} bytes, its header says {header.patch_bytes}"
+    )
 
 
 def _name_broken_chains(details: list[GenerationDetails]) -> list[GenerationDetails]:

@@ -11,8 +11,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from sweepsafe.drive._drive_errors import DriveTimeout
+from sweepsafe.drive._drive_errors import DriveOSError, DriveTimeout
 from sweepsafe.drive._generations import (
+    Generation,
     History,
     history_dir,
     list_history,
@@ -21,9 +22,10 @@ from sweepsafe.drive._generations import (
     read_record,
 )
 from sweepsafe.drive._helper_client import HelperPool
+from sweepsafe.drive._helper_wire import SMALL_READ_LIMIT
 from sweepsafe.drive._messages import explain_failure
 from sweepsafe.drive._page_diff import PatchError
-from sweepsafe.drive._patch_format import decode_patch, read_patch_header
+from sweepsafe.drive._patch_format import decode_patch
 from sweepsafe.drive._reserved_names import STATE_DIR_NAME
 from sweepsafe.drive._results import GenerationInfo, StudySummary, VerifyResult
 
@@ -40,8 +42,9 @@ __all__ = [
 ]
 
 _ANCESTORS = 4
-_WHOLE_PATCH_CHECK = 4 << 20
-"""The newest patch is checked whole up to this size, by its header alone above it."""
+_BATCH_FILES = 64
+_BATCH_BYTES = 32 << 20
+"""Patches read in one request when a chain is checked: at most so many, and bytes."""
 
 
 def studies_of(info: Mapping[str, Any]) -> tuple[StudySummary, ...]:
@@ -168,32 +171,98 @@ async def _generations(
 async def _newest_unreachable(
     helper: DriveHelper, folder: Path, history: History, timeout: float
 ) -> str | None:
-    """Why the newest generation cannot be rebuilt, from the listing and its own patch
-    (the patches between are not read: a long chain would make every check slow)."""
+    """Why the newest generation cannot be rebuilt, or None: every patch from the nearest
+    base up is read, as a restore would (see :func:`_patch_problems`)."""
     head = history.head
     if head in history.bases:
         return None
     below = [n for n in history.bases if n < head]
     if not below:
         return "Drive keeps no base below it"
-    gaps = [n for n in range(max(below) + 1, head + 1) if n not in history.patches]
+    first = max(below) + 1
+    gaps = [n for n in range(first, head + 1) if n not in history.patches]
     if gaps:
         return f"generation {gaps[0]} is missing on Drive"
-    problems: list[str] = []
-    for patch in history.patches[head]:
-        whole = patch.size <= _WHOLE_PATCH_CHECK
-        raw = await helper.read(
-            folder / patch.name, timeout, limit=patch.size if whole else 64 << 10, head=not whole
-        )
+    chain = [patch for number in range(first, head + 1) for patch in history.patches[number]]
+    problems = await _patch_problems(helper, folder, chain, timeout)
+    # The lowest generation with no sound patch is where the chain breaks.
+    for number in range(first, head + 1):
+        here = history.patches[number]
+        if all(problems[patch.name] is not None for patch in here):
+            damage = "; ".join(f"{patch.name}: {problems[patch.name]}" for patch in here)
+            return f"generation {number} is damaged on Drive ({damage})"
+    return None
+
+
+async def _patch_problems(
+    helper: DriveHelper, folder: Path, patches: Sequence[Generation], timeout: float
+) -> dict[str, str | None]:
+    """Per patch: what is wrong with it, or None.
+
+    A patch up to what one read returns is read whole and its checksums checked; such
+    patches come many to a request, as a restore reads them. A larger one is checked by
+    its header and its length, not pulled whole.
+    """
+    problems: dict[str, str | None] = {}
+    small = [patch for patch in patches if patch.size <= SMALL_READ_LIMIT]
+    for batch in _batches(small):
+        paths = [folder / patch.name for patch in batch]
+        found: list[bytes | DriveOSError | None]
         try:
-            if whole:
-                decode_patch(raw or b"")
-            else:
-                read_patch_header(raw or b"")
-            return None
-        except PatchError as exc:
-            problems.append(f"{patch.name} is damaged ({exc})")
-    return "; ".join(problems)
+            found = list(await helper.read_many(paths, timeout, limit=SMALL_READ_LIMIT))
+        except DriveOSError:
+            # One bad file fails the whole request: read them one by one to say which.
+            found = [await _read_or_error(helper, path, timeout) for path in paths]
+        for patch, raw in zip(batch, found, strict=True):
+            problems[patch.name] = _whole_problem(raw, patch)
+    for patch in patches:
+        if patch.size > SMALL_READ_LIMIT:
+            try:
+                header = await read_header(helper, folder, patch, timeout)
+            except PatchError as exc:
+                problems[patch.name] = str(exc)
+                continue
+            problems[patch.name] = (
+                None
+                if header.patch_bytes == patch.size
+                else f"{patch.size} bytes, its header says {header.patch_bytes}"
+            )
+    return problems
+
+
+def _batches(patches: Sequence[Generation]) -> list[list[Generation]]:
+    batches: list[list[Generation]] = []
+    total = 0
+    for patch in patches:
+        if not batches or len(batches[-1]) >= _BATCH_FILES or total + patch.size > _BATCH_BYTES:
+            batches.append([])
+            total = 0
+        batches[-1].append(patch)
+        total += patch.size
+    return batches
+
+
+async def _read_or_error(
+    helper: DriveHelper, path: Path, timeout: float
+) -> bytes | DriveOSError | None:
+    try:
+        return await helper.read(path, timeout, limit=SMALL_READ_LIMIT)
+    except DriveOSError as exc:
+        return exc
+
+
+def _whole_problem(raw: bytes | DriveOSError | None, patch: Generation) -> str | None:
+    if raw is None:
+        return "gone since the listing"
+    if isinstance(raw, DriveOSError):
+        return f"unreadable ({raw.strerror or raw})"
+    try:
+        decoded = decode_patch(raw)
+    except PatchError as exc:
+        return str(exc)
+    if decoded.header.generation != patch.number:
+        return f"it holds generation {decoded.header.generation}"
+    return None
 
 
 async def _newest_meta(
