@@ -41,7 +41,7 @@ async def sync_folder(
         prefix = "" if prefix == "." else prefix + "/"
         async with job.pool.session() as helper:
             _exists, files, _temps = await helper.scan(job.unit_drive / prefix, job.timeout)
-        _forget_missing(job, scan, {prefix + rel for rel, _size in files})
+        _forget_missing(job, scan, {prefix + rel: size for rel, size in files})
     return await _copy_changed(job, scan, folder if mirror else None)
 
 
@@ -71,17 +71,28 @@ async def sync_file(job: FolderJob, path: Path) -> FolderOutcome:
     scan = _Scan(files={rel: _LocalFile(str(path), database_signature(path, info))})
     if job.check_drive and job.manifest.get(rel) is not None:
         async with job.pool.session() as helper:
-            there = (await helper.stat(job.unit_drive / rel, job.timeout))["exists"]
-        _forget_missing(job, scan, {rel} if there else set())
+            found = await helper.stat(job.unit_drive / rel, job.timeout)
+        _forget_missing(job, scan, {rel: int(found["size"])} if found["exists"] else {})
     return await _copy_changed(job, scan, None)
 
 
-def _forget_missing(job: FolderJob, scan: _Scan, on_drive: set[str]) -> None:
-    """Forget the copies the manifest records of scanned files Drive no longer has, so
-    that they are copied again."""
-    for rel in scan.files:
-        if rel not in on_drive and job.manifest.get(rel) is not None:
+def _forget_missing(job: FolderJob, scan: _Scan, on_drive: dict[str, int]) -> None:
+    """Forget the copies the manifest records of scanned files Drive no longer has, or
+    has at another size than the one copied (cut short or replaced by hand or by a sync
+    client), so that they are copied again."""
+    for rel, local in scan.files.items():
+        recorded = job.manifest.get(rel)
+        if recorded is None:
+            continue
+        size = on_drive.get(rel)
+        if size is None or (size != recorded[0] and not _is_snapshot_shipped(local.path)):
             job.manifest.forget(rel)
+
+
+def _is_snapshot_shipped(path: str) -> bool:
+    # A database in WAL mode goes to Drive as a snapshot holding its -wal content, so
+    # the size of its copy need not be its main file's.
+    return os.path.exists(path + "-wal")
 
 
 async def _copy_changed(job: FolderJob, scan: _Scan, mirror: Path | None) -> FolderOutcome:

@@ -1,0 +1,149 @@
+"""A Drive mount that fails the way Colab's does, on some paths, at the worst moments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+
+from drive_support import simulated_drive, temp_files
+from sweep_support import finished_trials, own_worker
+from sweepsafe import backup_hpo_study_to_drive
+from sweepsafe.testing import FaultPlan, simulated_store
+
+
+def _study_with_files(study_dir: Path, n_trials: int) -> optuna.Study:
+    """A real study in ``study_dir/study.db``; each trial writes two files of its own."""
+    study_dir.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(
+        storage=f"sqlite:///{study_dir / 'study.db'}",
+        study_name="s",
+        sampler=optuna.samplers.RandomSampler(0),
+    )
+    _add_trials(study, study_dir, n_trials)
+    return study
+
+
+def _add_trials(study: optuna.Study, study_dir: Path, n_trials: int) -> None:
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", -10.0, 10.0)
+        folder = study_dir / "trials" / f"trial-{trial.number:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "notes.txt").write_text(f"x={x}\n")
+        (folder / "weights.bin").write_bytes(bytes([trial.number % 256]) * 5000)
+        return (x - 2.0) ** 2
+
+    study.optimize(objective, n_trials=n_trials)
+
+
+def _restore_into(tmp_path: Path, setup_drive: Path, plan_path: Path, rel: str) -> Path:
+    """Restore study ``rel`` from Drive into a fresh local root; the restored study folder."""
+    fresh = tmp_path / "fresh"
+    fresh.mkdir(exist_ok=True)
+    store = simulated_store(fresh, setup_drive, plan_path)
+    try:
+        database = fresh / rel / "study.db"
+        result = store.restore(database)
+        assert result.ok, result.error
+        folder = store.restore(fresh / rel / "trials", is_directory=True)
+        assert folder.ok, folder.error
+    finally:
+        store.close()
+    return fresh / rel
+
+
+def _assert_same_trial_files(local: Path, restored: Path) -> None:
+    for path in (local / "trials").rglob("*"):
+        if path.is_file():
+            copy = restored / path.relative_to(local)
+            assert copy.read_bytes() == path.read_bytes(), copy
+
+
+def test_a_patch_write_refused_for_space_is_not_complete_and_the_next_backup_ships_it(
+    tmp_path: Path,
+) -> None:
+    with simulated_drive(tmp_path) as setup, own_worker() as worker:
+        study_dir = setup.local / "out" / "study-a"
+        study = _study_with_files(study_dir, 2)
+        first = backup_hpo_study_to_drive(
+            setup.local / "out", setup.store, worker=worker, timeout=60, release=False
+        )
+        assert first.ok, str(first)
+        _add_trials(study, study_dir, 3)
+        setup.set_faults(FaultPlan(fail_paths=(("*/history/*", "ENOSPC"),)))
+        failed = backup_hpo_study_to_drive(
+            setup.local / "out", setup.store, worker=worker, timeout=60, release=False
+        )
+        assert not failed.ok, str(failed)
+        assert "INCOMPLETE" in str(failed), str(failed)
+        setup.set_faults(FaultPlan())
+        again = backup_hpo_study_to_drive(
+            setup.local / "out", setup.store, worker=worker, timeout=60
+        )
+        assert again.ok, str(again)
+        assert again.trial_counts == {"COMPLETE": 5}
+    assert temp_files(setup.drive) == []
+    restored = _restore_into(tmp_path, setup.drive, setup.plan_path, "out/study-a")
+    assert len(finished_trials(restored / "study.db")) == 5
+    _assert_same_trial_files(study_dir, restored)
+
+
+def test_a_trial_file_failing_with_eio_holds_its_trial_back_until_it_lands(
+    tmp_path: Path,
+) -> None:
+    with simulated_drive(tmp_path) as setup, own_worker() as worker:
+        study_dir = setup.local / "out" / "study-b"
+        _study_with_files(study_dir, 3)
+        setup.set_faults(FaultPlan(fail_paths=(("*/trial-00001/weights.bin", "EIO"),)))
+        failed = backup_hpo_study_to_drive(
+            setup.local / "out", setup.store, worker=worker, timeout=60, release=False
+        )
+        assert not failed.ok, str(failed)
+        assert "weights.bin" in str(failed), str(failed)
+        assert not (setup.drive / "out/study-b/trials/trial-00001/weights.bin").exists()
+        setup.set_faults(FaultPlan())
+        again = backup_hpo_study_to_drive(
+            setup.local / "out", setup.store, worker=worker, timeout=60
+        )
+        assert again.ok, str(again)
+    assert temp_files(setup.drive) == []
+    restored = _restore_into(tmp_path, setup.drive, setup.plan_path, "out/study-b")
+    assert len(finished_trials(restored / "study.db")) == 3
+    _assert_same_trial_files(study_dir, restored)
+
+
+def test_a_plain_copy_that_fails_at_the_end_of_the_sweep_is_not_complete(
+    tmp_path: Path,
+) -> None:
+    with simulated_drive(tmp_path) as setup, own_worker() as worker:
+        study_dir = setup.local / "out" / "study-c"
+        study = _study_with_files(study_dir, 2)
+        assert backup_hpo_study_to_drive(
+            setup.local / "out", setup.store, worker=worker, timeout=60, release=False
+        ).ok
+        _add_trials(study, study_dir, 2)
+        setup.set_faults(FaultPlan(fail_paths=(("*/study-c/study.db", "EIO"),)))
+        report = backup_hpo_study_to_drive(
+            setup.local / "out", setup.store, worker=worker, timeout=60
+        )
+        plain = finished_trials(setup.drive / "out/study-c/study.db")
+        assert report.ok is False or len(plain) == 4, (str(report), plain)
+
+
+def test_a_trial_file_truncated_on_drive_is_repaired_by_the_next_backup(tmp_path: Path) -> None:
+    with simulated_drive(tmp_path) as setup, own_worker() as worker:
+        study_dir = setup.local / "out" / "study-d"
+        study = _study_with_files(study_dir, 2)
+        assert backup_hpo_study_to_drive(
+            setup.local / "out", setup.store, worker=worker, timeout=60, release=False
+        ).ok
+        on_drive = setup.drive / "out/study-d/trials/trial-00000/weights.bin"
+        on_drive.write_bytes(b"\0" * 10)  # a sync client or a hand cut it short
+        _add_trials(study, study_dir, 1)
+        report = backup_hpo_study_to_drive(
+            setup.local / "out", setup.store, worker=worker, timeout=60
+        )
+        assert report.ok, str(report)
+    assert on_drive.read_bytes() == (study_dir / "trials/trial-00000/weights.bin").read_bytes()
+    restored = _restore_into(tmp_path, setup.drive, setup.plan_path, "out/study-d")
+    _assert_same_trial_files(study_dir, restored)
