@@ -9,6 +9,7 @@ import optuna
 from drive_support import simulated_drive, temp_files
 from sweep_support import finished_trials, own_worker
 from sweepsafe import backup_hpo_study_to_drive
+from sweepsafe.drive._reserved_names import temp_name
 from sweepsafe.testing import FaultPlan, simulated_store
 
 
@@ -147,3 +148,23 @@ def test_a_trial_file_truncated_on_drive_is_repaired_by_the_next_backup(tmp_path
     assert on_drive.read_bytes() == (study_dir / "trials/trial-00000/weights.bin").read_bytes()
     restored = _restore_into(tmp_path, setup.drive, setup.plan_path, "out/study-d")
     _assert_same_trial_files(study_dir, restored)
+
+
+def test_a_dead_runtimes_temporary_in_a_trial_folder_is_removed_by_the_final_backup(
+    tmp_path: Path,
+) -> None:
+    with simulated_drive(tmp_path) as setup, own_worker() as worker:
+        study_dir = setup.local / "out" / "study-e"
+        study = _study_with_files(study_dir, 2)
+        assert backup_hpo_study_to_drive(
+            setup.local / "out", setup.store, worker=worker, timeout=60, release=False
+        ).ok
+        # A helper killed mid-copy with its runtime: half a file under a temporary name.
+        stray = setup.drive / "out/study-e/trials/trial-00000" / temp_name("deadbeef0001aa")
+        stray.write_bytes(b"half a checkpoint")
+        _add_trials(study, study_dir, 1)
+        report = backup_hpo_study_to_drive(
+            setup.local / "out", setup.store, worker=worker, timeout=60
+        )
+        assert report.ok, str(report)
+    assert temp_files(setup.drive) == []

@@ -39,8 +39,12 @@ async def sync_folder(
     if job.check_drive:
         prefix = os.path.relpath(folder, job.unit_local).replace(os.sep, "/")
         prefix = "" if prefix == "." else prefix + "/"
+        drive_folder = job.unit_drive / prefix
         async with job.pool.session() as helper:
-            _exists, files, _temps = await helper.scan(job.unit_drive / prefix, job.timeout)
+            _exists, files, temps = await helper.scan(drive_folder, job.timeout)
+            # Copies killed with a runtime leave temporaries where no copy may come again.
+            for parent in sorted({(drive_folder / rel).parent for rel in temps}):
+                await helper.clean(parent, job.timeout)
         _forget_missing(job, scan, {prefix + rel: size for rel, size in files})
     return await _copy_changed(job, scan, folder if mirror else None)
 
