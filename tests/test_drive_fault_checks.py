@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import optuna
+import pytest
 
 from drive_support import simulated_drive, temp_files
 from sweep_support import finished_trials, own_worker
@@ -168,3 +170,56 @@ def test_a_dead_runtimes_temporary_in_a_trial_folder_is_removed_by_the_final_bac
         )
         assert report.ok, str(report)
     assert temp_files(setup.drive) == []
+
+
+@pytest.mark.parametrize("record", ["lease.json", "identity.json"])
+def test_a_record_cut_to_nothing_on_drive_does_not_stop_the_next_runtime(
+    tmp_path: Path, record: str
+) -> None:
+    with simulated_drive(tmp_path) as setup, own_worker() as worker:
+        study_dir = setup.local / "out" / "study-f"
+        _study_with_files(study_dir, 2)
+        assert backup_hpo_study_to_drive(
+            setup.local / "out", setup.store, worker=worker, timeout=60
+        ).ok
+    (setup.drive / "out/study-f/.sweepsafe" / record).write_bytes(b"")
+    other = tmp_path / "other"
+    shutil.copytree(study_dir, other / "out/study-f", ignore=shutil.ignore_patterns(".sweepsafe"))
+    _add_trials(_open(other / "out/study-f"), other / "out/study-f", 1)
+    store = simulated_store(other, setup.drive, setup.plan_path)
+    try:
+        with own_worker() as worker:
+            report = backup_hpo_study_to_drive(other / "out", store, worker=worker, timeout=60)
+    finally:
+        store.close()
+    assert report.ok, str(report)
+    assert report.trial_counts == {"COMPLETE": 3}
+
+
+def _open(study_dir: Path) -> optuna.Study:
+    return optuna.load_study(study_name="s", storage=f"sqlite:///{study_dir / 'study.db'}")
+
+
+def test_a_plain_copy_cut_short_on_drive_is_named_and_every_trial_still_restores(
+    tmp_path: Path,
+) -> None:
+    with simulated_drive(tmp_path) as setup, own_worker() as worker:
+        study_dir = setup.local / "out" / "study-h"
+        study = _study_with_files(study_dir, 2)
+        assert backup_hpo_study_to_drive(
+            setup.local / "out", setup.store, worker=worker, timeout=60, release=False
+        ).ok
+        _add_trials(study, study_dir, 2)
+        assert backup_hpo_study_to_drive(
+            setup.local / "out", setup.store, worker=worker, timeout=60
+        ).ok
+    plain = setup.drive / "out/study-h/study.db"
+    with open(plain, "r+b") as file:
+        file.truncate(plain.stat().st_size // 2)
+    (tmp_path / "v").mkdir()
+    with simulated_store(tmp_path / "v", setup.drive, setup.plan_path) as store:
+        verified = store.verify(tmp_path / "v/out/study-h/study.db")
+    assert not verified.ok
+    assert "a restore rebuilds generation 2" in str(verified.error), verified.error
+    restored = _restore_into(tmp_path, setup.drive, setup.plan_path, "out/study-h")
+    assert len(finished_trials(restored / "study.db")) == 4

@@ -110,9 +110,17 @@ async def verify_database(pool: HelperPool, remote: Path, timeout: float) -> Ver
         return VerifyResult(path=remote, exists=False, error=message)
     problem = info.get("integrity_problem")
     error: str | None = None
-    if problem:
-        error = f"{remote} failed its integrity check ({problem}); do not restore from it"
     plain, newest, missing, broken = generations or (None, None, {}, None)
+    if problem:
+        error = f"{remote} failed its integrity check ({problem}); "
+        if newest is not None and broken is None:
+            # A restore rebuilds the newest generation from the history, not this copy.
+            error += (
+                "do not open or copy it by hand: a restore rebuilds generation "
+                f"{newest} from Drive's history, and the next end-of-sweep backup rewrites it"
+            )
+        else:
+            error += "do not restore from it"
     if error is None and generations is not None and plain != newest and plain is None:
         error = (
             f"{remote} is not a generation Drive's history knows; the newest generation "
