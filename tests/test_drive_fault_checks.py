@@ -223,3 +223,23 @@ def test_a_plain_copy_cut_short_on_drive_is_named_and_every_trial_still_restores
     assert "a restore rebuilds generation 2" in str(verified.error), verified.error
     restored = _restore_into(tmp_path, setup.drive, setup.plan_path, "out/study-h")
     assert len(finished_trials(restored / "study.db")) == 4
+
+
+@pytest.mark.parametrize("code", ["EACCES", "EPERM"])
+def test_a_trial_file_drive_does_not_allow_is_named_and_does_not_hold_the_study_back(
+    tmp_path: Path, code: str
+) -> None:
+    with simulated_drive(tmp_path) as setup, own_worker() as worker:
+        setup.set_faults(FaultPlan(fail_paths=(("*/trial-00001/weights.bin", code),)))
+        study_dir = setup.local / "out" / "study-i"
+        _study_with_files(study_dir, 4)
+        report = backup_hpo_study_to_drive(
+            setup.local / "out", setup.store, worker=worker, timeout=60
+        )
+    assert not report.ok, str(report)
+    assert report.trial_counts == {"COMPLETE": 4}, str(report)
+    (missing,) = report.missing_files[1]
+    assert "weights.bin" in missing
+    assert "may write there" in missing, missing
+    for number in (0, 2, 3):
+        assert (setup.drive / f"out/study-i/trials/trial-{number:05d}/weights.bin").exists()

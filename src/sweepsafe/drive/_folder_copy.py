@@ -42,7 +42,8 @@ if TYPE_CHECKING:
     from sweepsafe.drive._folder_scan import _Scan
 
 # Drive refusing one name or one entry: every retry would meet the same refusal.
-_REFUSED_FOR_GOOD = {
+_NOT_ALLOWED = {errno.EACCES, errno.EPERM}
+_REFUSED_FOR_GOOD = _NOT_ALLOWED | {
     errno.ENAMETOOLONG,
     errno.EINVAL,
     errno.EISDIR,
@@ -177,7 +178,9 @@ class _Copier:
                 raise
             refused = exc.errno in _REFUSED_FOR_GOOD
             reason = f"Google Drive refused it: {exc.strerror or exc}"
-            if refused:
+            if exc.errno in _NOT_ALLOWED:
+                reason += "; check that this runtime may write there on Drive"
+            elif refused:
                 reason += "; rename it or move it out of the folder"
             self.problems.append(EntryProblem(rel, reason, not refused, exc))
             return
