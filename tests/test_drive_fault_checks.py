@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import optuna
@@ -12,6 +13,7 @@ from drive_support import simulated_drive, temp_files
 from sweep_support import finished_trials, own_worker
 from sweepsafe import backup_hpo_study_to_drive
 from sweepsafe.drive._reserved_names import temp_name
+from sweepsafe.drive._unit import HOLD_BACK_S
 from sweepsafe.testing import FaultPlan, simulated_store
 
 
@@ -91,9 +93,11 @@ def test_a_patch_write_refused_for_space_is_not_complete_and_the_next_backup_shi
     _assert_same_trial_files(study_dir, restored)
 
 
-def test_a_trial_file_failing_with_eio_holds_its_trial_back_until_it_lands(
+def test_a_trial_file_failing_with_eio_at_the_end_is_named_and_the_rest_reaches_drive(
     tmp_path: Path,
 ) -> None:
+    # At the end of a sweep there is no later backup to wait for: the file is named and
+    # the database goes to Drive with every other trial.
     with simulated_drive(tmp_path) as setup, own_worker() as worker:
         study_dir = setup.local / "out" / "study-b"
         _study_with_files(study_dir, 3)
@@ -102,16 +106,64 @@ def test_a_trial_file_failing_with_eio_holds_its_trial_back_until_it_lands(
             setup.local / "out", setup.store, worker=worker, timeout=60, release=False
         )
         assert not failed.ok, str(failed)
-        assert "weights.bin" in str(failed), str(failed)
+        assert "INCOMPLETE" in str(failed), str(failed)
+        (missing,) = failed.missing_files[1]
+        assert "weights.bin" in missing, missing
         assert not (setup.drive / "out/study-b/trials/trial-00001/weights.bin").exists()
+        on_drive = setup.drive / "out/study-b/study.db"
+        assert len(finished_trials(on_drive)) == 3
+        verified = setup.store.verify(study_dir / "study.db")
+        assert not verified.ok
+        assert set(verified.missing_files) == {1}
+        # The mount mends: the next backup ships the file and the copy is complete.
         setup.set_faults(FaultPlan())
         again = backup_hpo_study_to_drive(
             setup.local / "out", setup.store, worker=worker, timeout=60
         )
         assert again.ok, str(again)
+        assert setup.store.verify(study_dir / "study.db").ok
     assert temp_files(setup.drive) == []
     restored = _restore_into(tmp_path, setup.drive, setup.plan_path, "out/study-b")
     assert len(finished_trials(restored / "study.db")) == 3
+    _assert_same_trial_files(study_dir, restored)
+
+
+def test_a_trial_file_failing_for_a_minute_stops_holding_back_the_trials_after_it(
+    tmp_path: Path,
+) -> None:
+    now = [time.time()]
+    with simulated_drive(tmp_path, clock=lambda: now[0]) as setup:
+        study_dir = setup.local / "study-e"
+        database = study_dir / "study.db"
+        study = _study_with_files(study_dir, 2)
+        setup.set_faults(FaultPlan(fail_paths=(("*/trial-00001/weights.bin", "EIO"),)))
+        assert not setup.store.backup(database).ok  # the file may land yet: all waits
+        now[0] += HOLD_BACK_S / 2
+        _add_trials(study, study_dir, 1)
+        assert not setup.store.backup(database).ok
+        assert setup.store.history(database) == []  # no generation of the database yet
+
+        now[0] += HOLD_BACK_S / 2
+        _add_trials(study, study_dir, 1)
+        named = setup.store.backup(database)
+
+        assert named.ok, named.error  # the database reached Drive...
+        (missing,) = named.missing_files[1]  # ...without that file, named
+        assert "trial-00001/weights.bin" in missing, missing
+        for number in (0, 2, 3):
+            assert (setup.drive / f"study-e/trials/trial-{number:05d}/weights.bin").exists()
+        verified = setup.store.verify(database)
+        assert set(verified.missing_files) == {1}, verified
+        fresh = _restore_into(tmp_path, setup.drive, setup.plan_path, "study-e")
+        assert len(finished_trials(fresh / "study.db")) == 4
+        shutil.rmtree(fresh.parent)
+        # Tried again at every backup: once it lands, the copy is complete.
+        setup.set_faults(FaultPlan())
+        _add_trials(study, study_dir, 1)
+        assert setup.store.backup(database).ok
+        assert setup.store.verify(database).missing_files == {}
+    restored = _restore_into(tmp_path, setup.drive, setup.plan_path, "study-e")
+    assert len(finished_trials(restored / "study.db")) == 5
     _assert_same_trial_files(study_dir, restored)
 
 

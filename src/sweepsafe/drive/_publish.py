@@ -10,7 +10,8 @@ One backup of an Optuna database, in order:
    else nothing is replaced and the refusal says which trials;
 4. the folders of the trials the snapshot newly holds are copied first, so Drive never
    lists a finished trial whose files are not there (a file Drive refuses for good is
-   named and does not hold the database back; one still being retried does);
+   named and does not hold the database back; one still being retried does, for a
+   minute at most, and not at the end of a sweep);
 5. the pages that changed since that generation, as one patch; every so often (and at
    the end of a sweep) a whole base, which also refreshes the plain ``study.db`` that
    Optuna and optuna-dashboard open as is.
@@ -123,7 +124,9 @@ async def _publish_generation(
         earlier = parent.content.finished if parent is not None else frozenset()
         new_trials = sorted({number for _study, number, _start in content.finished - earlier})
         recheck = [int(n) for n in (record.missing_files if record else {})]
-        missing = await unit.sync_trial_folders(database.parent, sorted({*new_trials, *recheck}))
+        missing = await unit.sync_trial_folders(
+            database.parent, sorted({*new_trials, *recheck}), final=final
+        )
         return await _write_generation(
             unit, rel, snapshot, content, parent, history, missing, notes, final
         )

@@ -87,7 +87,12 @@ async def _write_generation(
         if delta is not None:
             sha = delta.sha256
             plain_current = record is not None and record.plain_generation == parent.generation
-            if sha == parent.sha256 and (plain_current or not final):
+            # Files named missing by the last generation that reached Drive since: a new
+            # generation says so, or verify and restore would name them for ever.
+            missing_changed = record is not None and set(record.missing_files) != {
+                str(number) for number in missing
+            }
+            if sha == parent.sha256 and (plain_current or not final) and not missing_changed:
                 return Published(
                     "unchanged", parent.generation, 0, content.finished_count, _frozen(missing)
                 )

@@ -44,7 +44,8 @@ class BackupResult:
     finished_trials: int | None = None
     """A study database: finished trials in the Drive copy (or in what was restored)."""
     missing_files: Mapping[int, tuple[str, ...]] = field(default_factory=lambda: _NO_MISSING)
-    """A study database: finished trials whose files Drive refused or that keep changing."""
+    """A study database: finished trials whose files Drive refused, that keep changing,
+    or that failed for too long (see ``HOLD_BACK_S``); ``ok`` is about the database."""
     problems: tuple[str, ...] = ()
     """Entries that were not copied, each ``path (reason)``."""
     skipped: tuple[str, ...] = ()

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from sweepsafe.drive._pacing import LocalWork
     from sweepsafe.drive._sqlite import DatabaseContent
 
-__all__ = ["StoreSettings", "StudyUnit", "TrialFilesHeldBack"]
+__all__ = ["HOLD_BACK_S", "StoreSettings", "StudyUnit", "TrialFilesHeldBack"]
 
 logger = logging.getLogger("sweepsafe.drive")
 
@@ -73,6 +73,15 @@ class StoreSettings:
     def scratch(self) -> Path:
         """Local scratch space for snapshots and captures."""
         return self.local_root / STATE_DIR_NAME / "scratch"
+
+
+HOLD_BACK_S = 60.0
+"""How long a trial file failing in a way a retry may mend holds its database back.
+
+Past that, or at the end of a sweep, the database goes to Drive without it, the file
+is named as missing (the report is incomplete; restore and verify name its trial), and
+every later backup tries it again: one bad file must not keep every later trial off
+Drive."""
 
 
 class TrialFilesHeldBack(Exception):
@@ -138,6 +147,8 @@ class StudyUnit:
         """Several workers share this study (a database server): see :meth:`prepare`."""
         self.registered = False
         """This folder is known to be a study (a lease, or a database of it)."""
+        self.failing_since: dict[str, float] = {}
+        """Trial files still failing in a way a retry may mend: since when (``clock``)."""
         self.landing: dict[str, Signature] = {}
         """Files copied to Drive whose folder a job has yet to sync (see ``FolderJob``)."""
         self.spares = Spares(settings.scratch)
@@ -450,16 +461,20 @@ class StudyUnit:
             )
 
     async def sync_trial_folders(
-        self, database_folder: Path, numbers: Sequence[int]
+        self, database_folder: Path, numbers: Sequence[int], *, final: bool = False
     ) -> dict[int, list[str]]:
         """Make sure the folders of trials ``numbers`` are on Drive before their database.
 
-        Returns, per trial, the files Drive refused for good or that keep changing (they
-        do not hold the database back, and are named). A folder already copied costs a
-        local scan; the folders' files are copied together, many at once.
+        Returns, per trial, the files Drive refused for good, that keep changing, or that
+        have failed for :data:`HOLD_BACK_S` (at the end of a sweep, ``final``: that
+        failed at all, as no later backup is coming to wait for): they do not hold the
+        database back, and are named, and every later backup tries them again. A folder
+        already copied costs a local scan; the folders' files are copied together, many
+        at once.
 
         Raises:
-            TrialFilesHeldBack: a file failed in a way a retry may mend.
+            TrialFilesHeldBack: a file failed in a way a retry may mend, and has not
+                been failing for long.
         """
         wanted = {
             number: database_folder / self.settings.trial_folder.format(number=number)
@@ -481,8 +496,19 @@ class StudyUnit:
             number = _trial_of(problem.rel, prefixes)
             if number is not None:
                 problems.setdefault(number, []).append(problem)
+        failing = {p.rel for found in problems.values() for p in found}
+        for rel in [rel for rel in self.failing_since if rel not in failing]:
+            if _trial_of(rel, prefixes) is not None:
+                del self.failing_since[rel]  # it reached Drive since
+        now = self.settings.clock()
         for number in sorted(problems):
-            held = [p for p in problems[number] if p.retryable and not _changing(p)]
+            held: list[EntryProblem] = []
+            for problem in problems[number]:
+                if not problem.retryable or _changing(problem):
+                    continue
+                since = self.failing_since.setdefault(problem.rel, now)
+                if now - since < HOLD_BACK_S and not final:
+                    held.append(problem)
             if held:
                 raise TrialFilesHeldBack(
                     f"{len(held)} file(s) of trial {number} did not reach Drive yet, first "
