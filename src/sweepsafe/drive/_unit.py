@@ -327,6 +327,14 @@ class StudyUnit:
             fresh = settings.clock() - held.heartbeat < settings.lease_timeout / 4
             if current is not None and not current.released and fresh:
                 return held
+            if renewal is not None and current is not None and current.released:
+                # Given back by this process: the end of a sweep through another store
+                # (a notebook cell run again makes a new one). A heartbeat never takes a
+                # lease back; this store's next backup does, if it makes one.
+                with self._lease_guard:
+                    if self._lease is held:
+                        self._lease = None
+                return None
         if renewal is not None and renewal != self._releases:
             return None  # given back meanwhile: nothing to renew
         if self._lease is None:

@@ -1,0 +1,184 @@
+"""A notebook user's sweeps: cells run in the kernel's loop, run again, interrupted, mixed.
+
+Real Optuna studies in real SQLite files, the process-wide worker a notebook uses, and a
+simulated Drive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import optuna
+import pytest
+from optuna.trial import Trial
+
+from drive_support import DriveSetup
+from sweep_support import finished_trials, integrity, trial_states
+from sweepsafe.sweep import SweepResult, run_sweep, study_dir_for, trial_dir
+from sweepsafe.testing import FaultPlan, simulated_store
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def in_cell(body: Callable[[], Any]) -> Any:
+    """Run ``body`` as a notebook cell would: on a thread whose event loop is running, with
+    Ctrl-C raising ``KeyboardInterrupt`` (``asyncio.run`` would turn it into a cancel)."""
+
+    async def cell() -> Any:
+        return body()
+
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(cell())
+    finally:
+        loop.close()
+
+
+def sweep(
+    drive: DriveSetup, key: str, n_trials: int, objective: Callable[[Trial], float], **kwargs: Any
+) -> SweepResult:
+    return run_sweep(
+        objective,
+        output_dir=drive.local / "out",
+        study_key=key,
+        n_trials=n_trials,
+        **{"backup_to_drive": drive.store, "flush_timeout": 60, **kwargs},
+    )
+
+
+def writing(drive: DriveSetup, key: str) -> Callable[[Trial], float]:
+    study_dir = study_dir_for(drive.local / "out", key)
+
+    def objective(trial: Trial) -> float:
+        x = trial.suggest_float("x", -10, 10)
+        (trial_dir(study_dir, trial) / "result.txt").write_text(f"{x}\n")
+        return (x - 2) ** 2
+
+    return objective
+
+
+def assert_drive_holds_every_finished_trial(drive: DriveSetup, result: SweepResult) -> None:
+    database = result.study_dir / "study.db"
+    drive_db = drive.store.drive_path_for(database)
+    assert integrity(drive_db) == "ok"
+    assert finished_trials(drive_db) == finished_trials(database)
+    for number, _ in finished_trials(database):
+        local = result.study_dir / "trials" / f"trial-{number:05d}" / "result.txt"
+        assert drive.store.drive_path_for(local).read_bytes() == local.read_bytes()
+
+
+def test_a_cell_interrupted_mid_sweep_and_run_again_finishes_and_backs_up(
+    drive: DriveSetup,
+) -> None:
+    objective = writing(drive, "interrupted")
+
+    def interrupted(trial: Trial) -> float:
+        if trial.number == 3:
+            raise KeyboardInterrupt
+        return objective(trial)
+
+    with pytest.raises(KeyboardInterrupt):
+        in_cell(lambda: sweep(drive, "interrupted", 8, interrupted))
+    again = in_cell(lambda: sweep(drive, "interrupted", 8, objective))
+
+    assert again.resumed_trials == 3
+    assert again.backup_ok, str(again.backup_report)
+    assert "complete" in str(again.backup_report)
+    assert len(finished_trials(again.study_dir / "study.db")) == 8
+    assert trial_states(again.study_dir / "study.db").get("RUNNING", 0) == 0
+    assert_drive_holds_every_finished_trial(drive, again)
+
+
+def test_parallel_trials_that_fail_or_are_pruned_are_all_counted(drive: DriveSetup) -> None:
+    objective = writing(drive, "mixed")
+
+    def mixed(trial: Trial) -> float:
+        value = objective(trial)
+        if trial.number % 5 == 1:
+            return float("nan")  # Optuna fails the trial
+        if trial.number % 5 == 2:
+            raise optuna.TrialPruned
+        return value
+
+    result = in_cell(lambda: sweep(drive, "mixed", 12, mixed, n_jobs=3))
+    database = result.study_dir / "study.db"
+    report = result.backup_report
+    assert report is not None
+    assert report.ok, str(report)
+    assert {state: n for state, n in report.trial_counts.items() if n} == trial_states(database)
+    assert_drive_holds_every_finished_trial(drive, result)
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    return {
+        path.relative_to(root).as_posix(): path.read_bytes()
+        for path in root.rglob("*")
+        if path.is_file() and ".sweepsafe" not in path.parts
+    }
+
+
+def test_entries_that_change_between_file_and_folder_reach_drive_as_they_are_now(
+    drive: DriveSetup,
+) -> None:
+    folder = drive.local / "study-x" / "trials" / "trial-00000"
+    folder.mkdir(parents=True)
+    (folder / "ckpt").write_bytes(b"a file first")
+    (folder / "logs").mkdir()
+    (folder / "logs" / "events.txt").write_bytes(b"a folder first")
+    assert drive.store.backup(folder, is_directory=True).ok
+
+    (folder / "ckpt").unlink()
+    (folder / "ckpt").mkdir()
+    (folder / "ckpt" / "shard-0.bin").write_bytes(b"now a folder")
+    shutil.rmtree(folder / "logs")
+    (folder / "logs").write_bytes(b"now a file")
+    result = drive.store.backup(folder, is_directory=True)
+
+    assert result.ok, result.error
+    copy = drive.store.drive_path_for(folder)
+    assert files_under(copy) == {"ckpt/shard-0.bin": b"now a folder", "logs": b"now a file"}
+
+    shutil.rmtree(folder)
+    restored = drive.store.restore(folder, is_directory=True)
+    assert restored.ok, restored.error
+    assert files_under(folder) == {"ckpt/shard-0.bin": b"now a folder", "logs": b"now a file"}
+
+
+def lease_on_drive(drive: DriveSetup, study_dir: Path) -> dict[str, Any]:
+    lease = drive.store.drive_path_for(study_dir) / ".sweepsafe" / "lease.json"
+    return dict(json.loads(lease.read_text(encoding="utf-8")))
+
+
+def test_a_lease_given_back_stays_given_back_after_a_cell_with_a_new_store_runs_again(
+    drive: DriveSetup,
+) -> None:
+    """The README's cell makes a new DriveStore each time it runs; the store of an earlier
+    run whose final backup did not finish must not take the lease back afterwards."""
+    objective = writing(drive, "stores")
+    first_store = simulated_store(drive.local, drive.drive, drive.plan_path)
+    second_store = simulated_store(drive.local, drive.drive, drive.plan_path)
+    try:
+        drive.set_faults(FaultPlan(latency_s=0.3))
+        first = in_cell(
+            lambda: sweep(
+                drive, "stores", 3, objective, flush_timeout=0.05, backup_to_drive=first_store
+            )
+        )
+        assert not first.backup_ok
+        drive.set_faults(FaultPlan())
+        again = in_cell(lambda: sweep(drive, "stores", 5, objective, backup_to_drive=second_store))
+        assert again.backup_ok, str(again.backup_report)
+        assert lease_on_drive(drive, again.study_dir)["released"] is True
+
+        anyio.run(first_store.arenew)  # the earlier store's heartbeat, due any moment
+
+        assert lease_on_drive(drive, again.study_dir)["released"] is True
+    finally:
+        first_store.close()
+        second_store.close()
