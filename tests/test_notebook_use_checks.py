@@ -7,9 +7,12 @@ simulated Drive.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import os
 import shutil
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -182,3 +185,39 @@ def test_a_lease_given_back_stays_given_back_after_a_cell_with_a_new_store_runs_
     finally:
         first_store.close()
         second_store.close()
+
+
+def helper_processes() -> set[int]:
+    """The simulated Drive helpers this process started that still run."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == os.getpid() and b"_simulated.py" in command:
+            found.add(int(entry.name))
+    return found
+
+
+def test_a_cell_run_again_with_a_new_store_does_not_leave_helper_processes_behind(
+    drive: DriveSetup,
+) -> None:
+    """Each run of the README's cell makes a new DriveStore: the helper processes of the
+    stores of earlier runs end instead of adding up for as long as the kernel lives."""
+    objective = writing(drive, "helpers")
+
+    def cell(n_trials: int) -> SweepResult:
+        store = simulated_store(drive.local, drive.drive, drive.plan_path)
+        return sweep(drive, "helpers", n_trials, objective, backup_to_drive=store)
+
+    counts: list[int] = []
+    for n_trials in range(2, 6):
+        result = in_cell(partial(cell, n_trials))
+        assert result.backup_ok, str(result.backup_report)
+        gc.collect()
+        counts.append(len(helper_processes()))
+
+    assert counts[-1] <= counts[0], counts

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
+import weakref
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -297,7 +298,25 @@ def keep_leases_alive(backup_to_drive: object, worker: BackupWorker) -> None:
     if isinstance(backup_to_drive, BackupBackend):
         lease_timeout = float(getattr(backup_to_drive, "lease_timeout", 120.0))
         interval = max(0.5, lease_timeout / 4)
-        worker.every(("lease", id(backup_to_drive)), interval, backup_to_drive.arenew)
+        worker.every(("lease", id(backup_to_drive)), interval, _renewal_of(backup_to_drive))
+
+
+def _renewal_of(store: BackupBackend) -> Callable[[], Awaitable[None]]:
+    """``store.arenew``, holding the store weakly: a notebook makes a new store each time
+    a cell runs, and a store no sweep uses any more must be free to go (its finalizer
+    ends its helper processes; a lease it kept lapses) instead of living on in the
+    worker's heartbeat."""
+    try:
+        method = weakref.WeakMethod(store.arenew)
+    except TypeError:  # not a bound method: nothing to hold weakly
+        return store.arenew
+
+    async def renew() -> None:
+        arenew = method()
+        if arenew is not None:
+            await arenew()
+
+    return renew
 
 
 _BACKEND_MEMBERS = (
