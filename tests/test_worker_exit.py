@@ -180,7 +180,7 @@ def test_ctrl_c_in_the_final_flush_does_not_make_the_exit_wait_again_for_the_sam
             pytest.fail("the sweep never reached its final flush")
         interrupted = time.monotonic()
         child.send_signal(signal.SIGINT)
-        _out, err = child.communicate(timeout=_PROCESS_LIMIT_S + exit_timeout)
+        out, err = child.communicate(timeout=_PROCESS_LIMIT_S + exit_timeout)
         took = time.monotonic() - interrupted
     finally:
         if child.poll() is None:
@@ -188,3 +188,8 @@ def test_ctrl_c_in_the_final_flush_does_not_make_the_exit_wait_again_for_the_sam
             child.communicate()
     assert "KeyboardInterrupt" in err
     assert took < exit_timeout, (took, err[-2000:])
+    # The exit says why it did not wait, not that a wait of a few microseconds timed out.
+    (said,) = [line for line in (out + err).splitlines() if "At exit" in line]
+    assert "flush timed out" not in said
+    assert "so the exit did not wait again" in said
+    assert "study.db" in said

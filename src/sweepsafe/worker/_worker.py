@@ -361,10 +361,27 @@ def _close_default_worker_at_exit() -> None:
         timeout = _exit_timeout_s
     if worker is None:
         return
-    if worker.waited_for_everything():
+    waited = worker.waited_for_everything()
+    if waited:
         # The sweep's final flush already waited its timeout for what is still pending
         # and said so; waiting again would make the exit take twice as long.
         timeout = 0.0
     report = worker.close(timeout)
-    if not report.ok:
+    if report.ok:
+        return
+    if waited and report.pending:
+        logger.warning("At exit, %s", _not_waited_for_again(report))
+    else:
         logger.warning("At exit, %s", report)
+
+
+def _not_waited_for_again(report: FlushReport) -> str:
+    """What the exit left undone when it did not wait again for what a flush gave up on
+    (the report's own words would name a timeout of a few microseconds)."""
+    pending = ", ".join(str(r.target) for r in report.pending)
+    text = (
+        f"{len(report.pending)} of {len(report.targets)} targets not backed up: {pending} "
+        "(still unfinished when the last wait for them ended, so the exit did not wait again)"
+    )
+    failed = ", ".join(f"{r.target} (failed: {r.last_error})" for r in report.failed)
+    return f"{text}; {failed}" if failed else text
