@@ -11,6 +11,7 @@ import gc
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -25,6 +26,7 @@ from drive_support import DriveSetup
 from sweep_support import finished_trials, integrity, trial_states
 from sweepsafe.sweep import SweepResult, run_sweep, study_dir_for, trial_dir
 from sweepsafe.testing import FaultPlan, simulated_store
+from sweepsafe.worker import get_default_worker
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -221,3 +223,39 @@ def test_a_cell_run_again_with_a_new_store_does_not_leave_helper_processes_behin
         counts.append(len(helper_processes()))
 
     assert counts[-1] <= counts[0], counts
+
+
+def write_lease_of_another_runtime(drive: DriveSetup, study_dir: Path, *, released: bool) -> None:
+    path = drive.store.drive_path_for(study_dir) / ".sweepsafe" / "lease.json"
+    lease = json.loads(path.read_text(encoding="utf-8"))
+    lease["owner"].update(host="other-vm", id="0ther000", pid=4242, boot_id="other-boot")
+    lease["heartbeat"] = time.time()
+    lease["released"] = released
+    path.write_text(json.dumps(lease), encoding="utf-8")
+
+
+def test_a_cell_run_again_after_the_runtime_that_took_the_study_gave_it_back_backs_it_up(
+    drive: DriveSetup,
+) -> None:
+    """The same store, kept in a notebook variable: the lease it lost to another tab in an
+    earlier run is taken afresh once that tab gave the study back."""
+    objective = writing(drive, "taken")
+    first = in_cell(lambda: sweep(drive, "taken", 2, objective))
+    assert first.backup_ok, str(first.backup_report)
+
+    def taken_during_the_trial(trial: Trial) -> float:
+        get_default_worker().flush(30)  # this run's first backup took the lease back
+        write_lease_of_another_runtime(drive, first.study_dir, released=False)
+        return objective(trial)
+
+    lost = in_cell(lambda: sweep(drive, "taken", 3, taken_during_the_trial))
+    assert not lost.backup_ok
+    assert "took over" in str(lost.backup_report)
+
+    write_lease_of_another_runtime(drive, first.study_dir, released=True)
+    again = in_cell(lambda: sweep(drive, "taken", 5, objective))
+
+    assert again.backup_ok, str(again.backup_report)
+    assert len(finished_trials(again.study_dir / "study.db")) == 5
+    assert_drive_holds_every_finished_trial(drive, again)
+    assert lease_on_drive(drive, again.study_dir)["owner"]["host"] != "other-vm"

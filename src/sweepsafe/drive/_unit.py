@@ -394,7 +394,12 @@ class StudyUnit:
             lease_timeout=settings.lease_timeout,
             clock=settings.clock,
         )
-        if self.refused is not None:  # an earlier sweep's refusal: this one may go on
+        if self.refused is not None or self.lost is not None:
+            # An earlier sweep was refused the study, or lost it to a runtime that has
+            # given it back (or gone quiet) since: this sweep may go on, and its first
+            # backup takes the lease afresh rather than renew the one that was lost.
+            with self._lease_guard:
+                self._lease = None
             self.lost = self.refused = None
 
     @property
