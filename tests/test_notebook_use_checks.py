@@ -11,6 +11,7 @@ import gc
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from functools import partial
@@ -24,6 +25,7 @@ from optuna.trial import Trial
 
 from drive_support import DriveSetup
 from sweep_support import finished_trials, integrity, trial_states
+from sweepsafe.errors import SweepsafeError
 from sweepsafe.sweep import SweepResult, run_sweep, study_dir_for, trial_dir
 from sweepsafe.testing import FaultPlan, simulated_store
 from sweepsafe.worker import get_default_worker
@@ -259,3 +261,38 @@ def test_a_cell_run_again_after_the_runtime_that_took_the_study_gave_it_back_bac
     assert len(finished_trials(again.study_dir / "study.db")) == 5
     assert_drive_holds_every_finished_trial(drive, again)
     assert lease_on_drive(drive, again.study_dir)["owner"]["host"] != "other-vm"
+
+
+def test_a_second_sweep_of_a_study_this_process_still_sweeps_is_refused_not_its_trials_failed(
+    drive: DriveSetup,
+) -> None:
+    """A cell run again while the first run still sweeps in a background thread: the
+    running trial is the live sweep's, not a dead runtime's, and must not be failed."""
+    objective = writing(drive, "twice")
+    in_trial = threading.Event()
+    finish = threading.Event()
+
+    def held_open(trial: Trial) -> float:
+        if trial.number == 1:
+            in_trial.set()
+            finish.wait(30)
+        return objective(trial)
+
+    results: list[SweepResult] = []
+    background = threading.Thread(
+        target=lambda: results.append(sweep(drive, "twice", 3, held_open)), daemon=True
+    )
+    background.start()
+    try:
+        assert in_trial.wait(30)
+        with pytest.raises(SweepsafeError, match="already being swept in this process"):
+            in_cell(lambda: sweep(drive, "twice", 3, objective))
+    finally:
+        finish.set()
+        background.join(60)
+
+    (first,) = results
+    assert first.backup_ok, str(first.backup_report)
+    assert trial_states(first.study_dir / "study.db") == {"COMPLETE": 3}
+    again = in_cell(lambda: sweep(drive, "twice", 4, objective))
+    assert again.backup_ok, str(again.backup_report)

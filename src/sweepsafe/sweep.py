@@ -6,7 +6,9 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +57,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# The study folders run_sweep is sweeping in this process (see _one_sweep_in_process).
+_SWEEPING: set[Path] = set()
+_SWEEPING_LOCK = threading.Lock()
 
 
 def study_dir_for(output_dir: str | os.PathLike[str], study_key: str | Mapping[str, Any]) -> Path:
@@ -188,8 +194,9 @@ def run_sweep(
             given as ``backup_to_drive``.
         StudyConflictError: the local study and its Drive copy diverged.
         SweepsafeError: Drive holds a copy of this study but it could not be restored
-            (a new study would be refused by it anyway), or the local ``study.db`` is
-            not an Optuna study.
+            (a new study would be refused by it anyway), the local ``study.db`` is
+            not an Optuna study, or this process is still sweeping the study (another
+            thread, or a cell still running).
     """
     study_dir = study_dir_for(output_dir, study_key)
     storage_path = study_dir / STUDY_DB_NAME
@@ -229,67 +236,69 @@ def run_sweep(
     if backup_to_drive is not None:
         worker = worker or get_default_worker()
     progress = progress if progress is not None else BackupProgress()
-    opened = _open_study(
-        study_dir,
-        backup_to_drive,
-        study_name=study_name,
-        direction=direction,
-        directions=directions,
-        sampler=sampler,
-        pruner=pruner,
-        restore=restore,
-        takeover=takeover,
-        worker=worker,
-        progress=progress,
-    )
-    study = opened.study
-    backup_callbacks: list[OptunaCallback] = []
-    if backup_to_drive is not None:
-        backup_callbacks = [
-            create_trial_backup_callback(study_dir, backup_to_drive, worker=worker),
-            create_study_db_backup_callback(
-                storage_path, backup_to_drive, worker=worker, progress=progress
-            ),
-        ]
-    remaining = None if n_trials is None else n_trials - opened.resumed
-    report: StudyBackupReport | None = None
-    failure: BaseException | None = None
-    try:
-        if remaining is None or remaining > 0:
-            all_callbacks: list[OptunaCallback] = [*callbacks, *backup_callbacks]
-            if n_trials is not None:
-                all_callbacks.insert(0, optuna.study.MaxTrialsCallback(n_trials, states=_FINISHED))
-            study.optimize(
-                objective,
-                n_trials=remaining,
-                timeout=timeout,
-                n_jobs=n_jobs,
-                callbacks=all_callbacks,
-            )
-            refused = _lease_refused(backup_to_drive, study_dir)
-            if refused is not None:
-                raise LeaseHeldError(refused)
-        else:
-            logger.info(
-                "Study %s already has %d finished trials; nothing to run.",
-                study.study_name,
-                opened.resumed,
-            )
-    except BaseException as exc:
-        failure = exc
-        raise
-    finally:
-        if backup_to_drive is not None or is_drive_path(study_dir):
-            report = _final_backup(
-                output_dir, backup_to_drive, study_dir, worker, flush_timeout, failure, progress
-            )
-    return SweepResult(
-        study=study,
-        study_dir=study_dir,
-        backup_report=report,
-        resumed_trials=opened.resumed,
-        restored_from_drive=opened.restored,
-    )
+    with _one_sweep_in_process(study_dir):
+        opened = _open_study(
+            study_dir,
+            backup_to_drive,
+            study_name=study_name,
+            direction=direction,
+            directions=directions,
+            sampler=sampler,
+            pruner=pruner,
+            restore=restore,
+            takeover=takeover,
+            worker=worker,
+            progress=progress,
+        )
+        study = opened.study
+        backup_callbacks: list[OptunaCallback] = []
+        if backup_to_drive is not None:
+            backup_callbacks = [
+                create_trial_backup_callback(study_dir, backup_to_drive, worker=worker),
+                create_study_db_backup_callback(
+                    storage_path, backup_to_drive, worker=worker, progress=progress
+                ),
+            ]
+        remaining = None if n_trials is None else n_trials - opened.resumed
+        report: StudyBackupReport | None = None
+        failure: BaseException | None = None
+        try:
+            if remaining is None or remaining > 0:
+                all_callbacks: list[OptunaCallback] = [*callbacks, *backup_callbacks]
+                if n_trials is not None:
+                    enough = optuna.study.MaxTrialsCallback(n_trials, states=_FINISHED)
+                    all_callbacks.insert(0, enough)
+                study.optimize(
+                    objective,
+                    n_trials=remaining,
+                    timeout=timeout,
+                    n_jobs=n_jobs,
+                    callbacks=all_callbacks,
+                )
+                refused = _lease_refused(backup_to_drive, study_dir)
+                if refused is not None:
+                    raise LeaseHeldError(refused)
+            else:
+                logger.info(
+                    "Study %s already has %d finished trials; nothing to run.",
+                    study.study_name,
+                    opened.resumed,
+                )
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            if backup_to_drive is not None or is_drive_path(study_dir):
+                report = _final_backup(
+                    output_dir, backup_to_drive, study_dir, worker, flush_timeout, failure, progress
+                )
+        return SweepResult(
+            study=study,
+            study_dir=study_dir,
+            backup_report=report,
+            resumed_trials=opened.resumed,
+            restored_from_drive=opened.restored,
+        )
 
 
 def _run_shared(
@@ -342,6 +351,29 @@ def _run_shared(
     return SweepResult(
         study=study, study_dir=study_dir, backup_report=report, resumed_trials=finished
     )
+
+
+@contextmanager
+def _one_sweep_in_process(study_dir: Path) -> Iterator[None]:
+    """Refuse a second sweep of ``study_dir`` while this process still runs one.
+
+    The lease tells runtimes apart, not sweeps of one process: a cell run again while a
+    sweep of the same study still runs in another thread would take the running trials
+    for a dead runtime's and fail them under it.
+    """
+    with _SWEEPING_LOCK:
+        if study_dir in _SWEEPING:
+            raise SweepsafeError(
+                f"{study_dir} is already being swept in this process (in another thread, "
+                "or a cell still running); wait for that sweep to end, or stop it, and run "
+                "again."
+            )
+        _SWEEPING.add(study_dir)
+    try:
+        yield
+    finally:
+        with _SWEEPING_LOCK:
+            _SWEEPING.discard(study_dir)
 
 
 def _lease_refused(backup_to_drive: BackupToDrive | None, study_dir: Path) -> str | None:
