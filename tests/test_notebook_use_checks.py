@@ -296,3 +296,25 @@ def test_a_second_sweep_of_a_study_this_process_still_sweeps_is_refused_not_its_
     assert trial_states(first.study_dir / "study.db") == {"COMPLETE": 3}
     again = in_cell(lambda: sweep(drive, "twice", 4, objective))
     assert again.backup_ok, str(again.backup_report)
+
+
+def test_a_cell_run_again_with_another_study_name_is_refused_before_a_trial_file_is_written(
+    drive: DriveSetup,
+) -> None:
+    # Trial folders are numbered per study: a second study in the same study.db would
+    # write its trial 0's files over the first study's trial 0.
+    first = in_cell(lambda: sweep(drive, "k", 2, writing(drive, "k"), study_name="first"))
+    assert first.backup_ok
+    kept = files_under(first.study_dir / "trials")
+
+    with pytest.raises(SweepsafeError) as raised:
+        in_cell(lambda: sweep(drive, "k", 2, writing(drive, "k"), study_name="renamed"))
+
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "holds the study 'first', not 'renamed'" in message
+    assert "study_name='first'" in message
+    assert files_under(first.study_dir / "trials") == kept
+    assert optuna.get_all_study_names(f"sqlite:///{first.study_dir / 'study.db'}") == ["first"]
+    again = in_cell(lambda: sweep(drive, "k", 3, writing(drive, "k"), study_name="first"))
+    assert len(finished_trials(again.study_dir / "study.db")) == 3

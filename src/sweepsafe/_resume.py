@@ -143,9 +143,11 @@ def _open_study(
     study_dir.mkdir(parents=True, exist_ok=True)
     (study_dir / TRIALS_DIR_NAME).mkdir(exist_ok=True)
     storage = optuna.storages.RDBStorage(f"sqlite:///{storage_path}")
+    name = study_name or study_dir.name
+    _refuse_second_study(storage, storage_path, name)
     study = optuna.create_study(
         storage=storage,
-        study_name=study_name or study_dir.name,
+        study_name=name,
         direction=direction,
         directions=directions,
         sampler=sampler,
@@ -175,6 +177,20 @@ def _open_study(
         keep_leases_alive(backup_to_drive, worker)
         submit_initial_backup(storage_path, backup_to_drive, worker=worker, progress=progress)
     return _Opened(study, restored, finished, stale)
+
+
+def _refuse_second_study(storage: optuna.storages.BaseStorage, database: Path, name: str) -> None:
+    """One study per study folder: its trial folders are numbered per study, so a second
+    study in the same ``study.db`` would write its trial 0's files over the first's."""
+    names = [study.study_name for study in storage.get_all_studies()]
+    if names and name not in names:
+        held = ", ".join(repr(n) for n in names)
+        raise SweepsafeError(
+            f"{database} holds the study {held}, not {name!r}; a second study there would "
+            "write its trials' files over the first one's (trial folders are numbered per "
+            f"study). Pass study_name={names[0]!r} to continue it, or another study_key for "
+            "a new study."
+        )
 
 
 def _refuse_foreign_database(database: Path) -> None:

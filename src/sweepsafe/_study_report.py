@@ -94,7 +94,7 @@ class StudyBackupReport:
         if self.timed_out:
             pending = sum(1 for target in self.targets if target.pending)
             lines.append(
-                f"The backup did not finish within {self.duration_s:.0f} s: {pending} "
+                f"The backup did not finish within {_seconds(self.duration_s)}: {pending} "
                 "target(s) still pending; they go on in the background until the process exits."
             )
         if self.verification is not None:
@@ -163,3 +163,10 @@ def _describe_verification(verification: VerifyResult, copy: str) -> str:
     if verification.error is not None:
         line += f"; {verification.error}"
     return line
+
+
+def _seconds(value: float) -> str:
+    """``12 s``, or ``0.4 s`` under ten seconds: a short timeout is not "0 s"."""
+    return (
+        f"{value:.0f} s" if value >= 10 else f"{value:.1g} s" if value < 0.1 else f"{value:.1f} s"
+    )

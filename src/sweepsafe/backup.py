@@ -274,7 +274,7 @@ def _verify(
     verification = run_blocking(verify_bounded)
     if verification is None:
         place = "The object store" if isinstance(store, ObjectStore) else "Google Drive"
-        within = f"within {timeout:.0f} s"
+        within = f"within {timeout:g} s"
         if of is not None and timeout is not None and timeout < of:
             within = f"in the {timeout:.1f} s the backups left of the {of:g} s timeout"
         return VerifyResult(
