@@ -25,6 +25,7 @@ from optuna.trial import Trial
 
 from drive_support import DriveSetup
 from sweep_support import finished_trials, integrity, trial_states
+from sweepsafe import backup_hpo_study_to_drive, resume_study
 from sweepsafe.errors import SweepsafeError
 from sweepsafe.sweep import SweepResult, run_sweep, study_dir_for, trial_dir
 from sweepsafe.testing import FaultPlan, simulated_store
@@ -318,3 +319,44 @@ def test_a_cell_run_again_with_another_study_name_is_refused_before_a_trial_file
     assert optuna.get_all_study_names(f"sqlite:///{first.study_dir / 'study.db'}") == ["first"]
     again = in_cell(lambda: sweep(drive, "k", 3, writing(drive, "k"), study_name="first"))
     assert len(finished_trials(again.study_dir / "study.db")) == 3
+
+
+def test_resume_study_in_a_cell_run_again_leaves_the_trial_a_running_sweep_runs(
+    drive: DriveSetup,
+) -> None:
+    """The README's own-``study.optimize`` recipe, its cell run again while the first run
+    still optimizes in a background thread: trials this process runs are not a dead
+    runtime's, so they are not failed under the live sweep."""
+    study_dir = study_dir_for(drive.local / "out", "own")
+    objective = writing(drive, "own")
+    in_trial = threading.Event()
+    finish = threading.Event()
+    errors: list[BaseException] = []
+
+    def held_open(trial: Trial) -> float:
+        if trial.number == 1:
+            in_trial.set()
+            finish.wait(30)
+        return objective(trial)
+
+    def first_cell() -> None:
+        try:
+            study = resume_study(study_dir, drive.store)
+            study.optimize(held_open, n_trials=3)
+        except BaseException as exc:
+            errors.append(exc)
+
+    background = threading.Thread(target=first_cell, daemon=True)
+    background.start()
+    try:
+        assert in_trial.wait(30)
+        second = in_cell(lambda: resume_study(study_dir, drive.store))
+        running = second.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        assert [trial.number for trial in running] == [1]
+    finally:
+        finish.set()
+        background.join(60)
+    assert errors == []
+    assert trial_states(study_dir / "study.db") == {"COMPLETE": 3}
+    report = in_cell(lambda: backup_hpo_study_to_drive(drive.local / "out", drive.store))
+    assert report.ok, str(report)

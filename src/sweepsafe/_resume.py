@@ -8,6 +8,7 @@ creates or loads the study, and schedules its first backup.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import logging
 import os
@@ -78,7 +79,8 @@ def resume_study(
     In order: this runtime checks no other one writes the study on Drive (its lease,
     which the first backup takes, or at once with ``takeover`` or trials to fail); the
     study comes back from Drive if the local one is missing or older (checked, never
-    over newer local work); trials a dead runtime left RUNNING are marked FAIL; the
+    over newer local work); trials a dead runtime left RUNNING are marked FAIL (not
+    those this process still runs, in another thread or a cell still running); the
     study is created or loaded; and its first backup is scheduled. Pair it with
     :func:`remaining_trials`, the backup callbacks, and :func:`backup_hpo_study_to_drive`
     at the end (see the README).
@@ -154,7 +156,9 @@ def _open_study(
         pruner=pruner,
         load_if_exists=True,
     )
-    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    running = _left_by_another_process(
+        study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)), restored=restored
+    )
     if running and deferred and store is not None:
         # Only the study's one writer fails trials left RUNNING: here the lease must be
         # on Drive first, not left to the first backup as on a clean start.
@@ -391,6 +395,23 @@ def _set_aside_other_runtimes_trials(
             number,
             target,
         )
+
+
+_LOADED = datetime.datetime.now()
+"""When this process loaded sweepsafe: Optuna stamps a trial's start in local time."""
+
+
+def _left_by_another_process(running: list[FrozenTrial], *, restored: bool) -> list[FrozenTrial]:
+    """The trials of ``running`` that an earlier process left RUNNING.
+
+    The lease keeps other runtimes out, so a trial this process started is still being
+    run by it: an ``optimize`` in another thread, or a notebook cell that still runs
+    (Optuna marks a trial its objective raised out of, Ctrl-C too, FAIL itself). A study
+    just restored from Drive holds no trial of this process.
+    """
+    if restored:
+        return running
+    return [t for t in running if t.datetime_start is None or t.datetime_start < _LOADED]
 
 
 def _fail_stale_trials(
