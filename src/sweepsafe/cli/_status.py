@@ -186,7 +186,8 @@ def _study_databases(root: str, entries: Sequence[tuple[str, str]]) -> list[str]
 
 
 def status_command(args: argparse.Namespace, out: TextIO) -> int:
-    """Print every database under ``DIR`` as a table (or JSON); 1 if any is unsound."""
+    """Print every database under ``DIR`` as a table (or JSON); 1 if any is unsound, or is
+    a Drive copy whose newest generation cannot be rebuilt or that lacks trials' files."""
     timeout = read_timeout(args)
     base: Path | str
     if "://" in args.directory:
@@ -217,7 +218,7 @@ def status_command(args: argparse.Namespace, out: TextIO) -> int:
                 f"Workers seen by heartbeat in the last {args.grace_period:g} s "
                 f"({hide_password(args.storage)}): {seen}\n"
             )
-    return EXIT_OK if all(sound(result) for result in results) else EXIT_UNSOUND
+    return EXIT_OK if all(sound(result) and result.ok for result in results) else EXIT_UNSOUND
 
 
 def _workers(args: argparse.Namespace) -> dict[str, int] | None:

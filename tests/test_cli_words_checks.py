@@ -1,0 +1,81 @@
+"""The command as a user types it from the docs, with the usual slips, against a Drive
+folder that was damaged by hand: one line that says what, where and what to do, and the
+documented exit status.
+
+Every study is a real Optuna study in a real SQLite file, backed up by a real store into
+a Drive folder on local disk, and every command runs in a real subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import pytest
+
+from cli_support import assert_one_error_line, run_cli
+from drive_support import simulated_drive
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@dataclass
+class Backed:
+    """A study backed up as generations 1 (a base) to 3 (patches), with its trial folder."""
+
+    local: Path
+    drive: Path
+    database: Path
+
+    @property
+    def roots(self) -> list[str]:
+        return ["--local-root", str(self.local), "--drive-root", str(self.drive)]
+
+    @property
+    def history(self) -> Path:
+        return self.drive / "study-1" / ".sweepsafe" / "history" / "study.db"
+
+    def newest_patch(self) -> Path:
+        return max(self.history.glob("*.patch"))
+
+
+@pytest.fixture
+def backed(tmp_path: Path) -> Backed:
+    with simulated_drive(tmp_path) as setup:
+        folder = setup.local / "study-1"
+        database = folder / "study.db"
+        (folder / "trials" / "trial-00000").mkdir(parents=True)
+        (folder / "trials" / "trial-00000" / "weights.txt").write_text("w\n")
+        study = optuna.create_study(storage=f"sqlite:///{database}", study_name="s")
+        for round_ in range(3):
+            study.tell(study.ask(), float(10 - round_))
+            result = setup.store.backup(database)
+            assert result.ok, result.error
+        del study
+        assert setup.store.backup(folder, is_directory=True).ok
+        setup.store.release()  # the sweep is over: the command may take the study
+    return Backed(setup.local, setup.drive, database)
+
+
+def test_status_of_a_drive_copy_whose_newest_generation_cannot_be_rebuilt_exits_1(
+    backed: Backed,
+) -> None:
+    """``status`` marks the copy INCOMPLETE and, as ``verify`` does, exits 1: a status of 0
+    would tell a script the Drive copy is fine to resume from."""
+    backed.newest_patch().write_bytes(b"")
+
+    result = run_cli("status", backed.drive)
+    assert result.returncode == 1, result
+    assert "INCOMPLETE" in result.stdout
+    assert "cannot be rebuilt" in result.stdout
+
+    as_json = run_cli("status", "--json", backed.drive)
+    assert as_json.returncode == 1, as_json
+    (database,) = json.loads(as_json.stdout)["databases"]
+    assert (database["check"], database["complete"]) == ("INCOMPLETE", False)
+
+    verified = run_cli("verify", backed.drive / "study-1")
+    assert verified.returncode == 1
+    assert_one_error_line(verified, "cannot be rebuilt")
