@@ -15,7 +15,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from cli_support import assert_one_error_line, run_cli
+from cli_support import assert_one_error_line, finished_numbers, run_cli
 from drive_support import simulated_drive
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -79,3 +79,14 @@ def test_status_of_a_drive_copy_whose_newest_generation_cannot_be_rebuilt_exits_
     verified = run_cli("verify", backed.drive / "study-1")
     assert verified.returncode == 1
     assert_one_error_line(verified, "cannot be rebuilt")
+
+
+def test_restore_of_a_study_already_in_sync_counts_its_finished_trials(backed: Backed) -> None:
+    """Restoring a study the local disk already holds in full keeps it, and says how many
+    finished trials it holds, not 0."""
+    result = run_cli("restore", backed.database, *backed.roots)
+    assert result.returncode == 0, result.stderr
+    assert "3 finished trials" in result.stdout, result.stdout
+    assert "0 finished trials" not in result.stdout
+    assert "kept the local study.db" in result.stdout
+    assert finished_numbers(backed.database) == [0, 1, 2]

@@ -93,11 +93,12 @@ async def restore_database(
     async with unit.locks.get(("database", rel)):
         async with settings.pool.session() as helper:
             history = await list_history(helper, folder, settings.timeout)
-            if not chosen and await _in_sync(unit, rel, database, history):
+            in_sync = None if chosen else await _in_sync(unit, rel, database, history)
+            if in_sync is not None:
                 record = unit.state.databases[rel]
-                content = unit.parent_content.get(rel)
-                finished = content.finished_count if content is not None else 0
-                return Restored(record.generation, 0, finished, unchanged=True, kept_local=True)
+                return Restored(
+                    record.generation, 0, in_sync.finished_count, unchanged=True, kept_local=True
+                )
             if before is not None and not history.empty:
                 generation = await _generation_before(
                     helper, folder, history, before, settings.timeout
@@ -273,20 +274,23 @@ def _examples(trials: frozenset[tuple[str, int, str]]) -> str:
     return shown + (", ..." if len(trials) > 3 else "")
 
 
-async def _in_sync(unit: StudyUnit, rel: str, database: Path, history: History) -> bool:
-    """Drive's newest generation is the one this runtime last published or restored, and
-    the local database is still there: it holds all of it, so nothing needs restoring."""
+async def _in_sync(
+    unit: StudyUnit, rel: str, database: Path, history: History
+) -> DatabaseContent | None:
+    """What the local database holds, when Drive's newest generation is the one this
+    runtime last published or restored and the local database is still there: it holds
+    all of it, so nothing needs restoring. None otherwise."""
     record = unit.state.databases.get(rel)
     if record is None or history.head != record.generation:
-        return False
+        return None
     if record.tag not in history.tags_of(record.generation):
-        return False
+        return None
     # The local file may have been damaged or replaced since: it is read, not assumed.
     local = await anyio.to_thread.run_sync(_local_content, database)
     if not isinstance(local, DatabaseContent) or not local.is_optuna:
-        return False
+        return None
     parent = unit.parent_content.get(rel)
-    return parent is None or not parent.missing_from(local)
+    return local if parent is None or not parent.missing_from(local) else None
 
 
 async def _check_candidate(candidate: Path, where: Path) -> DatabaseContent:
