@@ -9,6 +9,7 @@ a Drive folder on local disk, and every command runs in a real subprocess.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,3 +91,26 @@ def test_restore_of_a_study_already_in_sync_counts_its_finished_trials(backed: B
     assert "0 finished trials" not in result.stdout
     assert "kept the local study.db" in result.stdout
     assert finished_numbers(backed.database) == [0, 1, 2]
+
+
+def test_folder_restore_past_a_damaged_newest_generation_names_the_command_that_works(
+    backed: Backed,
+) -> None:
+    """The way out it suggests is a command that runs as written: ``--generation`` with
+    the database's path (a folder's restore refuses ``--generation``), and it does not
+    claim that nothing was restored when the folder's other files were."""
+    backed.newest_patch().write_bytes(b"")
+    shutil.rmtree(backed.database.parent)
+
+    result = run_cli("restore", backed.database.parent, *backed.roots)
+    assert result.returncode == 1
+    line = assert_one_error_line(result, "generation 2 is the newest that can")
+    assert f"sweepsafe restore {backed.database} --generation 2" in line, line
+    assert "Nothing was restored" not in line
+    assert (backed.database.parent / "trials" / "trial-00000" / "weights.txt").exists()
+    assert not backed.database.exists()
+
+    # The suggested command, as printed, with the roots it was run with.
+    again = run_cli("restore", backed.database, *backed.roots, "--generation", "2")
+    assert again.returncode == 0, again.stderr
+    assert finished_numbers(backed.database) == [0, 1]

@@ -256,7 +256,11 @@ async def restore_folder_result(unit: StudyUnit, remote: Path, target: Path) -> 
             restored = await restore_database_result(unit, remote / rel, target / rel, None, None)
         except RestoreRefused as exc:
             restored = BackupResult(
-                False, remote / rel, target / rel, "sqlite", error=f"{exc}; it was not replaced"
+                False,
+                remote / rel,
+                target / rel,
+                "sqlite",
+                error=f"{exc}; the local database was not replaced",
             )
         if restored.reason == "no-copy":
             continue

@@ -237,10 +237,11 @@ async def _install(
         # which stops its backups: going back is the user's choice, made by name.
         raise RestoreRefused(
             f"the newest generations of {database} on Google Drive cannot be rebuilt "
-            f"({'; '.join(notes)}); generation {generation} is the newest that can. Nothing "
-            f"was restored. To continue from it, restore it by name (`sweepsafe restore "
-            f"--generation {generation}`, or generation={generation}), which makes it the "
-            "newest on Drive again and keeps the others in its history"
+            f"({'; '.join(notes)}); generation {generation} is the newest that can. The "
+            f"database was not restored. To continue from it, restore it by name (`sweepsafe "
+            f"restore {database} --generation {generation}` with the same --local-root and "
+            f"--drive-root, or generation={generation} in Python), which makes it the newest "
+            "on Drive again and keeps the others in its history"
         )
     rollback: int | None = None
     if chosen and generation is not None and generation < head:
