@@ -16,7 +16,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from cli_support import assert_one_error_line, finished_numbers, run_cli
+from cli_support import TINY_OBJECTIVE, assert_one_error_line, finished_numbers, run_cli
 from drive_support import simulated_drive
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -114,3 +114,61 @@ def test_folder_restore_past_a_damaged_newest_generation_names_the_command_that_
     again = run_cli("restore", backed.database, *backed.roots, "--generation", "2")
     assert again.returncode == 0, again.stderr
     assert finished_numbers(backed.database) == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "fragment"),
+    [
+        ("--generation", "0", "0 is not at least 1"),
+        ("--generation", "-1", "-1 is not at least 1"),
+        ("--drive-timeout", "nan", "'nan' is not a number"),
+    ],
+)
+def test_restore_with_an_option_value_that_names_nothing_is_bad_input(
+    backed: Backed, option: str, value: str, fragment: str
+) -> None:
+    before = backed.database.read_bytes()
+    result = run_cli("restore", backed.database, *backed.roots, option, value)
+    assert result.returncode == 2
+    assert_one_error_line(result, f"argument {option}", fragment)
+    assert backed.database.read_bytes() == before
+    assert not list(backed.database.parent.glob("study.db.before-restore-*"))
+
+
+def test_status_refuses_a_negative_grace_period(backed: Backed) -> None:
+    result = run_cli("status", backed.drive, "--grace-period", "-5")
+    assert result.returncode == 2
+    assert_one_error_line(result, "argument --grace-period", "-5 is negative")
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "fragment"),
+    [
+        ("--seed", "-1", "-1 is not at least 0"),
+        ("--seed", str(2**32), f"{2**32} is more than {2**32 - 1}"),
+        ("--max-retry", "-3", "-3 is not at least 0"),
+    ],
+)
+def test_run_with_an_option_value_optuna_would_refuse_later_is_bad_input(
+    tmp_path: Path, option: str, value: str, fragment: str
+) -> None:
+    """Refused before the sweep starts, naming the option (exit 2), not as a sweep that
+    stopped on Optuna's ValueError (exit 1)."""
+    (tmp_path / "train.py").write_text(TINY_OBJECTIVE)
+    result = run_cli(
+        "run",
+        "train:objective",
+        "--output-dir",
+        tmp_path / "sweeps",
+        "--study-key",
+        "k",
+        "--no-backup",
+        "--trials",
+        "1",
+        option,
+        value,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert_one_error_line(result, f"argument {option}", fragment)
+    assert not (tmp_path / "sweeps").exists()

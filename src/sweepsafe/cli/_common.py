@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -38,6 +39,7 @@ __all__ = [
     "kind_of",
     "local_folder",
     "non_negative_float",
+    "non_negative_int",
     "object_database",
     "object_store_for",
     "positive_float",
@@ -46,6 +48,7 @@ __all__ = [
     "report_copy",
     "show_progress",
     "stalled",
+    "whole_number",
 ]
 
 T = TypeVar("T")
@@ -58,12 +61,28 @@ DRIVE_READ_TIMEOUT_S = 120.0
 
 def positive_int(text: str) -> int:
     """An argparse type: a whole number of at least 1."""
+    return whole_number(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
+    return whole_number(text, 0)
+
+
+def whole_number(text: str, least: int, most: int | None = None) -> int:
+    """``text`` as a whole number from ``least`` to ``most``, for an argparse type.
+
+    Raises:
+        argparse.ArgumentTypeError: it is not a whole number, or out of range.
+    """
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not at least 1")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{text} is not at least {least}")
+    if most is not None and value > most:
+        raise argparse.ArgumentTypeError(f"{text} is more than {most}")
     return value
 
 
@@ -72,8 +91,10 @@ def non_negative_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0:
+        value = math.nan
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    if value < 0:
         raise argparse.ArgumentTypeError(f"{text} is negative")
     return value
 

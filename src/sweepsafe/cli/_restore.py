@@ -13,6 +13,7 @@ from sweepsafe.cli._common import (
     check_timeout,
     copy_store,
     kind_of,
+    positive_int,
     report_copy,
 )
 from sweepsafe.cli._errors import EXIT_BAD_INPUT, CommandError
@@ -46,7 +47,10 @@ def register(
     )
     when = restore.add_mutually_exclusive_group()
     when.add_argument(
-        "--generation", type=int, metavar="N", help="this generation (see sweepsafe history)"
+        "--generation",
+        type=positive_int,
+        metavar="N",
+        help="this generation (see sweepsafe history)",
     )
     when.add_argument(
         "--before",

@@ -17,12 +17,14 @@ from sweepsafe.cli._common import (
     kind_of,
     local_folder,
     non_negative_float,
+    non_negative_int,
     object_store_for,
     positive_float,
     positive_int,
     quiet_optuna,
     read_timeout,
     show_progress,
+    whole_number,
 )
 from sweepsafe.cli._errors import (
     EXIT_BAD_INPUT,
@@ -89,7 +91,9 @@ def register(
     run.add_argument("--sampler", choices=_SAMPLERS, default="tpe", help="default tpe")
     run.add_argument("--pruner", choices=_PRUNERS, default="median", help="default median")
     run.add_argument(
-        "--seed", type=int, help="seed of the sampler, for a sweep that can be reproduced"
+        "--seed",
+        type=_seed,
+        help="seed of the sampler (0 to 2**32 - 1), for a sweep that can be reproduced",
     )
     run.add_argument(
         "--no-restore",
@@ -139,7 +143,10 @@ def register(
         help="a trial silent this long is stale, failed and retried (default: 2 heartbeats)",
     )
     shared.add_argument(
-        "--max-retry", type=int, default=3, help="retries of a trial whose worker died"
+        "--max-retry",
+        type=non_negative_int,
+        default=3,
+        help="retries of a trial whose worker died",
     )
     shared.add_argument(
         "--export-interval",
@@ -150,6 +157,11 @@ def register(
     add_drive_timeout_option(run)
     add_progress_options(run)
     run.set_defaults(command_function=run_command)
+
+
+def _seed(text: str) -> int:
+    """An argparse type: a seed every sampler takes (NumPy's range)."""
+    return whole_number(text, 0, 2**32 - 1)
 
 
 def _store_for_run(output_dir: Path, args: argparse.Namespace) -> DriveStore:

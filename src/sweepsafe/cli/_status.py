@@ -23,6 +23,7 @@ from sweepsafe.cli._common import (
     ask_drive,
     check_timeout,
     kind_of,
+    non_negative_float,
     object_database,
     object_root,
     read_timeout,
@@ -63,7 +64,7 @@ def register(
     )
     status.add_argument(
         "--grace-period",
-        type=float,
+        type=non_negative_float,
         default=120.0,
         help="with --storage: a worker silent this long is not counted (default 120 s)",
     )
