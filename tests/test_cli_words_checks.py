@@ -141,6 +141,17 @@ def test_status_refuses_a_negative_grace_period(backed: Backed) -> None:
     assert_one_error_line(result, "argument --grace-period", "-5 is negative")
 
 
+def test_verify_of_a_folder_that_holds_studies_says_to_give_one_of_them(backed: Backed) -> None:
+    """``verify`` given the whole Drive folder instead of one study's: the error says to
+    give one study and how to list them, instead of only "DIR/study.db does not exist"."""
+    result = run_cli("verify", backed.drive)
+    assert result.returncode == 2
+    assert_one_error_line(
+        result, f"{backed.drive} holds no study.db", f"`sweepsafe status {backed.drive}`"
+    )
+    assert "does not exist" not in result.stderr
+
+
 @pytest.mark.parametrize(
     ("option", "value", "fragment"),
     [

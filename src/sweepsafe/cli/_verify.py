@@ -58,11 +58,17 @@ def verify_command(args: argparse.Namespace, out: TextIO) -> int:
             result = store.verify(url)
         shown: object = url
     else:
-        target = Path(os.path.abspath(args.path))
-        if kind_of(target, check_timeout(args)) == "dir":
-            target = target / STUDY_DB_NAME
+        given = Path(os.path.abspath(args.path))
+        folder = kind_of(given, check_timeout(args)) == "dir"
+        target = given / STUDY_DB_NAME if folder else given
         result = check(target, read_timeout(args))
         shown = target
+        if folder and not result.exists and result.error is None:
+            raise CommandError(
+                f"{given} holds no {STUDY_DB_NAME}; give one study's database or its folder "
+                f"(`sweepsafe status {given}` lists the studies under it)",
+                EXIT_BAD_INPUT,
+            )
     if not result.exists and result.error is None:
         raise CommandError(f"{shown} does not exist", EXIT_BAD_INPUT)
     if args.json:
