@@ -18,6 +18,7 @@ import pytest
 
 from cli_support import TINY_OBJECTIVE, assert_one_error_line, finished_numbers, run_cli
 from drive_support import simulated_drive
+from sweepsafe.testing import FaultPlan, simulated_store
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -183,3 +184,24 @@ def test_run_with_an_option_value_optuna_would_refuse_later_is_bad_input(
     assert result.returncode == 2
     assert_one_error_line(result, f"argument {option}", fragment)
     assert not (tmp_path / "sweeps").exists()
+
+
+@pytest.mark.parametrize("command", ["backup", "restore"])
+def test_a_study_another_runtime_holds_is_refused_naming_the_flag_this_command_takes(
+    backed: Backed, command: str
+) -> None:
+    """The way to take over is a flag the command in use has, and it works there: not only
+    ``sweepsafe run --takeover`` for a backup, nor a flag ``restore`` lacks."""
+    extra = ["--generation", "2"] if command == "restore" else []
+    before = backed.database.read_bytes()
+    with simulated_store(backed.local, backed.drive, FaultPlan()) as store:
+        store.acquire(backed.database.parent)  # a sweep on another runtime holds it
+        refused = run_cli(command, backed.database, *backed.roots, *extra)
+        line = assert_one_error_line(refused, "another runtime", "--takeover")
+        assert command in line.split("on the command line", 1)[1], line
+        assert backed.database.read_bytes() == before
+
+        taken = run_cli(command, backed.database, *backed.roots, *extra, "--takeover")
+    assert taken.returncode == 0, taken.stderr
+    if command == "restore":
+        assert finished_numbers(backed.database) == [0, 1]

@@ -65,6 +65,11 @@ def register(
         help="then load the restored study into this empty database server "
         "(postgresql://user@host/db), to share it between workers",
     )
+    restore.add_argument(
+        "--takeover",
+        action="store_true",
+        help="take the study over from another runtime that still holds its lease",
+    )
     add_drive_timeout_option(restore)
     restore.set_defaults(command_function=restore_command)
 
@@ -104,9 +109,13 @@ def restore_command(args: argparse.Namespace, out: TextIO) -> int:
     store, path = copy_store(args)
     with store:
         kind = _kind_of_copy(store, path, check_timeout(args))
+        if args.takeover:
+            store.acquire(store.study_folder_of(path, kind == "dir"), takeover=True)
         result = store.restore(
             path, is_directory=kind == "dir", generation=args.generation, before=args.before
         )
+        if args.takeover:
+            store.release()
     if result.reason == "no-copy":
         raise CommandError(result.error or f"Google Drive holds no copy of {path}", EXIT_BAD_INPUT)
     if kind == "dir" and (args.generation is not None or args.before is not None):

@@ -305,7 +305,8 @@ def _held_message(
         f"{unit_drive} is being backed up by another runtime ({lease.owner.describe(clock)}; "
         f"it took the study {_ago(clock() - lease.acquired)}, last heartbeat {_ago(since)}). "
         f"Stop that runtime, or wait {expires:.0f} s for its lease to expire, or, if that "
-        "runtime is gone, take over with takeover=True (sweepsafe run --takeover)."
+        "runtime is gone, take over with takeover=True (on the command line: --takeover, "
+        "with sweepsafe run, backup or restore)."
     )
 
 
