@@ -8,8 +8,13 @@ a Drive folder on local disk, and every command runs in a real subprocess.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +23,7 @@ import pytest
 
 from cli_support import TINY_OBJECTIVE, assert_one_error_line, finished_numbers, run_cli
 from drive_support import simulated_drive
-from sweepsafe.testing import FaultPlan, simulated_store
+from sweepsafe.testing import FaultPlan, FuseDrive, fuse_unavailable_reason, simulated_store
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -205,3 +210,49 @@ def test_a_study_another_runtime_holds_is_refused_naming_the_flag_this_command_t
     assert taken.returncode == 0, taken.stderr
     if command == "restore":
         assert finished_numbers(backed.database) == [0, 1]
+
+
+def test_ctrl_c_during_a_restore_from_a_hung_drive_exits_130_leaving_nothing_half_restored(
+    tmp_path: Path,
+) -> None:
+    """A user who gives up on a restore from a stalled mount gets the prompt back at once,
+    with exit status 130, one line, and no partial study folder to mistake for the study."""
+    reason = fuse_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    local = tmp_path / "local"
+    database = local / "study-1" / "study.db"
+    (database.parent / "trials" / "trial-00000").mkdir(parents=True)
+    (database.parent / "trials" / "trial-00000" / "weights.bin").write_bytes(b"w" * 4096)
+    study = optuna.create_study(storage=f"sqlite:///{database}", study_name="s")
+    study.tell(study.ask(), 1.0)
+    del study
+    plan = tmp_path / "plan.json"
+    FaultPlan().write(plan)
+    with FuseDrive(tmp_path / "backing", tmp_path / "mnt", plan) as drive:
+        roots = ["--local-root", str(local), "--drive-root", str(drive.mount_point / "sweeps")]
+        backed_up = run_cli("backup", database.parent, *roots)
+        assert backed_up.returncode == 0, backed_up.stderr
+        shutil.rmtree(database.parent)
+        FaultPlan(hang=True).write(plan)
+        env = {k: v for k, v in os.environ.items() if k != "SWEEPSAFE_STUDY_DIR"}
+        with subprocess.Popen(
+            [sys.executable, "-m", "sweepsafe", "restore", str(database.parent), *roots],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as restore:
+            # Against a hung Drive it cannot finish: still running after a while, it is
+            # waiting on the mount, where the user gives up on it.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                restore.wait(timeout=2.0)
+            assert restore.returncode is None, "the restore finished against a hung Drive"
+            restore.send_signal(signal.SIGINT)
+            stdout, stderr = restore.communicate(timeout=30.0)  # never a hang
+        result = subprocess.CompletedProcess(restore.args, restore.returncode, stdout, stderr)
+        assert result.returncode == 130
+        assert_one_error_line(result, "interrupted")
+        assert stdout == ""
+        assert not database.parent.exists()
