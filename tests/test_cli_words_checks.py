@@ -88,6 +88,29 @@ def test_status_of_a_drive_copy_whose_newest_generation_cannot_be_rebuilt_exits_
     assert_one_error_line(verified, "cannot be rebuilt")
 
 
+def test_status_and_verify_say_when_their_counts_are_of_an_older_generation(
+    backed: Backed,
+) -> None:
+    """Mid-sweep, the plain study.db on Drive is the last full copy (1 trial) while the
+    newest generation holds 3: the counts shown must not read as the study's state."""
+    result = run_cli("status", backed.drive)
+    assert result.returncode == 0, result
+    (row,) = [line for line in result.stdout.splitlines() if line.startswith("study-1 ")]
+    assert row.split()[-2:] == ["1/3", "ok"], row
+    assert (
+        "study-1: the counts are of generation 1, the plain study.db (written whole at the end "
+        "of each sweep); the newest generation is 3, which holds 3 finished trials, and a "
+        "restore rebuilds it." in result.stdout
+    ), result.stdout
+    (database,) = json.loads(run_cli("status", "--json", backed.drive).stdout)["databases"]
+    assert (database["generation"], database["newest_generation"]) == (1, 3)
+    assert database["newest_finished_trials"] == 3
+
+    verified = run_cli("verify", backed.drive / "study-1")
+    assert verified.returncode == 0, verified
+    assert "the newest generation is 3, which holds 3 finished trials" in verified.stdout
+
+
 def test_restore_of_a_study_already_in_sync_counts_its_finished_trials(backed: Backed) -> None:
     """Restoring a study the local disk already holds in full keeps it, and says how many
     finished trials it holds, not 0."""

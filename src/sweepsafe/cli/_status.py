@@ -34,7 +34,15 @@ from sweepsafe.drive import VerifyResult, check_database, folder_entries
 from sweepsafe.drive._drive_errors import DriveTimeout
 from sweepsafe.drive._operations import DATABASE_SUFFIXES
 
-__all__ = ["as_json", "check", "check_word", "human_size", "iso_time", "register"]
+__all__ = [
+    "as_json",
+    "behind_note",
+    "check",
+    "check_word",
+    "human_size",
+    "iso_time",
+    "register",
+]
 
 _STATE_COLUMNS = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
 NOT_SQLITE = "is not an SQLite database (it does not start with the SQLite header)"
@@ -111,6 +119,7 @@ def as_json(result: VerifyResult) -> dict[str, Any]:
         "check": check_word(result),
         "generation": result.generation,
         "newest_generation": result.newest_generation,
+        "newest_finished_trials": result.newest_finished_trials,
         "trial_counts": dict(result.trial_counts),
         "studies": [
             {
@@ -207,6 +216,9 @@ def status_command(args: argparse.Namespace, out: TextIO) -> int:
     else:
         out.write(_table(base, results))
         for result in results:
+            note = behind_note(result)
+            if note is not None and result.error is None:
+                out.write(f"{_display_name(base, result.path)}: {note}.\n")
             if result.error is not None:
                 out.write(f"{result.error}\n")
             elif result.exists and not result.is_sqlite:
@@ -253,7 +265,7 @@ def _table(base: Path | str, results: Sequence[VerifyResult]) -> str:
                 best,
                 human_size(result.size),
                 iso_time(result.mtime) or "-",
-                str(result.generation) if result.generation is not None else "-",
+                _generation_cell(result),
                 check_word(result),
             )
         )
@@ -267,6 +279,32 @@ def _table(base: Path | str, results: Sequence[VerifyResult]) -> str:
         ]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines) + "\n"
+
+
+def _generation_cell(result: VerifyResult) -> str:
+    """``GEN``: the plain copy's generation, and Drive's newest when that one is ahead."""
+    if result.generation is None:
+        return "-" if result.newest_generation is None else f"?/{result.newest_generation}"
+    if result.newest_generation is None or result.newest_generation == result.generation:
+        return str(result.generation)
+    return f"{result.generation}/{result.newest_generation}"
+
+
+def behind_note(result: VerifyResult) -> str | None:
+    """Say so when a Drive copy's counts are of an older generation than Drive's newest."""
+    plain, newest = result.generation, result.newest_generation
+    if plain is None or newest is None or plain == newest:
+        return None
+    holds = (
+        f", which holds {result.newest_finished_trials} finished trials"
+        if result.newest_finished_trials is not None
+        else ""
+    )
+    return (
+        f"the counts are of generation {plain}, the plain study.db (written whole "
+        f"at the end of each sweep); the newest generation is {newest}{holds}, and a "
+        "restore rebuilds it"
+    )
 
 
 def _display_name(base: Path | str, path: Path | str) -> str:

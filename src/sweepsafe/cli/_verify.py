@@ -17,7 +17,15 @@ from sweepsafe.cli._common import (
     read_timeout,
 )
 from sweepsafe.cli._errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNSOUND, CommandError
-from sweepsafe.cli._status import NOT_SQLITE, as_json, check, human_size, iso_time, sound
+from sweepsafe.cli._status import (
+    NOT_SQLITE,
+    as_json,
+    behind_note,
+    check,
+    human_size,
+    iso_time,
+    sound,
+)
 
 if TYPE_CHECKING:
     from sweepsafe.drive import VerifyResult
@@ -89,10 +97,11 @@ def _describe(result: VerifyResult, shown: object) -> str:
         f"{shown}: sound (integrity check ok), {human_size(result.size)}, "
         f"modified {iso_time(result.mtime)} UTC"
     ]
-    if result.generation is not None:
-        lines.append(
-            f"  generation {result.generation} of the {result.newest_generation} kept on Drive"
-        )
+    note = behind_note(result)
+    if note is not None:
+        lines.append(f"  {note}.")
+    elif result.generation is not None:
+        lines.append(f"  generation {result.generation}, the newest kept on Drive")
     if not result.studies:
         lines.append("  no Optuna study in it")
     for study in result.studies:

@@ -110,7 +110,7 @@ async def verify_database(pool: HelperPool, remote: Path, timeout: float) -> Ver
         return VerifyResult(path=remote, exists=False, error=message)
     problem = info.get("integrity_problem")
     error: str | None = None
-    plain, newest, missing, broken = generations or (None, None, {}, None)
+    plain, newest, missing, broken, newest_finished = generations or (None, None, {}, None, None)
     if problem:
         error = f"{remote} failed its integrity check ({problem}); "
         if newest is not None and broken is None:
@@ -145,6 +145,7 @@ async def verify_database(pool: HelperPool, remote: Path, timeout: float) -> Ver
         studies=studies_of(info),
         generation=plain,
         newest_generation=newest,
+        newest_finished_trials=newest_finished,
         missing_files=MappingProxyType(missing),
         error=error,
     )
@@ -152,12 +153,12 @@ async def verify_database(pool: HelperPool, remote: Path, timeout: float) -> Ver
 
 async def _generations(
     helper: DriveHelper, folder: Path, plain_sha: str, timeout: float
-) -> tuple[int | None, int | None, dict[int, tuple[str, ...]], str | None]:
+) -> tuple[int | None, int | None, dict[int, tuple[str, ...]], str | None, int | None]:
     """(generation the plain copy holds, newest generation, missing files by the newest,
-    why the newest cannot be rebuilt or None)."""
+    why the newest cannot be rebuilt or None, finished trials of the newest)."""
     history = await list_history(helper, folder, timeout)
     if history.empty:
-        return None, None, {}, None
+        return None, None, {}, None, None
     plain: int | None = None
     for number in sorted(history.bases, reverse=True):
         for base in history.bases[number]:
@@ -173,7 +174,8 @@ async def _generations(
         for number, files in (meta.get("missing_files") or {}).items()
     }
     broken = await _newest_unreachable(helper, folder, history, timeout)
-    return plain, history.head, missing, broken
+    finished = meta.get("finished")
+    return plain, history.head, missing, broken, int(finished) if finished is not None else None
 
 
 async def _newest_unreachable(

@@ -97,6 +97,9 @@ class VerifyResult:
     """The newest generation in the history, which may be ahead of the plain copy."""
     missing_files: Mapping[int, tuple[str, ...]] = field(default_factory=lambda: _NO_MISSING)
     """Finished trials whose files are not on Drive, by the newest generation's record."""
+    newest_finished_trials: int | None = None
+    """Finished trials of the newest generation, by its record (``studies`` counts the
+    plain copy's, which may be an older generation during a sweep)."""
     error: str | None = None
     """Why it is not sound or not complete, in one sentence."""
 
