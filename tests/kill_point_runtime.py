@@ -53,6 +53,7 @@ def main() -> int:
     parser.add_argument("--generation", type=int)
     parser.add_argument("--keep", type=int, default=10)
     parser.add_argument("--compact", type=float, default=1.0)
+    parser.add_argument("--extra", default="", help="a further file each trial writes")
     parser.add_argument("--die-before", help="a function of the restore: SIGKILL on calling it")
     args = parser.parse_args()
     if args.die_before:
@@ -87,7 +88,10 @@ def main() -> int:
 
         def objective(trial: optuna.Trial) -> float:
             x = trial.suggest_float("x", -10.0, 10.0)
-            (trial_dir(study_dir, trial) / "model.txt").write_text(f"trial {trial.number}\n")
+            folder = trial_dir(study_dir, trial)
+            (folder / "model.txt").write_text(f"trial {trial.number}\n")
+            if args.extra:
+                (folder / args.extra).write_text(f"trial {trial.number}\n")
             emit("trial", trial=trial.number)
             return (x - 2.0) ** 2
 

@@ -301,3 +301,47 @@ def test_going_back_killed_on_drive_with_one_kept_base_leaves_the_newest_restora
     restored = run(tmp_path, "restore", "--generation", str(back), *thinning)
     assert restored["ok"], restored["error"]
     assert len(local_trials(tmp_path)) == len(drive_trials(tmp_path)) == held
+
+
+@pytest.mark.timeout(60)
+def test_a_runtime_killed_while_restoring_trial_files_brings_the_rest_back_next_start(
+    tmp_path: Path,
+) -> None:
+    assert run(tmp_path, "sweep", "--trials", "6")["ok"]
+    (tmp_path / "local").rename(tmp_path / "first-disk")  # a new runtime, an empty disk
+    restoring = Runtime(
+        tmp_path,
+        "sweep",
+        "--trials",
+        "8",
+        stop={"op": "read", "pattern": "*/trials/trial-00002/model.txt"},
+    )
+    restoring.stopped()
+    restoring.kill()
+    assert local_trials(tmp_path) == list(range(6))  # the database came back first
+
+    done = run(tmp_path, "sweep", "--trials", "8")
+
+    assert done["ok"], done["report"]
+    study_dir = local_database(tmp_path).parent
+    for number in range(8):
+        model = study_dir / "trials" / f"trial-{number:05d}" / "model.txt"
+        assert model.read_text() == f"trial {number}\n"
+    assert local_trials(tmp_path) == drive_trials(tmp_path) == list(range(8))
+    assert temp_files(tmp_path / "drive") == []
+
+
+@pytest.mark.timeout(60)
+def test_trials_run_after_going_back_do_not_inherit_the_undone_trials_files(
+    tmp_path: Path,
+) -> None:
+    assert run(tmp_path, "sweep", "--trials", "6", "--extra", "undone.txt")["ok"]
+    older, held = older_generation(tmp_path)
+    restored = run(tmp_path, "restore", "--generation", str(older))
+    assert restored["ok"], restored["error"]
+
+    assert run(tmp_path, "sweep", "--trials", "6")["ok"]
+
+    trials = local_database(tmp_path).parent / "trials"
+    redone = [n for n in range(held, 6) if (trials / f"trial-{n:05d}" / "undone.txt").exists()]
+    assert redone == []

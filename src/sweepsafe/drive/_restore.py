@@ -265,6 +265,22 @@ async def _install(
             reason = local if isinstance(local, str) else "it is not an Optuna study"
             notes = (*notes, f"the local {database.name} could not be used ({reason})")
     size = await anyio.to_thread.run_sync(_replace_local, candidate, database)
+    if chosen and isinstance(local, DatabaseContent):
+        undone = sorted({number for _study, number, _start in local.missing_from(content)})
+        moved = await anyio.to_thread.run_sync(
+            _set_aside_trial_folders,
+            database.parent,
+            unit.settings.trial_folder,
+            undone,
+            unit.settings.clock(),
+        )
+        if moved:
+            notes = (
+                *notes,
+                f"the files of {len(moved)} trial(s) the older generation lacks were moved "
+                f"to {moved[0].parent}, so that the trials run next under their numbers "
+                "start from empty folders",
+            )
     if rollback is None:
         await _record(unit, rel, database, content, generation, tag, sha)
     return Restored(generation, size, content.finished_count, set_aside, notes)
@@ -361,6 +377,32 @@ def _set_aside(database: Path, now: float) -> Path:
         if os.path.lexists(side):
             os.replace(side, aside.with_name(aside.name + suffix))
     return aside
+
+
+def _set_aside_trial_folders(
+    study: Path, trial_folder: str, numbers: list[int], now: float
+) -> list[Path]:
+    """Move the local folders of trials ``numbers`` to ``study/set-aside``; where they went.
+
+    Going back to an older generation undoes those trials, and the sweep that follows
+    gives their numbers to new trials: left in place, an undone trial's files (a
+    checkpoint a new trial would resume from) would pass for the new trial's.
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    moved: list[Path] = []
+    for number in numbers:
+        folder = study / trial_folder.format(number=number)
+        if not folder.is_dir():
+            continue
+        target = study / "set-aside" / f"{folder.name}-{stamp}"
+        suffix = 0
+        while os.path.lexists(target):
+            suffix += 1
+            target = target.with_name(f"{folder.name}-{stamp}-{suffix}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(folder, target)
+        moved.append(target)
+    return moved
 
 
 def _replace_local(candidate: Path, database: Path) -> int:
