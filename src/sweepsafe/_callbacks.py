@@ -60,9 +60,13 @@ _FINISHED_STATES = ("COMPLETE", "PRUNED")
 """The trial states counted as finished, in the study and in its Drive copy."""
 
 
+TRIAL_FOLDER = "trial-{number:05d}"
+"""The name of a trial's folder under ``trials/``, to ``str.format`` with its number."""
+
+
 def trial_folder_name(number: int) -> str:
     """The name of trial ``number``'s folder under ``trials/``: ``trial-00042``."""
-    return f"trial-{number:05d}"
+    return TRIAL_FOLDER.format(number=number)
 
 
 class BackupProgress:

@@ -24,15 +24,16 @@ from optuna.trial import TrialState
 from sweepsafe._blocking import run_blocking
 from sweepsafe._callbacks import (
     STUDY_DB_NAME,
+    TRIAL_FOLDER,
     TRIALS_DIR_NAME,
     BackupProgress,
     BackupToDrive,
     keep_leases_alive,
     submit_initial_backup,
-    trial_folder_name,
 )
 from sweepsafe.drive import BackupBackend, DriveStore, ObjectStore
 from sweepsafe.drive._reserved_names import STATE_DIR_NAME
+from sweepsafe.drive._restore import set_aside_trial_folders
 from sweepsafe.drive._sqlite import SnapshotError, read_content, recover_hot_journal
 from sweepsafe.errors import LeaseHeldError, StudyConflictError, SweepsafeError
 from sweepsafe.paths import is_within
@@ -376,18 +377,9 @@ def _set_aside_other_runtimes_trials(
     then copied over them on Drive. They are moved, not deleted.
     """
     numbers = sorted({number for _study, number, _start in after - before})
-    aside = study_dir / "set-aside"
-    for number in numbers:
-        folder = study_dir / TRIALS_DIR_NAME / trial_folder_name(number)
-        if not folder.is_dir():
-            continue
-        target = aside / f"{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        suffix = 0
-        while target.exists():
-            suffix += 1
-            target = target.with_name(f"{target.name}-{suffix}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(folder, target)
+    pattern = f"{TRIALS_DIR_NAME}/{TRIAL_FOLDER}"
+    moved = set_aside_trial_folders(study_dir, pattern, numbers, time.time())
+    for number, target in moved.items():
         logger.warning(
             "Trial %d finished on another runtime; this runtime's unfinished files of a "
             "trial %d were moved to %s, and the finished trial's files are restored.",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
     from sweepsafe.drive._drive_helper import DriveHelper
     from sweepsafe.drive._unit import StudyUnit
 
-__all__ = ["RestoreRefused", "Restored", "restore_database"]
+__all__ = ["RestoreRefused", "Restored", "restore_database", "set_aside_trial_folders"]
 
 
 class RestoreRefused(Exception):
@@ -268,7 +269,7 @@ async def _install(
     if chosen and isinstance(local, DatabaseContent):
         undone = sorted({number for _study, number, _start in local.missing_from(content)})
         moved = await anyio.to_thread.run_sync(
-            _set_aside_trial_folders,
+            set_aside_trial_folders,
             database.parent,
             unit.settings.trial_folder,
             undone,
@@ -278,8 +279,8 @@ async def _install(
             notes = (
                 *notes,
                 f"the files of {len(moved)} trial(s) the older generation lacks were moved "
-                f"to {moved[0].parent}, so that the trials run next under their numbers "
-                "start from empty folders",
+                f"to {database.parent / 'set-aside'}, so that the trials run next under "
+                "their numbers start from empty folders",
             )
     if rollback is None:
         await _record(unit, rel, database, content, generation, tag, sha)
@@ -379,17 +380,16 @@ def _set_aside(database: Path, now: float) -> Path:
     return aside
 
 
-def _set_aside_trial_folders(
-    study: Path, trial_folder: str, numbers: list[int], now: float
-) -> list[Path]:
-    """Move the local folders of trials ``numbers`` to ``study/set-aside``; where they went.
-
-    Going back to an older generation undoes those trials, and the sweep that follows
-    gives their numbers to new trials: left in place, an undone trial's files (a
-    checkpoint a new trial would resume from) would pass for the new trial's.
+def set_aside_trial_folders(
+    study: Path, trial_folder: str, numbers: Sequence[int], now: float
+) -> dict[int, Path]:
+    """Move the local folders of trials ``numbers`` to ``study/set-aside``, never deleting
+    them; where they went. A trial's new files must not meet another trial's of the same
+    number: one a restore of an older generation undid (its number is given to the next
+    trial), or one another runtime finished (its files are restored).
     """
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
-    moved: list[Path] = []
+    moved: dict[int, Path] = {}
     for number in numbers:
         folder = study / trial_folder.format(number=number)
         if not folder.is_dir():
@@ -401,7 +401,7 @@ def _set_aside_trial_folders(
             target = target.with_name(f"{folder.name}-{stamp}-{suffix}")
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(folder, target)
-        moved.append(target)
+        moved[number] = target
     return moved
 
 
