@@ -296,3 +296,29 @@ def test_a_trial_file_drive_does_not_allow_is_named_and_does_not_hold_the_study_
     assert "may write there" in missing, missing
     for number in (0, 2, 3):
         assert (setup.drive / f"out/study-i/trials/trial-{number:05d}/weights.bin").exists()
+
+
+def test_old_generations_drive_will_not_let_go_do_not_fail_the_backups_that_follow(
+    tmp_path: Path,
+) -> None:
+    # Thinning old generations is hygiene: a Drive that refuses to delete them (a folder
+    # shared without delete rights) must not fail every backup that writes a full copy.
+    with simulated_drive(tmp_path, keep_generations=1) as setup:
+        study_dir = setup.local / "study-t"
+        database = study_dir / "study.db"
+        study = _study_with_files(study_dir, 1)
+        assert setup.store.backup(database, final=True).ok
+        setup.set_faults(FaultPlan(fail_remove_paths=(("*/history/*/00000001-*", "EACCES"),)))
+        for _ in range(2):
+            _add_trials(study, study_dir, 1)
+            result = setup.store.backup(database, final=True)
+            assert result.ok, result.error
+        assert result.generation == 3
+        history = setup.drive / "study-t/.sweepsafe/history/study.db"
+        assert list(history.glob("00000001-*"))  # still there, as Drive refused
+        setup.set_faults(FaultPlan())
+        _add_trials(study, study_dir, 1)
+        assert setup.store.backup(database, final=True).ok
+        assert not list(history.glob("00000001-*"))  # thinned once Drive allows it
+    restored = _restore_into(tmp_path, setup.drive, setup.plan_path, "study-t")
+    assert len(finished_trials(restored / "study.db")) == 4

@@ -6,14 +6,18 @@ drops the bases, patches and orphaned archives that only the dropped ones served
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sweepsafe.drive._drive_errors import DriveOSError
 from sweepsafe.drive._generations import BaseRecord, Generation, History, read_record
 
 if TYPE_CHECKING:
     from sweepsafe.drive._drive_helper import DriveHelper
+
+logger = logging.getLogger("sweepsafe.drive")
 
 __all__ = [
     "thin_history",
@@ -91,6 +95,19 @@ async def thin_history(
                 doomed.append(f"{base.number:08d}-{base.tag}.db")
     doomed.extend(g.name for n, gens in history.patches.items() if n <= oldest for g in gens)
     doomed.extend(history.orphans)
-    if doomed:
+    if not doomed:
+        return 0
+    try:
         await helper.remove([folder / name for name in doomed], timeout)
+    except DriveOSError as exc:
+        # Thinning is hygiene: the generation just written stands, and the next full
+        # copy tries again. A Drive that does not answer still fails the backup.
+        logger.warning(
+            "Could not remove %d old generation file(s) from %s: %s; they stay on Google "
+            "Drive, and the next full copy tries again.",
+            len(doomed),
+            folder,
+            exc.strerror or exc,
+        )
+        return 0
     return len(doomed)

@@ -54,6 +54,9 @@ class FaultPlan:
     fail_read_paths: tuple[tuple[str, str], ...] = ()
     """``(pattern, errno name)`` pairs: reading a Drive file whose path matches fails
     with that error, as a Drive file that cannot be downloaded does (``"EIO"``)."""
+    fail_remove_paths: tuple[tuple[str, str], ...] = ()
+    """``(pattern, errno name)`` pairs: removing a Drive file whose path matches fails
+    with that error, as a file Drive will not let this account delete does (``"EACCES"``)."""
     hang: bool = False
     """Every operation blocks forever, like a stalled FUSE mount."""
     pause_fifo: str = ""
@@ -80,7 +83,7 @@ class FaultPlan:
             return cls()
         names = {f.name for f in dataclasses.fields(cls)}
         fields = {key: value for key, value in data.items() if key in names}
-        for pairs in ("fail_paths", "fail_read_paths"):
+        for pairs in ("fail_paths", "fail_read_paths", "fail_remove_paths"):
             if pairs in fields:
                 fields[pairs] = tuple(tuple(pair) for pair in fields[pairs])
         return cls(**fields)
@@ -142,6 +145,8 @@ def _serve(plan_path: str) -> int:
             plan = self._plan()
             if op == "read":
                 _fail_if_listed(plan.fail_read_paths, path)
+            elif op == "remove":
+                _fail_if_listed(plan.fail_remove_paths, path)
 
         def on_write(self, path: str, nbytes: int) -> None:
             plan = self._plan()
