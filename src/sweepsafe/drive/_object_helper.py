@@ -24,6 +24,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import secrets
 import sqlite3
 import sys
@@ -68,6 +69,11 @@ Header = dict[str, Any]
 
 CONFIG_VARIABLE = "SWEEPSAFE_OBJECT_STORE"
 
+# What fsspec's ``rm`` takes for a glob pattern in a name.
+_PATTERN_CHARACTERS = re.compile(r"[*?\[]")
+# What s3fs splits a key at, taking the rest for the version to read.
+_S3_VERSION_MARK = "?versionId="
+
 
 class ObjectServer(DriveServer):
     """Serves the store's requests against one fsspec file system."""
@@ -104,6 +110,15 @@ class ObjectServer(DriveServer):
             return self._base
         if not path.startswith(self._root + "/"):
             raise OSError(errno.EINVAL, "outside the object store's root", path)
+        if _S3_VERSION_MARK in path and protocol_of(self._fs) in ("s3", "s3a"):
+            # s3fs reads what follows as a version, and would write the object under the
+            # name before it: another file's.
+            raise OSError(
+                errno.EINVAL,
+                f"S3 through s3fs cannot store a name holding {_S3_VERSION_MARK!r}; "
+                "rename the file",
+                path,
+            )
         return f"{self._base}/{path[len(self._root) + 1 :]}"
 
     def _where(self, path: object) -> str:
@@ -207,12 +222,28 @@ class ObjectServer(DriveServer):
         return {}, b""
 
     def op_remove(self, header: Header, payload: bytes) -> tuple[Header, bytes]:
-        """Remove objects, and every object under them (folders); missing ones are fine."""
+        """Remove objects, and every object under them (folders); missing ones are fine.
+
+        Each name is taken as it is: fsspec's ``rm`` reads ``*``, ``?`` and ``[`` in a
+        name as a pattern, and would remove every object it matches (``model*`` all the
+        models), so a name holding one is removed on its own."""
         fs = self._filesystem()
         paths = [str(path) for path in header["paths"]]
-        for path in paths:
+        keys = [self._key(path) for path in paths]
+        if self._local:
+            return super().op_remove({**header, "paths": keys}, payload)
+        doomed: set[str] = set()
+        for key in keys:
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                doomed.update(fs.find(key))
+            doomed.add(key)
+        literal = sorted(key for key in doomed if not _PATTERN_CHARACTERS.search(key))
+        if literal:
             with contextlib.suppress(FileNotFoundError):
-                fs.rm(self._key(path), recursive=True)
+                fs.rm(literal)
+        for key in sorted(doomed.difference(literal)):
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(key)
         return {"removed": len(paths)}, b""
 
     def op_clean(self, header: Header, payload: bytes) -> tuple[Header, bytes]:
