@@ -3,9 +3,14 @@ that is an object, against a real S3 endpoint (moto) and real Optuna studies."""
 
 from __future__ import annotations
 
+import http.client
+import http.server
 import shutil
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -129,3 +134,112 @@ def test_a_prefix_that_is_also_an_object_backs_up_and_restores(
     with ObjectStore(local, f"s3://{prefix}", s3.options(), drive_timeout=30) as store:
         restored = store.restore(study_dir / "study.db")
         assert restored.ok, restored
+
+
+# -- an endpoint that fails some requests -----------------------------------------------------
+Rule = Callable[[str, str, dict[str, str]], str]
+"""(method, path, headers) -> "forward", "fail" (500, not forwarded) or "lose" (forwarded,
+then a 500 in place of the endpoint's answer, as when the answer is lost on its way)."""
+
+
+class FaultyProxy:
+    """An HTTP proxy in front of an S3 endpoint that fails the requests ``rule`` picks."""
+
+    def __init__(self, target: str, rule: Rule) -> None:
+        self.rule = rule
+        self.seen: list[tuple[str, str, str]] = []
+        host, port = target.removeprefix("http://").split(":")
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return None
+
+            def _serve(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "expect"}
+                action = proxy.rule(self.command, self.path, headers)
+                proxy.seen.append((self.command, self.path, action))
+                if action != "fail":
+                    upstream = http.client.HTTPConnection(host, int(port), timeout=30)
+                    upstream.request(self.command, self.path, body=body, headers=headers)
+                    answer = upstream.getresponse()
+                    status, data = answer.status, answer.read()
+                    answer_headers = [
+                        (k, v)
+                        for k, v in answer.getheaders()
+                        if k.lower() not in ("transfer-encoding", "connection", "content-length")
+                    ]
+                    upstream.close()
+                if action != "forward":
+                    status, data, answer_headers = 500, _INTERNAL_ERROR, []
+                self.send_response(status)
+                for key, value in answer_headers:
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _serve
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        self.endpoint = S3Endpoint(f"http://127.0.0.1:{self._server.server_address[1]}")
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+
+
+_INTERNAL_ERROR = (
+    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code>'
+    b"<Message>We encountered an internal error. Please try again.</Message></Error>"
+)
+
+
+@contextmanager
+def faulty_proxy(target: S3Endpoint, rule: Rule) -> Iterator[FaultyProxy]:
+    proxy = FaultyProxy(target.endpoint, rule)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+def lose_first_answer_to(marker: str) -> Rule:
+    """A rule that loses the answer to the first PUT whose path holds ``marker``."""
+    done = threading.Event()
+
+    def rule(method: str, path: str, headers: dict[str, str]) -> str:
+        if method == "PUT" and marker in path and not done.is_set():
+            done.set()
+            return "lose"
+        return "forward"
+
+    return rule
+
+
+def test_a_lease_write_whose_answer_is_lost_still_takes_the_study(
+    tmp_path: Path, s3: S3Endpoint, prefix: str
+) -> None:
+    """The conditional write landed, its answer was lost, and the retry was refused
+    since the lease is no longer the one read: the lease there is this runtime's own."""
+    local = tmp_path / "local"
+    study_dir = local / "study-a"
+    study_dir.mkdir(parents=True)
+    study = optuna.create_study(storage=f"sqlite:///{study_dir / 'study.db'}", study_name="a")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    with faulty_proxy(s3, lose_first_answer_to("lease.json")) as proxy:
+        url = f"s3://{prefix}"
+        with ObjectStore(local, url, proxy.endpoint.options(), drive_timeout=30) as store:
+            result = store.backup(study_dir / "study.db")
+            assert result.ok, result.error
+            assert store.verify(study_dir / "study.db").trial_counts == {"COMPLETE": 2}
+        assert ("PUT", f"/{prefix}/study-a/.sweepsafe/lease.json", "lose") in proxy.seen
