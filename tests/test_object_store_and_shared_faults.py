@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import http.client
 import http.server
+import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,9 +18,12 @@ from typing import Any
 
 import optuna
 import pytest
+from optuna.trial import TrialState
 
-from object_store_support import S3Endpoint, moto_server, object_names, put_object
-from sweepsafe import ObjectStore
+from object_store_support import S3Endpoint, download, moto_server, object_names, put_object
+from postgres_support import PostgresServer
+from sweep_support import finished_trials
+from sweepsafe import ObjectStore, run_sweep, study_dir_for, trial_dir
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -243,3 +250,136 @@ def test_a_lease_write_whose_answer_is_lost_still_takes_the_study(
             assert result.ok, result.error
             assert store.verify(study_dir / "study.db").trial_counts == {"COMPLETE": 2}
         assert ("PUT", f"/{prefix}/study-a/.sweepsafe/lease.json", "lose") in proxy.seen
+
+
+# -- a study shared through PostgreSQL, backed up to S3 ---------------------------------------
+SHARED_WORKER = """
+import json, os, sys, time
+import optuna
+from sweepsafe import ObjectStore, run_sweep, study_dir_for, trial_dir
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+local, url, storage, name, n_trials = sys.argv[1:6]
+store = ObjectStore(local, url, json.loads(os.environ["STORE_OPTIONS"]), drive_timeout=30)
+
+
+def objective(trial):
+    folder = trial_dir(study_dir_for(local, "shared-s3"), trial)
+    (folder / "model.txt").write_text(f"{name} {trial.number}")
+    time.sleep(0.3)
+    return trial.suggest_float("x", -2.0, 2.0) ** 2
+
+
+def say(study, trial):
+    print(json.dumps({"trial": trial.number}), flush=True)
+
+
+result = run_sweep(objective, output_dir=local, study_key="shared-s3", n_trials=int(n_trials),
+                   backup_to_drive=store, storage=storage, export_interval=1.0,
+                   flush_timeout=60, callbacks=[say])
+print(json.dumps({"done": True, "ok": result.backup_ok, "report": str(result.backup_report)}),
+      flush=True)
+"""
+
+
+def start_shared_worker(
+    tmp_path: Path, s3: S3Endpoint, url: str, storage: str, name: str, n_trials: int
+) -> subprocess.Popen[str]:
+    env = {
+        **os.environ,
+        "STORE_OPTIONS": json.dumps(s3.options()),
+        "PYTHONPATH": os.pathsep.join(sys.path),
+    }
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            SHARED_WORKER,
+            str(tmp_path / name),
+            url,
+            storage,
+            name,
+            str(n_trials),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+
+
+def finished_on_server(storage: str) -> list[int]:
+    rdb = optuna.storages.RDBStorage(storage)
+    try:
+        (summary,) = optuna.get_all_study_summaries(rdb)
+        study = optuna.load_study(study_name=summary.study_name, storage=rdb)
+        return sorted(t.number for t in study.get_trials(states=(TrialState.COMPLETE,)))
+    finally:
+        rdb.engine.dispose()
+
+
+def exported_on_s3(s3: S3Endpoint, key: str, scratch: Path) -> list[int]:
+    target = scratch / "exported.db"
+    download(s3, key, str(target))
+    return sorted(number for number, _ in finished_trials(target))
+
+
+@pytest.mark.timeout(300)
+def test_two_workers_sharing_a_study_back_it_up_whole_to_s3(
+    tmp_path: Path, s3: S3Endpoint, prefix: str, postgres_database: str
+) -> None:
+    url = f"s3://{prefix}"
+    workers = [
+        start_shared_worker(tmp_path, s3, url, postgres_database, f"w{i}", 8) for i in range(2)
+    ]
+    outputs = [worker.communicate(timeout=240) for worker in workers]
+    for worker, (out, err) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, err
+        done = json.loads(out.splitlines()[-1])
+        assert done["ok"], done["report"]
+    finished = finished_on_server(postgres_database)
+    assert len(finished) >= 8
+    study_name = study_dir_for(tmp_path / "w0", "shared-s3").name
+    names = object_names(s3, prefix)
+    for number in finished:
+        key = f"{prefix}/{study_name}/trials/trial-{number:05d}/model.txt"
+        assert key in names, (number, sorted(names))
+    assert exported_on_s3(s3, f"{prefix}/{study_name}/study.db", tmp_path) == finished
+
+
+@pytest.mark.timeout(300)
+def test_a_shared_sweep_goes_on_when_the_database_server_restarts_mid_sweep(
+    tmp_path: Path,
+    s3: S3Endpoint,
+    prefix: str,
+    postgres_server: PostgresServer,
+    postgres_database: str,
+) -> None:
+    local = tmp_path / "local"
+    study_dir = study_dir_for(local, "restarted")
+    restarted = threading.Event()
+
+    def objective(trial: optuna.Trial) -> float:
+        (trial_dir(study_dir, trial) / "model.txt").write_text(str(trial.number))
+        if trial.number == 2 and not restarted.is_set():
+            restarted.set()
+            postgres_server.restart()
+        return trial.suggest_float("x", -2.0, 2.0) ** 2
+
+    with ObjectStore(local, f"s3://{prefix}", s3.options(), drive_timeout=30) as store:
+        result = run_sweep(
+            objective,
+            output_dir=local,
+            study_key="restarted",
+            n_trials=5,
+            backup_to_drive=store,
+            storage=postgres_database,
+            export_interval=1.0,
+            flush_timeout=60,
+        )
+    assert restarted.is_set()
+    assert result.backup_ok, result.backup_report
+    assert finished_on_server(postgres_database) == [0, 1, 2, 3, 4]
+    exported = exported_on_s3(s3, f"{prefix}/{study_dir.name}/study.db", tmp_path)
+    assert exported == [0, 1, 2, 3, 4]

@@ -77,6 +77,10 @@ def server_storage(
             heartbeat_interval=heartbeat_interval,
             grace_period=grace_period,
             heartbeat_stale_trial_callback=callback,
+            # A server restarted (maintenance, failover) cut every pooled connection: each
+            # is checked as it is taken, and a dead one replaced, instead of failing the
+            # trial that took it with Optuna's "invalid data in the commit".
+            engine_kwargs={"pool_pre_ping": True},
         )
 
 
