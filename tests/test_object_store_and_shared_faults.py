@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,10 +21,19 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from object_store_support import S3Endpoint, download, moto_server, object_names, put_object
+from object_store_support import (
+    S3Endpoint,
+    download,
+    moto_server,
+    object_names,
+    put_object,
+    read_object,
+    sweep_to_store,
+)
 from postgres_support import PostgresServer
 from sweep_support import finished_trials
-from sweepsafe import ObjectStore, run_sweep, study_dir_for, trial_dir
+from sweepsafe import ObjectStore, SweepsafeError, run_sweep, study_dir_for, trial_dir
+from sweepsafe.drive._replica import Lease, acquire_lease, this_runtime
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -256,7 +266,8 @@ def test_a_lease_write_whose_answer_is_lost_still_takes_the_study(
 SHARED_WORKER = """
 import json, os, sys, time
 import optuna
-from sweepsafe import ObjectStore, run_sweep, study_dir_for, trial_dir
+from sweepsafe import ObjectStore, SweepsafeError, run_sweep, study_dir_for, trial_dir
+from sweepsafe.drive._replica import Lease, acquire_lease, this_runtime
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 local, url, storage, name, n_trials = sys.argv[1:6]
@@ -383,3 +394,137 @@ def test_a_shared_sweep_goes_on_when_the_database_server_restarts_mid_sweep(
     assert finished_on_server(postgres_database) == [0, 1, 2, 3, 4]
     exported = exported_on_s3(s3, f"{prefix}/{study_dir.name}/study.db", tmp_path)
     assert exported == [0, 1, 2, 3, 4]
+
+
+def fail_always(method_wanted: str, marker: str) -> Rule:
+    def rule(method: str, path: str, headers: dict[str, str]) -> str:
+        return "fail" if method == method_wanted and marker in path else "forward"
+
+    return rule
+
+
+@pytest.mark.timeout(300)
+def test_a_trial_file_the_endpoint_keeps_failing_is_named_and_reaches_s3_once_it_answers(
+    tmp_path: Path, s3: S3Endpoint, prefix: str
+) -> None:
+    local = tmp_path / "local"
+    study_dir = study_dir_for(local, "failing")
+
+    def objective(trial: optuna.Trial) -> float:
+        (trial_dir(study_dir, trial) / "weights.bin").write_bytes(bytes([trial.number]) * 4096)
+        return trial.suggest_float("x", -2.0, 2.0) ** 2
+
+    url = f"s3://{prefix}"
+    with faulty_proxy(s3, fail_always("PUT", "trial-00001/weights.bin")) as proxy:
+        with ObjectStore(local, url, proxy.endpoint.options(), drive_timeout=30) as store:
+            result = run_sweep(
+                objective,
+                output_dir=local,
+                study_key="failing",
+                n_trials=3,
+                backup_to_drive=store,
+                flush_timeout=120,
+            )
+        assert any(action == "fail" for _, _, action in proxy.seen)
+    report = str(result.backup_report)
+    assert not result.backup_ok, report
+    assert "trial-00001/weights.bin" in report, report
+    assert "complete" not in report.split("\n", 1)[0].lower().replace("incomplete", ""), report
+
+    with ObjectStore(local, url, s3.options(), drive_timeout=30) as store:
+        again = run_sweep(
+            objective,
+            output_dir=local,
+            study_key="failing",
+            n_trials=3,
+            backup_to_drive=store,
+            flush_timeout=120,
+        )
+    assert again.backup_ok, again.backup_report
+    names = object_names(s3, prefix)
+    for number in range(3):
+        assert f"{prefix}/{study_dir.name}/trials/trial-{number:05d}/weights.bin" in names
+
+
+@pytest.mark.timeout(300)
+def test_a_restore_whose_trial_file_the_endpoint_fails_finishes_at_the_next_start(
+    tmp_path: Path, s3: S3Endpoint, prefix: str
+) -> None:
+    url = f"s3://{prefix}"
+    with ObjectStore(tmp_path / "first", url, s3.options(), drive_timeout=30) as store:
+        first = sweep_to_store(store, "restore-fails", 3)
+    study_name = first.database.parent.name
+    local = tmp_path / "second"
+    failing = fail_always("GET", f"{study_name}/trials/trial-00001/weights.bin")
+    outcome: str
+    with faulty_proxy(s3, failing) as proxy:
+        with ObjectStore(local, url, proxy.endpoint.options(), drive_timeout=30) as store:
+            try:
+                cut = run_sweep(
+                    lambda t: t.suggest_float("x", 0, 1),
+                    output_dir=local,
+                    study_key="restore-fails",
+                    n_trials=3,
+                    backup_to_drive=store,
+                    flush_timeout=60,
+                )
+                outcome = f"ran: {cut.backup_report}"
+            except SweepsafeError as exc:
+                outcome = f"refused: {exc}"
+        assert any(action == "fail" for _, _, action in proxy.seen), proxy.seen
+    restored_file = local / study_name / "trials" / "trial-00001" / "weights.bin"
+    assert (
+        not restored_file.exists() or restored_file.read_bytes() == (1).to_bytes(4, "big") * 1024
+    ), outcome
+    with ObjectStore(local, url, s3.options(), drive_timeout=30) as store:
+        second = sweep_to_store(store, "restore-fails", 4)
+    assert second.finished == 4
+    assert restored_file.read_bytes() == (1).to_bytes(4, "big") * 1024, outcome
+
+
+class OwnLeaseWrittenMeanwhile:
+    """A helper through which another task of this same process (the backup worker's
+    renewal, a restore's take) writes this runtime's lease just before this write."""
+
+    def __init__(self, helper: Any, s3: S3Endpoint, key: str) -> None:
+        self._helper = helper
+        self._s3 = s3
+        self._key = key
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._helper, name)
+
+    async def put_bytes_if(
+        self, destination: Path, data: bytes, version: str | None, timeout: float
+    ) -> bool:
+        now = time.time()
+        put_object(self._s3, self._key, Lease(this_runtime(), now - 1, now).to_json())
+        written: bool = await self._helper.put_bytes_if(destination, data, version, timeout)
+        return written
+
+
+@pytest.mark.asyncio
+async def test_a_lease_this_process_wrote_during_a_take_is_not_taken_for_another_runtimes(
+    tmp_path: Path, s3: S3Endpoint, prefix: str
+) -> None:
+    local = tmp_path / "local"
+    study_dir = local / "study-a"
+    study_dir.mkdir(parents=True)
+    key = f"{prefix}/study-a/.sweepsafe/lease.json"
+    with ObjectStore(local, f"s3://{prefix}", s3.options(), drive_timeout=30) as store:
+        async with store._pool.session() as helper:
+            racing = OwnLeaseWrittenMeanwhile(helper, s3, key)
+            lease = await acquire_lease(
+                racing,  # type: ignore[arg-type]
+                store.drive_path_for(study_dir),
+                timeout=30,
+                lease_timeout=120,
+                takeover=False,
+                clock=time.time,
+                conditional=True,
+            )
+    assert lease.owner.is_same_process(this_runtime())
+    landed = Lease.from_json(read_object(s3, key))
+    assert landed is not None
+    assert landed.owner.is_same_process(this_runtime())
+    assert not landed.released

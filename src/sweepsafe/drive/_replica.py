@@ -226,10 +226,11 @@ async def acquire_lease(
     lease = Lease(owner=me, acquired=current.acquired if mine and current else now, heartbeat=now)
     if conditional and not await helper.put_bytes_if(path, lease.to_json(), version, timeout):
         landed = await read_lease(helper, unit_drive, timeout)
-        if landed == lease:
-            # The write landed, but its answer was lost and the client's retry was
-            # refused: the lease is no longer the one read, since it is this one.
-            return lease
+        if landed is not None and landed.owner.is_same_process(me) and not landed.released:
+            # This process holds it: the write landed but its answer was lost (the
+            # client's retry refused, the lease no longer the one read), or another of
+            # its tasks (a renewal, a restore's take) wrote it in between.
+            return landed
         if landed is None:
             raise LeaseHeldError(
                 f"the lease on {unit_drive} changed while this runtime took it; run again"
