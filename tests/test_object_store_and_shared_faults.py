@@ -155,8 +155,9 @@ def test_a_prefix_that_is_also_an_object_backs_up_and_restores(
 
 # -- an endpoint that fails some requests -----------------------------------------------------
 Rule = Callable[[str, str, dict[str, str]], str]
-"""(method, path, headers) -> "forward", "fail" (500, not forwarded) or "lose" (forwarded,
-then a 500 in place of the endpoint's answer, as when the answer is lost on its way)."""
+"""(method, path, headers) -> "forward", "fail" (500, not forwarded), "deny" (403, not
+forwarded) or "lose" (forwarded, then a 500 in place of the endpoint's answer, as when
+the answer is lost on its way)."""
 
 
 class FaultyProxy:
@@ -180,7 +181,7 @@ class FaultyProxy:
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "expect"}
                 action = proxy.rule(self.command, self.path, headers)
                 proxy.seen.append((self.command, self.path, action))
-                if action != "fail":
+                if action in ("forward", "lose"):
                     upstream = http.client.HTTPConnection(host, int(port), timeout=30)
                     upstream.request(self.command, self.path, body=body, headers=headers)
                     answer = upstream.getresponse()
@@ -191,7 +192,9 @@ class FaultyProxy:
                         if k.lower() not in ("transfer-encoding", "connection", "content-length")
                     ]
                     upstream.close()
-                if action != "forward":
+                if action == "deny":
+                    status, data, answer_headers = 403, _ACCESS_DENIED, []
+                elif action != "forward":
                     status, data, answer_headers = 500, _INTERNAL_ERROR, []
                 self.send_response(status)
                 for key, value in answer_headers:
@@ -218,6 +221,12 @@ class FaultyProxy:
 _INTERNAL_ERROR = (
     b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code>'
     b"<Message>We encountered an internal error. Please try again.</Message></Error>"
+)
+
+
+_ACCESS_DENIED = (
+    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+    b"<Message>Access Denied</Message></Error>"
 )
 
 
@@ -396,6 +405,10 @@ def test_a_shared_sweep_goes_on_when_the_database_server_restarts_mid_sweep(
     assert exported == [0, 1, 2, 3, 4]
 
 
+# botocore retries each 500 itself, with backoff; the store's own retries are under test.
+NO_CLIENT_RETRIES = {"retries": {"max_attempts": 1, "mode": "standard"}}
+
+
 def fail_always(method_wanted: str, marker: str) -> Rule:
     def rule(method: str, path: str, headers: dict[str, str]) -> str:
         return "fail" if method == method_wanted and marker in path else "forward"
@@ -416,7 +429,12 @@ def test_a_trial_file_the_endpoint_keeps_failing_is_named_and_reaches_s3_once_it
 
     url = f"s3://{prefix}"
     with faulty_proxy(s3, fail_always("PUT", "trial-00001/weights.bin")) as proxy:
-        with ObjectStore(local, url, proxy.endpoint.options(), drive_timeout=30) as store:
+        with ObjectStore(
+            local,
+            url,
+            {**proxy.endpoint.options(), "config_kwargs": NO_CLIENT_RETRIES},
+            drive_timeout=30,
+        ) as store:
             result = run_sweep(
                 objective,
                 output_dir=local,
@@ -528,3 +546,47 @@ async def test_a_lease_this_process_wrote_during_a_take_is_not_taken_for_another
     assert landed is not None
     assert landed.owner.is_same_process(this_runtime())
     assert not landed.released
+
+
+def revoked_after(event: threading.Event) -> Rule:
+    """A rule that denies every request once ``event`` is set, as a revoked key is."""
+
+    def rule(method: str, path: str, headers: dict[str, str]) -> str:
+        return "deny" if event.is_set() else "forward"
+
+    return rule
+
+
+@pytest.mark.timeout(300)
+def test_credentials_revoked_mid_sweep_leave_the_sweep_running_and_its_report_incomplete(
+    tmp_path: Path, s3: S3Endpoint, prefix: str
+) -> None:
+    local = tmp_path / "local"
+    study_dir = study_dir_for(local, "revoked")
+    revoked = threading.Event()
+
+    def objective(trial: optuna.Trial) -> float:
+        (trial_dir(study_dir, trial) / "model.txt").write_text(str(trial.number))
+        if trial.number == 4:
+            revoked.set()
+        return trial.suggest_float("x", -2.0, 2.0) ** 2
+
+    with faulty_proxy(s3, revoked_after(revoked)) as proxy:
+        options = proxy.endpoint.options()
+        with ObjectStore(local, f"s3://{prefix}", options, drive_timeout=30) as store:
+            result = run_sweep(
+                objective,
+                output_dir=local,
+                study_key="revoked",
+                n_trials=8,
+                backup_to_drive=store,
+                flush_timeout=60,
+            )
+        forwarded = [path for _, path, action in proxy.seen if action == "forward"]
+    assert any(path.endswith("/study.db") for path in forwarded)  # backed up before
+    assert len(finished_trials(result.study_dir / "study.db")) == 8
+    report = str(result.backup_report)
+    assert not result.backup_ok, report
+    assert report.startswith("Object store copy INCOMPLETE"), report
+    assert "access denied" in report, report
+    assert "check the credentials" in report, report
