@@ -13,6 +13,7 @@ from drive_support import simulated_drive, temp_files
 from sweep_support import finished_trials, own_worker
 from sweepsafe import backup_hpo_study_to_drive
 from sweepsafe.drive._reserved_names import temp_name
+from sweepsafe.drive._restore import restore_temporary
 from sweepsafe.drive._unit import HOLD_BACK_S
 from sweepsafe.testing import FaultPlan, simulated_store
 
@@ -322,3 +323,21 @@ def test_old_generations_drive_will_not_let_go_do_not_fail_the_backups_that_foll
         assert not list(history.glob("00000001-*"))  # thinned once Drive allows it
     restored = _restore_into(tmp_path, setup.drive, setup.plan_path, "study-t")
     assert len(finished_trials(restored / "study.db")) == 4
+
+
+def test_a_restore_temporary_a_kill_left_in_the_study_folder_is_not_backed_up(
+    tmp_path: Path,
+) -> None:
+    # A runtime killed while a restored database waited to replace the local one leaves
+    # it in the study folder: sweepsafe's own temporary, never the user's file to copy.
+    with simulated_drive(tmp_path) as setup, own_worker() as worker:
+        study_dir = setup.local / "out" / "study-r"
+        _study_with_files(study_dir, 2)
+        left = restore_temporary(study_dir / "study.db")
+        shutil.copyfile(study_dir / "study.db", left)
+        report = backup_hpo_study_to_drive(
+            setup.local / "out", setup.store, worker=worker, timeout=60
+        )
+        assert report.ok, str(report)
+    assert not (setup.drive / "out/study-r" / left.name).exists()
+    assert (setup.drive / "out/study-r/trials/trial-00001/weights.bin").exists()

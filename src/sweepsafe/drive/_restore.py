@@ -33,6 +33,7 @@ from sweepsafe.drive._local_state import DatabaseRecord
 from sweepsafe.drive._page_diff import sha256_file
 from sweepsafe.drive._publish_write import publish_rollback
 from sweepsafe.drive._rebuild import NoUsableBase, rebuild
+from sweepsafe.drive._reserved_names import temp_name
 from sweepsafe.drive._sqlite import (
     SIDECAR_SUFFIXES,
     DatabaseContent,
@@ -405,9 +406,15 @@ def set_aside_trial_folders(
     return moved
 
 
+def restore_temporary(database: Path) -> Path:
+    """Where a restored database waits to replace ``database``: a sweepsafe temporary,
+    so that one a kill left there is never backed up as the user's file."""
+    return database.with_name(temp_name(f"restore-{database.name}"))
+
+
 def _replace_local(candidate: Path, database: Path) -> int:
     database.parent.mkdir(parents=True, exist_ok=True)
-    temp = database.with_name(f".{database.name}.sweepsafe-restore")
+    temp = restore_temporary(database)
     try:
         # The scratch folder is on the same disk as a rule: a rename, not a copy.
         os.replace(candidate, temp)
