@@ -18,6 +18,7 @@ from pathlib import Path
 import optuna
 
 from sweepsafe import DriveStore, run_sweep, study_dir_for, trial_dir
+from sweepsafe.errors import SweepsafeError
 
 HELPER = Path(__file__).with_name("kill_point_helper.py")
 
@@ -95,14 +96,18 @@ def main() -> int:
             emit("trial", trial=trial.number)
             return (x - 2.0) ** 2
 
-        result_sweep = run_sweep(
-            objective,
-            output_dir=output_dir,
-            study_key=args.key,
-            n_trials=args.trials,
-            backup_to_drive=store,
-            flush_timeout=60.0,
-        )
+        try:
+            result_sweep = run_sweep(
+                objective,
+                output_dir=output_dir,
+                study_key=args.key,
+                n_trials=args.trials,
+                backup_to_drive=store,
+                flush_timeout=60.0,
+            )
+        except SweepsafeError as exc:
+            emit("refused", ok=False, error=str(exc))
+            return 0
     finally:
         store.close()
     report = result_sweep.backup_report

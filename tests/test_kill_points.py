@@ -226,15 +226,30 @@ def test_a_sweep_after_a_killed_restore_of_an_older_generation_loses_no_trial(
     tmp_path: Path, where: str
 ) -> None:
     swept_twice(tmp_path)
-    older, _ = older_generation(tmp_path)
+    older, held = older_generation(tmp_path)
     runtime = Runtime(tmp_path, "restore", "--generation", str(older), stop=GOING_BACK_STOPS[where])
     runtime.stopped()
     runtime.kill()
 
+    # A sweep now would publish the trials going back undoes, undoing the user's choice
+    # without a word: it stops and says how to finish going back, or to keep them.
+    refused = run(tmp_path, "sweep", "--trials", "8")
+    assert refused["event"] == "refused", refused
+    assert "was cut short" in refused["error"]
+    assert f"--generation {older}" in refused["error"]
+    assert "\n" not in refused["error"]
+    assert local_trials(tmp_path) == list(range(6))  # the local study is untouched
+
+    again = run(tmp_path, "restore", "--generation", str(older))
+    assert again["ok"], again["error"]
+    assert len(local_trials(tmp_path)) == held
     done = run(tmp_path, "sweep", "--trials", "8")
     assert done["ok"], done["report"]
     assert temp_files(tmp_path / "drive") == []
-    assert local_trials(tmp_path) == drive_trials(tmp_path) == list(range(8))
+    # A trial the older generation caught running is failed, not finished: skipped.
+    after = local_trials(tmp_path)
+    assert len(after) == 8
+    assert drive_trials(tmp_path) == after
 
 
 @pytest.mark.timeout(90)
@@ -265,6 +280,13 @@ def test_a_restore_of_an_older_generation_killed_on_this_disk_leaves_no_half_stu
         assert finished_numbers(study) == list(range(6))
     assert len(drive_trials(tmp_path)) == held
 
+    # Drive went back; the local study did not yet: a sweep stops and says so, and the
+    # restore run again finishes going back.
+    refused = run(tmp_path, "sweep", "--trials", "8")
+    assert refused["event"] == "refused", refused
+    assert f"--generation {older}" in refused["error"]
+    again = run(tmp_path, "restore", "--generation", str(older))
+    assert again["ok"], again["error"]
     done = run(tmp_path, "sweep", "--trials", "8")
     assert done["ok"], done["report"]
     assert temp_files(tmp_path / "drive") == []

@@ -9,7 +9,7 @@ creates or loads the study, and schedules its first backup.
 from __future__ import annotations
 
 import datetime
-import hashlib
+import json
 import logging
 import os
 import time
@@ -32,8 +32,8 @@ from sweepsafe._callbacks import (
     submit_initial_backup,
 )
 from sweepsafe.drive import BackupBackend, DriveStore, ObjectStore
-from sweepsafe.drive._reserved_names import STATE_DIR_NAME
-from sweepsafe.drive._restore import set_aside_trial_folders
+from sweepsafe.drive._local_state import local_mark
+from sweepsafe.drive._restore import GOING_BACK, set_aside_trial_folders
 from sweepsafe.drive._sqlite import SnapshotError, read_content, recover_hot_journal
 from sweepsafe.errors import LeaseHeldError, StudyConflictError, SweepsafeError
 from sweepsafe.paths import is_within
@@ -135,6 +135,10 @@ def _open_study(
     if store is not None:
         needed = not storage_path.exists() and restore
         _acquire(store, study_dir, takeover, needed=needed, write=not deferred)
+        going_back = local_mark(store.local_root, GOING_BACK, storage_path)
+        if restore and going_back.exists():
+            raise SweepsafeError(_going_back_cut_short(going_back, storage_path))
+        going_back.unlink(missing_ok=True)  # restore=False: the local study is kept
         if restore:
             restored = _reconcile_with_drive(store, study_dir)
     elif restore and backup_to_drive is not None and not storage_path.exists():
@@ -345,14 +349,32 @@ def _reconcile_with_drive(store: BackupBackend, study_dir: Path) -> bool:
     return True
 
 
-_RESTORING = "restoring"
+def _going_back_cut_short(mark: Path, database: Path) -> str:
+    """What to do about a restore of an older generation that a kill cut short."""
+    try:
+        generation = int(json.loads(mark.read_bytes())["generation"])
+    except (OSError, ValueError, KeyError, TypeError):
+        generation = None
+    which = f"generation {generation}" if generation is not None else "an older generation"
+    again = (
+        f"`sweepsafe restore {database} --generation {generation}`, or "
+        f"restore({database}, generation={generation})"
+        if generation is not None
+        else "`sweepsafe restore` with that generation"
+    )
+    return (
+        f"A restore of {which} of {database} was cut short: Google Drive may have gone back "
+        "to it while the local study still holds the trials it undoes, and a sweep now "
+        "would publish them again. Run the restore again to finish going back "
+        f"({again}; the local study is set aside, not deleted), or pass restore=False "
+        "(sweepsafe run --no-restore) to keep the local study, whose next backup makes it "
+        "the newest on Drive again."
+    )
 
 
 def _restore_marker(store: BackupBackend, study_dir: Path) -> Path:
     """Where the store's local records mark a restore of ``study_dir`` under way."""
-    rel = os.path.relpath(study_dir, store.local_root)
-    digest = hashlib.sha256(rel.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    return Path(store.local_root) / STATE_DIR_NAME / f"{_RESTORING}-{digest}"
+    return local_mark(store.local_root, "restoring", study_dir)
 
 
 def _finished_here(database: Path) -> frozenset[tuple[str, int, str]] | None:

@@ -42,6 +42,7 @@ __all__ = [
     "UnitState",
     "database_signature",
     "file_signature",
+    "local_mark",
     "unit_state_dir",
 ]
 
@@ -106,6 +107,15 @@ def unit_state_dir(local_root: Path, drive_folder: Path, unit_rel: str) -> Path:
     """Where the records of one (local study folder, Drive folder) pair live."""
     digest = hashlib.sha256(f"{drive_folder}\0{unit_rel}".encode()).hexdigest()[:24]
     return local_root / STATE_DIR_NAME / "units" / digest
+
+
+def local_mark(local_root: Path | str, kind: str, path: Path | str) -> Path:
+    """Where the local records mark an operation of ``kind`` on ``path`` under way (a
+    restore, going back to a generation), so that a runtime killed in the middle of it
+    is noticed by the next one."""
+    rel = os.path.relpath(path, local_root)
+    digest = hashlib.sha256(rel.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return Path(local_root) / STATE_DIR_NAME / f"{kind}-{digest}"
 
 
 # Each local file operation below is one call on LOCAL_IO: a cancelled caller stops

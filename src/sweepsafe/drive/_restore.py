@@ -9,6 +9,7 @@ the local database is set aside under a name that says so instead of being compa
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -29,7 +30,7 @@ from sweepsafe.drive._generations import (
     list_history,
     read_details,
 )
-from sweepsafe.drive._local_state import DatabaseRecord
+from sweepsafe.drive._local_state import DatabaseRecord, local_mark
 from sweepsafe.drive._page_diff import sha256_file
 from sweepsafe.drive._publish_write import publish_rollback
 from sweepsafe.drive._rebuild import NoUsableBase, rebuild
@@ -43,12 +44,24 @@ from sweepsafe.drive._sqlite import (
     recover_hot_journal,
 )
 from sweepsafe.drive._sqlite_inspect import is_sqlite_file
+from sweepsafe.errors import LeaseHeldError
 
 if TYPE_CHECKING:
     from sweepsafe.drive._drive_helper import DriveHelper
     from sweepsafe.drive._unit import StudyUnit
 
-__all__ = ["RestoreRefused", "Restored", "restore_database", "set_aside_trial_folders"]
+__all__ = [
+    "GOING_BACK",
+    "RestoreRefused",
+    "Restored",
+    "restore_database",
+    "set_aside_trial_folders",
+]
+
+GOING_BACK = "going-back"
+"""The kind of local mark a restore of an older generation leaves while under way: Drive
+goes back first, then the local study; a runtime killed between the two must not let a
+sweep publish the undone trials again without a word."""
 
 
 class RestoreRefused(Exception):
@@ -246,12 +259,19 @@ async def _install(
             "on Drive again and keeps the others in its history"
         )
     rollback: int | None = None
+    mark = local_mark(unit.settings.local_root, GOING_BACK, database)
     if chosen and generation is not None and generation < head:
         # Drive first: killed before the local copy is replaced, the restore can simply
-        # run again; the other way round, the next backup would meet a Drive copy ahead.
+        # run again (the mark stops a sweep meanwhile); the other way round, the next
+        # backup would meet a Drive copy ahead.
         if sha is None:
             sha = await anyio.to_thread.run_sync(sha256_file, candidate)
-        rollback = await publish_rollback(unit, rel, candidate, content, sha)
+        await anyio.to_thread.run_sync(_write_mark, mark, generation)
+        try:
+            rollback = await publish_rollback(unit, rel, candidate, content, sha)
+        except LeaseHeldError:
+            await anyio.to_thread.run_sync(partial(mark.unlink, missing_ok=True))
+            raise
         notes = (
             *notes,
             f"generation {generation} is the newest on Google Drive again, as generation "
@@ -285,6 +305,8 @@ async def _install(
             )
     if rollback is None:
         await _record(unit, rel, database, content, generation, tag, sha)
+    if chosen:
+        await anyio.to_thread.run_sync(partial(mark.unlink, missing_ok=True))
     return Restored(generation, size, content.finished_count, set_aside, notes)
 
 
@@ -404,6 +426,11 @@ def set_aside_trial_folders(
         os.replace(folder, target)
         moved[number] = target
     return moved
+
+
+def _write_mark(mark: Path, generation: int) -> None:
+    mark.parent.mkdir(parents=True, exist_ok=True)
+    mark.write_text(json.dumps({"generation": generation}))
 
 
 def restore_temporary(database: Path) -> Path:
