@@ -125,6 +125,7 @@ def _open_study(
     progress: BackupProgress | None,
 ) -> _Opened:
     refuse_study_outside_store(study_dir, backup_to_drive)
+    _refuse_file_as_folder(study_dir)
     storage_path = study_dir / STUDY_DB_NAME
     _refuse_foreign_database(storage_path)
     store = backup_to_drive if isinstance(backup_to_drive, BackupBackend) else None
@@ -186,6 +187,29 @@ def _open_study(
         keep_leases_alive(backup_to_drive, worker)
         submit_initial_backup(storage_path, backup_to_drive, worker=worker, progress=progress)
     return _Opened(study, restored, finished, stale)
+
+
+def _refuse_file_as_folder(study_dir: Path) -> None:
+    """Refuse a study folder that is a file, or lies under one, before Drive is asked.
+
+    Raises:
+        SweepsafeError: ``study_dir`` (or the nearest of its parents that exists) is not
+            a folder.
+    """
+    blocker = study_dir
+    while not blocker.exists() and blocker.parent != blocker:
+        blocker = blocker.parent
+    if blocker.is_dir():
+        return
+    if blocker == study_dir and study_dir.name == STUDY_DB_NAME:
+        raise SweepsafeError(
+            f"{study_dir} is a study's database, not its folder; pass the folder that "
+            f"holds it: resume_study({str(study_dir.parent)!r}, ...)."
+        )
+    raise SweepsafeError(
+        f"{blocker} is a file, so the study folder {study_dir} cannot be created there; "
+        "give an output folder (or study folder) that is a folder or does not exist yet."
+    )
 
 
 def _refuse_second_study(storage: optuna.storages.BaseStorage, database: Path, name: str) -> None:
