@@ -13,6 +13,8 @@ import pytest
 from drive_support import DriveSetup
 from sweep_support import finished_trials
 from sweepsafe import (
+    DriveStore,
+    ObjectStore,
     resume_study,
     run_sweep,
     study_dir_for,
@@ -56,6 +58,25 @@ def test_an_output_folder_under_a_file_is_named_before_drive_is_asked(drive: Dri
     assert f"{drive.local / 'results'} is a file" in message
     assert "Drive" not in message
     assert not (drive.drive / study_dir_for(output, "k").name).exists()
+
+
+@pytest.mark.parametrize("store_class", [DriveStore, ObjectStore])
+def test_the_store_class_instead_of_a_store_is_refused_saying_how_to_make_one(
+    drive: DriveSetup, store_class: type[DriveStore]
+) -> None:
+    with pytest.raises(TypeError) as raised:
+        run_sweep(
+            objective,
+            output_dir=drive.local,
+            study_key="k",
+            n_trials=1,
+            backup_to_drive=store_class,  # type: ignore[arg-type]
+        )
+
+    message = str(raised.value)
+    assert f"the class {store_class.__name__}" in message
+    assert f"{store_class.__name__}(" in message
+    assert "lacks" not in message
 
 
 def _returns_false(path: Path, is_directory: bool) -> bool:

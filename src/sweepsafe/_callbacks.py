@@ -331,6 +331,12 @@ _BACKEND_MEMBERS = (
 
 def _check_callable(backup_to_drive: object) -> None:
     """A half-made backend would be called as a plain callable: say what it lacks."""
+    if isinstance(backup_to_drive, type) and hasattr(backup_to_drive, "abackup"):
+        name = backup_to_drive.__name__
+        raise TypeError(
+            f"backup_to_drive is the class {name}, not a store: create one, "
+            f"backup_to_drive={name}(OUTPUT_DIR, ...), and pass that"
+        )
     if hasattr(backup_to_drive, "abackup"):
         missing = [name for name in _BACKEND_MEMBERS if not hasattr(backup_to_drive, name)]
         raise TypeError(
