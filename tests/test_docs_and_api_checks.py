@@ -5,6 +5,10 @@ Real Optuna studies in real SQLite files, a simulated Drive where one is needed.
 
 from __future__ import annotations
 
+import json
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -15,11 +19,14 @@ from sweep_support import finished_trials
 from sweepsafe import (
     DriveStore,
     ObjectStore,
+    backup_hpo_study_to_drive,
     resume_study,
     run_sweep,
     study_dir_for,
 )
 from sweepsafe.errors import SweepsafeError
+from sweepsafe.testing import helper_argv
+from sweepsafe.worker import BackupWorker, RetryPolicy
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -85,3 +92,132 @@ def _returns_false(path: Path, is_directory: bool) -> bool:
 
 def _raises(path: Path, is_directory: bool) -> bool:
     raise OSError(5, "Input/output error", str(path))
+
+
+@pytest.mark.parametrize(
+    ("backup", "said"),
+    [(_returns_false, "returned a false result"), (_raises, "Input/output error")],
+)
+def test_a_backup_callable_still_failing_when_the_wait_ends_is_named_with_its_error(
+    tmp_path: Path, backup: Callable[[Path, bool], bool], said: str
+) -> None:
+    # A retry far in the future: the targets are still pending when the sweep's wait ends.
+    worker = BackupWorker(retry=RetryPolicy(initial_delay=60.0, max_attempts=2))
+    try:
+        started = time.monotonic()
+        result = run_sweep(
+            objective,
+            output_dir=tmp_path,
+            study_key="k",
+            n_trials=2,
+            backup_to_drive=backup,
+            worker=worker,
+            flush_timeout=1.0,
+        )
+        assert time.monotonic() - started < 30
+    finally:
+        worker.close(timeout=0.5)
+
+    assert result.backup_report is not None
+    lines = str(result.backup_report).splitlines()
+    (database_line,) = [
+        line
+        for line in lines
+        if line.strip().startswith(str(result.study_dir)) and "study.db" in line
+    ]
+    assert "still pending" in database_line
+    assert said in database_line
+
+
+def test_a_hung_backup_callable_never_holds_the_sweep_past_its_flush_timeout(
+    tmp_path: Path,
+) -> None:
+    release = threading.Event()
+
+    def hangs(path: Path, is_directory: bool) -> bool:
+        release.wait(60)
+        return True
+
+    try:
+        started = time.monotonic()
+        result = run_sweep(
+            objective,
+            output_dir=tmp_path,
+            study_key="k",
+            n_trials=3,
+            backup_to_drive=hangs,
+            flush_timeout=2.0,
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        release.set()
+
+    assert elapsed < 20
+    assert len(finished_trials(result.study_dir / "study.db")) == 3
+    assert result.backup_report is not None
+    assert not result.backup_ok
+    assert result.backup_report.timed_out
+
+
+@pytest.mark.parametrize("key", [{1: "a", "b": 2}, {"layers": {64, 128}}])
+def test_a_study_key_that_cannot_be_written_as_json_is_one_type_error_naming_it(
+    tmp_path: Path, key: dict[object, object]
+) -> None:
+    with pytest.raises(TypeError, match="study_key must be JSON-able"):
+        study_dir_for(tmp_path, key)  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sweep_bounded_by_time_alone_backs_up_every_trial_it_ran(drive: DriveSetup) -> None:
+    result = run_sweep(
+        objective,
+        output_dir=drive.local,
+        study_key="timed",
+        n_trials=None,
+        timeout=1.0,
+        backup_to_drive=drive.store,
+    )
+
+    local = finished_trials(result.study_dir / "study.db")
+    assert local
+    assert result.backup_ok
+    copy = drive.drive / result.study_dir.name / "study.db"
+    assert finished_trials(copy) == local
+
+
+def test_relative_paths_name_the_same_study_for_the_store_and_the_sweep(
+    drive: DriveSetup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(drive.local.parent)
+    store = DriveStore("local", "drive", helper_command=helper_argv(drive.plan_path))
+    try:
+        study_dir = "local/study-resnet"
+        study = resume_study(study_dir, store, study_name="resnet", direction="minimize")
+        study.optimize(objective, n_trials=2)
+        report = backup_hpo_study_to_drive("local", store, study_dir=study_dir, timeout=60)
+    finally:
+        store.close()
+
+    assert report.ok, str(report)
+    assert len(finished_trials(drive.drive / "study-resnet" / "study.db")) == 2
+
+
+def test_the_drive_records_hold_the_fields_the_layout_page_names(drive: DriveSetup) -> None:
+    result = run_sweep(
+        objective, output_dir=drive.local, study_key="k", n_trials=2, backup_to_drive=drive.store
+    )
+    records = drive.drive / result.study_dir.name / ".sweepsafe"
+
+    identity = json.loads((records / "identity.json").read_text())
+    lease = json.loads((records / "lease.json").read_text())
+
+    assert {"format", "id", "created", "by"} <= identity.keys()
+    assert len(identity["id"]) == 32
+    assert {"format", "owner", "acquired", "heartbeat", "released"} <= lease.keys()
+    assert {"host", "pid", "boot_id", "started"} <= lease["owner"].keys()
+    assert lease["released"] is True
+    names = sorted(path.name for path in (records / "history" / "study.db").iterdir())
+    tag = identity["by"]["id"]
+    assert f"00000001-{tag}.json" in names
+    assert f"00000001-{tag}.db" in names
+    assert f"00000002-{tag}.patch" in names

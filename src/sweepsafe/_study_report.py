@@ -141,7 +141,10 @@ def _describe_target(target: TargetReport) -> str:
                 detail += f" in {result.files_copied} changed files"
         return f"{target.target} backed up{detail}"
     if target.pending:
-        return f"{target.target} NOT backed up: still pending when the wait ended"
+        # A job waiting to be tried again says why its last attempt failed: a backup
+        # that can never succeed is then named by its error, not only as slow.
+        tried = f" (the last attempt failed: {target.last_error})" if target.last_error else ""
+        return f"{target.target} NOT backed up: still pending when the wait ended{tried}"
     return f"{target.target} NOT backed up: {target.last_error or 'the backup failed'}"
 
 

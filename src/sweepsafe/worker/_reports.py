@@ -72,9 +72,10 @@ class FlushReport:
 
     def _reason(self, report: TargetReport) -> str:
         if report.pending:
+            tried = f"; the last attempt failed: {report.last_error}" if report.last_error else ""
             if self.timed_out:
-                return f"pending: flush timed out after {self.duration_s:.3g} s"
-            return "pending: the worker stopped before the backup finished"
+                return f"pending: flush timed out after {self.duration_s:.3g} s{tried}"
+            return f"pending: the worker stopped before the backup finished{tried}"
         return f"failed: {report.last_error or 'unknown error'}"
 
     def raise_for_failures(self) -> None:
