@@ -221,3 +221,66 @@ def test_the_drive_records_hold_the_fields_the_layout_page_names(drive: DriveSet
     assert f"00000001-{tag}.json" in names
     assert f"00000001-{tag}.db" in names
     assert f"00000002-{tag}.patch" in names
+
+
+def test_a_study_resumed_with_the_other_direction_is_refused_naming_the_one_it_has(
+    drive: DriveSetup,
+) -> None:
+    first = run_sweep(
+        objective,
+        output_dir=drive.local,
+        study_key="k",
+        n_trials=2,
+        direction="minimize",
+        backup_to_drive=drive.store,
+    )
+
+    with pytest.raises(SweepsafeError) as raised:
+        run_sweep(
+            objective,
+            output_dir=drive.local,
+            study_key="k",
+            n_trials=4,
+            direction="maximize",
+            backup_to_drive=drive.store,
+        )
+
+    message = str(raised.value)
+    assert "minimize" in message
+    assert "direction='minimize'" in message
+    assert len(finished_trials(first.study_dir / "study.db")) == 2
+
+
+def test_the_final_backup_with_a_store_that_does_not_hold_the_study_is_one_clear_error(
+    drive: DriveSetup, tmp_path: Path
+) -> None:
+    result = run_sweep(
+        objective, output_dir=drive.local, study_key="k", n_trials=1, backup_to_drive=drive.store
+    )
+    other = DriveStore(tmp_path / "elsewhere", tmp_path / "drive2")
+    try:
+        with pytest.raises(ValueError, match="is not inside") as raised:
+            backup_hpo_study_to_drive(drive.local, other, study_dir=result.study_dir, timeout=10)
+    finally:
+        other.close()
+
+    assert str(result.study_dir) in str(raised.value)
+    assert not (tmp_path / "drive2").exists()
+
+
+def test_a_study_resumed_without_a_direction_keeps_its_own(drive: DriveSetup) -> None:
+    run_sweep(
+        objective,
+        output_dir=drive.local,
+        study_key="k",
+        n_trials=1,
+        direction="maximize",
+        backup_to_drive=drive.store,
+    )
+
+    again = run_sweep(
+        objective, output_dir=drive.local, study_key="k", n_trials=2, backup_to_drive=drive.store
+    )
+
+    assert again.study.direction == optuna.study.StudyDirection.MAXIMIZE
+    assert len(finished_trials(again.study_dir / "study.db")) == 2

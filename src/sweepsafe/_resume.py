@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Union
 
 import optuna
+from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
 from sweepsafe._blocking import run_blocking
@@ -31,18 +32,18 @@ from sweepsafe._callbacks import (
     keep_leases_alive,
     submit_initial_backup,
 )
+from sweepsafe.backup import refuse_study_outside_store
 from sweepsafe.drive import BackupBackend, DriveStore, ObjectStore
 from sweepsafe.drive._local_state import local_mark
 from sweepsafe.drive._restore import GOING_BACK, set_aside_trial_folders
 from sweepsafe.drive._sqlite import SnapshotError, read_content, recover_hot_journal
 from sweepsafe.errors import LeaseHeldError, StudyConflictError, SweepsafeError
-from sweepsafe.paths import is_within
 from sweepsafe.worker import BackupWorker, get_default_worker
 
 if TYPE_CHECKING:
     from optuna.pruners import BasePruner
     from optuna.samplers import BaseSampler
-    from optuna.study import Study, StudyDirection
+    from optuna.study import Study
     from optuna.trial import FrozenTrial
 
 __all__ = ["Direction", "resume_study"]
@@ -92,8 +93,9 @@ def resume_study(
         StudyConflictError: the local study and the Drive copy diverged.
         ValueError: ``study_dir`` is not inside the ``local_root`` of the store given as
             ``backup_to_drive``.
-        SweepsafeError: Drive holds a copy that cannot be restored, or the local
-            ``study.db`` is not an Optuna study.
+        SweepsafeError: Drive holds a copy that cannot be restored, the local
+            ``study.db`` is not an Optuna study, or its study is to be optimized in
+            another direction than the one given.
     """
     return _open_study(
         Path(os.path.abspath(study_dir)),
@@ -162,6 +164,7 @@ def _open_study(
         pruner=pruner,
         load_if_exists=True,
     )
+    _refuse_other_directions(study, storage_path, direction, directions)
     running = _left_by_another_process(
         study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)), restored=restored
     )
@@ -187,6 +190,38 @@ def _open_study(
         keep_leases_alive(backup_to_drive, worker)
         submit_initial_backup(storage_path, backup_to_drive, worker=worker, progress=progress)
     return _Opened(study, restored, finished, stale)
+
+
+def _refuse_other_directions(
+    study: Study,
+    database: Path,
+    direction: Direction | None,
+    directions: Sequence[Direction] | None,
+) -> None:
+    """Optuna loads an existing study whatever direction it is given: a resumed sweep
+    must not go on quietly optimizing the other way from the one its caller asked for.
+
+    Raises:
+        SweepsafeError: the study in ``database`` has other directions than those given.
+    """
+    given = [direction] if direction is not None else directions
+    if given is None:
+        return
+    wanted = [d if isinstance(d, StudyDirection) else StudyDirection[d.upper()] for d in given]
+    if wanted == list(study.directions):
+        return
+    have = [d.name.lower() for d in study.directions]
+    asked = [d.name.lower() for d in wanted]
+    keep = (
+        f"direction={have[0]!r} (--direction {have[0]} on the command)"
+        if len(have) == 1
+        else f"directions={have!r}"
+    )
+    raise SweepsafeError(
+        f"{database} holds the study {study.study_name!r}, which is to {' and '.join(have)}, "
+        f"not {' and '.join(asked)}. Pass {keep} to continue it, or another study key "
+        "for a new study."
+    )
 
 
 def _refuse_file_as_folder(study_dir: Path) -> None:
@@ -253,24 +288,6 @@ def _has_tables(database: Path) -> bool:
         return bool(connection.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0])
     finally:
         connection.close()
-
-
-def refuse_study_outside_store(study_dir: Path, backup_to_drive: BackupToDrive | None) -> None:
-    """Refuse a study that ``backup_to_drive``, a store, could never back up.
-
-    Raises:
-        ValueError: ``study_dir`` is not inside the store's ``local_root``.
-    """
-    if not isinstance(backup_to_drive, BackupBackend):
-        return
-    root = backup_to_drive.local_root
-    if is_within(study_dir, root):
-        return
-    raise ValueError(
-        f"The study folder {study_dir} is not inside {root}, the local folder this store "
-        "backs up, so none of its backups could be made. Give an output_dir under "
-        f"{root}, or create the store with a local folder that holds {study_dir.parent}."
-    )
 
 
 def _acquire(

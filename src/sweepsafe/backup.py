@@ -51,6 +51,7 @@ __all__ = [
     "create_trial_backup_callback",
     "find_study_dir",
     "keep_leases_alive",
+    "refuse_study_outside_store",
     "submit_initial_backup",
     "trial_folder_name",
 ]
@@ -98,6 +99,24 @@ def find_study_dir(
             STUDY_DB_NAME,
         )
     return candidates[-1]
+
+
+def refuse_study_outside_store(study_dir: Path, backup_to_drive: BackupToDrive | None) -> None:
+    """Refuse a study that ``backup_to_drive``, a store, could never back up.
+
+    Raises:
+        ValueError: ``study_dir`` is not inside the store's ``local_root``.
+    """
+    if not isinstance(backup_to_drive, BackupBackend):
+        return
+    root = backup_to_drive.local_root
+    if is_within(study_dir, root):
+        return
+    raise ValueError(
+        f"The study folder {study_dir} is not inside {root}, the local folder this store "
+        "backs up, so none of its backups could be made. Give an output_dir under "
+        f"{root}, or create the store with a local folder that holds {study_dir.parent}."
+    )
 
 
 def _study_targets(study_dir: Path) -> tuple[list[tuple[Path, bool]], list[str]]:
@@ -172,6 +191,8 @@ def backup_hpo_study_to_drive(
 
     Raises:
         StudyNotFoundError: no study folder in ``backbone_output_dir``.
+        ValueError: the study folder is not inside the ``local_root`` of the store given
+            as ``backup_to_drive``.
     """
     started = time.monotonic()
     found = find_study_dir(backbone_output_dir, study_dir)
@@ -192,6 +213,7 @@ def backup_hpo_study_to_drive(
             error="no backup_to_drive was given, so nothing was copied to Drive",
             duration_s=time.monotonic() - started,
         )
+    refuse_study_outside_store(found, backup_to_drive)
     worker = worker or get_default_worker()
     if worker.closed:
         # A closed worker drops every submit: its reports are of earlier copies.

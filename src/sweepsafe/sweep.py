@@ -19,7 +19,6 @@ from sweepsafe._resume import (
     _FINISHED,
     Direction,
     _open_study,
-    refuse_study_outside_store,
     resume_study,
 )
 from sweepsafe._shared import SharedSettings, open_shared_study
@@ -34,6 +33,7 @@ from sweepsafe.backup import (
     backup_hpo_study_to_drive,
     create_study_db_backup_callback,
     create_trial_backup_callback,
+    refuse_study_outside_store,
     trial_folder_name,
 )
 from sweepsafe.drive import DriveStore
@@ -195,7 +195,8 @@ def run_sweep(
         StudyConflictError: the local study and its Drive copy diverged.
         SweepsafeError: Drive holds a copy of this study but it could not be restored
             (a new study would be refused by it anyway), the local ``study.db`` is
-            not an Optuna study, or this process is still sweeping the study (another
+            not an Optuna study or is to be optimized in another direction than the one
+            given, or this process is still sweeping the study (another
             thread, or a cell still running).
     """
     study_dir = study_dir_for(output_dir, study_key)

@@ -86,7 +86,11 @@ def register(
         "--trials", type=positive_int, help="total finished trials the study should have"
     )
     run.add_argument("--timeout", type=positive_float, help="stop starting trials after S s")
-    run.add_argument("--direction", choices=("minimize", "maximize"), default="minimize")
+    run.add_argument(
+        "--direction",
+        choices=("minimize", "maximize"),
+        help="default minimize for a new study; a resumed one keeps its own",
+    )
     run.add_argument("--n-jobs", type=positive_int, default=1, help="trials run in parallel")
     run.add_argument("--sampler", choices=_SAMPLERS, default="tpe", help="default tpe")
     run.add_argument("--pruner", choices=_PRUNERS, default="median", help="default median")
