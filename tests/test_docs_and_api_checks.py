@@ -20,6 +20,8 @@ from sweepsafe import (
     DriveStore,
     ObjectStore,
     backup_hpo_study_to_drive,
+    create_study_db_backup_callback,
+    create_trial_backup_callback,
     resume_study,
     run_sweep,
     study_dir_for,
@@ -284,3 +286,20 @@ def test_a_study_resumed_without_a_direction_keeps_its_own(drive: DriveSetup) ->
 
     assert again.study.direction == optuna.study.StudyDirection.MAXIMIZE
     assert len(finished_trials(again.study_dir / "study.db")) == 2
+
+
+def test_callbacks_given_the_folder_and_the_database_swapped_say_which_to_pass(
+    drive: DriveSetup,
+) -> None:
+    result = run_sweep(
+        objective, output_dir=drive.local, study_key="k", n_trials=1, backup_to_drive=drive.store
+    )
+    database = result.study_dir / "study.db"
+
+    with pytest.raises(ValueError, match="is a file") as trial_error:
+        create_trial_backup_callback(database, drive.store)
+    with pytest.raises(ValueError, match="is a folder") as database_error:
+        create_study_db_backup_callback(result.study_dir, drive.store)
+
+    assert f"create_trial_backup_callback({str(result.study_dir)!r}" in str(trial_error.value)
+    assert f"create_study_db_backup_callback({str(database)!r}" in str(database_error.value)

@@ -234,7 +234,16 @@ def create_study_db_backup_callback(
     The same as :func:`create_incremental_backup_callback` for ``study.db``; with a
     :class:`DriveStore` each copy is a consistent, integrity-checked snapshot, published
     only after the folders of the trials it newly holds reached Drive.
+
+    Raises:
+        ValueError: ``storage_path`` is a folder (the study folder, say), not the database.
     """
+    if os.path.isdir(storage_path):
+        database = os.path.join(os.path.abspath(storage_path), STUDY_DB_NAME)
+        raise ValueError(
+            f"{storage_path} is a folder; pass the study's database file: "
+            f"create_study_db_backup_callback({database!r}, ...)"
+        )
     return create_incremental_backup_callback(
         storage_path,
         backup_to_drive,
@@ -257,7 +266,16 @@ def create_trial_backup_callback(
     The folder is ``study_dir/trials/trial-00042`` (see :func:`sweepsafe.trial_dir`);
     a trial that wrote no folder is fine. Only that folder is scanned, so the cost of a
     backup follows the trial's files, not the whole study's.
+
+    Raises:
+        ValueError: ``study_dir`` is a file (the study's ``study.db``, say), not its folder.
     """
+    if os.path.isfile(study_dir):
+        folder = os.path.dirname(os.path.abspath(study_dir))
+        raise ValueError(
+            f"{study_dir} is a file; pass the study folder that holds trials/: "
+            f"create_trial_backup_callback({folder!r}, ...)"
+        )
     if not backup_enabled or backup_to_drive is None:
         return _NoBackup()
     trials = Path(os.path.abspath(study_dir)) / TRIALS_DIR_NAME
