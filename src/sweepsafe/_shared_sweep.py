@@ -9,6 +9,7 @@ final backup whatever stops the loop.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,6 +73,7 @@ def _shared_sweep(
         )
     finished = len(study.get_trials(deepcopy=False, states=_FINISHED))
     report: StudyBackupReport | None = None
+    sweep_pid = os.getpid()
     try:
         if n_trials is None or finished < n_trials:
             all_callbacks: list[OptunaCallback] = [*callbacks, *backup_callbacks]
@@ -86,7 +88,10 @@ def _shared_sweep(
                 callbacks=all_callbacks,
             )
     finally:
-        if store is not None and exporter is not None and worker is not None:
+        # A process the objective forked unwinds this frame too when it leaves by
+        # sys.exit(); the final export is the sweep's own process's, never a child's.
+        in_sweep_process = os.getpid() == sweep_pid
+        if in_sweep_process and store is not None and exporter is not None and worker is not None:
             report = final_shared_backup(store, exporter, study_dir, worker, flush_timeout)
             (logger.info if report.ok else logger.warning)(
                 "%s", report, extra={"sweepsafe_report": True}

@@ -237,6 +237,7 @@ def run_sweep(
     if backup_to_drive is not None:
         worker = worker or get_default_worker()
     progress = progress if progress is not None else BackupProgress()
+    sweep_pid = os.getpid()
     with _one_sweep_in_process(study_dir):
         opened = _open_study(
             study_dir,
@@ -289,7 +290,10 @@ def run_sweep(
             failure = exc
             raise
         finally:
-            if backup_to_drive is not None or is_drive_path(study_dir):
+            # A process the objective forked unwinds these frames too when it leaves by
+            # sys.exit(); the final backup is the sweep's own process's, never a child's.
+            in_sweep_process = os.getpid() == sweep_pid
+            if in_sweep_process and (backup_to_drive is not None or is_drive_path(study_dir)):
                 report = _final_backup(
                     output_dir, backup_to_drive, study_dir, worker, flush_timeout, failure, progress
                 )

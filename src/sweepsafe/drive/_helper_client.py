@@ -12,8 +12,10 @@ mount. Abandoned processes are kept and reaped with ``poll()`` later, never wait
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
+import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -29,6 +31,17 @@ __all__ = ["HELPER_SCRIPT", "HelperPool", "default_helper_argv"]
 logger = logging.getLogger(__name__)
 
 HELPER_SCRIPT = Path(_helper_process.__file__).resolve()
+
+_live_pools: weakref.WeakSet[HelperPool] = weakref.WeakSet()
+
+
+def _forget_idle_helpers_after_fork() -> None:
+    """In a forked child: every idle helper stays the parent's; the child starts its own."""
+    for pool in list(_live_pools):
+        pool._forget_idle_after_fork()
+
+
+os.register_at_fork(after_in_child=_forget_idle_helpers_after_fork)
 
 
 def default_helper_argv() -> list[str]:
@@ -66,6 +79,13 @@ class HelperPool:
         self._idle: list[DriveHelper] = []
         self._lock = threading.Lock()
         self._closed = False
+        _live_pools.add(self)
+
+    def _forget_idle_after_fork(self) -> None:
+        # The idle helpers' pipes are shared with the parent, which goes on using them:
+        # a request from the child would interleave with the parent's on one helper.
+        self._lock = threading.Lock()
+        self._idle = []
 
     def _take(self) -> DriveHelper:
         reap_ended_helpers()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import os
 import subprocess
 import time
 from contextlib import suppress
@@ -59,6 +60,15 @@ def _reap_at_exit() -> None:
             process.wait(timeout=max(0.0, deadline - time.monotonic()))
         if process.poll() is None:
             _unreaped.append(process)
+
+
+def _forget_after_fork() -> None:
+    # The helpers are the parent's children: a forked child can neither wait for nor reap
+    # them, and must not kill them.
+    _unreaped.clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def _abandon(process: subprocess.Popen[bytes], *, kill: bool) -> None:

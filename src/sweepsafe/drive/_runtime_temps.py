@@ -31,10 +31,11 @@ _abandoned_lock = threading.Lock()
 
 
 def _start_new_process_tag() -> None:
-    global _process_tag
+    global _process_tag, _abandoned_lock
     _process_tag = secrets.token_hex(4)
-    with _abandoned_lock:
-        _abandoned.clear()
+    # Replaced, not taken: another thread of the parent may have held it at the fork.
+    _abandoned_lock = threading.Lock()
+    _abandoned.clear()
 
 
 os.register_at_fork(after_in_child=_start_new_process_tag)

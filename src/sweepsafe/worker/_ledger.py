@@ -216,6 +216,14 @@ class WorkerLedger:
             slot.retry_wake = None
         self.job_finished.notify_all()
 
+    def forget_loop_after_fork(self) -> None:
+        """In a forked child, which has no loop: a new lock (the parent's may have been
+        held at the fork), and flushes wait for nothing."""
+        self.lock = threading.Lock()
+        self.job_finished = threading.Condition(self.lock)
+        with self.lock:
+            self.mark_loop_stopped_locked()
+
     # -- views ------------------------------------------------------------------------------
     def unfinished_locked(self) -> list[tuple[TargetSlot, int]]:
         """Targets with submits not yet finished, and the newest such submit."""

@@ -128,6 +128,10 @@ class BackupLoop:
             self._stopping = True
             self.wake_locked()
 
+    def forget_wake_after_fork(self) -> None:
+        """In a forked child: never wake the loop, whose wake-up pipe is the parent's."""
+        self._wake = None
+
     def _run(self) -> None:
         try:
             anyio.run(self._dispatch, backend="asyncio")

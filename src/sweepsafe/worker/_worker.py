@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Hashable
 from pathlib import Path
 from types import TracebackType
@@ -115,6 +116,8 @@ class BackupWorker:
         self._closed = False
         self._warned_closed = False
         self._given_up_at = -1
+        self._parent_pid: int | None = None  # in a forked child: the pid it belongs to
+        _live_workers.add(self)
 
     def __repr__(self) -> str:
         return f"<BackupWorker {self._name!r}>"
@@ -290,8 +293,26 @@ class BackupWorker:
         with self._ledger.lock:
             return self._ledger.stats_locked(targets=targets)
 
+    def _stay_with_parent(self, parent_pid: int) -> None:
+        """In a forked child: the loop and the jobs are the parent's, and its copies go on
+        there. The child's copy of the worker is closed: flush and close return at once,
+        submits are dropped, and nothing of the parent's is waited for or reported."""
+        self._ledger.forget_loop_after_fork()
+        self._loop.forget_wake_after_fork()
+        self._closed = True
+        self._parent_pid = parent_pid
+
     def _warn_dropped_locked(self, key: str) -> None:
-        if not self._warned_closed:
+        if not self._warned_closed and self._parent_pid is not None:
+            self._warned_closed = True
+            logger.warning(
+                "The backup worker %r belongs to process %d, which forked this one; "
+                "dropping the backup of %s (and later ones): use a worker of this process.",
+                self._name,
+                self._parent_pid,
+                key,
+            )
+        elif not self._warned_closed:
             self._warned_closed = True
             logger.warning(
                 "The backup worker %r is closed; dropping the backup of %s (and later ones).",
@@ -310,6 +331,28 @@ _default_lock = threading.Lock()
 _default_worker: BackupWorker | None = None
 _exit_hook_registered = False
 _exit_timeout_s = 30.0
+_live_workers: weakref.WeakSet[BackupWorker] = weakref.WeakSet()
+_pid = os.getpid()
+
+
+def _forget_workers_after_fork() -> None:
+    """In a forked child (a data loader's worker, a hand-written ``os.fork()``): the
+    workers, their threads and their jobs stay the parent's. Without this, a child that
+    leaves through ``sys.exit`` would wait in the exit hook, for its timeout, for copies
+    only the parent's thread runs, and then log them as not backed up.
+
+    Runs while the child has one thread: locks another thread of the parent held at the
+    fork are replaced, never taken.
+    """
+    global _default_lock, _default_worker, _pid
+    parent_pid, _pid = _pid, os.getpid()
+    _default_lock = threading.Lock()
+    _default_worker = None
+    for worker in list(_live_workers):
+        worker._stay_with_parent(parent_pid)
+
+
+os.register_at_fork(after_in_child=_forget_workers_after_fork)
 
 
 def get_default_worker() -> BackupWorker:

@@ -1,0 +1,137 @@
+"""Training code around a sweep: processes it forks, and how they end, never drag the
+sweep's backups into them.
+
+Data loaders and hand-written workers fork the training process while the backup
+worker's thread and Drive helpers exist. A forked child has a copy of the worker's
+state but not its thread: it must neither wait for copies that only the parent runs,
+nor back the study up a second time, nor report on the parent's backups.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+# Every child run below is bounded by this, far above what a passing test needs.
+LIMIT_S = 120.0
+
+# A sweep whose backups go through a callable that the objective holds in flight: at
+# trial FORK_AT the objective waits until a copy is running, forks a child that leaves
+# the way the command line asks (a raw fork left by sys.exit(), whose SystemExit goes up
+# through the objective, or the workers of a multiprocessing pool), times the children,
+# then lets the copy go on. Every line a process prints
+# starts with its pid; every call of the backup callable is recorded with its pid.
+FORKING_SWEEP = """\
+import logging
+import multiprocessing
+import os
+import sys
+import threading
+import time
+
+from sweepsafe import run_sweep
+from sweepsafe.worker import get_default_worker, set_exit_timeout
+
+FORK_AT = 2
+output_dir, calls_path, how = sys.argv[1], sys.argv[2], sys.argv[3]
+logging.basicConfig(
+    level=logging.INFO, format="%(process)d %(levelname)s %(name)s: %(message)s"
+)
+set_exit_timeout(100.0)
+in_flight = threading.Event()
+gate = threading.Event()
+gate.set()
+
+
+def backup(path, is_directory):
+    with open(calls_path, "a") as calls:
+        calls.write(f"{os.getpid()} {path}\\n")
+    in_flight.set()
+    gate.wait()
+    return True
+
+
+def objective(trial):
+    if trial.number == FORK_AT:
+        gate.clear()
+        in_flight.clear()
+        get_default_worker().submit(os.path.join(output_dir, "extra.bin"), backup)
+        assert in_flight.wait(30)
+        started = time.monotonic()
+        if how == "pool":
+            with multiprocessing.get_context("fork").Pool(2) as pool:
+                assert pool.map(abs, range(-3, 0)) == [3, 2, 1]
+        else:
+            pid = os.fork()
+            if pid == 0:
+                print(f"{os.getpid()} child leaving", flush=True)
+                sys.exit(0)
+            os.waitpid(pid, 0)
+        print(f"{os.getpid()} child took {time.monotonic() - started:.2f}", flush=True)
+        gate.set()
+    return float(trial.number)
+
+
+result = run_sweep(
+    objective,
+    output_dir=output_dir,
+    study_key="forks",
+    n_trials=FORK_AT + 2,
+    backup_to_drive=backup,
+    flush_timeout=100.0,
+)
+print(f"{os.getpid()} parent backup_ok {result.backup_ok}", flush=True)
+"""
+
+
+def run_forking_sweep(tmp_path: Path, how: str) -> tuple[int, list[str], list[str]]:
+    """The parent's pid, every line printed or logged, and every backup call's pid."""
+    script = tmp_path / "forking_sweep.py"
+    script.write_text(FORKING_SWEEP)
+    calls = tmp_path / "calls.txt"
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "out"), str(calls), how],
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=LIMIT_S,
+    )
+    lines = (done.stdout + done.stderr).splitlines()
+    assert done.returncode == 0, "\n".join(lines)
+    parent = next(int(line.split()[0]) for line in lines if "parent backup_ok" in line)
+    callers = [line.split()[0] for line in calls.read_text().splitlines()]
+    return parent, lines, callers
+
+
+def not_from(lines: list[str], pid: int) -> list[str]:
+    """sweepsafe's log records printed by any process but ``pid``."""
+    return [line for line in lines if "sweepsafe" in line and not line.startswith(f"{pid} ")]
+
+
+def test_a_forked_child_leaving_by_sys_exit_neither_waits_nor_backs_up_nor_reports(
+    tmp_path: Path,
+) -> None:
+    parent, lines, callers = run_forking_sweep(tmp_path, "sys.exit")
+    text = "\n".join(lines)
+    took = next(float(line.split()[-1]) for line in lines if "child took" in line)
+    # The child's SystemExit went up through run_sweep's own frames: the final backup
+    # and the exit hook of the parent's worker are the parent's, not the child's. Both
+    # would wait (100 s each) for a copy that only the parent's thread can finish.
+    assert took < 30.0, text
+    assert not_from(lines, parent) == [], text
+    assert set(callers) == {str(parent)}, text
+    assert f"{parent} parent backup_ok True" in text
+
+
+def test_a_fork_pool_started_while_a_copy_runs_ends_at_once_and_leaves_the_report_whole(
+    tmp_path: Path,
+) -> None:
+    parent, lines, callers = run_forking_sweep(tmp_path, "pool")
+    text = "\n".join(lines)
+    took = next(float(line.split()[-1]) for line in lines if "child took" in line)
+    assert took < 30.0, text
+    assert not_from(lines, parent) == [], text
+    assert set(callers) == {str(parent)}, text
+    assert f"{parent} parent backup_ok True" in text
