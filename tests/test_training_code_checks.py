@@ -9,9 +9,13 @@ nor back the study up a second time, nor report on the parent's backups.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 # Every child run below is bounded by this, far above what a passing test needs.
 LIMIT_S = 120.0
@@ -135,3 +139,75 @@ def test_a_fork_pool_started_while_a_copy_runs_ends_at_once_and_leaves_the_repor
     assert not_from(lines, parent) == [], text
     assert set(callers) == {str(parent)}, text
     assert f"{parent} parent backup_ok True" in text
+
+
+# A training script on a preemptible machine: SIGTERM is turned into SystemExit, as
+# training frameworks do so that their own cleanup runs. The Drive hangs at the last
+# trial, so the final flush waits for it.
+TERMINATED_SWEEP = """\
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import optuna
+
+from sweepsafe import run_sweep
+from sweepsafe.testing import FaultPlan, simulated_store
+from sweepsafe.worker import set_exit_timeout
+
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+local, drive, plan = (Path(arg) for arg in sys.argv[1:4])
+set_exit_timeout(100.0)
+signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
+
+
+def objective(trial):
+    if trial.number == 1:
+        FaultPlan(hang=True).write(plan)
+    return 1.0
+
+
+run_sweep(objective, output_dir=local, study_key="k", n_trials=2,
+          backup_to_drive=simulated_store(local, drive, plan), flush_timeout=100)
+"""
+
+
+def test_sigterm_turned_into_system_exit_in_the_final_flush_does_not_make_the_exit_wait_again(
+    tmp_path: Path,
+) -> None:
+    # A preempted machine gives the process a short grace before SIGKILL: the exit hook
+    # must not spend it waiting again for the backups the SIGTERM gave up.
+    from sweepsafe.testing import FaultPlan
+
+    local, drive, plan = tmp_path / "local", tmp_path / "drive", tmp_path / "plan.json"
+    local.mkdir()
+    FaultPlan().write(plan)
+    child = subprocess.Popen(
+        [sys.executable, "-c", TERMINATED_SWEEP, str(local), str(drive), str(plan)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        for line in child.stdout:
+            if line.startswith("Waiting up to 100 s for the backup of"):
+                break
+        else:
+            pytest.fail("the sweep never reached its final flush")
+        terminated = time.monotonic()
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=LIMIT_S + 100)
+        took = time.monotonic() - terminated
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    assert child.returncode == 143, err[-2000:]
+    assert took < 50.0, (took, err[-2000:])
+    (said,) = [line for line in (out + err).splitlines() if "At exit" in line]
+    assert "so the exit did not wait again" in said
+    assert "study.db" in said

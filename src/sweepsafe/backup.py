@@ -239,10 +239,10 @@ def backup_hpo_study_to_drive(
             "the object store" if object_store else "Drive",
         )
         flush = worker.flush(timeout)
-    except KeyboardInterrupt:
-        # Ctrl-C here gives up waiting for these backups: a flush that times out at once
-        # records that, so the exit does not wait for them again, silently, for its own
-        # timeout.
+    except BaseException:
+        # Ctrl-C here, or a signal handler's exception (SIGTERM turned into SystemExit),
+        # gives up waiting for these backups: a flush that times out at once records
+        # that, so the exit does not wait for them again, silently, for its own timeout.
         worker.flush(0)
         raise
     wanted = {target for target, _ in targets}

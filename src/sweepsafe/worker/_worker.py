@@ -202,9 +202,11 @@ class BackupWorker:
             self._loop.flush_began_locked()
         try:
             return self._wait_for(awaited, started, deadline, timeout)
-        except KeyboardInterrupt:
-            # Ctrl-C ended the wait: whoever waited gave these up, so the exit hook must
-            # not make the process wait for them again, silently, for its own timeout.
+        except BaseException:
+            # Ctrl-C, or a signal handler's exception (a SIGTERM turned into SystemExit on
+            # a preempted machine, whose grace before SIGKILL is short), ended the wait:
+            # whoever waited gave these up, so the exit hook must not make the process
+            # wait for them again, silently, for its own timeout.
             with ledger.lock:
                 self._given_up_at = ledger.seq
             raise
