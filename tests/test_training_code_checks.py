@@ -211,3 +211,60 @@ def test_sigterm_turned_into_system_exit_in_the_final_flush_does_not_make_the_ex
     (said,) = [line for line in (out + err).splitlines() if "At exit" in line]
     assert "so the exit did not wait again" in said
     assert "study.db" in said
+
+
+# Training code of its own (no run_sweep): a copy of the process-wide worker is in
+# flight when the program forks a child that leaves by sys.exit(), which runs the
+# child's exit hooks.
+FORK_WITH_DEFAULT_WORKER = """\
+import logging
+import os
+import sys
+import threading
+import time
+
+from sweepsafe.worker import get_default_worker, set_exit_timeout
+
+logging.basicConfig(level=logging.INFO, format="%(process)d %(levelname)s %(name)s: %(message)s")
+set_exit_timeout(100.0)
+in_flight = threading.Event()
+gate = threading.Event()
+
+
+def backup(path, is_directory):
+    in_flight.set()
+    gate.wait()
+    return True
+
+
+get_default_worker().submit(sys.argv[1], backup)
+assert in_flight.wait(30)
+started = time.monotonic()
+pid = os.fork()
+if pid == 0:
+    sys.exit(0)
+os.waitpid(pid, 0)
+print(f"{os.getpid()} child took {time.monotonic() - started:.2f}", flush=True)
+gate.set()
+print(f"{os.getpid()} parent flush ok {get_default_worker().flush(30).ok}", flush=True)
+"""
+
+
+def test_the_exit_hook_of_a_forked_child_leaves_the_parents_copies_alone(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", FORK_WITH_DEFAULT_WORKER, str(tmp_path / "target.bin")],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=LIMIT_S,
+    )
+    lines = (done.stdout + done.stderr).splitlines()
+    text = "\n".join(lines)
+    assert done.returncode == 0, text
+    parent = next(int(line.split()[0]) for line in lines if "parent flush ok" in line)
+    took = next(float(line.split()[-1]) for line in lines if "child took" in line)
+    # Without the fork in mind, the child's exit hook waited its 100 s for the parent's
+    # copy and then logged it as not backed up.
+    assert took < 30.0, text
+    assert not_from(lines, parent) == [], text
+    assert f"{parent} parent flush ok True" in text
