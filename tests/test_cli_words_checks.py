@@ -279,3 +279,35 @@ def test_ctrl_c_during_a_restore_from_a_hung_drive_exits_130_leaving_nothing_hal
         assert_one_error_line(result, "interrupted")
         assert stdout == ""
         assert not database.parent.exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        (("--no-backup", "--takeover"), "--takeover does nothing with --no-backup"),
+        (("--no-backup", "--drive-dir", "drive"), "--drive-dir does nothing with --no-backup"),
+        (("--no-backup", "--max-retry", "5"), "--max-retry applies to a study shared through"),
+        (("--no-backup", "--export-interval", "9"), "--export-interval applies to a study"),
+    ],
+)
+def test_run_with_an_option_the_rest_of_the_line_makes_meaningless_is_bad_input(
+    tmp_path: Path, options: tuple[str, ...], fragment: str
+) -> None:
+    """An option that would be silently ignored is named before anything runs (exit 2):
+    the user gave it expecting it to act."""
+    (tmp_path / "tiny.py").write_text(TINY_OBJECTIVE)
+    result = run_cli(
+        "run",
+        "tiny:objective",
+        "--output-dir",
+        tmp_path / "sweeps",
+        "--study-key",
+        "k",
+        "--trials",
+        "1",
+        *options,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result
+    assert_one_error_line(result, fragment)
+    assert not (tmp_path / "sweeps").exists()

@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from sweepsafe.cli._common import (
     add_drive_timeout_option,
@@ -59,6 +59,14 @@ _PRUNERS = ("median", "hyperband", "successive-halving", "none")
 # more, it cuts short what is still in flight (abandoning its helpers), so the exit fits
 # in the flush timeout plus a second.
 _CLOSE_AFTER_FLUSH_S = 0.0
+
+
+_SHARED_DEFAULTS: dict[str, float] = {
+    "heartbeat_interval": 60,
+    "max_retry": 3,
+    "export_interval": 300.0,
+}
+"""The shared-study options' values when not given (``None`` means not given)."""
 
 
 def register(
@@ -138,8 +146,8 @@ def register(
     shared.add_argument(
         "--heartbeat-interval",
         type=positive_int,
-        default=60,
-        help="seconds between a running trial's heartbeats (default 60)",
+        help="seconds between a running trial's heartbeats (default "
+        f"{_SHARED_DEFAULTS['heartbeat_interval']:g})",
     )
     shared.add_argument(
         "--grace-period",
@@ -149,14 +157,13 @@ def register(
     shared.add_argument(
         "--max-retry",
         type=non_negative_int,
-        default=3,
-        help="retries of a trial whose worker died",
+        help=f"retries of a trial whose worker died (default {_SHARED_DEFAULTS['max_retry']})",
     )
     shared.add_argument(
         "--export-interval",
         type=positive_float,
-        default=300.0,
-        help="seconds between exports of the study to Drive (default 300)",
+        help="seconds between exports of the study to Drive (default "
+        f"{_SHARED_DEFAULTS['export_interval']:g})",
     )
     add_drive_timeout_option(run)
     add_progress_options(run)
@@ -227,6 +234,11 @@ def _pruner(args: argparse.Namespace) -> BasePruner:
     return pruners.MedianPruner()
 
 
+def _shared(args: argparse.Namespace, name: str) -> Any:
+    value = getattr(args, name)
+    return _SHARED_DEFAULTS[name] if value is None else value
+
+
 class _ReportPrintedHere(logging.Filter):
     """Drops the log record of the final report: the command prints the report itself."""
 
@@ -234,8 +246,34 @@ class _ReportPrintedHere(logging.Filter):
         return not getattr(record, "sweepsafe_report", False)
 
 
+def _refuse_options_that_do_nothing(args: argparse.Namespace) -> None:
+    """An option the rest of the command line makes meaningless is a mistake to name,
+    not to ignore: the user expects it to act."""
+    if args.no_backup:
+        for given, flag in ((args.drive_dir, "--drive-dir"), (args.takeover, "--takeover")):
+            if given:
+                raise CommandError(
+                    f"{flag} does nothing with --no-backup (nothing goes to Drive); drop one "
+                    "of them"
+                )
+    if args.storage is None:
+        shared = {
+            "--heartbeat-interval": args.heartbeat_interval,
+            "--grace-period": args.grace_period,
+            "--max-retry": args.max_retry,
+            "--export-interval": args.export_interval,
+        }
+        for flag, value in shared.items():
+            if value is not None:
+                raise CommandError(
+                    f"{flag} applies to a study shared through --storage URL; without "
+                    "--storage it does nothing, so drop it or give --storage"
+                )
+
+
 def run_command(args: argparse.Namespace, out: TextIO) -> int:
     """Run the user's objective with backups to Drive; 1 if the Drive copy is incomplete."""
+    _refuse_options_that_do_nothing(args)
     # Imported here: the other commands, and a bad option, need neither Optuna nor these.
     from sweepsafe.backup import BackupProgress
     from sweepsafe.sweep import run_sweep, study_dir_for
@@ -285,10 +323,10 @@ def run_command(args: argparse.Namespace, out: TextIO) -> int:
             worker=worker,
             progress=progress,
             storage=args.storage,
-            heartbeat_interval=args.heartbeat_interval,
+            heartbeat_interval=_shared(args, "heartbeat_interval"),
             grace_period=args.grace_period,
-            max_retry=args.max_retry,
-            export_interval=args.export_interval,
+            max_retry=int(_shared(args, "max_retry")),
+            export_interval=float(_shared(args, "export_interval")),
         )
     except (LeaseHeldError, StudyConflictError, StorageError) as exc:
         raise CommandError(str(exc), EXIT_BAD_INPUT) from None
