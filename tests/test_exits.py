@@ -239,7 +239,7 @@ def test_ctrl_c_during_the_final_flush_exits_130_at_once_without_claiming_a_back
         _, stderr = sweep.communicate(timeout=LIMIT_S)
         exited = time.monotonic() - interrupted
 
-    assert sweep.returncode == 130
+    assert sweep.returncode == 130, stderr
     assert exited < flush_timeout / 10, f"exited {exited:.1f} s after Ctrl-C"
     last = stderr.splitlines()[-1]
     assert last.startswith("sweepsafe: error: interrupted before the final backup finished: ")

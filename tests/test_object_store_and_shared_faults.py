@@ -31,7 +31,7 @@ from object_store_support import (
     sweep_to_store,
 )
 from postgres_support import PostgresServer
-from sweep_support import finished_trials
+from sweep_support import finished_trials, wait_for
 from sweepsafe import ObjectStore, SweepsafeError, run_sweep, study_dir_for, trial_dir
 from sweepsafe.drive._replica import Lease, acquire_lease, this_runtime
 
@@ -380,9 +380,23 @@ def test_a_shared_sweep_goes_on_when_the_database_server_restarts_mid_sweep(
     study_dir = study_dir_for(local, "restarted")
     restarted = threading.Event()
 
+    def heartbeat_recorded(trial_id: int) -> bool:
+        storage = optuna.storages.RDBStorage(postgres_database)
+        try:
+            with storage.engine.connect() as connection:
+                row = connection.exec_driver_sql(
+                    "SELECT 1 FROM trial_heartbeats WHERE trial_id = %(id)s", {"id": trial_id}
+                ).first()
+            return row is not None
+        finally:
+            storage.engine.dispose()
+
     def objective(trial: optuna.Trial) -> float:
         (trial_dir(study_dir, trial) / "model.txt").write_text(str(trial.number))
         if trial.number == 2 and not restarted.is_set():
+            # The restart comes between two of the trial's heartbeats (60 s apart): a query
+            # cut in flight by a restart is the server's to answer, not the pool's to mend.
+            wait_for(lambda: heartbeat_recorded(trial._trial_id), what="the first heartbeat")
             restarted.set()
             postgres_server.restart()
         return trial.suggest_float("x", -2.0, 2.0) ** 2
