@@ -41,6 +41,7 @@ __all__ = [
     "database_of",
     "history_dir",
     "history_root",
+    "length_problem",
     "list_history",
     "parse_history",
     "read_details",
@@ -276,7 +277,7 @@ async def read_details(
                     header.created,
                     header.meta,
                     patch.size,
-                    _whole_patch_problem(raw, patch) or _length_problem(header, patch),
+                    _whole_patch_problem(raw, patch) or length_problem(header, patch),
                 )
             )
     return _name_broken_chains(details)
@@ -293,7 +294,7 @@ def _whole_patch_problem(raw: bytes | None, patch: Generation) -> str | None:
     return None
 
 
-def _length_problem(header: PatchHeader, patch: Generation) -> str | None:
+def length_problem(header: PatchHeader, patch: Generation) -> str | None:
     """A patch whose file is not as long as its header says: cut short, or grown."""
     if header.patch_bytes == patch.size:
         return None

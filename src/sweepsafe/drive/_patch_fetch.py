@@ -40,8 +40,15 @@ class PatchFetcher:
     """The patch files of one history folder, fetched ahead of need."""
 
     def __init__(
-        self, helper: DriveHelper, folder: Path, history: History, scratch: Path, timeout: float
+        self,
+        helper: DriveHelper,
+        folder: Path,
+        history: History,
+        scratch: Path | None,
+        timeout: float,
     ) -> None:
+        """``scratch`` takes a patch larger than one read while it is pulled; without it
+        (a check that reads the small patches only) such a patch is not fetched."""
         self._helper = helper
         self._folder = folder
         self._history = history
@@ -101,6 +108,8 @@ class PatchFetcher:
             return exc
 
     async def _pull(self, patch: Generation) -> Fetched:
+        if self._scratch is None:
+            return DriveOSError(errno.EFBIG, "larger than one read, with no scratch to pull it")
         if patch.size > _LARGEST_PATCH:
             too_large = f"larger than the {_LARGEST_PATCH} bytes a patch may have"
             return DriveOSError(errno.EFBIG, too_large)

@@ -16,6 +16,7 @@ from sweepsafe.drive._generations import (
     Generation,
     History,
     history_dir,
+    length_problem,
     list_history,
     read_details,
     read_header,
@@ -25,6 +26,7 @@ from sweepsafe.drive._helper_client import HelperPool
 from sweepsafe.drive._helper_wire import SMALL_READ_LIMIT
 from sweepsafe.drive._messages import explain_failure
 from sweepsafe.drive._page_diff import PatchError
+from sweepsafe.drive._patch_fetch import PatchFetcher
 from sweepsafe.drive._patch_format import decode_patch
 from sweepsafe.drive._reserved_names import STATE_DIR_NAME
 from sweepsafe.drive._results import GenerationInfo, StudySummary, VerifyResult
@@ -42,9 +44,6 @@ __all__ = [
 ]
 
 _ANCESTORS = 4
-_BATCH_FILES = 64
-_BATCH_BYTES = 32 << 20
-"""Patches read in one request when a chain is checked: at most so many, and bytes."""
 
 
 def studies_of(info: Mapping[str, Any]) -> tuple[StudySummary, ...]:
@@ -194,7 +193,7 @@ async def _newest_unreachable(
     if gaps:
         return f"generation {gaps[0]} is missing on Drive"
     chain = [patch for number in range(first, head + 1) for patch in history.patches[number]]
-    problems = await _patch_problems(helper, folder, chain, timeout)
+    problems = await _patch_problems(helper, folder, history, chain, timeout)
     # The lowest generation with no sound patch is where the chain breaks.
     for number in range(first, head + 1):
         here = history.patches[number]
@@ -205,60 +204,31 @@ async def _newest_unreachable(
 
 
 async def _patch_problems(
-    helper: DriveHelper, folder: Path, patches: Sequence[Generation], timeout: float
+    helper: DriveHelper,
+    folder: Path,
+    history: History,
+    patches: Sequence[Generation],
+    timeout: float,
 ) -> dict[str, str | None]:
     """Per patch: what is wrong with it, or None.
 
     A patch up to what one read returns is read whole and its checksums checked; such
-    patches come many to a request, as a restore reads them. A larger one is checked by
-    its header and its length, not pulled whole.
+    patches come many to a request, fetched as a restore fetches them. A larger one is
+    checked by its header and its length, not pulled whole.
     """
+    fetcher = PatchFetcher(helper, folder, history, None, timeout)
     problems: dict[str, str | None] = {}
-    small = [patch for patch in patches if patch.size <= SMALL_READ_LIMIT]
-    for batch in _batches(small):
-        paths = [folder / patch.name for patch in batch]
-        found: list[bytes | DriveOSError | None]
+    for patch in patches:
+        if patch.size <= SMALL_READ_LIMIT:
+            problems[patch.name] = _whole_problem(await fetcher.fetch(patch), patch)
+            continue
         try:
-            found = list(await helper.read_many(paths, timeout, limit=SMALL_READ_LIMIT))
-        except DriveOSError:
-            # One bad file fails the whole request: read them one by one to say which.
-            found = [await _read_or_error(helper, path, timeout) for path in paths]
-        for patch, raw in zip(batch, found, strict=True):
-            problems[patch.name] = _whole_problem(raw, patch)
-    for patch in patches:
-        if patch.size > SMALL_READ_LIMIT:
-            try:
-                header = await read_header(helper, folder, patch, timeout)
-            except PatchError as exc:
-                problems[patch.name] = str(exc)
-                continue
-            problems[patch.name] = (
-                None
-                if header.patch_bytes == patch.size
-                else f"{patch.size} bytes, its header says {header.patch_bytes}"
-            )
+            header = await read_header(helper, folder, patch, timeout)
+        except PatchError as exc:
+            problems[patch.name] = str(exc)
+            continue
+        problems[patch.name] = length_problem(header, patch)
     return problems
-
-
-def _batches(patches: Sequence[Generation]) -> list[list[Generation]]:
-    batches: list[list[Generation]] = []
-    total = 0
-    for patch in patches:
-        if not batches or len(batches[-1]) >= _BATCH_FILES or total + patch.size > _BATCH_BYTES:
-            batches.append([])
-            total = 0
-        batches[-1].append(patch)
-        total += patch.size
-    return batches
-
-
-async def _read_or_error(
-    helper: DriveHelper, path: Path, timeout: float
-) -> bytes | DriveOSError | None:
-    try:
-        return await helper.read(path, timeout, limit=SMALL_READ_LIMIT)
-    except DriveOSError as exc:
-        return exc
 
 
 def _whole_problem(raw: bytes | DriveOSError | None, patch: Generation) -> str | None:
