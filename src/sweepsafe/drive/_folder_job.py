@@ -7,6 +7,7 @@ naming each :class:`EntryProblem` on the way.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,14 @@ if TYPE_CHECKING:
     from sweepsafe.drive._local_state import Manifest, Signature
     from sweepsafe.drive._spares import Spares
 
-__all__ = ["EntryProblem", "FolderJob", "FolderOutcome", "PublishDatabase"]
+__all__ = ["EntryProblem", "FolderJob", "FolderOutcome", "PublishDatabase", "folder_prefix"]
+
+
+def folder_prefix(root: Path, folder: Path) -> str:
+    """``folder`` as the prefix of the paths under it, relative to ``root`` (a study
+    folder, locally or on Drive): ``""`` for ``root`` itself, else ``"trials/"``."""
+    rel = os.path.relpath(folder, root).replace(os.sep, "/")
+    return "" if rel == "." else rel + "/"
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import anyio
 
 from sweepsafe.drive._drive_errors import DriveTimeout, HelperGone
 from sweepsafe.drive._files import RestoreRefused, fetch_file
-from sweepsafe.drive._folder_job import EntryProblem, FolderJob, FolderOutcome
+from sweepsafe.drive._folder_job import EntryProblem, FolderJob, FolderOutcome, folder_prefix
 from sweepsafe.drive._local_state import file_signature
 from sweepsafe.drive._reserved_names import STATE_DIR_NAME, is_temp_name
 from sweepsafe.paths import is_within, safe_relative_path
@@ -56,8 +56,7 @@ async def restore_folder(
             files = [(only, int(info["size"]))] if exists else []
     if not exists:
         return None
-    prefix = os.path.relpath(folder, job.unit_local).replace(os.sep, "/")
-    prefix = "" if prefix == "." else prefix + "/"
+    prefix = folder_prefix(job.unit_local, folder)
     files = [(rel, size) for rel, size in files if rel not in leave]
     plan = await anyio.to_thread.run_sync(_plan_restore, job, folder, prefix, files)
     copied = nbytes = 0

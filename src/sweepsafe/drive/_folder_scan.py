@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sweepsafe.drive._folder_job import EntryProblem
+from sweepsafe.drive._folder_job import EntryProblem, folder_prefix
 from sweepsafe.drive._local_state import Signature, database_signature, file_signature
 from sweepsafe.drive._reserved_names import STATE_DIR_NAME, is_temp_name
 from sweepsafe.drive._sqlite import SIDECAR_SUFFIXES
@@ -53,8 +53,7 @@ def scan_local(unit_local: Path, folder: Path, exclude: Sequence[str]) -> _Scan:
     excluded = (
         re.compile("|".join(fnmatch.translate(p) for p in exclude)).match if exclude else None
     )
-    unit_prefix = os.path.relpath(folder, unit_local).replace(os.sep, "/")
-    unit_prefix = "" if unit_prefix == "." else unit_prefix + "/"
+    unit_prefix = folder_prefix(unit_local, folder)
     pending = [(str(folder), "")]
     while pending:
         directory, prefix = pending.pop()

@@ -21,7 +21,7 @@ import anyio
 
 from sweepsafe.drive._drive_errors import DriveTimeout
 from sweepsafe.drive._folder_copy import _Copier
-from sweepsafe.drive._folder_job import FolderJob, FolderOutcome
+from sweepsafe.drive._folder_job import FolderJob, FolderOutcome, folder_prefix
 from sweepsafe.drive._folder_scan import _LocalFile, _Scan, scan_local
 from sweepsafe.drive._local_state import database_signature
 
@@ -37,8 +37,7 @@ async def sync_folder(
     """
     scan = await anyio.to_thread.run_sync(scan_local, job.unit_local, folder, exclude)
     if job.check_drive:
-        prefix = os.path.relpath(folder, job.unit_local).replace(os.sep, "/")
-        prefix = "" if prefix == "." else prefix + "/"
+        prefix = folder_prefix(job.unit_local, folder)
         drive_folder = job.unit_drive / prefix
         async with job.pool.session() as helper:
             _exists, files, temps = await helper.scan(drive_folder, job.timeout)
@@ -124,10 +123,8 @@ async def _copy_changed(job: FolderJob, scan: _Scan, mirror: Path | None) -> Fol
 
 
 async def _remove_deleted(job: FolderJob, folder: Path, scan: _Scan) -> None:
-    prefix = os.path.relpath(folder, job.unit_local).replace(os.sep, "/")
-    gone = [
-        rel for rel in job.manifest.under("" if prefix == "." else prefix) if rel not in scan.files
-    ]
+    prefix = folder_prefix(job.unit_local, folder).rstrip("/")
+    gone = [rel for rel in job.manifest.under(prefix) if rel not in scan.files]
     if not gone:
         return
     async with job.pool.session() as helper:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from sweepsafe.drive._drive_errors import DriveTimeout
-from sweepsafe.drive._folder_job import EntryProblem, FolderOutcome
+from sweepsafe.drive._folder_job import EntryProblem, FolderOutcome, folder_prefix
 from sweepsafe.drive._folder_restore import restore_folder
 from sweepsafe.drive._folders import sync_file
 from sweepsafe.drive._generations import database_of, history_root
@@ -282,8 +282,7 @@ async def _databases_with_history(unit: StudyUnit, remote: Path) -> frozenset[st
     relative to it."""
     if not is_within(remote, unit.drive):
         return frozenset()
-    inside = remote.relative_to(unit.drive).as_posix()
-    prefix = "" if inside == "." else inside + "/"
+    prefix = folder_prefix(unit.drive, remote)
     async with unit.settings.pool.session() as helper:
         listing = await helper.listdir(history_root(unit.drive), unit.settings.timeout)
     found: set[str] = set()
